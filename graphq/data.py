@@ -1,0 +1,181 @@
+"""Data that pipelines run the model on: checked against the model's inputs, read lazily.
+
+Sources:
+
+- an ``.npz`` file: one array per input name, samples on axis 0, cut into batches;
+- a ``.npy`` file: the samples of a single-input model, on axis 0;
+- a folder of ``.npz`` / ``.npy`` files: one sample or batch each (shapes may differ),
+  read in name order, one file at a time;
+- from Python, any iterable of feed dicts ``{input name: array}``.
+
+Every feed is checked before use: a wrong input name, dtype, rank or fixed dim is a
+DataError that names the input and what the model expects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphq.errors import DataError, did_you_mean
+from graphq.runtime import input_spec, true_inputs
+
+log = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass
+class DataOptions:
+    """The ``[data]`` table of a pipeline file."""
+
+    source: str | None = field(default=None, metadata={
+        "help": "an .npz/.npy file or a folder of them (relative to the pipeline file)"})
+    batch_size: int = field(default=16, metadata={"help": "samples per batch", "min": 1})
+    limit: int | None = field(default=None, metadata={
+        "help": "use at most this many samples", "min": 1})
+
+
+class DataSource:
+    """Feeds for a model, read from files or taken from an iterable."""
+
+    def __init__(self, source: str | Path | Iterable[Feed], batch_size: int = 16,
+                 limit: int | None = None) -> None:
+        if isinstance(source, str | Path):
+            source = Path(source)
+            if not source.exists():
+                raise DataError(f"data not found: {source}")
+            if source.is_file() and source.suffix not in (".npz", ".npy"):
+                raise DataError(
+                    f"data file {source} is neither .npz nor .npy; save the inputs with "
+                    "numpy.savez(path, **{input_name: array})"
+                )
+        self.source = source
+        self.batch_size = batch_size
+        self.limit = limit
+
+    def __repr__(self) -> str:
+        return f"DataSource({self.source!r}, batch_size={self.batch_size}, limit={self.limit})"
+
+    def feeds(self, model: onnx.ModelProto) -> Iterator[Feed]:
+        """Checked feeds for ``model``, batch by batch, at most ``limit`` samples."""
+        inputs = {v.name: v for v in true_inputs(model)}
+        left = self.limit
+        count = 0
+        for raw in self._raw(list(inputs)):
+            for feed in _fit_batch(check_feed(raw, inputs, where=self._where(count)), inputs):
+                if left is not None and left <= 0:
+                    return
+                if left is not None:
+                    n = _batch_len(feed)
+                    if n > left:
+                        feed = {k: v[:left] for k, v in feed.items()}
+                    left -= min(n, left)
+                count += 1
+                yield feed
+        if count == 0:
+            raise DataError(f"the data {self.source} holds no samples")
+
+    def _where(self, index: int) -> str:
+        return f"data {self.source}, batch {index}" if isinstance(self.source, Path) else \
+            f"data batch {index}"
+
+    def _raw(self, names: list[str]) -> Iterator[dict[str, Any]]:
+        source = self.source
+        if not isinstance(source, Path):
+            yield from source
+        elif source.is_dir():
+            files = sorted(p for p in source.iterdir() if p.suffix in (".npz", ".npy"))
+            if not files:
+                raise DataError(f"the data folder {source} has no .npz or .npy files")
+            for path in files:
+                yield _read_file(path, names)
+        else:
+            arrays = _read_file(source, names)
+            total = _batch_len(arrays)
+            for start in range(0, total, self.batch_size):
+                yield {k: v[start:start + self.batch_size] for k, v in arrays.items()}
+
+
+def _fit_batch(feed: Feed, inputs: dict[str, onnx.ValueInfoProto]) -> Iterator[Feed]:
+    """Split a batch into single samples when the model's batch dim is fixed to 1."""
+    fixed_one = any(input_spec(v)[1][:1] == [1] for v in inputs.values())
+    n = _batch_len(feed)
+    if not fixed_one or n <= 1:
+        yield feed
+        return
+    for i in range(n):
+        yield {k: v[i:i + 1] for k, v in feed.items()}
+
+
+def _read_file(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    try:
+        if path.suffix == ".npy":
+            if len(names) != 1:
+                raise DataError(
+                    f"{path} is a .npy file, which holds one array, but the model has "
+                    f"{len(names)} inputs ({', '.join(names)}); use an .npz keyed by input name"
+                )
+            return {names[0]: np.load(path, allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except DataError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read data file {path}: {exc}") from exc
+
+
+def _batch_len(feed: dict[str, np.ndarray]) -> int:
+    lengths = {v.shape[0] if v.ndim else 1 for v in feed.values()}
+    if len(lengths) > 1:
+        raise DataError(f"the inputs hold different numbers of samples: {sorted(lengths)}")
+    return lengths.pop() if lengths else 0
+
+
+def check_feed(raw: dict[str, Any], inputs: dict[str, onnx.ValueInfoProto], where: str) -> Feed:
+    """Check one feed against the model's inputs; cast within a kind (float64 -> float32)."""
+    for name in raw:
+        if name not in inputs:
+            raise DataError(
+                f"{where}: '{name}' is not an input of the model{did_you_mean(name, inputs)}; "
+                f"the model's inputs are: {', '.join(inputs)}"
+            )
+    feed = {}
+    for name, value in inputs.items():
+        if name not in raw:
+            raise DataError(
+                f"{where}: no array for the model input '{name}'; "
+                f"the data has: {', '.join(raw) or '(nothing)'}"
+            )
+        dtype, dims = input_spec(value)
+        array = np.asarray(raw[name])
+        if array.dtype != dtype:
+            if array.dtype.kind != dtype.kind and not (
+                    array.dtype.kind in "iu" and dtype.kind in "iu"):
+                raise DataError(
+                    f"{where}: input '{name}' is {array.dtype} but the model expects {dtype}"
+                )
+            array = array.astype(dtype)
+        if dims and array.ndim != len(dims):
+            raise DataError(
+                f"{where}: input '{name}' has shape {list(array.shape)} but the model expects "
+                f"rank {len(dims)}: {_shape_text(dims)}"
+            )
+        for axis, (have, want) in enumerate(zip(array.shape, dims, strict=False)):
+            if isinstance(want, int) and have != want and not (axis == 0 and want == 1):
+                raise DataError(
+                    f"{where}: input '{name}' has shape {list(array.shape)} but the model "
+                    f"expects {_shape_text(dims)} (axis {axis} must be {want})"
+                )
+        feed[name] = array
+    return feed
+
+
+def _shape_text(dims: list[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"

@@ -1,0 +1,46 @@
+"""Errors graphq raises on purpose, each with the exit code the command line gives it.
+
+Every message names the problem and, where there is one, the fix. The command line prints
+the message alone (no traceback unless ``-v``) and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class GraphqError(Exception):
+    """Base class of the errors graphq raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(GraphqError):
+    """A usage or configuration error: bad pipeline file, option, path or argument (exit 2)."""
+
+    exit_code = 2
+
+
+class ModelError(GraphqError):
+    """The input model cannot be read or is not a valid ONNX model (exit 2)."""
+
+    exit_code = 2
+
+
+class DataError(GraphqError):
+    """The data given to the pipeline does not fit the model (exit 2)."""
+
+    exit_code = 2
+
+
+class PassError(GraphqError):
+    """A pass failed, or its result failed verification (exit 1)."""
+
+    exit_code = 1
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` when a close choice exists, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,97 @@
+"""The object view of a model that passes rewrite: onnx-graphsurgeon, with what it drops kept.
+
+onnx-graphsurgeon rewires tensors and nodes as objects, which is how passes must work (never
+by building or parsing names). Its export drops ``metadata_props``, ``doc_string``, producer,
+model version and functions, and may reset the IR version: :func:`export` puts them back from
+the model the graph was imported from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+# graphsurgeon prints its own warnings to stdout; graphq logs what matters itself.
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+# onnxruntime's graph-optimizer notes (printed while folding constants) are noise here too.
+ort.set_default_logger_severity(3)
+
+log = logging.getLogger(__name__)
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The graphsurgeon graph of a model."""
+    return gs.import_onnx(model)
+
+
+def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graphsurgeon graph, keeping the model-level fields of ``like``."""
+    out = gs.export_onnx(graph, do_type_check=False)
+    copy_model_fields(out, like)
+    exported = {(o.domain, o.version) for o in out.opset_import}
+    for opset in like.opset_import:
+        if not any(domain == opset.domain for domain, _ in exported):
+            out.opset_import.append(opset)
+    return out
+
+
+def copy_model_fields(out: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """Copy what tools that rebuild a model drop: IR version, producer, docs, metadata."""
+    out.ir_version = like.ir_version
+    out.producer_name = like.producer_name
+    out.producer_version = like.producer_version
+    out.domain = like.domain
+    out.model_version = like.model_version
+    out.doc_string = like.doc_string
+    out.graph.doc_string = like.graph.doc_string
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    if not out.functions and like.functions:
+        out.functions.extend(like.functions)
+
+
+def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
+    """The values of a tensor when it is a constant (an initializer or a Constant node)."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        node = tensor.inputs[0]
+        value = node.attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(out is tensor for out in graph.outputs)
+
+
+def unique_name(graph: gs.Graph, base: str, taken: set[str] | None = None) -> str:
+    """A tensor or node name starting with ``base`` that the graph does not use yet."""
+    if taken is None:
+        taken = used_names(graph)
+    name, i = base, 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
+def used_names(graph: gs.Graph) -> set[str]:
+    names = set(graph.tensors().keys())
+    names.update(node.name for node in graph.nodes)
+    return names
+
+
+def op_histogram(nodes: Iterable[onnx.NodeProto]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in nodes:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -1,0 +1,261 @@
+"""fold-bn: fold inference BatchNormalization into the linear op that produces its input.
+
+Algebra (see :mod:`graphq.kernels.bn`): BN is ``scale * x + shift`` per channel, with
+``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale``. When ``x`` is the
+output of a Conv, ConvTranspose, Gemm or 2-D MatMul with a constant weight, and nothing
+else reads ``x``, the weight's output-channel slices are multiplied by ``scale`` and the bias
+becomes ``scale * bias + shift`` (a missing bias is created; a MatMul gets an Add).
+
+A BatchNormalization that cannot fold, because its producer is shared with other readers,
+is not one of those ops, has a non-constant weight, or is absent (BN on a graph input),
+becomes ``Mul(x, scale) -> Add(shift)`` (``fallback = "mul-add"``) or is left as it is
+(``fallback = "keep"``). BN in training mode, or with non-constant statistics, is always left.
+Every BN that does not fold is reported with the reason.
+
+The output tensor of the BN keeps its name, so graph outputs and downstream readers are
+unchanged. A weight read by another node too is copied, never modified under that node.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphq import graph as G
+from graphq.kernels import bn as K
+from graphq.registry import Pass, PassContext, PassResult, register
+
+log = logging.getLogger(__name__)
+
+FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class FoldBNOptions:
+    ops: list[str] = field(default_factory=lambda: list(FOLDABLE), metadata={
+        "help": "producer op types to fold into: " + ", ".join(FOLDABLE)})
+    fallback: Literal["mul-add", "keep"] = field(default="mul-add", metadata={
+        "help": "what to do with a BN that cannot fold: turn it into Mul+Add, or keep it"})
+
+    def validate(self) -> None:
+        for op in self.ops:
+            if op not in FOLDABLE:
+                raise ValueError(f"option 'ops' has '{op}'; allowed: {', '.join(FOLDABLE)}")
+
+
+class Refusal(Exception):
+    """Why one BatchNormalization is not folded."""
+
+
+@register
+class FoldBN(Pass):
+    name = "fold-bn"
+    summary = "fold BatchNormalization into Conv/ConvTranspose/Gemm/MatMul (else Mul+Add)"
+    Options = FoldBNOptions
+    rtol = 1e-4
+    atol = 1e-5
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        graph = G.import_graph(model)
+        names = G.used_names(graph)
+        counts = {"folded": 0, "mul_add": 0, "kept": 0}
+        notes = []
+        for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+            label = f"BatchNormalization '{bn.name or bn.outputs[0].name}'"
+            try:
+                scale, shift = _bn_params(bn)
+            except Refusal as why:
+                counts["kept"] += 1
+                notes.append(f"{label} kept: {why}")
+                continue
+            try:
+                op = self._fold(graph, bn, scale, shift, names)
+                counts["folded"] += 1
+                counts[f"folded_{op.lower()}"] = counts.get(f"folded_{op.lower()}", 0) + 1
+                log.debug("%s folded into %s", label, op)
+                continue
+            except Refusal as why:
+                reason = str(why)
+            if self.options.fallback == "mul-add":
+                try:
+                    _to_mul_add(graph, bn, scale, shift, names)
+                    counts["mul_add"] += 1
+                    notes.append(f"{label} became Mul+Add: {reason}")
+                    continue
+                except Refusal as why:
+                    reason = f"{reason}; no Mul+Add either: {why}"
+            counts["kept"] += 1
+            notes.append(f"{label} kept: {reason}")
+        for note in notes:
+            log.debug("%s", note)
+        _log_reasons(notes)
+        changed = counts["folded"] + counts["mul_add"] > 0
+        if changed:
+            graph.cleanup()
+            model = G.export(graph, like=model)
+        return PassResult(model, changed, counts, notes)
+
+    def _fold(self, graph: gs.Graph, bn: gs.Node, scale: np.ndarray, shift: np.ndarray,
+              names: set[str]) -> str:
+        x = bn.inputs[0]
+        if not x.inputs:
+            raise Refusal("its input is a graph input, produced by no node")
+        producer = x.inputs[0]
+        if producer.op not in self.options.ops:
+            raise Refusal(f"its input comes from {producer.op}, which is not folded into "
+                          f"(ops: {', '.join(self.options.ops)})")
+        if len(x.outputs) > 1 or G.is_graph_output(graph, x):
+            raise Refusal(f"the output of {producer.op} '{producer.name}' is also read "
+                          "elsewhere, so it cannot change")
+        fold = {"Conv": _fold_conv, "ConvTranspose": _fold_conv_transpose,
+                "Gemm": _fold_gemm, "MatMul": _fold_matmul}[producer.op]
+        op = producer.op
+        fold(graph, producer, scale, shift, names)
+        outputs = [bn.outputs[0]]
+        bn.outputs.clear()
+        bn.inputs.clear()
+        if producer.op == "MatMul":  # the Add that _fold_matmul appended now ends the chain
+            producer = producer.outputs[0].outputs[0]
+        producer.outputs = outputs
+        return op
+
+
+def _log_reasons(notes: list[str], shown: int = 5) -> None:
+    """The first few reasons at INFO; all of them are in the report and at DEBUG."""
+    for note in notes[:shown]:
+        log.info("%s", note)
+    if len(notes) > shown:
+        log.info("... and %d more BatchNormalization notes (see report.json, or -v)",
+                 len(notes) - shown)
+
+
+def _bn_params(bn: gs.Node) -> tuple[np.ndarray, np.ndarray]:
+    if bn.attrs.get("training_mode", 0) == 1 or any(
+            t.name and t.outputs for t in bn.outputs[1:]):
+        raise Refusal("it is in training mode (its running statistics are outputs)")
+    if bn.attrs.get("spatial", 1) != 1:
+        raise Refusal("it has spatial = 0 (per-element statistics), which is not folded")
+    values = []
+    for role, tensor in zip(("scale", "bias", "mean", "var"), bn.inputs[1:5], strict=True):
+        value = G.constant_values(tensor)
+        if value is None:
+            raise Refusal(f"its {role} '{tensor.name}' is not a constant")
+        values.append(value)
+    return K.scale_shift(*values, eps=float(bn.attrs.get("epsilon", 1e-5)))
+
+
+def _constant(node: gs.Node, index: int, role: str) -> np.ndarray:
+    if len(node.inputs) <= index or not node.inputs[index].name:
+        raise Refusal(f"{node.op} '{node.name}' has no {role}")
+    value = G.constant_values(node.inputs[index])
+    if value is None:
+        raise Refusal(f"the {role} of {node.op} '{node.name}' is not a constant")
+    return value
+
+
+def _optional(node: gs.Node, index: int, role: str) -> np.ndarray | None:
+    if len(node.inputs) <= index or not node.inputs[index].name:
+        return None
+    return _constant(node, index, role)
+
+
+def _check_channels(node: gs.Node, channels: int, scale: np.ndarray) -> None:
+    if channels != scale.shape[0]:
+        raise Refusal(f"{node.op} '{node.name}' has {channels} output channels but the BN "
+                      f"has {scale.shape[0]}")
+
+
+def _set_input(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray, role: str,
+               names: set[str]) -> None:
+    """Give ``node`` new constant values at input ``index``, in place if nobody else reads it."""
+    old = node.inputs[index] if index < len(node.inputs) else None
+    if isinstance(old, gs.Constant) and len(old.outputs) == 1:
+        old.values = values
+        return
+    base = old.name if old is not None and old.name else f"{node.name or node.op}_{role}"
+    new = gs.Constant(G.unique_name(graph, f"{base}_bnfold", names), values)
+    while len(node.inputs) < index:
+        node.inputs.append(gs.Variable.empty())
+    if index < len(node.inputs):
+        node.inputs[index] = new
+    else:
+        node.inputs.append(new)
+
+
+def _fold_conv(graph, conv, scale, shift, names) -> None:
+    weight = _constant(conv, 1, "weight")
+    _check_channels(conv, weight.shape[0], scale)
+    bias = _optional(conv, 2, "bias")
+    _set_input(graph, conv, 1, K.fold_conv_weight(weight, scale), "weight", names)
+    _set_input(graph, conv, 2, K.fold_bias(bias, scale, shift, weight.dtype), "bias", names)
+
+
+def _fold_conv_transpose(graph, conv, scale, shift, names) -> None:
+    weight = _constant(conv, 1, "weight")
+    groups = int(conv.attrs.get("group", 1))
+    _check_channels(conv, weight.shape[1] * groups, scale)
+    bias = _optional(conv, 2, "bias")
+    folded = K.fold_conv_transpose_weight(weight, scale, groups)
+    _set_input(graph, conv, 1, folded, "weight", names)
+    _set_input(graph, conv, 2, K.fold_bias(bias, scale, shift, weight.dtype), "bias", names)
+
+
+def _fold_gemm(graph, gemm, scale, shift, names) -> None:
+    weight = _constant(gemm, 1, "weight")
+    out_axis = 0 if gemm.attrs.get("transB", 0) else 1
+    _check_channels(gemm, weight.shape[out_axis], scale)
+    c = _optional(gemm, 2, "bias")
+    beta = float(gemm.attrs.get("beta", 1.0))
+    _set_input(graph, gemm, 1, K.fold_matrix_weight(weight, scale, out_axis), "weight", names)
+    _set_input(graph, gemm, 2, K.fold_gemm_bias(c, beta, scale, shift, weight.dtype), "bias",
+               names)
+    gemm.attrs["beta"] = 1.0
+
+
+def _fold_matmul(graph, matmul, scale, shift, names) -> None:
+    weight = _constant(matmul, 1, "weight")
+    if weight.ndim != 2:
+        raise Refusal(f"the weight of MatMul '{matmul.name}' is not 2-D")
+    out = matmul.outputs[0]
+    if out.shape is None or len(out.shape) != 2:
+        raise Refusal(f"the output of MatMul '{matmul.name}' is not known to be 2-D, so BN's "
+                      "channel axis 1 may not be its weight's output axis")
+    _check_channels(matmul, weight.shape[1], scale)
+    _set_input(graph, matmul, 1, K.fold_matrix_weight(weight, scale, 1), "weight", names)
+    bias = gs.Constant(G.unique_name(graph, f"{matmul.name or 'MatMul'}_bnfold_bias", names),
+                       K.fold_bias(None, scale, shift, weight.dtype))
+    product = gs.Variable(G.unique_name(graph, f"{out.name}_matmul", names), out.dtype, out.shape)
+    outputs = list(matmul.outputs)
+    matmul.outputs = [product]
+    add = gs.Node("Add", G.unique_name(graph, f"{matmul.name or 'MatMul'}_bnfold_add", names),
+                  inputs=[product, bias], outputs=outputs)
+    graph.nodes.insert(graph.nodes.index(matmul) + 1, add)
+
+
+def _to_mul_add(graph: gs.Graph, bn: gs.Node, scale: np.ndarray, shift: np.ndarray,
+                names: set[str]) -> None:
+    x, y = bn.inputs[0], bn.outputs[0]
+    shape = x.shape if x.shape is not None else y.shape
+    if shape is None:
+        raise Refusal("the rank of its input is not known (run canonicalize first)")
+    dtype = x.dtype if x.dtype is not None else G.constant_values(bn.inputs[1]).dtype
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype) if isinstance(dtype, int) else dtype
+    base = bn.name or y.name
+    mul_c = gs.Constant(G.unique_name(graph, f"{base}_scale", names),
+                        K.channel_shape(scale, len(shape)).astype(dtype))
+    add_c = gs.Constant(G.unique_name(graph, f"{base}_shift", names),
+                        K.channel_shape(shift, len(shape)).astype(dtype))
+    scaled = gs.Variable(G.unique_name(graph, f"{base}_scaled", names), x.dtype, x.shape)
+    mul = gs.Node("Mul", G.unique_name(graph, f"{base}_mul", names), inputs=[x, mul_c],
+                  outputs=[scaled])
+    bn.inputs.clear()
+    bn.outputs.clear()
+    add = gs.Node("Add", G.unique_name(graph, f"{base}_add", names), inputs=[scaled, add_c],
+                  outputs=[y])
+    index = graph.nodes.index(bn)
+    graph.nodes[index:index + 1] = [mul, add]

@@ -1,0 +1,408 @@
+"""The pass manager: an ordered pipeline of passes, read from TOML or built in Python.
+
+The manager runs passes in order, times each, and verifies after each (``verify = "each"``)
+or after the last (``"end"``): the ONNX checker (full check under 2 GB), an onnxruntime
+session loads the graph, and, for passes that preserve semantics, the outputs on sample
+inputs (the pipeline's data when there is some, else random inputs of the model's shapes)
+are compared with those of the pass's input at the tolerance the pass states. A failure names
+the pass and the passes that ran before it. Outputs are written only when every pass and
+check succeeded, each file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from graphq import __version__, runtime
+from graphq import model as model_io
+from graphq import options as opts
+from graphq.data import DataOptions, DataSource, Feed
+from graphq.errors import ConfigError, GraphqError, PassError, did_you_mean
+from graphq.registry import Pass, PassContext, create
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineOptions:
+    """The ``[pipeline]`` table of a pipeline file."""
+
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"], metadata={
+        "help": "onnxruntime execution providers, in order of preference"})
+    fallback: bool = field(default=False, metadata={
+        "help": "drop asked providers that are not available instead of failing"})
+    verify: Literal["each", "end", "off"] = field(default="each", metadata={
+        "help": "verify the graph after each pass, after the last, or not at all"})
+    samples: int = field(default=2, metadata={
+        "help": "batches of sample inputs used to compare outputs", "min": 1})
+
+
+@dataclass
+class PassRecord:
+    """What one pass did, for the log and the report."""
+
+    name: str
+    changed: bool
+    seconds: float
+    counts: dict[str, int]
+    notes: list[str]
+    verified: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """What :meth:`PassManager.run` returns."""
+
+    model: onnx.ModelProto
+    records: list[PassRecord]
+    files: dict[str, Path]
+    report: dict[str, Any]
+
+
+class PassManager:
+    """An ordered pipeline of passes with its settings."""
+
+    def __init__(self, passes: list[Pass], settings: PipelineOptions | None = None,
+                 data: DataOptions | None = None, origin: Path | None = None) -> None:
+        if not passes:
+            raise ConfigError("a pipeline needs at least one pass")
+        self.passes = list(passes)
+        self.settings = settings or PipelineOptions()
+        self.data = data or DataOptions()
+        self.origin = origin  # the pipeline file, for messages and relative paths
+
+    # ---- reading and printing pipelines -------------------------------------------------
+    @classmethod
+    def from_toml(cls, spec: str | Path) -> PassManager:
+        """Read a pipeline file, or a preset by name (see :func:`presets`)."""
+        path = resolve_pipeline(spec)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the pipeline file {path}: {exc}") from exc
+        return cls.from_text(text, origin=path)
+
+    @classmethod
+    def from_text(cls, text: str, origin: Path | None = None) -> PassManager:
+        where = str(origin) if origin else "<pipeline>"
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
+        allowed = ("pipeline", "data", "passes")
+        for key in doc:
+            if key not in allowed:
+                raise ConfigError(f"{where}: unknown table '{key}'{did_you_mean(key, allowed)}; "
+                                  f"allowed: [pipeline], [data], [[passes]]")
+        settings = opts.parse(PipelineOptions, _table(doc, "pipeline", where),
+                              f"{where}: [pipeline]")
+        data = opts.parse(DataOptions, _table(doc, "data", where), f"{where}: [data]")
+        entries = doc.get("passes")
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f"{where}: no passes; add at least one [[passes]] table "
+                              "with a name (see `graphq passes`)")
+        passes = []
+        for i, entry in enumerate(entries, 1):
+            spot = f"{where}: [[passes]] #{i}"
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise ConfigError(f"{spot}: each [[passes]] table needs a name = \"...\"")
+            table = dict(entry)
+            passes.append(create(table.pop("name"), table, spot))
+        return cls(passes, settings, data, origin)
+
+    def to_toml(self) -> str:
+        """The pipeline as TOML text that :meth:`from_text` reads back to the same pipeline."""
+        lines = ["[pipeline]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in opts.to_table(self.settings).items()]
+        data = opts.to_table(self.data)
+        if data != opts.to_table(DataOptions()):
+            lines += ["", "[data]"] + [f"{k} = {_toml_value(v)}" for k, v in data.items()]
+        for p in self.passes:
+            lines += ["", "[[passes]]"]
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in p.to_table().items()]
+        return "\n".join(lines) + "\n"
+
+    def __repr__(self) -> str:
+        return f"PassManager([{', '.join(p.name for p in self.passes)}])"
+
+    # ---- running --------------------------------------------------------------------------
+    def run(self, model: str | Path | onnx.ModelProto, outdir: str | Path | None = None, *,
+            data: str | Path | Any = None, providers: list[str] | None = None,
+            dump_dir: str | Path | None = None) -> RunResult:
+        """Run the pipeline on a model file or proto; write results under ``outdir``.
+
+        ``data`` overrides ``[data] source``: a path, or an iterable of feed dicts.
+        """
+        source = model_io.Source(None, False)
+        if isinstance(model, onnx.ModelProto):
+            proto = model_io.load(model)
+        else:
+            proto, source = model_io.load_with_source(model)
+        stem = source.path.stem if source.path else (proto.graph.name or "model")
+        outdir = Path(outdir) if outdir is not None else None
+        final_path = outdir / f"{stem}.opt.onnx" if outdir else None
+        if source.path and outdir and (model_io.same_file(final_path, source.path)):
+            raise ConfigError(f"the output {final_path} would overwrite the input model; "
+                              "choose another output folder with -o")
+        ctx = PassContext(
+            providers=runtime.resolve_providers(providers or self.settings.providers,
+                                                self.settings.fallback),
+            data=self._data_source(data), outdir=outdir, float_model=model_io.load(proto),
+            external_data=source.external_data,
+        )
+        log.info("model %s: opset %d, %d nodes; %d passes; providers %s",
+                 source.path or stem, model_io.default_opset(proto), len(proto.graph.node),
+                 len(self.passes), ", ".join(ctx.providers))
+        checker = _Verifier(self, ctx)
+        checker.start(proto)
+        records: list[PassRecord] = []
+        for i, p in enumerate(self.passes):
+            record, proto = self._run_pass(i, p, proto, ctx, records)
+            if self.settings.verify == "each" or (
+                    self.settings.verify == "end" and i == len(self.passes) - 1):
+                record.verified = checker.check(proto, self.passes[: i + 1], records)
+            records.append(record)
+            _log_record(i, len(self.passes), record)
+            if dump_dir is not None:
+                model_io.save(proto, Path(dump_dir) / f"{i + 1:02d}-{p.name}.onnx",
+                              external_data=source.external_data or None)
+        report = self._report(source, proto, records)
+        files: dict[str, Path] = {}
+        if outdir is not None:
+            files = self._write(outdir, final_path, proto, report, ctx)
+        return RunResult(proto, records, files, report)
+
+    def _data_source(self, data: Any) -> DataSource | None:
+        d = self.data
+        if data is None and d.source is not None:
+            base = self.origin.parent if self.origin and not _is_preset(self.origin) else Path()
+            data = base / d.source
+        if data is None:
+            return None
+        if isinstance(data, DataSource):
+            return data
+        return DataSource(data, batch_size=d.batch_size, limit=d.limit)
+
+    def _run_pass(self, i: int, p: Pass, proto: onnx.ModelProto, ctx: PassContext,
+                  records: list[PassRecord]) -> tuple[PassRecord, onnx.ModelProto]:
+        start = time.perf_counter()
+        try:
+            result = p.run(proto, ctx)
+        except GraphqError as exc:
+            exc.args = (f"{_step(i, p, records)}: {exc}",)
+            raise
+        except Exception as exc:
+            raise PassError(f"{_step(i, p, records)} failed: {type(exc).__name__}: {exc}"
+                            ) from exc
+        seconds = time.perf_counter() - start
+        return PassRecord(p.name, result.changed, seconds, result.counts, result.notes
+                          ), result.model
+
+    def _report(self, source: model_io.Source, proto: onnx.ModelProto,
+                records: list[PassRecord]) -> dict[str, Any]:
+        return {
+            "graphq": __version__,
+            "model": str(source.path) if source.path else None,
+            "pipeline": self.to_toml(),
+            "passes": [r.__dict__ for r in records],
+            "result": {"opset": model_io.default_opset(proto), "nodes": len(proto.graph.node)},
+        }
+
+    def _write(self, outdir: Path, final_path: Path, proto: onnx.ModelProto,
+               report: dict[str, Any], ctx: PassContext) -> dict[str, Path]:
+        outdir.mkdir(parents=True, exist_ok=True)
+        files = {"model": model_io.save(proto, final_path,
+                                        external_data=ctx.external_data or None)}
+        report["files"] = {k: str(v) for k, v in files.items()}
+        files["report"] = _write_text(outdir / "report.json",
+                                      json.dumps(report, indent=2, default=_json_default))
+        files["pipeline"] = _write_text(outdir / "pipeline.toml", self.to_toml())
+        for name, path in files.items():
+            log.info("wrote %s: %s", name, path)
+        return files
+
+
+class _Verifier:
+    """Checks a model after a pass: checker, an onnxruntime session, outputs vs reference."""
+
+    def __init__(self, manager: PassManager, ctx: PassContext) -> None:
+        self.settings = manager.settings
+        self.ctx = ctx
+        self.feeds: list[Feed] = []
+        self.reference: list[dict[str, np.ndarray]] | None = None
+
+    def start(self, proto: onnx.ModelProto) -> None:
+        if self.settings.verify == "off":
+            return
+        n = self.settings.samples
+        if self.ctx.data is not None:
+            feeds = self.ctx.data.feeds(proto)
+            self.feeds = [f for f, _ in zip(feeds, range(n), strict=False)]
+        else:
+            self.feeds = runtime.sample_feeds(proto, n)
+        try:
+            self.reference = self._outputs(proto)
+        except Exception as exc:  # noqa: BLE001 - the input may not run on random inputs
+            log.warning("the input model does not run in onnxruntime on %s (%s); outputs will "
+                        "not be compared", "the data" if self.ctx.data else "random inputs; "
+                        "give --data", str(exc).splitlines()[0][:200])
+            self.reference = None
+
+    def _outputs(self, proto: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+        sess = runtime.session(proto, self.ctx.providers)
+        return [runtime.run(sess, feed) for feed in self.feeds]
+
+    def check(self, proto: onnx.ModelProto, done: list[Pass],
+              records: list[PassRecord]) -> dict[str, Any]:
+        p = done[-1]
+        step = _step(len(done) - 1, p, records)
+        start = time.perf_counter()
+        try:
+            if proto.ByteSize() < model_io.EXTERNAL_DATA_LIMIT:
+                onnx.checker.check_model(proto, full_check=True)
+            else:
+                onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            raise PassError(f"{step} produced an invalid graph (onnx.checker): "
+                            f"{str(exc).strip()[:500]}") from exc
+        try:
+            outputs = self._outputs(proto) if self.feeds else []
+        except Exception as exc:
+            raise PassError(f"{step} produced a graph onnxruntime cannot run: "
+                            f"{str(exc).strip()[:500]}") from exc
+        result: dict[str, Any] = {"checker": True, "onnxruntime": True}
+        semantic = all(q.preserves_semantics for q in done) if self.settings.verify == "end" \
+            else p.preserves_semantics
+        if self.reference is not None and outputs and semantic:
+            rtol = sum(q.rtol for q in done) if self.settings.verify == "end" else p.rtol
+            atol = sum(q.atol for q in done) if self.settings.verify == "end" else p.atol
+            worst = self._compare(outputs, rtol, atol, step)
+            result.update(max_rel_err=worst, rtol=rtol, atol=atol)
+        if outputs:
+            self.reference = outputs
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        return result
+
+    def _compare(self, outputs: list[dict[str, np.ndarray]], rtol: float, atol: float,
+                 step: str) -> float:
+        worst = 0.0
+        for ref, out in zip(self.reference, outputs, strict=True):
+            for diff in runtime.compare(ref, out, rtol, atol):
+                if not diff.ok:
+                    detail = diff.reason or (f"max |diff| {diff.max_abs:.3g} against max |ref| "
+                                             f"{diff.ref_max:.3g} (relative {diff.rel:.3g})")
+                    raise PassError(f"{step} changed output '{diff.name}' beyond its tolerance "
+                                    f"(rtol {rtol:g}, atol {atol:g}): {detail}")
+                worst = max(worst, diff.rel)
+        return worst
+
+
+def _step(i: int, p: Pass, records: list[PassRecord]) -> str:
+    before = ", ".join(r.name for r in records[:i]) or "none"
+    return f"pass '{p.name}' (step {i + 1}; ran before it: {before})"
+
+
+def _log_record(i: int, n: int, r: PassRecord) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in r.counts.items())
+    state = "changed" if r.changed else "no change"
+    verified = ""
+    if r.verified:
+        verified = "; verified"
+        if "max_rel_err" in r.verified:
+            verified += f" (max rel err {r.verified['max_rel_err']:.2g}, tol {r.verified['rtol']:g})"
+    log.info("[%d/%d] %s: %s%s (%.2f s)%s", i + 1, n, r.name, state,
+             f": {counts}" if counts else "", r.seconds, verified)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{key}' must be a table [{key}]")
+    return value
+
+
+# ---- presets --------------------------------------------------------------------------------
+def presets() -> dict[str, Path]:
+    """The pipeline presets shipped in the package, by name."""
+    folder = resources.files("graphq") / "presets"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".toml")}
+
+
+def _is_preset(path: Path) -> bool:
+    return path.parent == Path(str(resources.files("graphq") / "presets"))
+
+
+def resolve_pipeline(spec: str | Path) -> Path:
+    """A pipeline file path, or the file of a preset named ``spec``."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ConfigError(f"{path} is not a file; give a pipeline .toml file or a preset name")
+    known = presets()
+    if str(spec) in known:
+        return known[str(spec)]
+    hint = did_you_mean(str(spec), known)
+    if path.suffix == ".toml" or "/" in str(spec):
+        raise ConfigError(f"pipeline file not found: {spec}{hint}; presets: {', '.join(known)}")
+    raise ConfigError(f"'{spec}' is neither a pipeline file nor a preset{hint}; "
+                      f"presets: {', '.join(sorted(known))}")
+
+
+# ---- TOML writing ----------------------------------------------------------------------------
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}"
+                                for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+__all__ = ["PassManager", "PipelineOptions", "PassRecord", "RunResult", "presets",
+           "resolve_pipeline"]

@@ -1,0 +1,110 @@
+"""The pass contract and the registry of passes.
+
+A pass is a small class with a registered ``name`` (``fold-bn``), a typed ``Options``
+dataclass, a one-line ``summary``, and one method, :meth:`Pass.run`, that takes the model and
+a :class:`PassContext` and returns a :class:`PassResult`: the model, whether it changed, and
+counts for the report. A pass that claims ``preserves_semantics`` states the tolerance at
+which the manager compares its outputs with its input's: for every output,
+``max|out - ref| <= rtol * max|ref| + atol``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import onnx
+
+from graphq import options as opts
+from graphq.errors import ConfigError, did_you_mean
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the model, whether it changed, counts and notes for the report."""
+
+    model: onnx.ModelProto
+    changed: bool
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the model."""
+
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    data: Any = None  # graphq.data.DataSource or None
+    outdir: Path | None = None
+    float_model: onnx.ModelProto | None = None
+    external_data: bool = False
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("graphq"))
+
+
+class Pass(ABC):
+    """Base class of every pass; subclasses are registered with :func:`register`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type]
+    preserves_semantics: ClassVar[bool] = True
+    rtol: ClassVar[float] = 1e-4
+    atol: ClassVar[float] = 1e-5
+
+    def __init__(self, options: Any = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("give either an options object or keyword options, not both")
+        if options is None:
+            options = opts.parse(self.Options, kwargs, f"pass '{self.name}'")
+        elif not isinstance(options, self.Options):
+            raise TypeError(f"pass '{self.name}' takes {self.Options.__name__} options")
+        self.options = options
+
+    @abstractmethod
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        """Rewrite ``model`` (a proto the pass may modify) and say what changed."""
+
+    def to_table(self) -> dict[str, Any]:
+        return {"name": self.name, **opts.to_table(self.options)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
+        return f"{type(self).__name__}({args})"
+
+
+_PASSES: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its name in pipelines."""
+    if cls.name in _PASSES and _PASSES[cls.name] is not cls:
+        raise ValueError(f"two passes are named '{cls.name}'")
+    if not dataclasses.is_dataclass(cls.Options):
+        raise TypeError(f"{cls.__name__}.Options must be a dataclass")
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def passes() -> dict[str, type[Pass]]:
+    """All registered passes by name, in registration order."""
+    import graphq.passes  # noqa: F401 - registers the built-in passes
+
+    return dict(_PASSES)
+
+
+def create(name: Any, table: dict[str, Any], where: str) -> Pass:
+    """Instantiate the pass ``name`` from a TOML table; errors name ``where``."""
+    registry = passes()
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: 'name' must be a pass name string, not {name!r}")
+    if name not in registry:
+        raise ConfigError(
+            f"{where}: unknown pass '{name}'{did_you_mean(name, registry)}; "
+            f"passes: {', '.join(registry)} (see `graphq passes`)"
+        )
+    cls = registry[name]
+    return cls(opts.parse(cls.Options, table, f"{where} (pass '{name}')"))

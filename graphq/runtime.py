@@ -1,0 +1,179 @@
+"""onnxruntime sessions: execution provider choice, sample inputs, output comparison."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from graphq import model as model_io
+from graphq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# onnxruntime's own warnings (graph optimizer notes) are not the user's business.
+ort.set_default_logger_severity(3)
+
+#: short names accepted for execution providers.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "cann": "CANNExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+
+
+def resolve_providers(asked: list[str], fallback: bool = False) -> list[str]:
+    """Check the asked execution providers against those onnxruntime has here.
+
+    A provider that is not available is an error listing the available ones, unless
+    ``fallback`` is set: then it is dropped with a warning. CPU is always appended last.
+    """
+    available = ort.get_available_providers()
+    chosen = []
+    for name in asked:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full in available:
+            if full not in chosen:
+                chosen.append(full)
+        elif fallback:
+            log.warning("execution provider %s is not available here; falling back", full)
+        else:
+            raise ConfigError(
+                f"execution provider '{name}' is not available in this onnxruntime "
+                f"(available: {', '.join(available)}); install the onnxruntime build for it "
+                "(e.g. onnxruntime-gpu for CUDA/TensorRT, onnxruntime-cann for CANN), "
+                "or set fallback = true in [pipeline]"
+            )
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def session(model: onnx.ModelProto, providers: list[str] | None = None,
+            options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """An onnxruntime session of an in-memory model (through a temporary file over 2 GB)."""
+    providers = providers or ["CPUExecutionProvider"]
+    if options is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    model_io.fix_ir_version(proto)
+    if proto.ByteSize() < model_io.EXTERNAL_DATA_LIMIT:
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="graphq-") as tmp:
+        path = model_io.save(proto, Path(tmp) / "model.onnx", external_data=True)
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def true_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs the user feeds: those without an initializer of the same name."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def input_spec(value: onnx.ValueInfoProto) -> tuple[np.dtype, list[int | str | None]]:
+    """The numpy dtype and the dims (int, symbolic name or None) of a graph input."""
+    ttype = value.type.tensor_type
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+    dims: list[int | str | None] = []
+    for d in ttype.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(d.dim_value)
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dtype, dims
+
+
+def sample_feeds(model: onnx.ModelProto, n: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Random inputs of the model's shapes: unknown dims are 1 on axis 0 and 32 elsewhere.
+
+    Floats are standard normal; integers and booleans are 0 or 1, so that indices and masks
+    stay valid. Symbolic dims of the same name get the same size.
+    """
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        sizes: dict[str, int] = {}
+        feed = {}
+        for value in true_inputs(model):
+            dtype, dims = input_spec(value)
+            shape = []
+            for axis, d in enumerate(dims):
+                if isinstance(d, int):
+                    shape.append(d)
+                else:
+                    size = 1 if axis == 0 else 32
+                    shape.append(sizes.setdefault(d, size) if d else size)
+            if dtype.kind == "f":
+                feed[value.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype.kind in "iub":
+                feed[value.name] = rng.integers(0, 2, shape).astype(dtype)
+            else:
+                raise ConfigError(
+                    f"cannot make a sample for input '{value.name}' of type {dtype}; "
+                    "give data with --data"
+                )
+        feeds.append(feed)
+    return feeds
+
+
+def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feed), strict=True))
+
+
+@dataclass
+class OutputDiff:
+    """How far one output is from its reference."""
+
+    name: str
+    max_abs: float
+    ref_max: float
+    ok: bool
+    reason: str = ""
+
+    @property
+    def rel(self) -> float:
+        return self.max_abs / self.ref_max if self.ref_max > 0 else self.max_abs
+
+
+def compare(ref: dict[str, np.ndarray], out: dict[str, np.ndarray],
+            rtol: float, atol: float) -> list[OutputDiff]:
+    """Compare outputs by name: ``max|out - ref| <= rtol * max|ref| + atol`` on each."""
+    diffs = []
+    for name, r in ref.items():
+        if name not in out:
+            diffs.append(OutputDiff(name, np.inf, 0.0, False, "output is missing"))
+            continue
+        o = out[name]
+        if o.shape != r.shape:
+            diffs.append(OutputDiff(name, np.inf, 0.0, False, f"shape {o.shape} != {r.shape}"))
+            continue
+        if r.dtype.kind not in "fc":
+            same = bool(np.array_equal(o, r))
+            diffs.append(OutputDiff(name, 0.0 if same else np.inf, 0.0, same,
+                                    "" if same else "integer output differs"))
+            continue
+        r64, o64 = r.astype(np.float64), o.astype(np.float64)
+        finite = np.isfinite(r64)
+        if not np.array_equal(finite, np.isfinite(o64)) or not np.array_equal(
+                r64[~finite], o64[~finite], equal_nan=True):
+            diffs.append(OutputDiff(name, np.inf, 0.0, False, "non-finite values differ"))
+            continue
+        max_abs = float(np.max(np.abs(o64[finite] - r64[finite]), initial=0.0))
+        ref_max = float(np.max(np.abs(r64[finite]), initial=0.0))
+        diffs.append(OutputDiff(name, max_abs, ref_max, max_abs <= rtol * ref_max + atol))
+    return diffs

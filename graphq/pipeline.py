@@ -320,7 +320,8 @@ def _log_record(i: int, n: int, r: PassRecord) -> None:
     if r.verified:
         verified = "; verified"
         if "max_rel_err" in r.verified:
-            verified += f" (max rel err {r.verified['max_rel_err']:.2g}, tol {r.verified['rtol']:g})"
+            v = r.verified
+            verified += f" (max rel err {v['max_rel_err']:.2g}, tol {v['rtol']:g})"
     log.info("[%d/%d] %s: %s%s (%.2f s)%s", i + 1, n, r.name, state,
              f": {counts}" if counts else "", r.seconds, verified)
 

@@ -106,6 +106,14 @@ def _check_has_graph(proto: onnx.ModelProto, where: str) -> None:
         )
 
 
+def byte_size(model: onnx.ModelProto) -> int:
+    """The serialized size of a model, without serializing it (ModelProto.ByteSize() raises
+    over 2 GB): the sum of its initializers, nodes and functions."""
+    graph = model.graph
+    return (sum(t.ByteSize() for t in graph.initializer) + sum(n.ByteSize() for n in graph.node)
+            + sum(f.ByteSize() for f in model.functions) + 4096)
+
+
 def all_tensors(graph: onnx.GraphProto):
     """Every TensorProto of a graph: initializers and attribute tensors, subgraphs included."""
     yield from graph.initializer
@@ -170,11 +178,15 @@ def max_runtime_ir_version() -> int:
     return 7
 
 
-def fix_ir_version(model: onnx.ModelProto) -> None:
-    """Raise ir_version to what the opsets need; clamp it to what onnxruntime reads."""
+def fitted_ir_version(model: onnx.ModelProto) -> int:
+    """ir_version raised to what the opsets need, clamped to what onnxruntime reads."""
     needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    version = max(model.ir_version, needed)
-    version = min(version, max_runtime_ir_version())
+    return min(max(model.ir_version, needed), max_runtime_ir_version())
+
+
+def fix_ir_version(model: onnx.ModelProto) -> None:
+    """Set ir_version to :func:`fitted_ir_version` in place."""
+    version = fitted_ir_version(model)
     if version != model.ir_version:
         log.debug("ir_version %d -> %d", model.ir_version, version)
         model.ir_version = version
@@ -199,7 +211,7 @@ def save(
     out.CopyFrom(model)
     fix_ir_version(out)
     if external_data is None:
-        external_data = out.ByteSize() > EXTERNAL_DATA_LIMIT
+        external_data = byte_size(out) > EXTERNAL_DATA_LIMIT
     data_name = path.name + ".data"
     tmp = Path(tempfile.mkdtemp(prefix=".graphq-", dir=path.parent))
     try:

@@ -268,19 +268,19 @@ class _Verifier:
         p = done[-1]
         step = _step(len(done) - 1, p, records)
         start = time.perf_counter()
-        try:
-            if proto.ByteSize() < model_io.EXTERNAL_DATA_LIMIT:
-                onnx.checker.check_model(proto, full_check=True)
-            else:
-                onnx.checker.check_model(proto)
-        except onnx.checker.ValidationError as exc:
-            raise PassError(f"{step} produced an invalid graph (onnx.checker): "
-                            f"{str(exc).strip()[:500]}") from exc
-        try:
-            outputs = self._outputs(proto) if self.feeds else []
-        except Exception as exc:
-            raise PassError(f"{step} produced a graph onnxruntime cannot run: "
-                            f"{str(exc).strip()[:500]}") from exc
+        with runtime.materialized(proto) as serialized:
+            try:
+                onnx.checker.check_model(serialized if isinstance(serialized, bytes)
+                                         else str(serialized), full_check=True)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+                raise PassError(f"{step} produced an invalid graph (onnx.checker): "
+                                f"{str(exc).strip()[:500]}") from exc
+            try:
+                sess = runtime.session_of(serialized, self.ctx.providers)
+                outputs = [runtime.run(sess, feed) for feed in self.feeds]
+            except Exception as exc:
+                raise PassError(f"{step} produced a graph onnxruntime cannot run: "
+                                f"{str(exc).strip()[:500]}") from exc
         result: dict[str, Any] = {"checker": True, "onnxruntime": True}
         semantic = all(q.preserves_semantics for q in done) if self.settings.verify == "end" \
             else p.preserves_semantics

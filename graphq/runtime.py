@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,18 +64,34 @@ def resolve_providers(asked: list[str], fallback: bool = False) -> list[str]:
 def session(model: onnx.ModelProto, providers: list[str] | None = None,
             options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     """An onnxruntime session of an in-memory model (through a temporary file over 2 GB)."""
-    providers = providers or ["CPUExecutionProvider"]
+    with materialized(model) as source:
+        return session_of(source, providers, options)
+
+
+def session_of(source: bytes | Path, providers: list[str] | None = None,
+               options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """An onnxruntime session of serialized bytes or a model file."""
     if options is None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
-    model_io.fix_ir_version(proto)
-    if proto.ByteSize() < model_io.EXTERNAL_DATA_LIMIT:
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    source = str(source) if isinstance(source, Path) else source
+    return ort.InferenceSession(source, options,
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def materialized(model: onnx.ModelProto) -> Iterator[bytes | Path]:
+    """The model as bytes, or over 2 GB as a temporary file with external data."""
+    proto = model
+    if model_io.fitted_ir_version(model) != model.ir_version:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        model_io.fix_ir_version(proto)
+    if model_io.byte_size(proto) < model_io.EXTERNAL_DATA_LIMIT:
+        yield proto.SerializeToString()
+        return
     with tempfile.TemporaryDirectory(prefix="graphq-") as tmp:
-        path = model_io.save(proto, Path(tmp) / "model.onnx", external_data=True)
-        return ort.InferenceSession(str(path), options, providers=providers)
+        yield model_io.save(proto, Path(tmp) / "model.onnx", external_data=True)
 
 
 def true_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

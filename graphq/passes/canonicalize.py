@@ -77,7 +77,7 @@ class Canonicalize(Pass):
                 notes.append(f"onnxsim skipped: {why}")
                 log.warning("onnxsim did not run: %s; the graph goes on unsimplified", why)
             else:
-                changed |= simplified.graph.SerializeToString() != model.graph.SerializeToString()
+                changed |= _structure(simplified) != _structure(model)
                 model = simplified
         if o.infer_shapes:
             model = _infer_shapes(model, notes)
@@ -88,9 +88,14 @@ class Canonicalize(Pass):
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """Convert the model to opset ``target``; name the node that blocks it when it fails."""
+    """Convert the model to opset ``target``; name the node that blocks it when it fails.
+
+    The converter runs on the model's skeleton (weights left out, see
+    :func:`graphq.model.skeleton`), so that it is fast and works over 2 GB; the weights are
+    put back by name afterwards.
+    """
     try:
-        out = version_converter.convert_version(model, target)
+        out = version_converter.convert_version(model_io.skeleton(model), target)
     except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
         node = _blocking_node(model, target)
         where = f" at {node.op_type} node '{node.name}'" if node is not None else ""
@@ -99,9 +104,20 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
             f"{where}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}; "
             "re-export the model at opset >= 13, or replace that op"
         ) from exc
+    weights = {t.name: t for t in model.graph.initializer}
+    for i, tensor in enumerate(out.graph.initializer):
+        original = weights.get(tensor.name)
+        if original is not None and not _has_data(tensor) and _has_data(original):
+            out.graph.initializer[i].CopyFrom(original)
     G.copy_model_fields(out, model)
     out.ir_version = max(model.ir_version, 7)
     return out
+
+
+def _has_data(tensor: onnx.TensorProto) -> bool:
+    return bool(tensor.raw_data) or any(
+        len(getattr(tensor, f)) for f in ("float_data", "int32_data", "int64_data",
+                                          "double_data", "uint64_data", "string_data"))
 
 
 def _blocking_node(model: onnx.ModelProto, target: int) -> onnx.NodeProto | None:
@@ -146,7 +162,7 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
-    if model.ByteSize() > model_io.EXTERNAL_DATA_LIMIT:
+    if model_io.byte_size(model) > model_io.EXTERNAL_DATA_LIMIT:
         return None, "the model is over 2 GB"
     try:
         import onnxsim
@@ -160,6 +176,12 @@ def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
         return None, "its own check of the simplified model failed"
     G.copy_model_fields(out, model)
     return out, ""
+
+
+def _structure(model: onnx.ModelProto) -> tuple:
+    """What a rewrite changes: the nodes' wiring and the initializers' names."""
+    nodes = tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node)
+    return nodes, tuple(sorted(t.name for t in model.graph.initializer))
 
 
 def _infer_shapes(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:

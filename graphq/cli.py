@@ -45,19 +45,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(message: str, verbose: int) -> None:
     if verbose:
-        log.exception("error: %s", message)
+        log.exception("%s", message)
     else:
         print(f"graphq: error: {message}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more detail; with errors, the traceback")
-    common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser = argparse.ArgumentParser(
-        prog="graphq", parents=[common],
-        description="graphq: an ONNX graph-rewriting compiler for quantization.")
+        prog="graphq", description="graphq: an ONNX graph-rewriting compiler for quantization.")
+    _verbosity(parser, default=0)
+    # the same flags after the command; SUPPRESS keeps them from resetting those given before
+    common = argparse.ArgumentParser(add_help=False)
+    _verbosity(common, default=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"graphq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -81,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=_cmd_inspect)
     return parser
+
+
+def _verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=default,
+                        help="more detail; with errors, the traceback")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        default=False if default == 0 else default,
+                        help="warnings and errors only")
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -177,7 +184,7 @@ def inspect_model(path: Path) -> dict[str, Any]:
     inits = {t.name for t in graph.initializer}
     ops = op_histogram(graph.node)
     size = path.stat().st_size + sum(
-        p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+        p.stat().st_size for p in model_io.external_files(proto, path.parent) if p.exists())
     return {
         "path": str(path),
         "size_bytes": size,

@@ -19,7 +19,7 @@ import onnxruntime as ort
 # graphsurgeon prints its own warnings to stdout; graphq logs what matters itself.
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 # onnxruntime's graph-optimizer notes (printed while folding constants) are noise here too.
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)
 
 log = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ def load_with_source(path: str | os.PathLike, external_data: bool = True
     if external and external_data:
         try:
             external_data_helper.load_external_data_for_model(proto, str(path.parent))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise ModelError(
                 f"{path} keeps its weights in an external data file that cannot be read "
                 f"({exc}); keep the .data file beside the model under the name it was saved with"
@@ -112,6 +112,18 @@ def byte_size(model: onnx.ModelProto) -> int:
     graph = model.graph
     return (sum(t.ByteSize() for t in graph.initializer) + sum(n.ByteSize() for n in graph.node)
             + sum(f.ByteSize() for f in model.functions) + 4096)
+
+
+def external_files(model: onnx.ModelProto, folder: Path) -> list[Path]:
+    """The distinct external data files a model refers to, resolved against ``folder``."""
+    files = []
+    for tensor in all_tensors(model.graph):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            path = folder / info.location
+            if path not in files:
+                files.append(path)
+    return files
 
 
 def all_tensors(graph: onnx.GraphProto):
@@ -224,7 +236,7 @@ def save(
             onnx.save_model(out, tmp / path.name)
         if (tmp / data_name).exists():
             os.replace(tmp / data_name, path.parent / data_name)
-        elif (path.parent / data_name).exists() and not external_data:
+        elif (path.parent / data_name).exists():
             # a stale data file from an earlier external save would mislead readers
             (path.parent / data_name).unlink()
         os.replace(tmp / path.name, path)

@@ -28,7 +28,7 @@ from graphq import __version__, runtime
 from graphq import model as model_io
 from graphq import options as opts
 from graphq.data import DataOptions, DataSource, Feed
-from graphq.errors import ConfigError, GraphqError, PassError, did_you_mean
+from graphq.errors import ConfigError, GraphqError, ModelError, PassError, did_you_mean
 from graphq.registry import Pass, PassContext, create
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,9 @@ class PassManager:
                               f"{where}: [pipeline]")
         data = opts.parse(DataOptions, _table(doc, "data", where), f"{where}: [data]")
         entries = doc.get("passes")
+        if isinstance(entries, dict):
+            raise ConfigError(f"{where}: passes are a list of tables: write [[passes]] "
+                              "(two brackets) before each pass, not [passes]")
         if not isinstance(entries, list) or not entries:
             raise ConfigError(f"{where}: no passes; add at least one [[passes]] table "
                               "with a name (see `graphq passes`)")
@@ -121,11 +124,16 @@ class PassManager:
             passes.append(create(table.pop("name"), table, spot))
         return cls(passes, settings, data, origin)
 
-    def to_toml(self) -> str:
-        """The pipeline as TOML text that :meth:`from_text` reads back to the same pipeline."""
+    def to_toml(self, data_source: str | None = None) -> str:
+        """The pipeline as TOML text that :meth:`from_text` reads back to the same pipeline.
+
+        ``data_source`` replaces ``[data] source`` (the run writes the resolved path there).
+        """
         lines = ["[pipeline]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in opts.to_table(self.settings).items()]
         data = opts.to_table(self.data)
+        if data_source is not None:
+            data["source"] = data_source
         if data != opts.to_table(DataOptions()):
             lines += ["", "[data]"] + [f"{k} = {_toml_value(v)}" for k, v in data.items()]
         for p in self.passes:
@@ -149,16 +157,22 @@ class PassManager:
             proto = model_io.load(model)
         else:
             proto, source = model_io.load_with_source(model)
-        stem = source.path.stem if source.path else (proto.graph.name or "model")
+        stem = source.path.stem if source.path else _safe_stem(proto.graph.name)
         outdir = Path(outdir) if outdir is not None else None
         final_path = outdir / f"{stem}.opt.onnx" if outdir else None
+        for folder, flag in ((outdir, "-o/outdir"), (dump_dir, "--dump-dir")):
+            if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+                raise ConfigError(f"{flag} {folder} is a file, not a folder; "
+                                  "give a folder path (it is created if missing)")
         if source.path and outdir and (model_io.same_file(final_path, source.path)):
             raise ConfigError(f"the output {final_path} would overwrite the input model; "
                               "choose another output folder with -o")
+        _check_input(proto, source)
         ctx = PassContext(
             providers=runtime.resolve_providers(providers or self.settings.providers,
                                                 self.settings.fallback),
-            data=self._data_source(data), outdir=outdir, float_model=model_io.load(proto),
+            data=self._data_source(data), outdir=outdir,
+            float_source=source.path if source.path else model,
             external_data=source.external_data,
         )
         log.info("model %s: opset %d, %d nodes; %d passes; providers %s",
@@ -177,10 +191,20 @@ class PassManager:
             if dump_dir is not None:
                 model_io.save(proto, Path(dump_dir) / f"{i + 1:02d}-{p.name}.onnx",
                               external_data=source.external_data or None)
-        report = self._report(source, proto, records)
+        end_to_end = checker.finish(self.passes)
+        data_path = ctx.data.source if ctx.data is not None else None
+        text = self.to_toml(str(data_path.resolve()) if isinstance(data_path, Path) else None)
+        report = {
+            "graphq": __version__,
+            "model": str(source.path) if source.path else None,
+            "pipeline": text,
+            "passes": [r.__dict__ for r in records],
+            "verified_end_to_end": end_to_end,
+            "result": {"opset": model_io.default_opset(proto), "nodes": len(proto.graph.node)},
+        }
         files: dict[str, Path] = {}
         if outdir is not None:
-            files = self._write(outdir, final_path, proto, report, ctx)
+            files = self._write(outdir, final_path, proto, report, text, ctx)
         return RunResult(proto, records, files, report)
 
     def _data_source(self, data: Any) -> DataSource | None:
@@ -209,25 +233,16 @@ class PassManager:
         return PassRecord(p.name, result.changed, seconds, result.counts, result.notes
                           ), result.model
 
-    def _report(self, source: model_io.Source, proto: onnx.ModelProto,
-                records: list[PassRecord]) -> dict[str, Any]:
-        return {
-            "graphq": __version__,
-            "model": str(source.path) if source.path else None,
-            "pipeline": self.to_toml(),
-            "passes": [r.__dict__ for r in records],
-            "result": {"opset": model_io.default_opset(proto), "nodes": len(proto.graph.node)},
-        }
-
     def _write(self, outdir: Path, final_path: Path, proto: onnx.ModelProto,
-               report: dict[str, Any], ctx: PassContext) -> dict[str, Path]:
+               report: dict[str, Any], pipeline_text: str, ctx: PassContext
+               ) -> dict[str, Path]:
         outdir.mkdir(parents=True, exist_ok=True)
         files = {"model": model_io.save(proto, final_path,
                                         external_data=ctx.external_data or None)}
         report["files"] = {k: str(v) for k, v in files.items()}
         files["report"] = _write_text(outdir / "report.json",
                                       json.dumps(report, indent=2, default=_json_default))
-        files["pipeline"] = _write_text(outdir / "pipeline.toml", self.to_toml())
+        files["pipeline"] = _write_text(outdir / "pipeline.toml", pipeline_text)
         for name, path in files.items():
             log.info("wrote %s: %s", name, path)
         return files
@@ -241,6 +256,7 @@ class _Verifier:
         self.ctx = ctx
         self.feeds: list[Feed] = []
         self.reference: list[dict[str, np.ndarray]] | None = None
+        self.original: list[dict[str, np.ndarray]] | None = None
 
     def start(self, proto: onnx.ModelProto) -> None:
         if self.settings.verify == "off":
@@ -252,7 +268,7 @@ class _Verifier:
         else:
             self.feeds = runtime.sample_feeds(proto, n)
         try:
-            self.reference = self._outputs(proto)
+            self.reference = self.original = self._outputs(proto)
         except Exception as exc:  # noqa: BLE001 - the input may not run on random inputs
             log.warning("the input model does not run in onnxruntime on %s (%s); outputs will "
                         "not be compared", "the data" if self.ctx.data else "random inputs; "
@@ -294,6 +310,18 @@ class _Verifier:
         result["seconds"] = round(time.perf_counter() - start, 3)
         return result
 
+    def finish(self, passes: list[Pass]) -> dict[str, Any] | None:
+        """After pass-by-pass checks, compare the last outputs with the input model's, so
+        that errors within each pass's tolerance cannot add up unseen."""
+        if (self.settings.verify != "each" or len(passes) < 2 or self.original is None
+                or self.reference is self.original
+                or not all(p.preserves_semantics for p in passes)):
+            return None
+        rtol, atol = sum(p.rtol for p in passes), sum(p.atol for p in passes)
+        self.reference, outputs = self.original, self.reference
+        worst = self._compare(outputs, rtol, atol, "the pipeline as a whole")
+        return {"max_rel_err": worst, "rtol": rtol, "atol": atol}
+
     def _compare(self, outputs: list[dict[str, np.ndarray]], rtol: float, atol: float,
                  step: str) -> float:
         worst = 0.0
@@ -306,6 +334,25 @@ class _Verifier:
                                     f"(rtol {rtol:g}, atol {atol:g}): {detail}")
                 worst = max(worst, diff.rel)
         return worst
+
+
+def _check_input(proto: onnx.ModelProto, source: model_io.Source) -> None:
+    """The input must be a valid ONNX model before any pass is blamed for anything."""
+    where = str(source.path) if source.path else "the input model"
+    with runtime.materialized(proto) as serialized:
+        try:
+            onnx.checker.check_model(serialized if isinstance(serialized, bytes)
+                                     else str(serialized))
+        except onnx.checker.ValidationError as exc:
+            raise ModelError(f"{where} is not a valid ONNX model (onnx.checker: "
+                             f"{str(exc).strip().splitlines()[0][:300]}); fix or re-export it"
+                             ) from exc
+
+
+def _safe_stem(name: str) -> str:
+    """A file name stem from a graph name: no folders, no leading dots."""
+    stem = re.sub(r"[^\w.-]", "_", name).lstrip(".")
+    return stem or "model"
 
 
 def _step(i: int, p: Pass, records: list[PassRecord]) -> str:
@@ -395,8 +442,8 @@ def _toml_value(value: Any) -> str:
         if value in (float("inf"), float("-inf")):
             return "inf" if value > 0 else "-inf"
         return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):  # TOML forbids a raw DEL, which JSON leaves as it is
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

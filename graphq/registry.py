@@ -40,9 +40,17 @@ class PassContext:
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     data: Any = None  # graphq.data.DataSource or None
     outdir: Path | None = None
-    float_model: onnx.ModelProto | None = None
+    float_source: Path | onnx.ModelProto | None = None  # the input, as the user gave it
     external_data: bool = False
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("graphq"))
+
+    def float_model(self) -> onnx.ModelProto:
+        """The input model before any pass, read again (it is not kept in memory)."""
+        if self.float_source is None:
+            raise ValueError("this context has no input model")
+        from graphq import model as model_io
+
+        return model_io.load(self.float_source)
 
 
 class Pass(ABC):

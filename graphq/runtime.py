@@ -20,7 +20,7 @@ from graphq.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # onnxruntime's own warnings (graph optimizer notes) are not the user's business.
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)
 
 #: short names accepted for execution providers.
 PROVIDER_ALIASES = {

@@ -15,11 +15,17 @@ Models
 ``mtcnn_onnx``
     MTCNN PNet/RNet/ONet with the weights shipped in ``facenet-pytorch``,
     opset 13, input ``input``.
-``zoo_models`` / ``randomize_zoo``
+``zoo_models`` / ``randomize_zoo`` / ``randomized_zoo_onnx``
     the nine ``light_*.onnx`` model-zoo graphs bundled in the onnx wheel, with
-    their constant-filled weights replaced by random ones.
+    their constant-filled weights replaced by random ones (then calibrated on
+    photos so activations and logits have sensible ranges).
 ``torch_bn_onnx``
     a small torch CNN whose BatchNormalization nodes are kept in the graph.
+
+Real input data: :func:`minilm_feeds` (tokenized English sentences),
+:func:`mtcnn_feeds` and :func:`zoo_feeds` (scikit-image sample photos).
+Each ``*_torch``/``*_model`` function returns the torch module behind an
+export, for reference outputs.
 
 Needed beyond numpy + onnx (imported lazily, only by the functions using them;
 never let pip replace the installed torch)::
@@ -84,9 +90,7 @@ def _package_dir(module: str, pip_name: str) -> Path:
     """Folder of an installed package, located without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"{module} is missing: pip install --no-deps {pip_name}"
-        )
+        raise ModuleNotFoundError(f"{module} is missing: pip install --no-deps {pip_name}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -109,6 +113,15 @@ def _photos() -> tuple[np.ndarray, ...]:
             img = np.stack([img] * 3, axis=-1)
         out.append(np.ascontiguousarray(img[..., :3]))
     return tuple(out)
+
+
+@functools.cache
+def _have_skimage() -> bool:
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -146,8 +159,7 @@ _SENTENCES = (
     "for the third time this year.",
     "Hello!",
     "A man is eating a piece of bread.",
-    "Researchers discovered a new species of frog in the rainforests of "
-    "Madagascar last spring.",
+    "Researchers discovered a new species of frog in the rainforests of Madagascar last spring.",
     "Where is the nearest train station?",
     "A man is eating food.",
     "The committee will publish its final report, including all appendices "
@@ -166,8 +178,7 @@ _SENTENCES = (
     "The new smartphone features a larger battery, a brighter display and a "
     "camera that performs well in low light.",
     "Can you help me?",
-    "The museum's collection includes paintings from the Renaissance to the "
-    "present day.",
+    "The museum's collection includes paintings from the Renaissance to the present day.",
     "He forgot his umbrella again.",
     "Climate change is driving glaciers to retreat at an unprecedented pace "
     "across the Alps and the Himalayas.",
@@ -203,8 +214,12 @@ def _minilm_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(minilm_model_dir()))
 
 
-def _minilm_torch() -> Any:
-    """The torch wrapper module that takes a 2-D mask and returns both outputs."""
+def minilm_torch() -> Any:
+    """The eval-mode torch module :func:`minilm_onnx` exports (same inputs and outputs).
+
+    Wraps transformers' ``BertModel`` (eager attention) loaded from
+    :func:`minilm_model_dir`; fails if any checkpoint weight is missing.
+    """
     _hf_offline()
     import torch
     from transformers import AutoModel
@@ -240,7 +255,7 @@ def _minilm_torch() -> Any:
 def _export_minilm(path: Path) -> None:
     import torch
 
-    model = _minilm_torch()
+    model = minilm_torch()
     feed = minilm_feeds(1, batch_size=2)[0]
     args = tuple(torch.from_numpy(feed[k]) for k in MINILM_INPUTS)
     axes = {k: {0: "batch", 1: "sequence"} for k in MINILM_INPUTS}
@@ -332,7 +347,7 @@ MTCNN_OUTPUTS = {
 MTCNN_SIZES = {"pnet": None, "rnet": 24, "onet": 48}
 
 # Square face boxes (top, left, side) in the sample photos, for face crops.
-_FACE_BOXES = {"astronaut": (10, 150, 140), "camera": (60, 220, 90)}
+_FACE_BOXES = {"astronaut": (72, 176, 120), "camera": (128, 184, 70)}
 
 
 @functools.cache
@@ -610,8 +625,17 @@ def randomize_zoo(model: onnx.ModelProto, seed: int = 0, calibrate: bool = True)
 
 # Ops through which logits scale linearly with the classifier's weights.
 _HOMOGENEOUS = {
-    "Relu", "GlobalAveragePool", "AveragePool", "MaxPool", "Reshape", "Flatten",
-    "Dropout", "Identity", "Squeeze", "Unsqueeze", "Transpose",
+    "Relu",
+    "GlobalAveragePool",
+    "AveragePool",
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Dropout",
+    "Identity",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
 }
 
 
@@ -853,10 +877,25 @@ def zoo_feeds(model: onnx.ModelProto | str | Path, n: int = 2, seed: int = 0) ->
 
 
 def _zoo_array(shape: list[int], elem: int, rng: np.random.Generator) -> np.ndarray:
-    if _is_image(shape, elem) and importlib.util.find_spec("skimage") is not None:
+    if _is_image(shape, elem) and _have_skimage():
         return _photo_batch(shape, rng)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
     return rng.standard_normal(shape).astype(dtype)
+
+
+def randomized_zoo_onnx(model: str | Path, seed: int = 0) -> Path:
+    """:func:`randomize_zoo` of a zoo file (path or stem, e.g. "light_vgg19"), cached.
+
+    Randomizing takes up to ~15 s (vgg19, 548 MB); the cached file loads faster.
+    """
+    path = Path(model)
+    if path.suffix != ".onnx":
+        path = zoo_models()[0].parent / f"{path.name}.onnx"
+
+    def build(tmp: Path) -> None:
+        onnx.save(randomize_zoo(onnx.load(str(path)), seed), str(tmp))
+
+    return _cached(f"zoo-{path.stem}-seed{seed}-{_CACHE_VERSION}.onnx", build)
 
 
 # --------------------------------------------------------------------------

@@ -98,11 +98,15 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         out = version_converter.convert_version(model_io.skeleton(model), target)
     except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
         node = _blocking_node(model, target)
-        where = f" at {node.op_type} node '{node.name}'" if node is not None else ""
+        where, why = "", (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        if node is not None:
+            where = f" at {node.op_type} node '{node.name}'"
+            if not onnx.defs.has(node.op_type, max_inclusive_version=target):
+                why = (f"{node.op_type} does not exist in opset {target} "
+                       "(it was experimental or has been removed from ONNX)")
         raise PassError(
             f"cannot upgrade the model from opset {model_io.default_opset(model)} to {target}"
-            f"{where}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}; "
-            "re-export the model at opset >= 13, or replace that op"
+            f"{where}: {why}; re-export the model at opset >= {target}, or replace that op"
         ) from exc
     weights = {t.name: t for t in model.graph.initializer}
     for i, tensor in enumerate(out.graph.initializer):

@@ -67,6 +67,51 @@ def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node that reads ``old`` read ``new`` (graph outputs are left as they are)."""
+    for reader in list(old.outputs):
+        for i, t in enumerate(reader.inputs):
+            if t is old:
+                reader.inputs[i] = new
+
+
+def qdq_pair(graph: gs.Graph, tensor: gs.Tensor, scale: np.ndarray, zero_point: np.ndarray,
+             axis: int | None, names: set[str]) -> gs.Variable:
+    """Append ``tensor -> QuantizeLinear -> DequantizeLinear`` to the graph, the scale and
+    zero point shared by both nodes; return the dequantized tensor (nothing reads it yet)."""
+    base = tensor.name
+    scale_c = gs.Constant(unique_name(graph, f"{base}_scale", names), scale)
+    zero_c = gs.Constant(unique_name(graph, f"{base}_zero_point", names), zero_point)
+    attrs = {"axis": axis} if axis is not None else {}
+    quantized = gs.Variable(unique_name(graph, f"{base}_quantized", names),
+                            dtype=zero_point.dtype, shape=tensor.shape)
+    restored = gs.Variable(unique_name(graph, f"{base}_dequantized", names),
+                           dtype=tensor.dtype, shape=tensor.shape)
+    q = gs.Node("QuantizeLinear", unique_name(graph, f"{base}_QuantizeLinear", names),
+                attrs=dict(attrs), inputs=[tensor, scale_c, zero_c], outputs=[quantized])
+    dq = gs.Node("DequantizeLinear", unique_name(graph, f"{base}_DequantizeLinear", names),
+                 attrs=dict(attrs), inputs=[quantized, scale_c, zero_c], outputs=[restored])
+    graph.nodes.extend([q, dq])
+    return restored
+
+
+def dequantized_constant(graph: gs.Graph, base: str, ints: np.ndarray, scale: np.ndarray,
+                         zero_point: np.ndarray, axis: int | None, dtype: np.dtype,
+                         names: set[str]) -> gs.Variable:
+    """Append ``integer constant -> DequantizeLinear``; return the float tensor it makes."""
+    values = gs.Constant(unique_name(graph, f"{base}_quantized", names), ints)
+    scale_c = gs.Constant(unique_name(graph, f"{base}_scale", names), scale)
+    zero_c = gs.Constant(unique_name(graph, f"{base}_zero_point", names), zero_point)
+    restored = gs.Variable(unique_name(graph, f"{base}_dequantized", names), dtype=dtype,
+                           shape=list(ints.shape))
+    attrs = {"axis": axis} if axis is not None else {}
+    graph.nodes.append(gs.Node("DequantizeLinear",
+                               unique_name(graph, f"{base}_DequantizeLinear", names),
+                               attrs=attrs, inputs=[values, scale_c, zero_c],
+                               outputs=[restored]))
+    return restored
+
+
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(out is tensor for out in graph.outputs)
 

@@ -173,7 +173,7 @@ class PassManager:
                                                 self.settings.fallback),
             data=self._data_source(data), outdir=outdir,
             float_source=source.path if source.path else model,
-            external_data=source.external_data,
+            external_data=source.external_data, stem=stem, base_dir=self._base_dir(),
         )
         log.info("model %s: opset %d, %d nodes; %d passes; providers %s",
                  source.path or stem, model_io.default_opset(proto), len(proto.graph.node),
@@ -201,17 +201,21 @@ class PassManager:
             "passes": [r.__dict__ for r in records],
             "verified_end_to_end": end_to_end,
             "result": {"opset": model_io.default_opset(proto), "nodes": len(proto.graph.node)},
+            **ctx.report,
         }
         files: dict[str, Path] = {}
         if outdir is not None:
             files = self._write(outdir, final_path, proto, report, text, ctx)
         return RunResult(proto, records, files, report)
 
+    def _base_dir(self) -> Path:
+        """Relative paths in the pipeline file are relative to its folder."""
+        return self.origin.parent if self.origin and not _is_preset(self.origin) else Path()
+
     def _data_source(self, data: Any) -> DataSource | None:
         d = self.data
         if data is None and d.source is not None:
-            base = self.origin.parent if self.origin and not _is_preset(self.origin) else Path()
-            data = base / d.source
+            data = self._base_dir() / d.source
         if data is None:
             return None
         if isinstance(data, DataSource):
@@ -237,8 +241,20 @@ class PassManager:
                report: dict[str, Any], pipeline_text: str, ctx: PassContext
                ) -> dict[str, Path]:
         outdir.mkdir(parents=True, exist_ok=True)
-        files = {"model": model_io.save(proto, final_path,
-                                        external_data=ctx.external_data or None)}
+        files: dict[str, Path] = {}
+        if not ctx.artifacts:
+            files["model"] = model_io.save(proto, final_path,
+                                           external_data=ctx.external_data or None)
+        for name, content in ctx.artifacts.items():
+            path = outdir / name
+            if isinstance(content, onnx.ModelProto):
+                files[name] = model_io.save(content, path,
+                                            external_data=ctx.external_data or None)
+            elif isinstance(content, dict):
+                files[name] = _write_text(path, json.dumps(content, indent=2,
+                                                           default=_json_default))
+            else:
+                files[name] = _write_text(path, str(content))
         report["files"] = {k: str(v) for k, v in files.items()}
         files["report"] = _write_text(outdir / "report.json",
                                       json.dumps(report, indent=2, default=_json_default))

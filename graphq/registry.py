@@ -43,6 +43,20 @@ class PassContext:
     float_source: Path | onnx.ModelProto | None = None  # the input, as the user gave it
     external_data: bool = False
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("graphq"))
+    #: files for the manager to write once every pass has succeeded, by file name:
+    #: a ModelProto, a str (text) or a dict (JSON). A pipeline that has any writes no
+    #: ``<stem>.opt.onnx``.
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    #: sections passes add to report.json
+    report: dict[str, Any] = field(default_factory=dict)
+    stem: str = "model"
+    #: the folder relative paths in pass options are read from (the pipeline file's)
+    base_dir: Path = field(default_factory=Path)
+
+    def path(self, value: str | Path) -> Path:
+        """A path from a pass option, relative to the pipeline file."""
+        path = Path(value)
+        return path if path.is_absolute() else self.base_dir / path
 
     def float_model(self) -> onnx.ModelProto:
         """The input model before any pass, read again (it is not kept in memory)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import platform
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,6 +94,20 @@ def materialized(model: onnx.ModelProto) -> Iterator[bytes | Path]:
         return
     with tempfile.TemporaryDirectory(prefix="graphq-") as tmp:
         yield model_io.save(proto, Path(tmp) / "model.onnx", external_data=True)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_saturates_u8s8() -> bool:
+    """True on an x86 CPU without VNNI: onnxruntime's uint8 x int8 kernels there add pairs
+    of products in int16 (VPMADDUBSW), which saturates when activations near 255 meet
+    weights near +-127; 7-bit weights (reduce_range) avoid it. VNNI CPUs and ARM do not."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def true_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -327,7 +327,8 @@ def test_unknown_pass_name_did_you_mean(tmp_path):
     assert "[[passes]] #2" in msg
     assert "unknown pass 'fold_bn'" in msg
     assert "did you mean 'fold-bn'?" in msg
-    assert "canonicalize, fold-bn" in msg
+    for name in graphq.registered_passes():
+        assert name in msg.split("passes: ")[1]
 
 
 def test_unknown_pass_option_names_file_index_pass_and_key(tmp_path):
@@ -426,7 +427,7 @@ def test_unknown_preset_lists_presets(spec, expected):
     with pytest.raises(ConfigError) as info:
         PassManager.from_toml(spec)
     assert expected in str(info.value)
-    assert "presets: prepare" in str(info.value)
+    assert "prepare" in str(info.value).split("presets: ")[1].split(", ")
     assert info.value.exit_code == 2
 
 

@@ -1,0 +1,230 @@
+"""Quantization arithmetic: qtypes, scales and zero points, quantize / dequantize, error metrics.
+
+Affine quantization maps a real ``x`` to an integer ``q`` of a qtype with range ``[qmin, qmax]``
+(ONNX QuantizeLinear / DequantizeLinear)::
+
+    q  = saturate(round(x / scale) + zero_point)      round: half to even; saturate: clip
+    x' = (q - zero_point) * scale
+
+both computed in float32 like onnxruntime's CPU kernels, so the results match them bit for bit.
+Per-axis quantization gives ``scale`` and ``zero_point`` one value per slice along ``axis``.
+
+Scale and zero point from a clip range ``[lo, hi]`` (as onnxruntime's ``compute_scale_zp`` and
+torch.ao's observers do). The range is first widened to hold 0, so that 0 is exact::
+
+    lo = min(lo, 0),  hi = max(hi, 0)
+    symmetric:   scale = max(|lo|, |hi|) / ((qmax - qmin) / 2)
+                 zero_point = (qmin + qmax + 1) // 2     (0 for signed, 128 for uint8)
+    asymmetric:  scale = (hi - lo) / (qmax - qmin)
+                 zero_point = clip(round(qmin - lo / scale), qmin, qmax)
+    scale = max(scale, MIN_SCALE)
+
+``MIN_SCALE`` is float32 machine epsilon (``2**-23``, torch.ao's floor too): a zero range
+(a tensor of zeros) gets a tiny positive scale, never 0, inf or nan. ``reduce_range`` drops one
+bit (``qmin >> 1``, ``qmax >> 1``: int8 -> [-64, 63], uint8 -> [0, 127]) for kernels whose
+accumulators would overflow with the full range.
+
+A bias added to the int32 accumulator of ``x * W`` is quantized with zero point 0 and
+``scale = input_scale * weight_scale`` (per output channel when the weight is).
+
+int4 / uint4 values are held in int8 / uint8 arrays here; which ONNX type stores them is the
+graph layer's choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: The smallest scale :func:`qparams` returns (float32 machine epsilon).
+MIN_SCALE = float(np.finfo(np.float32).eps)
+
+
+@dataclass(frozen=True)
+class QType:
+    """An integer quantization type: its name, range and numpy storage dtype."""
+
+    name: str
+    qmin: int
+    qmax: int
+    storage: type[np.integer]
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    @property
+    def levels(self) -> int:
+        """Number of representable integers, ``qmax - qmin + 1``."""
+        return self.qmax - self.qmin + 1
+
+
+QTYPES: dict[str, QType] = {q.name: q for q in (
+    QType("int8", -128, 127, np.int8),
+    QType("uint8", 0, 255, np.uint8),
+    QType("int4", -8, 7, np.int8),
+    QType("uint4", 0, 15, np.uint8),
+    QType("int16", -(2**15), 2**15 - 1, np.int16),
+    QType("uint16", 0, 2**16 - 1, np.uint16),
+    QType("int32", -(2**31), 2**31 - 1, np.int32),
+)}
+
+
+def _resolve(name: str | QType) -> QType:
+    if isinstance(name, QType):
+        return name
+    try:
+        return QTYPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown qtype {name!r}; allowed: {', '.join(QTYPES)}") from None
+
+
+def qtype(name: str | QType) -> QType:
+    """The :class:`QType` called ``name`` (a QType passes through); ValueError if unknown."""
+    return _resolve(name)
+
+
+def _scalar_or_array(a: np.ndarray) -> np.ndarray | np.generic:
+    return a[()] if a.ndim == 0 else a
+
+
+def qparams(lo: float | np.ndarray, hi: float | np.ndarray, qtype: str | QType,
+            symmetric: bool, reduce_range: bool = False
+            ) -> tuple[np.ndarray | np.float32, np.ndarray | np.integer]:
+    """``(scale, zero_point)`` for the clip range ``[lo, hi]`` (formulas in the module doc).
+
+    Scalars give scalars (per tensor), arrays give arrays (per channel). The scale is float32,
+    the zero point has the qtype's storage dtype. Non-finite bounds or ``lo > hi`` are a
+    ValueError: callers filter inf / nan before they reach here.
+    """
+    qt = _resolve(qtype)
+    lo64, hi64 = np.broadcast_arrays(np.asarray(lo, np.float64), np.asarray(hi, np.float64))
+    if not (np.all(np.isfinite(lo64)) and np.all(np.isfinite(hi64))):
+        raise ValueError("qparams: the range is not finite; filter inf / nan first")
+    if np.any(lo64 > hi64):
+        raise ValueError("qparams: lo > hi")
+    qmin, qmax = (qt.qmin >> 1, qt.qmax >> 1) if reduce_range else (qt.qmin, qt.qmax)
+    lo64, hi64 = np.minimum(lo64, 0.0), np.maximum(hi64, 0.0)
+    if symmetric:
+        scale = np.maximum(-lo64, hi64) / ((qmax - qmin) / 2)
+    else:
+        scale = (hi64 - lo64) / (qmax - qmin)
+    scale32 = np.maximum(scale, MIN_SCALE).astype(np.float32)
+    if not np.all(np.isfinite(scale32)):
+        raise ValueError("qparams: the scale overflows float32")
+    if symmetric:
+        zp = np.full(scale32.shape, (qmin + qmax + 1) // 2, np.float64)
+    else:
+        zp = np.clip(np.rint(qmin - lo64 / scale32.astype(np.float64)), qmin, qmax)
+    return _scalar_or_array(scale32), _scalar_or_array(zp.astype(qt.storage))
+
+
+def _along(values: object, ndim: int, axis: int | None, length: int | None,
+           dtype: type) -> np.ndarray:
+    """``values`` shaped to broadcast against a rank-``ndim`` tensor: per tensor or on ``axis``."""
+    v = np.asarray(values, dtype)
+    if axis is None:
+        if v.size != 1:
+            raise ValueError(f"per-tensor quantization needs one value, got shape {v.shape}")
+        return v.reshape(())
+    if v.ndim != 1 or v.size != length:
+        raise ValueError(f"per-axis values need shape ({length},), got {v.shape}")
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def _axis(x: np.ndarray, axis: int | None) -> tuple[int | None, int | None]:
+    if axis is None:
+        return None, None
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} out of range for rank {x.ndim}")
+    axis %= x.ndim
+    return axis, x.shape[axis]
+
+
+def quantize(x: np.ndarray, scale: float | np.ndarray, zero_point: int | np.ndarray | None,
+             qtype: str | QType, axis: int | None = None) -> np.ndarray:
+    """ONNX QuantizeLinear: ``saturate(round_half_even(x / scale) + zero_point)``.
+
+    ``x`` and ``scale`` are taken as float32 (ONNX's float input); ``axis=None`` is per
+    tensor, otherwise ``scale`` / ``zero_point`` are 1-D along ``axis``. NaN (undefined in
+    ONNX) maps to the zero point.
+    """
+    qt = _resolve(qtype)
+    x32 = np.asarray(x, np.float32)
+    axis, length = _axis(x32, axis)
+    s = _along(scale, x32.ndim, axis, length, np.float32)
+    zp = _along(0 if zero_point is None else zero_point, x32.ndim, axis, length, np.int64)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        r = np.rint(x32 / s).astype(np.float64)
+    r = np.where(np.isnan(r), 0.0, r) + zp
+    return np.clip(r, qt.qmin, qt.qmax).astype(qt.storage)
+
+
+def dequantize(q: np.ndarray, scale: float | np.ndarray,
+               zero_point: int | np.ndarray | None = None, axis: int | None = None
+               ) -> np.ndarray:
+    """ONNX DequantizeLinear: ``float32(q - zero_point) * scale`` (float32 result)."""
+    q64 = np.asarray(q).astype(np.int64)
+    axis, length = _axis(q64, axis)
+    s = _along(scale, q64.ndim, axis, length, np.float32)
+    zp = _along(0 if zero_point is None else zero_point, q64.ndim, axis, length, np.int64)
+    return (q64 - zp).astype(np.float32) * s
+
+
+def fake_quantize(x: np.ndarray, scale: float | np.ndarray,
+                  zero_point: int | np.ndarray | None, qtype: str | QType,
+                  axis: int | None = None) -> np.ndarray:
+    """``dequantize(quantize(x))``: ``x`` on the quantization grid, clipped to its range."""
+    return dequantize(quantize(x, scale, zero_point, qtype, axis), scale, zero_point, axis)
+
+
+def bias_int32(bias: np.ndarray, input_scale: float | np.ndarray,
+               weight_scale: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(q_bias, scale)``: ``scale = input_scale * weight_scale`` (float32, per channel when
+    the weight scale is), ``q_bias = saturate_int32(round_half_even(bias / scale))``; the zero
+    point is 0."""
+    scale = np.asarray(input_scale, np.float32) * np.asarray(weight_scale, np.float32)
+    if not np.all(scale > 0) or not np.all(np.isfinite(scale)):
+        raise ValueError("bias_int32: input_scale * weight_scale must be positive and finite")
+    b = np.asarray(bias, np.float64)
+    q = np.rint(b / scale.astype(np.float64))
+    info = np.iinfo(np.int32)
+    return np.clip(q, info.min, info.max).astype(np.int32), scale.astype(np.float32)
+
+
+def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
+    """Signal to quantization noise ratio ``10 log10(sum(ref^2) / sum((ref - approx)^2))`` in dB;
+    inf when ``approx == ref``."""
+    r = np.asarray(ref, np.float64)
+    noise = float(np.sum((r - np.asarray(approx, np.float64)) ** 2))
+    signal = float(np.sum(r**2))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * float(np.log10(signal / noise))
+
+
+def cosine(ref: np.ndarray, approx: np.ndarray) -> float:
+    """Cosine similarity of the flattened tensors; 1.0 for two zero tensors, 0.0 for one."""
+    a = np.asarray(ref, np.float64).ravel()
+    b = np.asarray(approx, np.float64).ravel()
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def weight_range(w: np.ndarray, axis: int | None = None
+                 ) -> tuple[float | np.ndarray, float | np.ndarray]:
+    """``(min, max)`` of ``w`` (float64): scalars per tensor, or arrays of length
+    ``w.shape[axis]`` per channel (reducing every other axis)."""
+    a = np.asarray(w, np.float64)
+    if axis is None:
+        return float(a.min()), float(a.max())
+    axis, _ = _axis(a, axis)
+    others = tuple(i for i in range(a.ndim) if i != axis)
+    return a.min(axis=others), a.max(axis=others)

@@ -1,0 +1,220 @@
+"""calibrate: run the float graph in onnxruntime on data and set every activation's scale.
+
+1. The graph that ``insert-qdq`` made is viewed without its Q/DQ pairs (the float graph),
+   with every quantized activation made an output.
+2. The data streams through it batch by batch on the pipeline's execution providers; an
+   observer per tensor accumulates statistics (min/max, or a histogram) and the batch is
+   dropped, so memory stays flat in the number of batches.
+3. Each observer's clip range (``minmax``, ``percentile``, ``entropy`` or ``mse``) gives the
+   scale and zero point (:mod:`graphq.kernels.quant`); pass-through tensors take their
+   source's. A tensor that held non-finite values (an attention mask's -inf) or whose source
+   was kept float is kept float, its Q/DQ pair removed, the reason in the table.
+4. Biases of Conv, ConvTranspose and Gemm whose input and weight are quantized become int32
+   with ``scale = input scale x weight scale`` and zero point 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphq import graph as G
+from graphq import runtime
+from graphq.errors import DataError, PassError
+from graphq.kernels import observers as O
+from graphq.kernels import quant as Q
+from graphq.progress import Progress
+from graphq.quant import QuantTable, TensorQuant
+from graphq.registry import Pass, PassContext, PassResult, register
+
+log = logging.getLogger(__name__)
+
+BIASED = ("Conv", "ConvTranspose", "Gemm")
+
+
+@dataclass
+class CalibrateOptions:
+    method: Literal["minmax", "percentile", "entropy", "mse"] = field(
+        default="percentile", metadata={"help": "how the clip range is chosen"})
+    percentile: float = field(default=99.999, metadata={
+        "help": "for method = percentile: the share of values inside the range",
+        "min": 50.0, "max": 100.0})
+    bins: int | None = field(default=None, metadata={
+        "help": "histogram bins (percentile, entropy, mse); default: the method's own "
+                "(2048, entropy 4096)", "min": 128})
+
+
+@register
+class Calibrate(Pass):
+    name = "calibrate"
+    summary = "run the graph on data in onnxruntime; set activation scales and zero points"
+    Options = CalibrateOptions
+    preserves_semantics = False
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        table = QuantTable.of(model)
+        if table is None:
+            raise PassError("the graph has no quantization table: run insert-qdq before "
+                            "calibrate")
+        if ctx.data is None:
+            raise DataError("calibrate needs data: give --data PATH or [data] source "
+                            "(an .npz keyed by input name, or a folder of .npz/.npy files)")
+        graph = G.import_graph(model)
+        observed = [e for e in table.quantized("activation") if not _shared_source(e)]
+        observers, batches, seconds = self._observe(model, graph, observed, ctx)
+        notes = self._set_qparams(table, observers)
+        _apply(graph, table)
+        biases = _quantize_biases(graph, table)
+        graph.cleanup().toposort()
+        out = G.export(graph, like=model)
+        table.attach(out)
+        counts = {"batches": batches, "activations": len(table.quantized("activation")),
+                  "biases": biases, "kept_float": sum(
+                      not e.quantized for e in table.entries.values())}
+        log.info("calibrated %d tensors on %d batches in %.2f s (%s)", len(observed), batches,
+                 seconds, self.options.method)
+        return PassResult(out, True, counts, notes)
+
+    # ---- statistics -------------------------------------------------------------------------
+    def _observe(self, model: onnx.ModelProto, graph: gs.Graph, observed: list[TensorQuant],
+                 ctx: PassContext) -> tuple[dict[str, O.Observer], int, float]:
+        view = _float_view(model, [e.tensor for e in observed])
+        sess = runtime.session(view, ctx.providers)
+        names = [e.tensor for e in observed]
+        observers = {e.tensor: self._observer(e) for e in observed}
+        start = time.perf_counter()
+        batches = 0
+        progress = Progress("calibrate", unit="batch")
+        for feed in ctx.data.feeds(model):
+            values = sess.run(names, feed)
+            for name, value in zip(names, values, strict=True):
+                observers[name].observe(value)
+            batches += 1
+            progress.update(batches)
+        progress.close()
+        return observers, batches, time.perf_counter() - start
+
+    def _observer(self, entry: TensorQuant) -> O.Observer:
+        o = self.options
+        if o.method == "minmax":
+            return O.make_observer("minmax")
+        bins = {"bins": o.bins} if o.bins is not None else {}
+        if o.method == "percentile":
+            return O.make_observer("percentile", percentile=o.percentile,
+                                   symmetric=entry.symmetric, **bins)
+        return O.make_observer(o.method, qtype=entry.dtype, symmetric=entry.symmetric, **bins)
+
+    def _set_qparams(self, table: QuantTable, observers: dict[str, O.Observer]) -> list[str]:
+        notes = []
+        for entry in table.quantized("activation"):
+            source = _shared_source(entry)
+            if source is not None:
+                origin = table.get(source)
+                if origin is None or not origin.quantized:
+                    entry.quantized, entry.reason = False, f"its source '{source}' is float"
+                    continue
+                entry.scale, entry.zero_point = origin.scale, origin.zero_point
+                entry.range = origin.range
+                continue
+            obs = observers[entry.tensor]
+            if obs.nonfinite:
+                entry.quantized = False
+                entry.reason = (f"held {obs.nonfinite} non-finite values (inf/nan) in the "
+                                "calibration data: kept float")
+                notes.append(f"'{entry.tensor}' {entry.reason}")
+                continue
+            if obs.count == 0:
+                entry.quantized, entry.reason = False, "no values were observed: kept float"
+                notes.append(f"'{entry.tensor}' {entry.reason}")
+                continue
+            lo, hi = obs.range()
+            scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric)
+            entry.scale = [float(scale)]
+            entry.zero_point = [int(zero)]
+            entry.range = [float(lo), float(hi)]
+            entry.method = self.options.method
+        return notes
+
+
+def _shared_source(entry: TensorQuant) -> str | None:
+    return entry.method.removeprefix("shared:") if entry.method.startswith("shared:") else None
+
+
+def _float_view(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """The graph with every Q/DQ pair bypassed and ``outputs`` made graph outputs."""
+    graph = G.import_graph(model)
+    for node in [n for n in graph.nodes if n.op == "DequantizeLinear"]:
+        q = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        if q is None or q.op != "QuantizeLinear":
+            continue
+        G.replace_uses(graph, node.outputs[0], q.inputs[0])
+    tensors = graph.tensors()
+    present = {t.name for t in graph.outputs}
+    graph.outputs.extend(tensors[name] for name in outputs if name not in present)
+    graph.cleanup()
+    return G.export(graph, like=model)
+
+
+def _pairs(graph: gs.Graph) -> dict[str, tuple[gs.Node, gs.Node]]:
+    """Float tensor name -> its (QuantizeLinear, DequantizeLinear) pair."""
+    pairs = {}
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+        readers = q.outputs[0].outputs
+        if len(readers) == 1 and readers[0].op == "DequantizeLinear":
+            pairs[q.inputs[0].name] = (q, readers[0])
+    return pairs
+
+
+def _apply(graph: gs.Graph, table: QuantTable) -> None:
+    """Write the table's activation qparams into the graph; remove pairs kept float."""
+    pairs = _pairs(graph)
+    for entry in table.entries.values():
+        if entry.role != "activation" or entry.tensor not in pairs:
+            continue
+        q, dq = pairs[entry.tensor]
+        if not entry.quantized:
+            G.replace_uses(graph, dq.outputs[0], q.inputs[0])
+            continue
+        qt = Q.qtype(entry.dtype)
+        q.inputs[1].values = np.asarray(entry.scale[0], np.float32)
+        q.inputs[2].values = np.asarray(entry.zero_point[0]).astype(qt.storage)
+
+
+def _dq_scale(tensor: gs.Tensor) -> np.ndarray | None:
+    """The scale of the DequantizeLinear that produces ``tensor``, if one does."""
+    if not tensor.inputs or tensor.inputs[0].op != "DequantizeLinear":
+        return None
+    return G.constant_values(tensor.inputs[0].inputs[1])
+
+
+def _quantize_biases(graph: gs.Graph, table: QuantTable) -> int:
+    count = 0
+    names = G.used_names(graph)
+    for node in [n for n in graph.nodes if n.op in BIASED]:
+        if len(node.inputs) < 3 or not node.inputs[2].name:
+            continue
+        bias = G.constant_values(node.inputs[2])
+        s_in, s_w = _dq_scale(node.inputs[0]), _dq_scale(node.inputs[1])
+        if bias is None or s_in is None or s_w is None or bias.ndim != 1:
+            continue
+        if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
+            continue
+        ints, scale = Q.bias_int32(bias, s_in, s_w)
+        scale = np.broadcast_to(np.asarray(scale, np.float32), bias.shape).copy()
+        name = node.inputs[2].name
+        table.add(TensorQuant(name, "bias", True, f"bias of {node.op} '{node.name}': "
+                              "scale = input scale x weight scale", dtype="int32",
+                              symmetric=True, axis=0, method="derived",
+                              scale=scale.astype(float).tolist(),
+                              zero_point=[0] * len(scale), consumers=[node.name]))
+        node.inputs[2] = G.dequantized_constant(
+            graph, name, np.asarray(ints, np.int32), scale, np.zeros(scale.shape, np.int32),
+            0, bias.dtype, names)
+        count += 1
+    return count

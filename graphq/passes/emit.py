@@ -1,0 +1,283 @@
+"""emit: the deploy graph, the fake-quant graph, the quant record and the report.
+
+- ``<stem>.fakequant.onnx``: the calibrated graph as it is: float weights behind Q/DQ pairs.
+  It simulates the quantized model in any onnxruntime, and is what the QAT bridge reads.
+- ``<stem>.deploy.onnx``: the same graph with every ``constant -> QuantizeLinear`` replaced by
+  the integer initializer it computes (int8 weights, int32 biases) feeding its
+  DequantizeLinear: about 4x smaller for int8, and the form onnxruntime, TensorRT and vendor
+  converters fuse into integer kernels. Its outputs equal the fake-quant graph's, since
+  ``Q(w)`` is computed here exactly as QuantizeLinear computes it.
+- ``quant_record.json``: the quantization table: every tensor, its dtype, scale, zero point,
+  axis, method, and why it was or was not quantized.
+- ``report.md`` (and a ``quantization`` section in ``report.json``): sizes, per-output cosine
+  similarity and SQNR against the float input model on held-out data, the tensors with the
+  worst SQNR, top-1/top-5 before and after when the data carries labels, and latency.
+
+The files are handed to the pass manager, which writes them once every pass has succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphq import graph as G
+from graphq import model as model_io
+from graphq import runtime
+from graphq.data import DataSource
+from graphq.errors import DataError, PassError
+from graphq.kernels import quant as Q
+from graphq.quant import QuantTable
+from graphq.registry import Pass, PassContext, PassResult, register
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmitOptions:
+    eval_data: str | None = field(default=None, metadata={
+        "help": "held-out data for the report (.npz; a 'label' array gives top-1/top-5); "
+                "default: the pipeline's data"})
+    label_key: str = field(default="label", metadata={
+        "help": "the array of the eval data that holds class labels"})
+    eval_limit: int = field(default=512, metadata={
+        "help": "samples of eval data used for the report", "min": 1})
+    worst: int = field(default=20, metadata={"help": "tensors listed by worst SQNR", "min": 0})
+    latency_runs: int = field(default=20, metadata={
+        "help": "interleaved runs timing float vs deploy (0: no timing)", "min": 0})
+
+
+@register
+class Emit(Pass):
+    name = "emit"
+    summary = "write deploy + fake-quant graphs, quant_record.json and the report"
+    Options = EmitOptions
+    preserves_semantics = False
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        table = QuantTable.of(model)
+        if table is None:
+            raise PassError("the graph has no quantization table: run insert-qdq and "
+                            "calibrate before emit")
+        uncalibrated = [e.tensor for e in table.quantized() if not e.calibrated]
+        if uncalibrated:
+            raise PassError(f"{len(uncalibrated)} quantized tensors have no scale yet "
+                            f"(e.g. '{uncalibrated[0]}'): run calibrate before emit")
+        deploy, folded = deploy_graph(model)
+        QuantTable.detach(deploy)
+        stem = ctx.stem
+        ctx.artifacts[f"{stem}.fakequant.onnx"] = model
+        ctx.artifacts[f"{stem}.deploy.onnx"] = deploy
+        ctx.artifacts["quant_record.json"] = table.to_json()
+        report = self._report(model, deploy, table, ctx)
+        ctx.report["quantization"] = report
+        ctx.artifacts["report.md"] = render_markdown(report)
+        for line in summary_lines(report):
+            log.info("%s", line)
+        return PassResult(model, False, {"constants_folded_to_integers": folded})
+
+    def _report(self, model: onnx.ModelProto, deploy: onnx.ModelProto, table: QuantTable,
+                ctx: PassContext) -> dict[str, Any]:
+        float_model = ctx.float_model()
+        report: dict[str, Any] = {
+            "size_bytes": {"float": model_io.byte_size(float_model),
+                           "deploy": model_io.byte_size(deploy)},
+            "tensors": {"quantized": len(table.quantized()),
+                        "kept_float": sum(not e.quantized for e in table.entries.values())},
+        }
+        feeds, labels, where = self._eval_feeds(float_model, ctx)
+        if not feeds:
+            report["fidelity"] = None
+            return report
+        report["eval_data"] = where
+        float_sess = runtime.session(float_model, ctx.providers)
+        deploy_sess = runtime.session(deploy, ctx.providers)
+        ref = [runtime.run(float_sess, f) for f in feeds]
+        got = [runtime.run(deploy_sess, f) for f in feeds]
+        report["outputs"] = _output_fidelity(ref, got)
+        if labels is not None:
+            report["accuracy"] = _accuracy(ref, got, labels)
+        report["worst_tensors"] = _worst_tensors(model, table, feeds[:1], ctx,
+                                                 self.options.worst)
+        if self.options.latency_runs:
+            report["latency_ms"] = _latency(float_sess, deploy_sess, feeds[0],
+                                            self.options.latency_runs)
+        return report
+
+    def _eval_feeds(self, model: onnx.ModelProto, ctx: PassContext
+                    ) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None, str]:
+        o = self.options
+        if o.eval_data is not None:
+            path = ctx.path(o.eval_data)
+            if not path.is_file():
+                raise DataError(f"emit eval_data not found: {path}")
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            labels = arrays.pop(o.label_key, None)
+            n = len(next(iter(arrays.values())))
+            limit = min(n, o.eval_limit)
+            if labels is not None:
+                labels = labels[:limit]
+            source = DataSource([{k: v[:limit] for k, v in arrays.items()}],
+                                batch_size=limit)
+            return list(source.feeds(model)), labels, str(path)
+        if ctx.data is None:
+            return [], None, ""
+        feeds, total = [], 0
+        for feed in ctx.data.feeds(model):
+            feeds.append(feed)
+            total += len(next(iter(feed.values())))
+            if total >= o.eval_limit:
+                break
+        return feeds, None, "the calibration data (give emit eval_data for held-out data)"
+
+
+def deploy_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace each ``constant -> QuantizeLinear`` by the integers it computes."""
+    graph = G.import_graph(model)
+    folded = 0
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+        values = G.constant_values(q.inputs[0])
+        if values is None:
+            continue
+        scale = G.constant_values(q.inputs[1])
+        zero = G.constant_values(q.inputs[2])
+        axis = q.attrs.get("axis", 1) if np.ndim(scale) == 1 else None
+        ints = Q.quantize(values, scale, zero, _qtype_of(zero.dtype), axis=axis)
+        const = gs.Constant(q.outputs[0].name, ints)
+        G.replace_uses(graph, q.outputs[0], const)
+        q.outputs.clear()
+        folded += 1
+    graph.cleanup().toposort()
+    return G.export(graph, like=model), folded
+
+
+def _qtype_of(dtype: np.dtype) -> str:
+    """The quantization type a zero point's storage dtype stands for (no 4-bit types yet)."""
+    return {"int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16",
+            "int32": "int32"}[np.dtype(dtype).name]
+
+
+def _output_fidelity(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]]
+                     ) -> dict[str, dict[str, float]]:
+    result = {}
+    for name in ref[0]:
+        a = np.concatenate([r[name].reshape(-1) for r in ref]).astype(np.float64)
+        b = np.concatenate([g[name].reshape(-1) for g in got]).astype(np.float64)
+        finite = np.isfinite(a) & np.isfinite(b)
+        result[name] = {"cosine": float(Q.cosine(a[finite], b[finite])),
+                        "sqnr_db": float(Q.sqnr_db(a[finite], b[finite]))}
+    return result
+
+
+def _accuracy(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]],
+              labels: np.ndarray) -> dict[str, float]:
+    name = next(iter(ref[0]))
+    before = np.concatenate([r[name] for r in ref])
+    after = np.concatenate([g[name] for g in got])
+    if before.ndim != 2 or len(before) != len(labels):
+        return {}
+    out = {}
+    for k in (1, 5):
+        if before.shape[1] < k:
+            continue
+        out[f"top{k}_float"] = _topk(before, labels, k)
+        out[f"top{k}_quantized"] = _topk(after, labels, k)
+    return out
+
+
+def _topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return float(np.mean(np.any(top == labels[:, None], axis=1)))
+
+
+def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
+                   feeds: list[dict[str, np.ndarray]], ctx: PassContext, n: int
+                   ) -> list[dict[str, Any]]:
+    """SQNR of each quantized activation: its float value vs its dequantized value."""
+    if n == 0:
+        return []
+    graph = G.import_graph(model)
+    pairs = {q.inputs[0].name: dq.outputs[0].name
+             for q in graph.nodes if q.op == "QuantizeLinear"
+             for dq in q.outputs[0].outputs if dq.op == "DequantizeLinear"}
+    names = [e.tensor for e in table.quantized("activation") if e.tensor in pairs]
+    if not names:
+        return []
+    with_outputs = _with_outputs(model, names + [pairs[t] for t in names])
+    values = runtime.run(runtime.session(with_outputs, ctx.providers), feeds[0])
+    rows = []
+    for t in names:
+        a, b = values[t].astype(np.float64), values[pairs[t]].astype(np.float64)
+        rows.append({"tensor": t, "sqnr_db": float(Q.sqnr_db(a, b)),
+                     "range": table.get(t).range})
+    rows.sort(key=lambda r: r["sqnr_db"])
+    return rows[:n]
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    graph = G.import_graph(model)
+    tensors = graph.tensors()
+    present = {t.name for t in graph.outputs}
+    graph.outputs.extend(tensors[n] for n in names if n not in present)
+    return G.export(graph, like=model)
+
+
+def _latency(float_sess: Any, deploy_sess: Any, feed: dict[str, np.ndarray],
+             runs: int) -> dict[str, float]:
+    """Median milliseconds per run, float and deploy interleaved so that load is shared."""
+    times: dict[str, list[float]] = {"float": [], "deploy": []}
+    for sess in (float_sess, deploy_sess):
+        sess.run(None, feed)  # warm up
+    for _ in range(runs):
+        for key, sess in (("float", float_sess), ("deploy", deploy_sess)):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times[key].append((time.perf_counter() - start) * 1e3)
+    out = {k: float(np.median(v)) for k, v in times.items()}
+    out["speedup"] = out["float"] / out["deploy"] if out["deploy"] > 0 else float("nan")
+    return out
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    size = report["size_bytes"]
+    lines = [f"size: float {size['float'] / 2**20:.2f} MiB -> deploy "
+             f"{size['deploy'] / 2**20:.2f} MiB ({size['float'] / max(size['deploy'], 1):.1f}x "
+             "smaller)"]
+    for name, f in (report.get("outputs") or {}).items():
+        lines.append(f"output '{name}': cosine {f['cosine']:.5f}, SQNR {f['sqnr_db']:.1f} dB")
+    acc = report.get("accuracy") or {}
+    for k in (1, 5):
+        if f"top{k}_float" in acc:
+            lines.append(f"top-{k}: float {acc[f'top{k}_float']:.4f} -> quantized "
+                         f"{acc[f'top{k}_quantized']:.4f}")
+    lat = report.get("latency_ms")
+    if lat:
+        lines.append(f"latency: float {lat['float']:.3f} ms, deploy {lat['deploy']:.3f} ms "
+                     f"({lat['speedup']:.2f}x)")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = ["# graphq quantization report", ""]
+    lines += [f"- {line}" for line in summary_lines(report)]
+    if report.get("eval_data"):
+        lines += ["", f"Measured on {report['eval_data']}."]
+    worst = report.get("worst_tensors") or []
+    if worst:
+        lines += ["", "## Tensors with the worst SQNR", "", "| tensor | SQNR (dB) | range |",
+                  "|---|---:|---|"]
+        for row in worst:
+            rng = row["range"]
+            shown = f"[{rng[0]:.4g}, {rng[1]:.4g}]" if rng else "-"
+            lines.append(f"| `{row['tensor']}` | {row['sqnr_db']:.1f} | {shown} |")
+    t = report["tensors"]
+    lines += ["", f"{t['quantized']} tensors quantized, {t['kept_float']} kept float; "
+              "every decision and its reason is in quant_record.json.", ""]
+    return "\n".join(lines)

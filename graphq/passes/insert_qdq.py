@@ -1,0 +1,353 @@
+"""insert-qdq: decide what is quantized and how, and insert QuantizeLinear/DequantizeLinear.
+
+Placement follows what onnxruntime's CPU execution provider fuses into integer kernels
+(``DQ -> Conv -> Q`` becomes QLinearConv, ``DQ -> MatMul -> Q`` QLinearMatMul, and so on):
+
+- **compute ops** (Conv, ConvTranspose, Gemm, MatMul): activation inputs are quantized; a
+  constant weight is quantized per channel on its output axis; the output is quantized,
+  after a Relu/Clip that alone reads it (a ``Q`` whose zero point is the type's minimum does
+  the Relu, so onnxruntime drops it);
+- **joining ops** (Add, Mul, Concat, AveragePool, GlobalAveragePool, Resize, ...): quantized
+  when every non-constant input already is, with an output scale of their own;
+- **pass-through ops** (Reshape, Transpose, Flatten, MaxPool, Squeeze, ...): quantized when
+  their input is; the output shares the input's scale and zero point.
+
+Kept float, with the reason in the table: tensors that are not float (indices, shapes,
+masks of integers), graph inputs feeding nothing quantized, the inputs of an op whose other
+inputs are float (an attention mask added to scores stays out), nodes excluded by name or op
+type, tensors forced by ``overrides``. Graph outputs keep their names and float values.
+
+The Q/DQ pairs of activations carry a placeholder scale until ``calibrate`` sets it; those of
+weights are final (computed from the weights). Biases are quantized to int32 by ``calibrate``
+once the input scale is known (``scale = input scale x weight scale``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphq import graph as G
+from graphq import model as model_io
+from graphq import runtime
+from graphq.errors import PassError
+from graphq.kernels import quant as Q
+from graphq.quant import QuantTable, TensorQuant
+from graphq.registry import Pass, PassContext, PassResult, register
+
+log = logging.getLogger(__name__)
+
+COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+JOINING = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Resize")
+PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "MaxPool", "Squeeze", "Unsqueeze",
+                "Slice", "Split", "Identity", "DepthToSpace", "SpaceToDepth")
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+DEFAULT_OPS = [*COMPUTE, *JOINING, *PASS_THROUGH]
+
+DTypeName = Literal["int8", "uint8", "int16", "uint16", "int4", "uint4"]
+ONNX_TYPES = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8,
+              "int16": onnx.TensorProto.INT16, "uint16": onnx.TensorProto.UINT16,
+              "int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4,
+              "int32": onnx.TensorProto.INT32}
+#: the first opset whose QuantizeLinear takes each type.
+MIN_OPSET = {"int8": 13, "uint8": 13, "int16": 21, "uint16": 21, "int4": 21, "uint4": 21,
+             "int32": 13}
+FLOATS = (np.float32, np.float16)
+
+
+@dataclass
+class WeightSpec:
+    dtype: DTypeName = field(default="int8", metadata={"help": "weight integer type"})
+    per_channel: bool = field(default=True, metadata={
+        "help": "one scale per output channel (else one per tensor)"})
+    symmetric: bool = field(default=True, metadata={"help": "zero point at the middle"})
+    reduce_range: bool | None = field(default=None, metadata={
+        "help": "7-bit weights, so x86 CPUs without VNNI do not saturate uint8 x int8 sums; "
+                "default: on when this machine's CPU lacks VNNI and activations are uint8"})
+
+
+@dataclass
+class ActivationSpec:
+    dtype: DTypeName = field(default="uint8", metadata={"help": "activation integer type"})
+    symmetric: bool = field(default=False, metadata={"help": "zero point at the middle"})
+
+
+@dataclass
+class Override:
+    quantize: bool = field(default=True, metadata={"help": "false keeps the tensor float"})
+    dtype: DTypeName | None = field(default=None, metadata={"help": "another integer type"})
+    symmetric: bool | None = field(default=None, metadata={"help": "another symmetry"})
+
+
+@dataclass
+class InsertQDQOptions:
+    weights: WeightSpec = field(default_factory=WeightSpec, metadata={
+        "help": "how weights are quantized"})
+    activations: ActivationSpec = field(default_factory=ActivationSpec, metadata={
+        "help": "how activations are quantized (uint8 is what CPU integer kernels fuse)"})
+    ops: list[str] = field(default_factory=lambda: list(DEFAULT_OPS), metadata={
+        "help": "op types that are quantized"})
+    include: list[str] = field(default_factory=list, metadata={
+        "help": "node-name regexes: when given, only matching nodes are quantized"})
+    exclude: list[str] = field(default_factory=list, metadata={
+        "help": "node-name regexes of nodes kept float"})
+    exclude_ops: list[str] = field(default_factory=list, metadata={
+        "help": "op types kept float"})
+    overrides: dict[str, Override] = field(default_factory=dict, metadata={
+        "help": "per tensor name: { quantize = false } or another dtype/symmetry"})
+
+    def validate(self) -> None:
+        known = set(COMPUTE) | set(JOINING) | set(PASS_THROUGH)
+        for op in self.ops:
+            if op not in known:
+                raise ValueError(f"option 'ops' has '{op}'; quantizable ops: "
+                                 f"{', '.join(sorted(known))}")
+        for pattern in self.include + self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"'{pattern}' is not a valid regex: {exc}") from exc
+
+
+@register
+class InsertQDQ(Pass):
+    name = "insert-qdq"
+    summary = "choose what is quantized and insert QuantizeLinear/DequantizeLinear pairs"
+    Options = InsertQDQOptions
+    preserves_semantics = False
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        self._check_opset(model)
+        graph = G.import_graph(model)
+        planner = _Planner(graph, self.options)
+        table = planner.plan()
+        if not table.quantized():
+            raise PassError("nothing in this model can be quantized: no "
+                            f"{'/'.join(COMPUTE)} with float inputs was selected; "
+                            "check the ops, include and exclude options")
+        names = G.used_names(graph)
+        for entry in table.quantized():
+            _insert_pair(graph, planner.tensors[entry.tensor], entry, names)
+        graph.cleanup().toposort()
+        out = G.export(graph, like=model)
+        table.attach(out)
+        counts = {
+            "activations": len(table.quantized("activation")),
+            "weights": len(table.quantized("weight")),
+            "float": sum(not e.quantized for e in table.entries.values()),
+        }
+        return PassResult(out, True, counts, planner.notes)
+
+    def _check_opset(self, model: onnx.ModelProto) -> None:
+        opset = model_io.default_opset(model)
+        kinds = [self.options.weights.dtype, self.options.activations.dtype]
+        kinds += [o.dtype for o in self.options.overrides.values() if o.dtype]
+        for kind in kinds:
+            if opset < MIN_OPSET[kind]:
+                raise PassError(f"{kind} needs QuantizeLinear of opset {MIN_OPSET[kind]}, and "
+                                f"the model is at opset {opset}; run canonicalize first with "
+                                f"min_opset = {MIN_OPSET[kind]}")
+
+
+class _Planner:
+    """Walks the graph in order and fills the table."""
+
+    def __init__(self, graph: gs.Graph, options: InsertQDQOptions) -> None:
+        self.graph = graph
+        self.o = options
+        self.table = QuantTable()
+        self.tensors: dict[str, gs.Tensor] = {}
+        self.notes: list[str] = []
+        self.outputs = {t.name for t in graph.outputs}
+        reduce = options.weights.reduce_range
+        if reduce is None:
+            reduce = (options.activations.dtype == "uint8" and options.weights.dtype == "int8"
+                      and runtime.cpu_saturates_u8s8())
+        self.reduce_range = reduce
+        if reduce and options.weights.reduce_range is None:
+            self.notes.append("weights use 7 bits (reduce_range): this CPU has no VNNI, and "
+                              "its uint8 x int8 kernels saturate with 8-bit weights; set "
+                              "weights.reduce_range = false for a VNNI or ARM target")
+
+    def plan(self) -> QuantTable:
+        self.graph.toposort()
+        for node in self.graph.nodes:
+            kind = self._selected(node)
+            if kind == "compute":
+                self._compute(node)
+            elif kind == "joining":
+                self._joining(node)
+            elif kind == "pass-through":
+                self._pass_through(node)
+        return self.table
+
+    def _selected(self, node: gs.Node) -> str | None:
+        if node.op not in self.o.ops or node.op in self.o.exclude_ops:
+            return None
+        if self.o.include and not any(re.search(p, node.name) for p in self.o.include):
+            return None
+        if any(re.search(p, node.name) for p in self.o.exclude):
+            self.notes.append(f"{node.op} '{node.name}' kept float: excluded by name")
+            return None
+        if node.op in COMPUTE:
+            return "compute"
+        return "joining" if node.op in JOINING else "pass-through"
+
+    # ---- decisions -----------------------------------------------------------------------
+    def _compute(self, node: gs.Node) -> None:
+        weight_index = _weight_index(node)
+        if weight_index is None and node.op != "MatMul":
+            self.notes.append(f"{node.op} '{node.name}' kept float: its weight is not a "
+                              "constant")
+            return
+        activations = [i for i, t in enumerate(node.inputs[:2]) if i != weight_index]
+        if not all(self._is_float(node.inputs[i]) for i in activations):
+            self.notes.append(f"{node.op} '{node.name}' kept float: an input is not float")
+            return
+        for i in activations:
+            self._activation(node.inputs[i], f"input of {node.op} '{node.name}'")
+        if weight_index is not None:
+            self._weight(node, weight_index)
+        self._output(node)
+
+    def _joining(self, node: gs.Node) -> None:
+        inputs = [t for t in node.inputs if t.name and G.constant_values(t) is None]
+        if not inputs or not all(self._quantized(t) for t in inputs):
+            return
+        if not all(self._is_float(t) for t in node.outputs[:1]):
+            return
+        for t in node.inputs:
+            if t.name and G.constant_values(t) is not None and self._is_float(t):
+                self._activation(t, f"constant input of {node.op} '{node.name}'")
+        self._output(node)
+
+    def _pass_through(self, node: gs.Node) -> None:
+        source = node.inputs[0] if node.inputs else None
+        if source is None or not self._quantized(source):
+            return
+        for out in node.outputs:
+            if out.name and self._is_float(out) and out.name not in self.outputs:
+                entry = self._activation(out, f"output of {node.op} '{node.name}', sharing "
+                                         f"the scale of '{source.name}'")
+                if entry is not None and entry.quantized:
+                    entry.method = f"shared:{source.name}"
+
+    def _output(self, node: gs.Node) -> None:
+        out = node.outputs[0]
+        readers = out.outputs
+        if (len(readers) == 1 and readers[0].op in FUSED_ACTIVATIONS and out.name not in
+                self.outputs and not any(re.search(p, readers[0].name) for p in self.o.exclude)):
+            out = readers[0].outputs[0]
+            reason = f"output of {node.op} '{node.name}' -> {readers[0].op}"
+        else:
+            reason = f"output of {node.op} '{node.name}'"
+        if out.name in self.outputs:
+            self.table.add(TensorQuant(out.name, "activation", False,
+                                       "a graph output: keeps its float value"))
+            return
+        if self._is_float(out):
+            self._activation(out, reason)
+
+    def _activation(self, tensor: gs.Tensor, reason: str) -> TensorQuant | None:
+        if tensor.name in self.table.entries:
+            return self.table.entries[tensor.name]
+        self.tensors[tensor.name] = tensor
+        override = self.o.overrides.get(tensor.name)
+        if override is not None and not override.quantize:
+            return self.table.add(TensorQuant(tensor.name, "activation", False,
+                                              "kept float by an override"))
+        spec = self.o.activations
+        dtype = override.dtype if override and override.dtype else spec.dtype
+        symmetric = override.symmetric if override and override.symmetric is not None \
+            else spec.symmetric
+        return self.table.add(TensorQuant(
+            tensor.name, "activation", True, reason, dtype=dtype, symmetric=symmetric,
+            consumers=[n.name for n in tensor.outputs]))
+
+    def _weight(self, node: gs.Node, index: int) -> None:
+        tensor = node.inputs[index]
+        if tensor.name in self.table.entries:
+            return
+        values = G.constant_values(tensor)
+        override = self.o.overrides.get(tensor.name)
+        if override is not None and not override.quantize:
+            self.table.add(TensorQuant(tensor.name, "weight", False, "kept float by an override"))
+            return
+        spec = self.o.weights
+        dtype = override.dtype if override and override.dtype else spec.dtype
+        symmetric = override.symmetric if override and override.symmetric is not None \
+            else spec.symmetric
+        axis = _channel_axis(node, values.ndim) if spec.per_channel else None
+        lo, hi = Q.weight_range(values, axis)
+        scale, zero = Q.qparams(lo, hi, Q.qtype(dtype), symmetric,
+                                reduce_range=self.reduce_range and dtype == "int8")
+        self.tensors[tensor.name] = tensor
+        self.table.add(TensorQuant(
+            tensor.name, "weight", True, f"weight of {node.op} '{node.name}'", dtype=dtype,
+            symmetric=symmetric, axis=axis, method="weight",
+            scale=np.atleast_1d(scale).astype(float).tolist(),
+            zero_point=np.atleast_1d(zero).astype(int).tolist(),
+            range=[float(np.min(lo)), float(np.max(hi))], consumers=[node.name]))
+
+    # ---- facts ---------------------------------------------------------------------------
+    def _quantized(self, tensor: gs.Tensor) -> bool:
+        entry = self.table.get(tensor.name)
+        return entry is not None and entry.quantized
+
+    @staticmethod
+    def _is_float(tensor: gs.Tensor) -> bool:
+        dtype = tensor.dtype
+        if dtype is None:
+            values = G.constant_values(tensor)
+            dtype = None if values is None else values.dtype
+        return dtype is not None and np.dtype(dtype) in [np.dtype(f) for f in FLOATS]
+
+
+def _weight_index(node: gs.Node) -> int | None:
+    """Which input of a compute op is its constant weight (None when there is none)."""
+    if node.op in ("Conv", "ConvTranspose", "Gemm"):
+        return 1 if len(node.inputs) > 1 and G.constant_values(node.inputs[1]) is not None \
+            else None
+    for i in (1, 0):
+        if len(node.inputs) > i and G.constant_values(node.inputs[i]) is not None:
+            return i
+    return None
+
+
+def _channel_axis(node: gs.Node, rank: int) -> int | None:
+    """The output-channel axis of a weight, for per-channel scales."""
+    if rank < 2:
+        return None
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    return rank - 1 if node.inputs[1] is not None and G.constant_values(node.inputs[1]) \
+        is not None else None
+
+
+def _insert_pair(graph: gs.Graph, tensor: gs.Tensor, entry: TensorQuant,
+                 names: set[str]) -> None:
+    """``tensor -> Q -> DQ -> (every reader of tensor)``; graph outputs keep ``tensor``."""
+    qt = Q.qtype(entry.dtype)
+    if entry.scale is not None:
+        scale = np.asarray(entry.scale, np.float32)
+        zero = np.asarray(entry.zero_point).astype(qt.storage)
+        if entry.axis is None:
+            scale, zero = scale.reshape(()), zero.reshape(())
+    else:  # placeholder until calibrate sets it
+        scale, zero = np.array(1.0, np.float32), np.zeros((), qt.storage)
+    readers = list(tensor.outputs)
+    restored = G.qdq_pair(graph, tensor, scale, zero, entry.axis, names)
+    for reader in readers:
+        for i, t in enumerate(reader.inputs):
+            if t is tensor:
+                reader.inputs[i] = restored

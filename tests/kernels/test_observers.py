@@ -1,0 +1,390 @@
+"""Observers: streaming equals one shot, clip ranges on known distributions, non-finite values,
+memory, merge."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from graphq.kernels import observers as O
+from graphq.kernels import quant as Q
+
+N = 1_000_000
+
+
+def batches(x: np.ndarray, n: int = 10) -> list[np.ndarray]:
+    return [b.reshape(-1, 10) if b.size % 10 == 0 else b for b in np.array_split(x, n)]
+
+
+def observed(obs: O.Observer, x: np.ndarray, n: int = 10) -> O.Observer:
+    for b in batches(x, n):
+        obs.observe(b)
+    return obs
+
+
+def fq_mse(x: np.ndarray, clip: tuple[float, float], name: str, symmetric: bool) -> float:
+    scale, zp = Q.qparams(*clip, name, symmetric)
+    return float(np.mean((Q.fake_quantize(x, scale, zp, name).astype(np.float64) - x) ** 2))
+
+
+@pytest.fixture(scope="module")
+def normal() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=N).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def outliers(normal: np.ndarray) -> np.ndarray:
+    """Normal values with two huge outliers (as in LLM / attention activations)."""
+    x = normal.copy()
+    x[[123_456, 654_321]] = [50.0, -50.0]
+    return x
+
+
+# -- MinMax -----------------------------------------------------------------------------------
+
+
+def test_minmax_streaming_equals_one_shot_and_merge(normal: np.ndarray):
+    obs = observed(O.MinMaxObserver(), normal)
+    assert obs.range() == (float(normal.min()), float(normal.max()))
+    assert obs.count == N
+    half = N // 2
+    a = observed(O.MinMaxObserver(), normal[:half], 5)
+    b = observed(O.MinMaxObserver(), normal[half:], 5)
+    assert a.merge(b).range() == obs.range() and a.count == N
+
+
+def test_empty_observers_give_zero_range():
+    for method in O.OBSERVERS:
+        obs = O.make_observer(method)
+        assert obs.range() == (0.0, 0.0)
+        obs.observe(np.zeros((4, 4), np.float32))
+        assert obs.range() == (0.0, 0.0)
+        Q.qparams(*obs.range(), "uint8", symmetric=False)
+
+
+# -- Histogram: growth, streaming, memory -----------------------------------------------------
+
+
+def test_histogram_growth_is_exact_rebinning():
+    """Batches that keep widening the range: the streamed counts equal a one-pass count of all
+    the data on the final grid (growth merges whole cells)."""
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(0, 1 + 3 * k, 50_000).astype(np.float32) for k in range(10)]
+    parts.insert(3, np.array([0.0, 0.0, 1e-3, -250.0], np.float32))
+    obs = O.HistogramObserver(2048)
+    for part in parts:
+        obs.observe(part)
+    data = np.concatenate(parts)
+    assert obs.count == data.size and obs.counts.sum() == data.size
+    assert obs.zeros == 2
+    cells = np.floor(data.astype(np.float64) / obs.width).astype(np.int64) - obs.offset
+    expected = np.bincount(cells, minlength=obs.bins)
+    assert np.abs(obs.counts - expected).sum() <= 4       # float rounding on an edge at most
+    assert obs.edges[0] <= data.min() and data.max() < obs.edges[-1]
+    assert 0.0 in obs.edges
+
+
+@pytest.mark.parametrize("p,symmetric", [(99.99, False), (99.9, True), (90.0, False)])
+def test_histogram_streaming_matches_one_shot(normal: np.ndarray, p: float, symmetric: bool):
+    rng = np.random.default_rng(2)
+    x = normal * np.repeat(rng.uniform(0.5, 2.0, 10), N // 10).astype(np.float32)
+    stream = observed(O.PercentileObserver(p, symmetric), x)
+    once = O.PercentileObserver(p, symmetric)
+    once.observe(x)
+    assert stream.width >= once.width          # streaming may only lose resolution
+    assert stream.counts.sum() == once.counts.sum() == N
+    for a, b in zip(stream.range(), once.range(), strict=True):
+        assert abs(a - b) <= stream.width
+    exact = np.percentile(np.abs(x) if symmetric else x, [100 - p, p])
+    assert abs(once.range()[1] - exact[1]) <= once.width
+
+
+def test_memory_is_flat_in_the_number_of_batches():
+    rng = np.random.default_rng(3)
+    obs = O.HistogramObserver()
+    sizes = []
+    for k in range(200):
+        obs.observe(rng.normal(0, 1 + k / 50, 1000).astype(np.float32))
+        if k in (19, 199):
+            sizes.append(len(json.loads(json.dumps(obs.state()))["counts"]))
+            sizes.append(sum(v.nbytes for v in vars(obs).values() if isinstance(v, np.ndarray)))
+    assert obs.count == 200_000
+    assert sizes[:2] == sizes[2:] == [2048, 2048 * 8]
+    assert set(vars(obs)) == {"count", "nonfinite", "min", "max", "bins", "zeros", "width",
+                              "offset", "_counts"}
+
+
+def test_state_is_json(outliers: np.ndarray):
+    for method in O.OBSERVERS:
+        obs = observed(O.make_observer(method), outliers[:10_000], 2)
+        state = json.loads(json.dumps(obs.state()))
+        assert state["kind"] == method and state["count"] == 10_000
+        assert state["range"] == list(obs.range())
+
+
+# -- non-finite values ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(O.OBSERVERS))
+def test_non_finite_values_are_ignored_and_counted(method: str, normal: np.ndarray):
+    obs = O.make_observer(method)
+    clean = O.make_observer(method)
+    for b in batches(normal[:100_000]):
+        dirty = b.copy().ravel()
+        dirty[:3] = [np.nan, np.inf, -np.inf]
+        obs.observe(dirty)
+        clean.observe(b.ravel()[3:])
+    obs.observe(np.full(8, np.nan, np.float32))       # a batch with nothing finite
+    assert obs.nonfinite == 38 and obs.count == clean.count
+    assert obs.range() == clean.range()
+    assert all(np.isfinite(obs.range()))
+
+
+@pytest.mark.parametrize("method", list(O.OBSERVERS))
+def test_attention_mask_values(method: str):
+    """Masks hold -inf or float32's lowest value next to ordinary scores."""
+    rng = np.random.default_rng(4)
+    scores = rng.normal(0, 3, (8, 64, 64)).astype(np.float32)
+    mask = np.triu(np.ones((64, 64), bool), 1)
+    obs = O.make_observer(method)
+    obs.observe(np.where(mask, -np.inf, scores))
+    assert obs.nonfinite == 8 * mask.sum()
+    lo, hi = obs.range()
+    assert np.isfinite(lo) and np.isfinite(hi) and lo <= 0 <= hi
+    obs.observe(np.where(mask, np.finfo(np.float32).min, scores))
+    lo, hi = obs.range()
+    assert np.isfinite(lo) and np.isfinite(hi)
+    scale, _ = Q.qparams(lo, hi, "uint8", symmetric=False)
+    assert np.isfinite(scale) and scale > 0
+
+
+def test_float16_and_zero_batches():
+    rng = np.random.default_rng(5)
+    obs = O.PercentileObserver(100.0)
+    obs.observe(np.zeros(100, np.float16))             # zeros before any range exists
+    x = rng.normal(size=1000).astype(np.float16)
+    obs.observe(x)
+    assert obs.count == 1100 and obs.counts.sum() == 1100
+    assert obs.zeros == 100 + int(np.sum(x == 0))
+    assert obs.range() == (float(x.min()), float(x.max()))
+
+
+# -- percentile -------------------------------------------------------------------------------
+
+
+def test_percentile_on_normal_samples(normal: np.ndarray):
+    # standard normal quantiles: P(X < 3.7190) = 0.9999, P(|X| < 3.8906) = 0.9999,
+    # P(X < 2.3263) = 0.99
+    lo, hi = observed(O.PercentileObserver(99.99), normal).range()
+    assert lo == pytest.approx(-3.7190, abs=0.08) and hi == pytest.approx(3.7190, abs=0.08)
+    lo, hi = observed(O.PercentileObserver(99.99, symmetric=True), normal).range()
+    assert hi == -lo == pytest.approx(3.8906, abs=0.08)
+    lo, hi = observed(O.PercentileObserver(99.0), normal).range()
+    assert lo == pytest.approx(-2.3263, abs=0.02) and hi == pytest.approx(2.3263, abs=0.02)
+    relu = observed(O.PercentileObserver(99.0), np.maximum(normal, 0)).range()
+    # after a ReLU half the values are exactly 0; the 1st percentile is 0, not inside a cell
+    assert relu[0] == 0.0 and relu[1] == pytest.approx(2.3263, abs=0.02)
+
+
+# -- entropy and MSE --------------------------------------------------------------------------
+
+
+def naive_kl(h: np.ndarray, i: int, levels: int) -> float:
+    """TensorRT's loop for one candidate, written plainly."""
+    p = h[:i].copy()
+    p[-1] += h[i:].sum()
+    group = np.arange(i) * levels // i
+    q = np.zeros(i)
+    for g in range(levels):
+        cells = group == g
+        nonzero = (cells & (p > 0)).sum()
+        if nonzero:
+            q[cells & (p > 0)] = h[:i][cells].sum() / nonzero
+    if np.any((p > 0) & (q == 0)):
+        return float("inf")
+    p, q = p / p.sum(), q / q.sum()
+    keep = p > 0
+    return float(np.sum(p[keep] * np.log(p[keep] / q[keep])))
+
+
+def test_kl_prefix_sums_match_the_plain_loop():
+    rng = np.random.default_rng(6)
+    h = rng.poisson(rng.uniform(0, 30, 300) * np.exp(-np.arange(300) / 60)).astype(float)
+    h[rng.integers(0, 300, 30)] = 0
+    h[-1] = 2
+    levels = 32
+    candidates = np.arange(levels, h.size + 1)
+    ref = np.array([naive_kl(h, i, levels) for i in candidates])
+    assert np.isinf(ref).any() and np.isfinite(ref).sum() > 200
+    best = O._kl_threshold(h, levels)
+    assert best == candidates[np.argmin(ref)]
+    prefix = {"h": np.concatenate([[0.0], np.cumsum(h)]),
+              "nz": np.concatenate([[0.0], np.cumsum(h > 0)]),
+              "hlogh": np.concatenate([[0.0], np.cumsum(h * np.log(np.where(h > 0, h, 1)))])}
+    fast = O._kl(h, prefix, candidates, levels)
+    np.testing.assert_array_equal(np.isinf(fast), np.isinf(ref))
+    np.testing.assert_allclose(fast[np.isfinite(ref)], ref[np.isfinite(ref)], atol=1e-12)
+
+
+def test_expected_error_matches_measured_error(normal: np.ndarray):
+    """The closed-form histogram error equals the fake-quantization error on the data."""
+    obs = observed(O.HistogramObserver(), normal)
+    qt = Q.qtype("int8")
+    for clip in [(-4.0, 4.0), (-1.0, 2.5), (-0.05, 0.05)]:
+        est = O._expected_sq_error(obs.counts, obs.edges, np.array([clip[0]]),
+                                   np.array([clip[1]]), qt, False)[0] / N
+        assert est == pytest.approx(fq_mse(normal, clip, "int8", False), rel=0.02)
+
+
+def test_sq_error_integral_matches_numeric_integration():
+    """Phi(x) = integral of (t - fq(t))^2 from the grid's low end, inside and outside."""
+    scale, zp = Q.qparams(-1.0, 2.0, "uint4", symmetric=False)
+    s, z = float(scale), float(zp)
+    grid_lo, grid_hi = s * (0 - z), s * (15 - z)
+    t = np.linspace(grid_lo - 0.7, grid_hi + 0.9, 400_001)
+    fq = (np.clip(np.rint(t / s) + z, 0, 15) - z) * s          # fake_quantize in float64
+    sq = (t - fq) ** 2
+    numeric = np.concatenate([[0.0], np.cumsum((sq[1:] + sq[:-1]) / 2 * np.diff(t))])
+    numeric -= np.interp(grid_lo, t, numeric)
+    points = np.array([grid_lo - 0.5, grid_lo, 0.013, 0.5 * s, 0.77, grid_hi, grid_hi + 0.8])
+    phi = O._sq_error_integral(points[None, :], np.array([[grid_lo]]), np.array([[grid_hi]]),
+                               np.array([[s]]))[0]
+    np.testing.assert_allclose(phi, np.interp(points, t, numeric), rtol=1e-4, atol=1e-9)
+
+
+def test_rebin_keeps_mass_outside_the_target_cells():
+    spread = O._rebin(np.array([1.0, 2.0, 3.0]), -0.5, 1.0, np.array([0.0, 1.0, 2.0]))
+    np.testing.assert_allclose(spread, [2.0, 4.0])    # halves of the end cells stay in
+    same = O._rebin(np.array([1.0, 2.0, 3.0]), 0.0, 0.5, np.array([0.0, 1.0, 1.5]))
+    np.testing.assert_allclose(same, [3.0, 3.0])
+
+
+@pytest.mark.parametrize("method", ["entropy", "mse"])
+@pytest.mark.parametrize("name,symmetric", [("int8", True), ("uint8", False)])
+def test_heavy_tail_is_clipped(outliers: np.ndarray, method: str, name: str, symmetric: bool):
+    obs = observed(O.make_observer(method, qtype=name, symmetric=symmetric), outliers)
+    clip = obs.range()
+    assert -50.0 / 3 < clip[0] < -2.0 and 2.0 < clip[1] < 50.0 / 3
+    assert fq_mse(outliers, clip, name, symmetric) < 0.5 * fq_mse(
+        outliers, (-50.0, 50.0), name, symmetric)
+
+
+@pytest.mark.parametrize("method", ["entropy", "mse"])
+@pytest.mark.parametrize("name,symmetric", [("int8", True), ("uint8", False)])
+def test_heavy_tail_after_relu(normal: np.ndarray, method: str, name: str, symmetric: bool):
+    x = np.maximum(normal, 0)
+    x[123] = 50.0
+    obs = observed(O.make_observer(method, qtype=name, symmetric=symmetric), x)
+    lo, hi = obs.range()
+    assert lo == (-hi if symmetric else 0.0)
+    assert 2.0 < hi < 50.0 / 1.5
+    if symmetric:     # with uint8 one outlier costs more clipped than it saves in rounding
+        assert fq_mse(x, (lo, hi), name, symmetric) < fq_mse(x, (0.0, 50.0), name, symmetric)
+    else:
+        assert method == "entropy" or fq_mse(x, (lo, hi), name, symmetric) < fq_mse(
+            x, (0.0, 50.0), name, symmetric)
+
+
+@pytest.mark.parametrize("method", ["entropy", "mse"])
+@pytest.mark.parametrize("low,name,symmetric", [(-1.0, "int8", True), (0.0, "uint8", False),
+                                                (-1.0, "uint8", False)])
+def test_uniform_is_not_clipped(method: str, low: float, name: str, symmetric: bool):
+    x = np.random.default_rng(7).uniform(low, 6.0, N).astype(np.float32)
+    lo, hi = observed(O.make_observer(method, qtype=name, symmetric=symmetric), x).range()
+    assert hi > 0.98 * x.max()
+    assert lo == (-hi if symmetric else pytest.approx(x.min(), abs=0.02 * (x.max() - low)))
+
+
+def test_entropy_searches_many_candidates(outliers: np.ndarray):
+    obs = observed(O.EntropyObserver("int8", symmetric=True), outliers)
+    cells = obs._abs_counts(obs._nonzero_counts()).size
+    assert cells >= 1500                       # candidates 128 .. >= 1500 cells of |x|
+    assert 128 < obs.range()[1] / obs.width < cells - 100
+
+
+def test_mse_asymmetric_moves_each_end():
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.gamma(2.0, size=N) - 1.0, [-30.0]]).astype(np.float32)
+    lo, hi = observed(O.MSEObserver("uint8"), x).range()
+    assert -10.0 < lo < -1.0 and hi > 0.6 * x.max()
+    assert fq_mse(x, (lo, hi), "uint8", False) < fq_mse(x, (-30.0, float(x.max())), "uint8", False)
+
+
+# -- merge ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_merge_halves_close_to_one_observer(outliers: np.ndarray, method: str):
+    rng = np.random.default_rng(9)
+    x = outliers * np.float32(1.5)
+    x[:N // 2] = rng.normal(0.5, 1.0, N // 2)        # the halves have different ranges
+    whole = observed(O.make_observer(method), x)
+    a = observed(O.make_observer(method), x[:N // 2], 5)
+    b = observed(O.make_observer(method), x[N // 2:], 5)
+    merged = a.merge(b)
+    assert merged.count == N and merged.counts.sum() == pytest.approx(N)
+    assert merged.zeros == whole.zeros
+    assert (merged.min, merged.max) == (whole.min, whole.max)
+    # the distributions agree to within about one cell of the coarser grid
+    width = max(merged.width, whole.width)
+    cdf_whole = np.concatenate([[0.0], np.cumsum(whole.counts)])
+    cdf_merged = np.interp(whole.edges, merged.edges,
+                           np.concatenate([[0.0], np.cumsum(merged.counts)]))
+    assert np.max(np.abs(cdf_merged - cdf_whole)) < 0.01 * N
+    # percentile reads the distribution directly; KL minima are flat, hence the looser 10%
+    tolerance = {"percentile": 3 * width, "mse": 0.03 * 75, "entropy": 0.1 * 75}[method]
+    for m, w in zip(merged.range(), whole.range(), strict=True):
+        assert abs(m - w) <= tolerance
+
+
+def test_merge_with_empty_and_zero_only_observers(normal: np.ndarray):
+    full = observed(O.HistogramObserver(), normal[:1000], 1)
+    zeros = O.HistogramObserver()
+    zeros.observe(np.zeros(10, np.float32))
+    full.merge(zeros).merge(O.HistogramObserver())
+    assert full.count == 1010 and full.counts.sum() == 1010 and full.zeros == 10
+    empty = O.HistogramObserver().merge(zeros)
+    assert empty.range() == (0.0, 0.0) and empty.count == 10
+
+
+def test_merge_rejects_other_kinds():
+    with pytest.raises(ValueError, match="cannot merge"):
+        O.MinMaxObserver().merge(O.HistogramObserver())
+    with pytest.raises(ValueError, match="bins"):
+        O.HistogramObserver(1024).merge(O.HistogramObserver(2048))
+
+
+# -- factory and performance ------------------------------------------------------------------
+
+
+def test_make_observer():
+    assert isinstance(O.make_observer("minmax"), O.MinMaxObserver)
+    obs = O.make_observer("percentile", percentile=99.9, symmetric=True)
+    assert isinstance(obs, O.PercentileObserver) and obs.p == 99.9
+    assert O.make_observer("entropy", qtype="uint8").options() == {
+        "qtype": "uint8", "symmetric": False, "bins": 4096}
+    assert isinstance(O.make_observer("mse", bins=512), O.MSEObserver)
+    with pytest.raises(ValueError, match="allowed: minmax, percentile, entropy, mse"):
+        O.make_observer("kl")
+    with pytest.raises(ValueError, match="unknown option.*percentil.*allowed: percentile"):
+        O.make_observer("percentile", percentil=99.0)
+    with pytest.raises(ValueError, match=r"\(0, 100\]"):
+        O.make_observer("percentile", percentile=0.0)
+    with pytest.raises(ValueError, match="unknown qtype"):
+        O.make_observer("mse", qtype="int3")
+
+
+@pytest.mark.parametrize("method", list(O.OBSERVERS))
+def test_observe_speed(method: str, normal: np.ndarray):
+    obs = O.make_observer(method)
+    obs.observe(normal)                                # 4 MB of float32; sets the grid
+    start = time.perf_counter()
+    obs.observe(normal * np.float32(1.01))
+    observe_ms = 1e3 * (time.perf_counter() - start)
+    start = time.perf_counter()
+    obs.range()
+    range_ms = 1e3 * (time.perf_counter() - start)
+    print(f"{method}: observe 4 MB {observe_ms:.1f} ms, range {range_ms:.1f} ms")

@@ -288,6 +288,23 @@ class HistogramObserver(Observer):
         nonzero = np.flatnonzero(folded)
         return folded[:nonzero[-1] + 1] if nonzero.size else folded[:1]
 
+    def sqnr_db(self, lo: float, hi: float, qtype: str | QType, symmetric: bool) -> float:
+        """Expected SQNR of quantizing the observed values with clip range ``[lo, hi]``:
+        ``10 log10(sum c x^2 / sum c (x - fq(x))^2)`` over cell centres ``x`` with counts
+        ``c`` (exact zeros stay exact). ``inf`` before any non-zero value."""
+        if self._counts is None:
+            return float("inf")
+        edges = self.edges
+        centres = (edges[:-1] + edges[1:]) / 2
+        counts = self._counts.astype(np.float64)
+        scale, zero = quant.qparams(lo, hi, qtype, symmetric)
+        error = centres - quant.fake_quantize(centres.astype(np.float32), scale, zero, qtype)
+        noise = float(np.sum(counts * error.astype(np.float64) ** 2))
+        signal = float(np.sum(counts * centres**2))
+        if noise <= 0.0:
+            return float("inf")
+        return 10.0 * float(np.log10(signal / noise)) if signal > 0 else float("-inf")
+
     def percentile(self, p: float = 99.99, symmetric: bool = False) -> Range:
         """Percentile clip range (module doc): both tails of the signed values, or of ``|x|``."""
         if not 0.0 < p <= 100.0:
@@ -303,7 +320,9 @@ class HistogramObserver(Observer):
         start, zero_cell = self.offset * self.width, -self.offset
         q_lo = _quantile(self._counts, start, self.width, 1.0 - p / 100.0, zero_cell, self.zeros)
         q_hi = _quantile(self._counts, start, self.width, p / 100.0, zero_cell, self.zeros)
-        return max(q_lo, self.min), min(q_hi, self.max)
+        lo, hi = max(q_lo, self.min), min(q_hi, self.max)
+        # one value seen: interpolation inside its cell may cross it by a rounding step
+        return (lo, hi) if lo <= hi else (min(lo, hi), max(lo, hi))
 
     def entropy(self, qtype: str | QType = "int8", symmetric: bool = False) -> Range:
         """KL-divergence (TensorRT) clip range (module doc)."""

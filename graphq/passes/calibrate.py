@@ -45,6 +45,10 @@ class CalibrateOptions:
     percentile: float = field(default=99.999, metadata={
         "help": "for method = percentile: the share of values inside the range",
         "min": 50.0, "max": 100.0})
+    min_sqnr_db: float = field(default=0.0, metadata={
+        "help": "keep float any activation whose expected SQNR at its clip range is below "
+                "this (dB; 0: quantize all): outlier-heavy tensors, such as a transformer's "
+                "feed-forward activations, then stay exact", "min": 0.0})
     bins: int | None = field(default=None, metadata={
         "help": "histogram bins (percentile, entropy, mse); default: the method's own "
                 "(2048, entropy 4096)", "min": 128})
@@ -66,7 +70,8 @@ class Calibrate(Pass):
             raise DataError("calibrate needs data: give --data PATH or [data] source "
                             "(an .npz keyed by input name, or a folder of .npz/.npy files)")
         graph = G.import_graph(model)
-        observed = [e for e in table.quantized("activation") if not _shared_source(e)]
+        observed = [e for e in table.quantized("activation")
+                    if not _shared_source(e) and e.method != "constant"]
         observers, batches, seconds = self._observe(model, graph, observed, ctx)
         notes = self._set_qparams(table, observers)
         _apply(graph, table)
@@ -113,6 +118,8 @@ class Calibrate(Pass):
     def _set_qparams(self, table: QuantTable, observers: dict[str, O.Observer]) -> list[str]:
         notes = []
         for entry in table.quantized("activation"):
+            if entry.method == "constant":
+                continue
             source = _shared_source(entry)
             if source is not None:
                 origin = table.get(source)
@@ -134,6 +141,16 @@ class Calibrate(Pass):
                 notes.append(f"'{entry.tensor}' {entry.reason}")
                 continue
             lo, hi = obs.range()
+            if self.options.min_sqnr_db > 0 and isinstance(obs, O.HistogramObserver):
+                sqnr = obs.sqnr_db(lo, hi, entry.dtype, entry.symmetric)
+                if sqnr < self.options.min_sqnr_db:
+                    entry.quantized = False
+                    entry.range = [float(lo), float(hi)]
+                    entry.reason = (f"{entry.dtype} would keep only {sqnr:.1f} dB of it (range "
+                                    f"[{lo:.4g}, {hi:.4g}]; min_sqnr_db "
+                                    f"{self.options.min_sqnr_db:g}): kept float")
+                    notes.append(f"'{entry.tensor}' {entry.reason}")
+                    continue
             scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric)
             entry.scale = [float(scale)]
             entry.zero_point = [int(zero)]

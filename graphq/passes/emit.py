@@ -150,7 +150,7 @@ def deploy_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         zero = G.constant_values(q.inputs[2])
         axis = q.attrs.get("axis", 1) if np.ndim(scale) == 1 else None
         ints = Q.quantize(values, scale, zero, _qtype_of(zero.dtype), axis=axis)
-        const = gs.Constant(q.outputs[0].name, ints)
+        const = gs.Constant(q.outputs[0].name, np.asarray(ints))
         G.replace_uses(graph, q.outputs[0], const)
         q.outputs.clear()
         folded += 1

@@ -48,6 +48,8 @@ JOINING = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Resize")
 PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "MaxPool", "Squeeze", "Unsqueeze",
                 "Slice", "Split", "Identity", "DepthToSpace", "SpaceToDepth")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
+#: readers that amplify a quantization error of their input (logits): it is kept float.
+SENSITIVE_READERS = ("Softmax", "LogSoftmax")
 DEFAULT_OPS = [*COMPUTE, *JOINING, *PASS_THROUGH]
 
 DTypeName = Literal["int8", "uint8", "int16", "uint16", "int4", "uint4"]
@@ -224,7 +226,7 @@ class _Planner:
             return
         for t in node.inputs:
             if t.name and G.constant_values(t) is not None and self._is_float(t):
-                self._activation(t, f"constant input of {node.op} '{node.name}'")
+                self._constant(t, node)
         self._output(node)
 
     def _pass_through(self, node: gs.Node) -> None:
@@ -251,6 +253,11 @@ class _Planner:
             self.table.add(TensorQuant(out.name, "activation", False,
                                        "a graph output: keeps its float value"))
             return
+        if out.outputs and all(r.op in SENSITIVE_READERS for r in out.outputs):
+            self.table.add(TensorQuant(out.name, "activation", False, "read only by "
+                                       f"{out.outputs[0].op}, which amplifies its error: "
+                                       "kept float"))
+            return
         if self._is_float(out):
             self._activation(out, reason)
 
@@ -269,6 +276,17 @@ class _Planner:
         return self.table.add(TensorQuant(
             tensor.name, "activation", True, reason, dtype=dtype, symmetric=symmetric,
             consumers=[n.name for n in tensor.outputs]))
+
+    def _constant(self, tensor: gs.Tensor, node: gs.Node) -> None:
+        """A constant operand of a joining op: per-tensor qparams from its own values."""
+        entry = self._activation(tensor, f"constant input of {node.op} '{node.name}'")
+        if entry is None or not entry.quantized or entry.scale is not None:
+            return
+        values = G.constant_values(tensor)
+        lo, hi = float(np.min(values)), float(np.max(values))
+        scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric)
+        entry.scale, entry.zero_point = [float(scale)], [int(zero)]
+        entry.range, entry.method = [lo, hi], "constant"
 
     def _weight(self, node: gs.Node, index: int) -> None:
         tensor = node.inputs[index]

@@ -1,0 +1,65 @@
+"""The `int8` preset end to end on real pretrained models, judged on held-out data.
+
+all-MiniLM-L6-v2: sentence embeddings (mean pooling, normalized) of held-out sentences keep
+cosine >= 0.97 with the float model's. MTCNN: every output of each net keeps cosine >= 0.98
+on held-out photo crops. The deploy graphs are smaller than the float ones and pass the
+checker; deploy and fake-quant graphs agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from graphq import PassManager
+from graphq.kernels.quant import cosine
+from tests import realmodels as R
+
+
+def session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def quantize(path, outdir, calib):
+    result = PassManager.from_toml("int8").run(path, outdir, data=calib)
+    deploy = result.files[f"{path.stem}.deploy.onnx"]
+    fake = result.files[f"{path.stem}.fakequant.onnx"]
+    onnx.checker.check_model(str(deploy), full_check=True)
+    assert deploy.stat().st_size < path.stat().st_size
+    assert not [n for n in onnx.load(str(deploy)).graph.node
+                if n.op_type == "QuantizeLinear" and n.input[0] in
+                {t.name for t in onnx.load(str(deploy)).graph.initializer}]
+    return result, session(deploy), session(fake)
+
+
+def test_minilm_sentence_embeddings(tmp_path):
+    path = R.minilm_onnx()
+    feeds = R.minilm_feeds(n=32)
+    calib, held_out = feeds[:16], feeds[16:]
+    result, deploy, fake = quantize(path, tmp_path, calib)
+    float_sess = session(path)
+    worst = 1.0
+    for feed in held_out:
+        mask = feed["attention_mask"]
+        ref = R.minilm_sentence_embeddings(float_sess.run(None, feed)[0], mask)
+        got = R.minilm_sentence_embeddings(deploy.run(None, feed)[0], mask)
+        sim = R.minilm_sentence_embeddings(fake.run(None, feed)[0], mask)
+        worst = min(worst, float(np.sum(ref * got, axis=1).min()))
+        assert float(np.sum(got * sim, axis=1).min()) > 0.999  # deploy == fake-quant
+    assert worst >= 0.97, f"worst held-out sentence cosine {worst:.4f}"
+    kept = [e for e in result.report["passes"] if e["name"] == "calibrate"][0]["notes"]
+    assert kept and all("kept float" in note for note in kept)  # outliers stay exact
+
+
+@pytest.mark.parametrize("name", R.MTCNN_NETS)
+def test_mtcnn(name, tmp_path):
+    path = R.mtcnn_onnx()[name]
+    calib = R.mtcnn_feeds(name, n=16)
+    held_out = R.mtcnn_feeds(name, n=6, seed=1)
+    _, deploy, _ = quantize(path, tmp_path, calib)
+    float_sess = session(path)
+    for feed in held_out:
+        for ref, got in zip(float_sess.run(None, feed), deploy.run(None, feed), strict=True):
+            assert cosine(ref, got) >= 0.98

@@ -162,6 +162,11 @@ def check_feed(raw: dict[str, Any], inputs: dict[str, onnx.ValueInfoProto], wher
                     f"{where}: input '{name}' is {array.dtype} but the model expects {dtype}"
                 )
             array = array.astype(dtype)
+        if array.dtype.kind == "f" and np.isnan(array).any():
+            raise DataError(
+                f"{where}: input '{name}' holds {int(np.isnan(array).sum())} NaN values; "
+                "clean the data (NaN has no meaning as model input)"
+            )
         if dims and array.ndim != len(dims):
             raise DataError(
                 f"{where}: input '{name}' has shape {list(array.shape)} but the model expects "

@@ -163,6 +163,21 @@ def skeleton(model: onnx.ModelProto, limit: int = 1024) -> onnx.ModelProto:
     return out
 
 
+def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """ONNX shape inference on the model's skeleton, the inferred types copied back into
+    ``model``; returns the model and an error message ("" when it worked)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - inference errors are reported, not fatal
+        return model, str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    graph = model.graph
+    for name in ("node", "output", "value_info"):
+        target = getattr(graph, name)
+        del target[:]
+        target.extend(getattr(inferred.graph, name))
+    return model, ""
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The version of the default ONNX domain the model imports (1 when it imports none)."""
     for opset in model.opset_import:

@@ -106,8 +106,9 @@ def qparams(lo: float | np.ndarray, hi: float | np.ndarray, qtype: str | QType,
         raise ValueError("qparams: lo > hi")
     qmin, qmax = (qt.qmin >> 1, qt.qmax >> 1) if reduce_range else (qt.qmin, qt.qmax)
     lo64, hi64 = np.minimum(lo64, 0.0), np.maximum(hi64, 0.0)
-    if symmetric:
-        scale = np.maximum(-lo64, hi64) / ((qmax - qmin) / 2)
+    if symmetric:  # the largest |x| lands on the nearer end, so nothing needs clipping
+        mid = (qmin + qmax + 1) // 2
+        scale = np.maximum(-lo64, hi64) / min(qmax - mid, mid - qmin)
     else:
         scale = (hi64 - lo64) / (qmax - qmin)
     scale32 = np.maximum(scale, MIN_SCALE).astype(np.float32)

@@ -222,9 +222,19 @@ def _quantize_biases(graph: gs.Graph, table: QuantTable) -> int:
             continue
         if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
             continue
+        s_w = np.atleast_1d(s_w)
+        if node.op == "ConvTranspose" and s_w.size * int(node.attrs.get("group", 1)) == bias.size:
+            s_w = np.tile(s_w, int(node.attrs.get("group", 1)))  # weight axis 1 is per group
+        name = node.inputs[2].name
+        limit = np.abs(bias.astype(np.float64)) / (np.float64(s_in) * s_w.astype(np.float64))
+        if np.any(limit > np.iinfo(np.int32).max):
+            table.add(TensorQuant(name, "bias", False, f"bias of {node.op} '{node.name}' kept "
+                                  "float: at scale = input scale x weight scale it would "
+                                  "overflow int32 (the input's range is near zero)",
+                                  consumers=[node.name]))
+            continue
         ints, scale = Q.bias_int32(bias, s_in, s_w)
         scale = np.broadcast_to(np.asarray(scale, np.float32), bias.shape).copy()
-        name = node.inputs[2].name
         table.add(TensorQuant(name, "bias", True, f"bias of {node.op} '{node.name}': "
                               "scale = input scale x weight scale", dtype="int32",
                               symmetric=True, axis=0, method="derived",

@@ -80,7 +80,10 @@ class Canonicalize(Pass):
                 changed |= _structure(simplified) != _structure(model)
                 model = simplified
         if o.infer_shapes:
-            model = _infer_shapes(model, notes)
+            model, error = model_io.infer_shapes(model)
+            if error:
+                notes.append(f"shape inference failed: {error}")
+                log.warning("shape inference failed: %s", error)
         model_io.fix_ir_version(model)
         counts["opset_after"] = model_io.default_opset(model)
         counts["nodes_after"] = len(model.graph.node)
@@ -186,19 +189,3 @@ def _structure(model: onnx.ModelProto) -> tuple:
     """What a rewrite changes: the nodes' wiring and the initializers' names."""
     nodes = tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node)
     return nodes, tuple(sorted(t.name for t in model.graph.initializer))
-
-
-def _infer_shapes(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
-    """Shape inference on the model's skeleton; the inferred types are copied back."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model_io.skeleton(model), data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - inference errors are not fatal here
-        notes.append(f"shape inference failed: {exc}")
-        log.warning("shape inference failed: %s", exc)
-        return model
-    graph = model.graph
-    for field_name in ("node", "output", "value_info"):
-        target = getattr(graph, field_name)
-        del target[:]
-        target.extend(getattr(inferred.graph, field_name))
-    return model

@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 from graphq import graph as G
 from graphq import model as model_io
 from graphq import runtime
-from graphq.errors import PassError
+from graphq.errors import PassError, did_you_mean
 from graphq.kernels import quant as Q
 from graphq.quant import QuantTable, TensorQuant
 from graphq.registry import Pass, PassContext, PassResult, register
@@ -52,14 +52,12 @@ FUSED_ACTIVATIONS = ("Relu", "Clip")
 SENSITIVE_READERS = ("Softmax", "LogSoftmax")
 DEFAULT_OPS = [*COMPUTE, *JOINING, *PASS_THROUGH]
 
-DTypeName = Literal["int8", "uint8", "int16", "uint16", "int4", "uint4"]
-ONNX_TYPES = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8,
-              "int16": onnx.TensorProto.INT16, "uint16": onnx.TensorProto.UINT16,
-              "int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4,
-              "int32": onnx.TensorProto.INT32}
+#: 4-bit types need their zero points stored as ONNX INT4/UINT4, which is not built yet.
+DTypeName = Literal["int8", "uint8", "int16", "uint16"]
 #: the first opset whose QuantizeLinear takes each type.
-MIN_OPSET = {"int8": 13, "uint8": 13, "int16": 21, "uint16": 21, "int4": 21, "uint4": 21,
-             "int32": 13}
+MIN_OPSET = {"int8": 13, "uint8": 13, "int16": 21, "uint16": 21, "int32": 13}
+#: the inputs of joining ops that carry data (the others are parameters such as Resize's).
+DATA_INPUTS = {"Resize": (0,), "AveragePool": (0,), "GlobalAveragePool": (0,)}
 FLOATS = (np.float32, np.float16)
 
 
@@ -108,8 +106,12 @@ class InsertQDQOptions:
         known = set(COMPUTE) | set(JOINING) | set(PASS_THROUGH)
         for op in self.ops:
             if op not in known:
-                raise ValueError(f"option 'ops' has '{op}'; quantizable ops: "
-                                 f"{', '.join(sorted(known))}")
+                raise ValueError(f"option 'ops' has '{op}'{did_you_mean(op, known)}; "
+                                 f"quantizable ops: {', '.join(sorted(known))}")
+        for op in self.exclude_ops:
+            if not onnx.defs.has(op):
+                raise ValueError(f"option 'exclude_ops' has '{op}', which is no ONNX op type"
+                                 f"{did_you_mean(op, known)}")
         for pattern in self.include + self.exclude:
             try:
                 re.compile(pattern)
@@ -126,7 +128,9 @@ class InsertQDQ(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self._check_opset(model)
+        model, _ = model_io.infer_shapes(model)  # the types decide what is float
         graph = G.import_graph(model)
+        self._check_overrides(graph)
         planner = _Planner(graph, self.options)
         table = planner.plan()
         if not table.quantized():
@@ -145,6 +149,14 @@ class InsertQDQ(Pass):
             "float": sum(not e.quantized for e in table.entries.values()),
         }
         return PassResult(out, True, counts, planner.notes)
+
+    def _check_overrides(self, graph: gs.Graph) -> None:
+        tensors = graph.tensors()
+        for name in self.options.overrides:
+            if name not in tensors:
+                raise PassError(f"option 'overrides' names tensor '{name}', which the graph "
+                                f"does not have{did_you_mean(name, tensors)} (names after "
+                                "canonicalize: see --dump-dir)")
 
     def _check_opset(self, model: onnx.ModelProto) -> None:
         opset = model_io.default_opset(model)
@@ -219,13 +231,16 @@ class _Planner:
         self._output(node)
 
     def _joining(self, node: gs.Node) -> None:
-        inputs = [t for t in node.inputs if t.name and G.constant_values(t) is None]
+        data = [node.inputs[i] for i in DATA_INPUTS.get(node.op, range(len(node.inputs)))
+                if i < len(node.inputs) and node.inputs[i].name]
+        inputs = [t for t in data if G.constant_values(t) is None]
         if not inputs or not all(self._quantized(t) for t in inputs):
             return
         if not all(self._is_float(t) for t in node.outputs[:1]):
             return
-        for t in node.inputs:
-            if t.name and G.constant_values(t) is not None and self._is_float(t):
+        for t in data:
+            values = G.constant_values(t)
+            if values is not None and values.size and self._is_float(t):
                 self._constant(t, node)
         self._output(node)
 

@@ -116,13 +116,16 @@ def test_qtype_table():
 def test_qparams_symmetric():
     scale, zp = Q.qparams(-2.0, 3.0, "int8", symmetric=True)
     assert scale.dtype == np.float32 and zp.dtype == np.int8
-    assert scale == np.float32(3.0 / 127.5) and zp == 0
+    # the largest |x| lands on the nearer end of the range: 127, not 127.5 (which rounds
+    # to 128 and relies on saturation, and with reduce_range would give 64 > 63)
+    assert scale == np.float32(3.0 / 127) and zp == 0
     scale, zp = Q.qparams(-2.0, 3.0, "uint8", symmetric=True)
-    assert scale == np.float32(3.0 / 127.5) and zp == 128 and zp.dtype == np.uint8
-    scale, zp = Q.qparams(0.0, 7.5, "int4", symmetric=True)
+    assert scale == np.float32(3.0 / 127) and zp == 128 and zp.dtype == np.uint8
+    scale, zp = Q.qparams(0.0, 7.0, "int4", symmetric=True)
     assert scale == np.float32(1.0) and zp == 0
     scale, zp = Q.qparams(-1.0, 1.0, "int8", symmetric=True, reduce_range=True)
-    assert scale == np.float32(1.0 / 63.5)
+    assert scale == np.float32(1.0 / 63)
+    assert Q.quantize(np.array([1.0, -1.0], np.float32), scale, zp, "int8").tolist() == [63, -63]
 
 
 def test_qparams_asymmetric():

@@ -1,0 +1,377 @@
+"""calibrate: activation scales from data, tensors kept float, int32 biases, bad data.
+
+Graphs are built here, quantized by insert-qdq, calibrated on data made here; every result
+passes onnx.checker (full check). Tolerances:
+
+- minmax scales equal the formula written out in numpy on the min/max of an onnxruntime run
+  of the float graph, to float32 rounding (rtol 1e-6), zero points exactly;
+- the fake-quant graph keeps cosine similarity > 0.99 with the float graph on held-out data
+  (uint8 activations, int8 weights on a small conv net: measured 0.999+ with every method);
+- biases: the int32 values are ``rint(b / (s_in * s_w))``, dequantized within half a step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from graphq.data import DataSource
+from graphq.errors import DataError, PassError
+from graphq.kernels.quant import MIN_SCALE
+from graphq.passes.calibrate import Calibrate
+from graphq.passes.insert_qdq import InsertQDQ
+from graphq.quant import QuantTable
+from graphq.registry import PassContext
+from tests.helpers import assert_close, make_model, run, tensor
+
+METHODS = ["minmax", "percentile", "entropy", "mse"]
+
+
+def build(nodes, inputs, outputs, inits=(), opset: int = 13) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(make_model(nodes, inputs, outputs, inits,
+                                                        opset=opset))
+
+
+def f32(rng: np.random.Generator, scale: float, *shape: int) -> np.ndarray:
+    return rng.normal(0, scale, shape).astype(np.float32)
+
+
+def conv_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> Conv -> Relu -> Conv -> Add(residual) -> GlobalAveragePool -> Flatten -> Gemm."""
+    c = 8
+    inits = {"w1": f32(rng, 0.3, c, 3, 3, 3), "b1": f32(rng, 0.1, c),
+             "w2": f32(rng, 0.2, c, c, 3, 3), "b2": f32(rng, 0.1, c),
+             "wg": f32(rng, 0.3, 10, c), "bg": f32(rng, 0.1, 10)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("GlobalAveragePool", ["a"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="fc", transB=1),
+    ]
+    return build(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 10])], inits)
+
+
+def images(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Real-ish images: smooth blobs and edges in [0, 1] with a little noise."""
+    yy, xx = np.mgrid[0:8, 0:8] / 7.0
+    out = np.empty((n, 3, 8, 8), np.float32)
+    for i in range(n):
+        for ch in range(3):
+            cy, cx, r = rng.uniform(0, 1, 3)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (0.05 + 0.2 * r))
+            edge = (xx * np.cos(r * 6) + yy * np.sin(r * 6) > cx).astype(np.float64)
+            out[i, ch] = 0.6 * blob + 0.3 * edge + rng.normal(0, 0.03, (8, 8))
+    return np.clip(out, 0.0, 1.0)
+
+
+def insert(model: onnx.ModelProto, **options) -> onnx.ModelProto:
+    options.setdefault("weights", {"reduce_range": False})
+    return InsertQDQ(**options).run(model, PassContext()).model
+
+
+def calibrate(model: onnx.ModelProto, data, **options):
+    source = data if isinstance(data, DataSource) else DataSource(data)
+    result = Calibrate(**options).run(model, PassContext(data=source))
+    onnx.checker.check_model(result.model, full_check=True)
+    return result, QuantTable.of(result.model)
+
+
+def float_values(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> dict:
+    """The float graph's values of ``names`` over all feeds, concatenated on axis 0."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    infos = {v.name: v for v in probe.graph.value_info}
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(infos[n] for n in names if n not in present and n in infos)
+    outputs = [o.name for o in probe.graph.output]
+    runs = [dict(zip(outputs, run(probe, feed), strict=True)) for feed in feeds]
+    values = {}
+    for name in names:
+        values[name] = (np.concatenate([feed[name] for feed in feeds]) if name in feeds[0]
+                        else np.concatenate([r[name] for r in runs]))
+    return values
+
+
+def pairs(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, onnx.NodeProto]]:
+    out = {}
+    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        dq = next(n for n in model.graph.node if q.output[0] in n.input)
+        out[q.input[0]] = (q, dq)
+    return out
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ---- scales -------------------------------------------------------------------------------------
+def test_minmax_scales_follow_the_formula_on_the_data():
+    rng = np.random.default_rng(0)
+    model = conv_net(rng)
+    feeds = [{"x": images(rng, 16)}, {"x": images(rng, 16)}]
+    result, table = calibrate(insert(model), feeds, method="minmax")
+    assert result.counts["batches"] == 2
+    own = [e for e in table.quantized("activation") if not e.method.startswith("shared:")]
+    assert {e.tensor for e in own} == {"x", "r1", "c2", "a", "p"}
+    values = float_values(model, [e.tensor for e in own], feeds)
+    found = pairs(result.model)
+    for entry in own:
+        v = values[entry.tensor]
+        lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+        scale = np.float32((hi - lo) / 255.0)
+        zero = int(np.clip(np.rint(-lo / np.float64(scale)), 0, 255))
+        assert entry.method == "minmax"
+        assert entry.range == pytest.approx([float(v.min()), float(v.max())], rel=1e-6)
+        assert entry.scale[0] == pytest.approx(float(scale), rel=1e-6), entry.tensor
+        assert entry.zero_point == [zero], entry.tensor
+        q, dq = found[entry.tensor]
+        assert initializer(result.model, q.input[1]) == pytest.approx(float(scale), rel=1e-6)
+        z = initializer(result.model, q.input[2])
+        assert z.dtype == np.uint8 and int(z) == zero
+        assert list(dq.input[1:]) == list(q.input[1:])
+    assert table.get("r1").zero_point == [0]  # a ReLU output: the range starts at 0
+
+
+def test_pass_through_takes_its_source_scale():
+    rng = np.random.default_rng(1)
+    result, table = calibrate(insert(conv_net(rng)), [{"x": images(rng, 8)}], method="minmax")
+    f, p = table.get("f"), table.get("p")
+    assert f.quantized and f.scale == p.scale and f.zero_point == p.zero_point
+    found = pairs(result.model)
+    assert initializer(result.model, found["f"][0].input[1]) == \
+        initializer(result.model, found["p"][0].input[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_gives_usable_scales(method):
+    rng = np.random.default_rng(2)
+    model = conv_net(rng)
+    calib, held_out = images(rng, 32), images(rng, 32)
+    result, table = calibrate(insert(model), [{"x": calib}], method=method)
+    _, minmax = calibrate(insert(model), [{"x": calib}], method="minmax")
+    for entry in table.quantized("activation"):
+        assert entry.calibrated and len(entry.scale) == 1
+        assert np.isfinite(entry.scale[0]) and entry.scale[0] > 0, entry.tensor
+        assert 0 <= entry.zero_point[0] <= 255
+        lo, hi = entry.range
+        ref_lo, ref_hi = minmax.get(entry.tensor).range
+        step = minmax.get(entry.tensor).scale[0]
+        assert ref_lo - step <= lo <= hi <= ref_hi + step, entry.tensor  # a clip, not a widening
+    ref = run(model, {"x": held_out})[0]
+    out = run(result.model, {"x": held_out})[0]
+    assert cosine(ref, out) > 0.99
+
+
+@pytest.mark.parametrize("split", ["feeds", "npz"])
+def test_streaming_in_batches_gives_the_same_minmax_scales(split, tmp_path):
+    rng = np.random.default_rng(3)
+    model = insert(conv_net(rng))
+    x = images(rng, 32)
+    whole, one = calibrate(model, [{"x": x}], method="minmax")
+    if split == "feeds":
+        data = DataSource([{"x": x[i:i + 8]} for i in range(0, 32, 8)])
+    else:
+        np.savez(tmp_path / "calib.npz", x=x)
+        data = DataSource(tmp_path / "calib.npz", batch_size=8)
+    parts, four = calibrate(model, data, method="minmax")
+    assert whole.counts["batches"] == 1 and parts.counts["batches"] == 4
+    for entry in one.quantized("activation"):
+        other = four.get(entry.tensor)
+        assert other.scale == entry.scale and other.zero_point == entry.zero_point
+        assert other.range == entry.range
+
+
+# ---- tensors kept float -------------------------------------------------------------------------
+def masked_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """t = x + mask (mask holds -inf) feeds a MatMul; a clean MatMul branch beside it."""
+    inits = {"W": f32(rng, 0.3, 16, 8), "W2": f32(rng, 0.3, 32, 4), "W3": f32(rng, 0.3, 16, 8),
+             "shape": np.array([-1, 32], np.int64)}
+    nodes = [helper.make_node("Add", ["x", "mask"], ["t"], name="add_mask"),
+             helper.make_node("MatMul", ["t", "W"], ["h"], name="mm"),
+             helper.make_node("Reshape", ["h", "shape"], ["hr"], name="rs"),
+             helper.make_node("MatMul", ["hr", "W2"], ["y"], name="mm2"),
+             helper.make_node("MatMul", ["x", "W3"], ["y2"], name="clean")]
+    return build(nodes, [tensor("x", ["N", 4, 16]), tensor("mask", ["N", 4, 16])],
+                 [tensor("y", ["N", 4]), tensor("y2", ["N", 4, 8])], inits)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tensor_holding_inf_is_kept_float_and_its_pair_removed(method):
+    rng = np.random.default_rng(4)
+    model = masked_model(rng)
+    x = rng.normal(0, 1, (8, 4, 16)).astype(np.float32)
+    mask = np.zeros_like(x)
+    mask[:4, :, 12:] = -np.inf  # half of the samples have masked positions
+    inserted = insert(model)
+    before = QuantTable.of(inserted)
+    assert before.get("t").quantized and before.get("h").quantized
+    assert before.get("hr").method == "shared:h"
+    result, table = calibrate(inserted, [{"x": x, "mask": mask}], method=method)
+    for name in ("t", "h"):
+        entry = table.get(name)
+        assert not entry.quantized and "non-finite" in entry.reason, entry.reason
+        assert any(name in note and "non-finite" in note for note in result.notes)
+    assert not table.get("hr").quantized and "'h'" in table.get("hr").reason
+    found = pairs(result.model)
+    assert set(found) == {e.tensor for e in table.quantized() if e.role != "bias"}
+    assert not {"t", "h", "hr"} & set(found)
+    x_entry = table.get("x")
+    assert x_entry.quantized and np.isfinite(x_entry.scale[0]) and x_entry.scale[0] > 0
+    # the float path still computes what the float graph does, inf and nan included
+    feed = {"x": x, "mask": mask}
+    ref, out = run(model, feed), run(result.model, feed)
+    assert np.array_equal(np.isfinite(ref[0]), np.isfinite(out[0]))
+    assert cosine(ref[1], out[1]) > 0.99
+
+
+def zero_model(rng: np.random.Generator, bias: bool) -> onnx.ModelProto:
+    """h = relu(x @ W) is all zeros for x >= 0 (W <= 0); then a Gemm, with or without bias."""
+    inits = {"W": -np.abs(f32(rng, 0.3, 8, 6)), "W2": f32(rng, 0.3, 4, 6)}
+    gemm_inputs = ["r", "W2"]
+    if bias:
+        inits["b2"] = np.array([1.0, -0.5, 0.25, 2.0], np.float32)
+        gemm_inputs.append("b2")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", gemm_inputs, ["y"], name="fc", transB=1)]
+    return build(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 4])], inits)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_range_tensor_gets_a_finite_scale(method):
+    rng = np.random.default_rng(5)
+    model = zero_model(rng, bias=False)
+    x = np.abs(rng.normal(0, 1, (16, 8))).astype(np.float32)
+    result, table = calibrate(insert(model), [{"x": x}], method=method)
+    entry = table.get("r")
+    assert entry.quantized and entry.range == [0.0, 0.0]
+    assert np.isfinite(entry.scale[0]) and entry.scale[0] >= MIN_SCALE
+    assert entry.zero_point == [0]
+    assert np.array_equal(run(result.model, {"x": x})[0], run(model, {"x": x})[0])
+
+
+def test_bias_after_a_zero_range_input_is_not_saturated():
+    """With the input scale at its floor (2**-23), ``b / (s_in * s_w)`` is ~1e9 and more:
+    clipping it to int32 changes the bias. The output here is the bias alone."""
+    rng = np.random.default_rng(6)
+    model = zero_model(rng, bias=True)
+    x = np.abs(rng.normal(0, 1, (16, 8))).astype(np.float32)
+    result, _ = calibrate(insert(model), [{"x": x}], method="minmax")
+    ref, out = run(model, {"x": x}), run(result.model, {"x": x})
+    assert_close(ref, out, rtol=1e-3)
+
+
+# ---- biases -------------------------------------------------------------------------------------
+BIAS_CASES = {
+    # op, attrs, input shape, weight shape, bias length
+    "Conv": ("Conv", {"pads": [1, 1, 1, 1]}, [4, 4, 6, 6], (6, 4, 3, 3), 6),
+    "Conv-groups": ("Conv", {"group": 2}, [4, 4, 6, 6], (6, 2, 3, 3), 6),
+    "ConvTranspose": ("ConvTranspose", {"strides": [2, 2]}, [4, 4, 5, 5], (4, 6, 3, 3), 6),
+    "ConvTranspose-groups": ("ConvTranspose", {"group": 2}, [4, 4, 5, 5], (4, 3, 3, 3), 6),
+    "Gemm-transB0": ("Gemm", {"transB": 0}, [4, 5], (5, 7), 7),
+    "Gemm-transB1": ("Gemm", {"transB": 1}, [4, 5], (7, 5), 7),
+}
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("case", list(BIAS_CASES))
+def test_bias_becomes_int32_with_input_times_weight_scale(case, per_channel):
+    op, attrs, x_shape, w_shape, n = BIAS_CASES[case]
+    rng = np.random.default_rng(len(case))
+    b = f32(rng, 0.5, n)
+    model = build([helper.make_node(op, ["x", "w", "b"], ["c"], name="op", **attrs),
+                   helper.make_node("Relu", ["c"], ["y"], name="relu")],
+                  [tensor("x", ["N", *x_shape[1:]])], [tensor("y", None)],
+                  {"w": f32(rng, 0.3, *w_shape), "b": b})
+    x = rng.normal(0, 1, x_shape).astype(np.float32)
+    inserted = insert(model, weights={"per_channel": per_channel, "reduce_range": False})
+    result, table = calibrate(inserted, [{"x": x}], method="minmax")
+    assert result.counts["biases"] == 1
+    entry = table.get("b")
+    assert entry.role == "bias" and entry.quantized and entry.dtype == "int32"
+    assert entry.zero_point == [0] * n
+    s_in = np.float32(table.get("x").scale[0])
+    s_w = np.asarray(table.get("w").scale, np.float32)
+    if op == "ConvTranspose" and s_w.size > 1:  # one weight scale per channel of a group
+        s_w = np.tile(s_w, n // s_w.size)
+    expected_scale = np.broadcast_to(s_in * s_w, (n,))
+    node = next(nd for nd in result.model.graph.node if nd.name == "op")
+    dq = next(nd for nd in result.model.graph.node if node.input[2] in nd.output)
+    assert dq.op_type == "DequantizeLinear"
+    ints = initializer(result.model, dq.input[0])
+    scale = initializer(result.model, dq.input[1])
+    assert ints.dtype == np.int32 and ints.shape == (n,)
+    np.testing.assert_array_equal(scale, expected_scale)
+    np.testing.assert_allclose(entry.scale, expected_scale, rtol=1e-7)
+    np.testing.assert_array_equal(ints, np.rint(b / expected_scale.astype(np.float64)))
+    assert np.all(np.abs(ints * scale.astype(np.float64) - b) <= scale / 2 + 1e-12)
+    assert cosine(run(model, {"x": x})[0], run(result.model, {"x": x})[0]) > 0.99
+
+
+def test_calibrated_resize_keeps_its_output_shape():
+    rng = np.random.default_rng(7)
+    inits = {"w": f32(rng, 0.3, 4, 3, 3, 3), "scales": np.array([1, 1, 2, 2], np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["c", "", "scales"], ["u"], name="up", mode="nearest"),
+             helper.make_node("MaxPool", ["u"], ["y"], name="pool", kernel_shape=[2, 2])]
+    model = build(nodes, [tensor("x", [2, 3, 4, 4])], [tensor("y", [2, 4, 7, 7])], inits)
+    x = images(rng, 2)[:, :, :4, :4]
+    result, _ = calibrate(insert(model), [{"x": x}], method="minmax")
+    ref, out = run(model, {"x": x})[0], run(result.model, {"x": x})[0]
+    assert out.shape == ref.shape
+    assert cosine(ref, out) > 0.99
+
+
+# ---- refusals and bad data ----------------------------------------------------------------------
+def test_no_data_is_a_data_error():
+    model = insert(conv_net(np.random.default_rng(8)))
+    with pytest.raises(DataError, match="calibrate needs data"):
+        Calibrate().run(model, PassContext())
+
+
+def test_no_table_is_a_pass_error():
+    rng = np.random.default_rng(9)
+    with pytest.raises(PassError, match="run insert-qdq before calibrate"):
+        calibrate(conv_net(rng), [{"x": images(rng, 2)}])
+
+
+def test_empty_npz_is_a_data_error(tmp_path):
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 3, 8, 8), np.float32))
+    model = insert(conv_net(np.random.default_rng(10)))
+    with pytest.raises(DataError, match="no samples"):
+        calibrate(model, DataSource(tmp_path / "empty.npz"))
+
+
+def test_wrong_input_name_is_a_data_error_naming_both():
+    rng = np.random.default_rng(11)
+    model = insert(conv_net(rng))
+    with pytest.raises(DataError, match=r"'image' is not an input.*inputs are: x"):
+        calibrate(model, [{"image": images(rng, 2)}])
+
+
+def test_wrong_rank_is_a_data_error_naming_the_input():
+    rng = np.random.default_rng(12)
+    model = insert(conv_net(rng))
+    with pytest.raises(DataError, match="input 'x' has shape"):
+        calibrate(model, [{"x": images(rng, 2)[0]}])
+
+
+def test_nan_in_the_data_is_a_data_error_naming_the_input():
+    """NaN is never a value a model input means (unlike a mask's -inf): calibrating on it
+    would silently keep the input and everything downstream float, so it is refused."""
+    rng = np.random.default_rng(13)
+    model = insert(conv_net(rng))
+    x = images(rng, 8)
+    x[3, 1, 2, 2] = np.nan
+    with pytest.raises(DataError, match="'x'.*(NaN|nan)|(NaN|nan).*'x'"):
+        calibrate(model, [{"x": x}], method="minmax")

@@ -1,0 +1,224 @@
+"""emit, through the pass manager: the files, the deploy graph, the report; refusals.
+
+A weight-heavy net built here (Conv 64x64x3x3, Gemm 256x64, 256x256, 10x256) goes through
+insert-qdq, calibrate (minmax) and emit into a temporary folder. Tolerances:
+
+- deploy vs fake-quant outputs in onnxruntime with graph optimizations off: within 1e-6 of the
+  output's largest magnitude (the output is a float Gemm after DequantizeLinear, and the
+  deploy integers are those QuantizeLinear computes, so they agree to float rounding);
+- fake-quant vs float: cosine similarity > 0.99;
+- deploy size: more than 3x smaller than the float file (int8 weights, int32 biases).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphq.errors import DataError, PassError
+from graphq.passes.calibrate import Calibrate
+from graphq.passes.emit import Emit
+from graphq.passes.insert_qdq import InsertQDQ
+from graphq.pipeline import PassManager
+from graphq.quant import METADATA_KEY, QuantTable
+from tests.helpers import make_model, run, tensor
+
+FILES = {"net.deploy.onnx", "net.fakequant.onnx", "quant_record.json", "report.md",
+         "report.json", "pipeline.toml"}
+
+
+def heavy_net(rng: np.random.Generator) -> onnx.ModelProto:
+    def w(*shape: int) -> np.ndarray:
+        fan_in = int(np.prod(shape[1:]))
+        return rng.normal(0, 1 / np.sqrt(fan_in), shape).astype(np.float32)
+
+    inits = {"wc": w(64, 64, 3, 3), "bc": w(64, 1)[:, 0] * 0.1,
+             "w1": w(256, 64), "b1": w(256, 1)[:, 0] * 0.1,
+             "w2": w(256, 256), "b2": w(256, 1)[:, 0] * 0.1,
+             "w3": w(10, 256), "b3": w(10, 1)[:, 0] * 0.1}
+    nodes = [
+        helper.make_node("Conv", ["x", "wc", "bc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w1", "b1"], ["g1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["g1"], ["h1"], name="relu1"),
+        helper.make_node("Gemm", ["h1", "w2", "b2"], ["g2"], name="fc2", transB=1),
+        helper.make_node("Relu", ["g2"], ["h2"], name="relu2"),
+        helper.make_node("Gemm", ["h2", "w3", "b3"], ["y"], name="fc3", transB=1),
+    ]
+    model = make_model(nodes, [tensor("x", ["N", 64, 6, 6])], [tensor("y", ["N", 10])], inits)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def inputs(rng: np.random.Generator, n: int) -> np.ndarray:
+    base = rng.normal(0, 1, (n, 64, 1, 1)) + 0.3 * rng.normal(0, 1, (n, 64, 6, 6))
+    return base.astype(np.float32)
+
+
+def passes(**emit_options) -> list:
+    emit_options.setdefault("latency_runs", 0)
+    return [InsertQDQ(weights={"reduce_range": False}), Calibrate(method="minmax"),
+            Emit(**emit_options)]
+
+
+@pytest.fixture(scope="module")
+def emitted(tmp_path_factory):
+    """One run shared by the tests that only read its files."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("emit")
+    path = folder / "net.onnx"
+    onnx.save(heavy_net(rng), path)
+    calib = [{"x": inputs(rng, 16)}, {"x": inputs(rng, 16)}]
+    out = folder / "out"
+    result = PassManager(passes(latency_runs=2)).run(path, out, data=calib)
+    return {"model": path, "out": out, "result": result, "x": inputs(rng, 16)}
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+# ---- files --------------------------------------------------------------------------------------
+def test_writes_every_file_and_no_opt_model(emitted):
+    names = {p.name for p in emitted["out"].iterdir()}
+    assert names == FILES
+    assert not (emitted["out"] / "net.opt.onnx").exists()
+    for name in ("net.deploy.onnx", "net.fakequant.onnx"):
+        onnx.checker.check_model(str(emitted["out"] / name), full_check=True)
+
+
+def test_quant_record_is_the_table_of_the_fakequant_graph(emitted):
+    record = json.loads((emitted["out"] / "quant_record.json").read_text())
+    fakequant = onnx.load(emitted["out"] / "net.fakequant.onnx")
+    assert record == QuantTable.of(fakequant).to_json()
+    roles = {t["tensor"]: t["role"] for t in record["tensors"] if t["quantized"]}
+    assert {k for k, v in roles.items() if v == "weight"} == {"wc", "w1", "w2", "w3"}
+    assert {k for k, v in roles.items() if v == "bias"} == {"bc", "b1", "b2", "b3"}
+    assert all(t["reason"] for t in record["tensors"])
+
+
+def test_pipeline_file_reads_back(emitted):
+    manager = PassManager.from_toml(emitted["out"] / "pipeline.toml")
+    assert [p.name for p in manager.passes] == ["insert-qdq", "calibrate", "emit"]
+
+
+def test_report_has_a_quantization_section(emitted):
+    report = json.loads((emitted["out"] / "report.json").read_text())
+    q = report["quantization"]
+    assert q["size_bytes"]["deploy"] < q["size_bytes"]["float"]
+    assert q["tensors"]["quantized"] > 0
+    assert q["outputs"]["y"]["cosine"] > 0.99
+    assert set(q["latency_ms"]) == {"float", "deploy", "speedup"}
+    assert q["worst_tensors"] and all("sqnr_db" in row for row in q["worst_tensors"])
+    assert "accuracy" not in q  # the calibration data carries no labels
+    text = (emitted["out"] / "report.md").read_text()
+    assert text.startswith("# graphq quantization report") and "quant_record.json" in text
+
+
+# ---- the deploy graph ---------------------------------------------------------------------------
+def test_deploy_has_integer_weights_and_biases_feeding_dequantize(emitted):
+    deploy = onnx.load(emitted["out"] / "net.deploy.onnx")
+    inits = initializers(deploy)
+    for q in (n for n in deploy.graph.node if n.op_type == "QuantizeLinear"):
+        assert q.input[0] not in inits, f"QuantizeLinear of the constant '{q.input[0]}'"
+    kinds = {}
+    for dq in (n for n in deploy.graph.node if n.op_type == "DequantizeLinear"):
+        if dq.input[0] in inits:
+            kinds[dq.input[0]] = inits[dq.input[0]].data_type
+    assert sorted(kinds.values()).count(TensorProto.INT8) == 4
+    assert sorted(kinds.values()).count(TensorProto.INT32) == 4
+    assert len(kinds) == 8
+    for name in ("wc", "w1", "w2", "w3", "bc", "b1", "b2", "b3"):
+        assert name not in inits  # no float copy of a weight or bias left
+    assert all(p.key != METADATA_KEY for p in deploy.metadata_props)
+
+
+def test_deploy_integers_are_what_quantize_linear_computes(emitted):
+    """Each int8 weight in the deploy graph equals onnxruntime's QuantizeLinear output for
+    the same weight in the fake-quant graph."""
+    fakequant = onnx.load(emitted["out"] / "net.fakequant.onnx")
+    deploy = onnx.load(emitted["out"] / "net.deploy.onnx")
+    inits = {k: numpy_helper.to_array(v) for k, v in initializers(deploy).items()}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(fakequant)
+    weights = [q for q in probe.graph.node if q.op_type == "QuantizeLinear"
+               and q.input[0] in ("wc", "w1", "w2", "w3")]
+    probe.graph.output.extend(tensor(q.output[0], None, TensorProto.INT8) for q in weights)
+    outs = run(probe, {"x": emitted["x"][:1]})[1:]
+    for q, ints in zip(weights, outs, strict=True):
+        np.testing.assert_array_equal(inits[q.output[0]], ints)
+
+
+def test_deploy_is_about_4x_smaller(emitted):
+    float_size = emitted["model"].stat().st_size
+    deploy_size = (emitted["out"] / "net.deploy.onnx").stat().st_size
+    assert float_size / deploy_size > 3.0
+
+
+def test_deploy_equals_fakequant_and_both_are_close_to_float(emitted):
+    out = emitted["out"]
+    x = {"x": emitted["x"]}
+    ref = run(onnx.load(emitted["model"]), x)[0]
+    fq = run(onnx.load(out / "net.fakequant.onnx"), x)[0]
+    dep = run(onnx.load(out / "net.deploy.onnx"), x)[0]
+    assert np.max(np.abs(dep - fq)) <= 1e-6 * np.max(np.abs(fq)) + 1e-7
+    cos = float(np.sum(ref * fq) / (np.linalg.norm(ref) * np.linalg.norm(fq)))
+    assert cos > 0.99
+
+
+# ---- eval data with labels ----------------------------------------------------------------------
+def test_eval_data_with_labels_gives_top1_before_and_after(tmp_path):
+    rng = np.random.default_rng(1)
+    model = heavy_net(rng)
+    x = inputs(rng, 64)
+    labels = run(model, {"x": x})[0].argmax(axis=1)  # the float model is right by construction
+    np.savez(tmp_path / "eval.npz", x=x, label=labels)
+    result = PassManager(passes(eval_data=str(tmp_path / "eval.npz"))).run(
+        model, tmp_path / "out", data=[{"x": inputs(rng, 32)}])
+    q = result.report["quantization"]
+    assert q["eval_data"] == str(tmp_path / "eval.npz")
+    acc = q["accuracy"]
+    assert acc["top1_float"] == 1.0 and acc["top5_float"] == 1.0
+    assert 0.9 <= acc["top1_quantized"] <= 1.0 and acc["top5_quantized"] >= 0.98
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["quantization"]["accuracy"] == acc
+
+
+# ---- refusals: nothing is written ---------------------------------------------------------------
+@pytest.mark.parametrize("existing", [False, True])
+def test_emit_without_calibrate_is_a_pass_error_and_writes_nothing(tmp_path, existing):
+    rng = np.random.default_rng(2)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    manager = PassManager([InsertQDQ(), Emit(latency_runs=0)])
+    with pytest.raises(PassError, match="run calibrate before emit"):
+        manager.run(heavy_net(rng), out, data=[{"x": inputs(rng, 4)}])
+    assert (list(out.iterdir()) == []) if existing else not out.exists()
+
+
+def test_emit_without_insert_qdq_is_a_pass_error(tmp_path):
+    rng = np.random.default_rng(3)
+    with pytest.raises(PassError, match="no quantization table"):
+        PassManager([Emit(latency_runs=0)]).run(heavy_net(rng), tmp_path / "out",
+                                                data=[{"x": inputs(rng, 4)}])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing", "wrong input name"])
+def test_bad_eval_data_is_a_data_error_and_writes_nothing(tmp_path, problem):
+    rng = np.random.default_rng(4)
+    path = Path(tmp_path / "eval.npz")
+    if problem == "wrong input name":
+        np.savez(path, image=inputs(rng, 8), label=np.zeros(8, np.int64))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="not found" if problem == "missing" else "'image'"):
+        PassManager(passes(eval_data=str(path))).run(heavy_net(rng), out,
+                                                     data=[{"x": inputs(rng, 8)}])
+    assert not out.exists()

@@ -1,0 +1,509 @@
+"""insert-qdq: what is quantized, how, and why not, on graphs built here.
+
+Structure is asserted through the quant table (``QuantTable.of``) and the Q/DQ nodes of the
+graph; every result passes onnx.checker (full check) and loads in onnxruntime. Weight
+quantization is checked numerically: with activations kept float by overrides, the graph must
+equal the float graph whose weights were fake-quantized here in numpy (symmetric int8,
+``scale = max|w| / 127`` per output channel, saturated to [-128, 127]), within 1e-5 of the
+output's largest magnitude.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphq.errors import ConfigError, PassError
+from graphq.passes.insert_qdq import InsertQDQ
+from graphq.quant import QuantTable
+from graphq.registry import PassContext
+from tests.helpers import assert_close, make_model, op_counts, run, tensor
+
+RTOL = 1e-5
+
+
+def build(nodes, inputs, outputs, inits=(), opset: int = 13, infer: bool = True):
+    model = make_model(nodes, inputs, outputs, inits, opset=opset)
+    return onnx.shape_inference.infer_shapes(model) if infer else model
+
+
+def insert(model: onnx.ModelProto, **options):
+    """Run the pass on a copy; check the result; return (result, table)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    result = InsertQDQ(**options).run(copy, PassContext())
+    onnx.checker.check_model(result.model, full_check=True)
+    ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    table = QuantTable.of(result.model)
+    assert table is not None
+    for entry in table.entries.values():
+        assert entry.reason, f"no reason for '{entry.tensor}'"
+    check_pairs(result.model, table)
+    return result, table
+
+
+def pairs(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """Float tensor -> (QuantizeLinear, DequantizeLinear) reading it."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    out = {}
+    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        (dq,) = readers[q.output[0]]
+        assert dq.op_type == "DequantizeLinear"
+        out[q.input[0]] = (q, dq)
+    return out
+
+
+def check_pairs(model: onnx.ModelProto, table: QuantTable) -> None:
+    """One Q/DQ pair per quantized entry, none for the others; only Q reads a quantized one."""
+    found = pairs(model)
+    assert set(found) == {e.tensor for e in table.quantized()}
+    for name in found:
+        readers = [n.op_type for n in model.graph.node if name in n.input]
+        assert readers == ["QuantizeLinear"], f"'{name}' is read by {readers}"
+
+
+def quantized(table: QuantTable, role: str | None = None) -> set[str]:
+    return {e.tensor for e in table.quantized(role)}
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
+
+
+def conv_net(rng: np.random.Generator, infer: bool = True) -> onnx.ModelProto:
+    """x -> Conv -> Relu -> Conv -> Add(residual) -> GlobalAveragePool -> Flatten -> Gemm."""
+    c = 8
+    inits = {"w1": rng.normal(0, 0.3, (c, 3, 3, 3)), "b1": rng.normal(0, 0.1, c),
+             "w2": rng.normal(0, 0.2, (c, c, 3, 3)), "b2": rng.normal(0, 0.1, c),
+             "wg": rng.normal(0, 0.3, (10, c)), "bg": rng.normal(0, 0.1, 10)}
+    inits = {k: v.astype(np.float32) for k, v in inits.items()}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("GlobalAveragePool", ["a"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="fc", transB=1),
+    ]
+    return build(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 10])], inits,
+                 infer=infer)
+
+
+def mlp(rng: np.random.Generator, names=("mm1", "mm2")) -> onnx.ModelProto:
+    """x -> MatMul -> Relu -> MatMul -> y."""
+    inits = {"W1": rng.normal(0, 0.3, (8, 6)).astype(np.float32),
+             "W2": rng.normal(0, 0.3, (6, 4)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name=names[0]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name=names[1])]
+    return build(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 4])], inits)
+
+
+# ---- the conv net: what is quantized and where --------------------------------------------------
+def test_conv_net_structure():
+    model = conv_net(np.random.default_rng(0))
+    result, table = insert(model, weights={"reduce_range": False})
+    assert result.changed
+    assert quantized(table, "activation") == {"x", "r1", "c2", "a", "p", "f"}
+    assert quantized(table, "weight") == {"w1", "w2", "wg"}
+    assert result.counts == {"activations": 6, "weights": 3, "float": 1}
+    assert op_counts(result.model) == {
+        "QuantizeLinear": 9, "DequantizeLinear": 9, "Conv": 2, "Relu": 1, "Add": 1,
+        "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
+    # activations wait for calibrate; weights are final
+    for entry in table.quantized("activation"):
+        assert entry.dtype == "uint8" and not entry.symmetric and entry.scale is None
+    for entry in table.quantized("weight"):
+        assert entry.dtype == "int8" and entry.symmetric and entry.method == "weight"
+        assert entry.scale is not None and all(s > 0 for s in entry.scale)
+
+
+def test_relu_after_conv_quantizes_the_relu_output_not_the_conv_output():
+    _, table = insert(conv_net(np.random.default_rng(1)))
+    assert "c1" not in table.entries
+    assert table.get("r1").quantized
+    assert "Relu" in table.get("r1").reason and "conv1" in table.get("r1").reason
+
+
+def test_residual_add_is_quantized_when_both_inputs_are():
+    _, table = insert(conv_net(np.random.default_rng(2)))
+    assert table.get("c2").quantized and table.get("r1").quantized
+    assert table.get("a").quantized and "Add 'add'" in table.get("a").reason
+
+
+def test_pass_through_shares_the_source_scale():
+    _, table = insert(conv_net(np.random.default_rng(3)))
+    assert table.get("f").method == "shared:p"
+    assert table.get("p").method == ""  # its own scale, set by calibrate
+
+
+def test_transpose_reshape_chain_shares_scales_and_skips_the_shape():
+    rng = np.random.default_rng(4)
+    inits = {"W1": rng.normal(0, 0.3, (8, 8)).astype(np.float32),
+             "W2": rng.normal(0, 0.3, (32, 5)).astype(np.float32),
+             "shape": np.array([-1, 32], np.int64)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+             helper.make_node("Transpose", ["h"], ["ht"], name="tr", perm=[0, 2, 1]),
+             helper.make_node("Reshape", ["ht", "shape"], ["hr"], name="rs"),
+             helper.make_node("MatMul", ["hr", "W2"], ["y"], name="mm2")]
+    model = build(nodes, [tensor("x", ["N", 4, 8])], [tensor("y", ["N", 5])], inits)
+    _, table = insert(model)
+    assert table.get("ht").method == "shared:h"
+    assert table.get("hr").method == "shared:ht"
+    assert "shape" not in table.entries
+
+
+def test_concat_of_quantized_inputs_has_its_own_scale():
+    rng = np.random.default_rng(5)
+    inits = {"W1": rng.normal(0, 0.3, (8, 4)).astype(np.float32),
+             "W2": rng.normal(0, 0.3, (8, 4)).astype(np.float32),
+             "W3": rng.normal(0, 0.3, (8, 3)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"], name="mm1"),
+             helper.make_node("MatMul", ["x", "W2"], ["b"], name="mm2"),
+             helper.make_node("Concat", ["a", "b"], ["cat"], name="cat", axis=1),
+             helper.make_node("MatMul", ["cat", "W3"], ["y"], name="mm3")]
+    model = build(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 3])], inits)
+    _, table = insert(model)
+    assert {"a", "b", "cat"} <= quantized(table, "activation")
+    assert not table.get("cat").method.startswith("shared:")
+
+
+@pytest.mark.parametrize("mask_source", ["graph input", "through Neg"])
+def test_add_with_a_float_mask_is_not_quantized(mask_source):
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["s"], name="scores")]
+    mask = "mask"
+    if mask_source == "through Neg":
+        nodes.append(helper.make_node("Neg", ["mask"], ["mask_neg"], name="neg"))
+        mask = "mask_neg"
+    nodes += [helper.make_node("Add", ["s", mask], ["am"], name="add_mask"),
+              helper.make_node("Softmax", ["am"], ["y"], name="softmax", axis=-1)]
+    model = build(nodes, [tensor("x", ["N", 4, 16]), tensor("mask", ["N", 4, 8])],
+                  [tensor("y", ["N", 4, 8])], {"W": rng.normal(0, 0.3, (16, 8)).astype(np.float32)})
+    result, table = insert(model)
+    assert table.get("s").quantized  # the scores are a MatMul output
+    assert mask not in table.entries and "mask" not in table.entries
+    assert "am" not in table.entries  # the Add keeps its float output
+    add = next(n for n in result.model.graph.node if n.name == "add_mask")
+    assert add.input[1] == mask  # the mask is read as it is, no DequantizeLinear
+
+
+# ---- weights: per channel on the right axis -----------------------------------------------------
+# (reduce_range = false throughout, so that the result does not depend on this CPU's VNNI)
+WEIGHT_CASES = {
+    # op, attrs, input shape, weight shape, output channel axis of the weight
+    "Conv": ("Conv", {}, [2, 4, 5, 5], (6, 4, 3, 3), 0),
+    "Conv-groups": ("Conv", {"group": 2}, [2, 4, 5, 5], (6, 2, 3, 3), 0),
+    "ConvTranspose": ("ConvTranspose", {}, [2, 4, 5, 5], (4, 6, 3, 3), 1),
+    "Gemm-transB0": ("Gemm", {"transB": 0}, [3, 5], (5, 7), 1),
+    "Gemm-transB1": ("Gemm", {"transB": 1}, [3, 5], (7, 5), 0),
+    "MatMul": ("MatMul", {}, [3, 5], (5, 7), 1),
+    "MatMul-3d-input": ("MatMul", {}, [2, 3, 5], (5, 7), 1),
+    "MatMul-batched-weight": ("MatMul", {}, [2, 3, 5], (2, 5, 7), 2),
+}
+
+
+def single_op(case: str, rng: np.random.Generator):
+    op, attrs, x_shape, w_shape, axis = WEIGHT_CASES[case]
+    # channels of very different magnitudes: a per-tensor scale would not reproduce them
+    gain = np.exp(rng.uniform(-3, 1, w_shape[axis]))
+    shape = [1] * len(w_shape)
+    shape[axis] = -1
+    w = (rng.normal(0, 1, w_shape) * gain.reshape(shape)).astype(np.float32)
+    model = build([helper.make_node(op, ["x", "w"], ["y"], name="op", **attrs)],
+                  [tensor("x", x_shape)], [tensor("y", None)], {"w": w})
+    x = rng.normal(0, 1, x_shape).astype(np.float32)
+    return model, w, x, axis
+
+
+def fake_quant_weight(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """Symmetric int8 fake quantization, written out here: scale = max|w| / 127 (the largest
+    weight lands on 127), integers saturated to [-128, 127] as QuantizeLinear does."""
+    if axis is None:
+        scale = np.float32(np.abs(w).max() / 127)
+    else:
+        others = tuple(i for i in range(w.ndim) if i != axis)
+        scale = (np.abs(w).max(axis=others, keepdims=True) / 127).astype(np.float32)
+    return (np.clip(np.rint(w / scale), -128, 127) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", list(WEIGHT_CASES))
+def test_weight_is_quantized_per_channel_on_its_output_axis(case):
+    rng = np.random.default_rng(len(case))
+    model, w, x, axis = single_op(case, rng)
+    result, table = insert(model, weights={"reduce_range": False},
+                           overrides={"x": {"quantize": False}})
+    entry = table.get("w")
+    assert entry.quantized and entry.role == "weight" and entry.axis == axis
+    assert len(entry.scale) == w.shape[axis] and entry.zero_point == [0] * w.shape[axis]
+    q, dq = pairs(result.model)["w"]
+    for node in (q, dq):
+        assert helper.get_attribute_value(
+            next(a for a in node.attribute if a.name == "axis")) == axis
+    assert initializer(result.model, q.input[1]).shape == (w.shape[axis],)
+    ref_model = onnx.ModelProto()
+    ref_model.CopyFrom(model)
+    ref_model.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(fake_quant_weight(w, axis), "w"))
+    assert_close(run(ref_model, {"x": x}), run(result.model, {"x": x}), RTOL)
+
+
+def test_per_channel_false_gives_one_scale_per_weight():
+    rng = np.random.default_rng(7)
+    model = conv_net(rng)
+    result, table = insert(model, weights={"per_channel": False, "reduce_range": False})
+    for entry in table.quantized("weight"):
+        assert entry.axis is None and len(entry.scale) == 1 and len(entry.zero_point) == 1
+    found = pairs(result.model)
+    for name in ("w1", "w2", "wg"):
+        q, dq = found[name]
+        assert not any(a.name == "axis" for a in q.attribute)
+        assert initializer(result.model, q.input[1]).ndim == 0
+    model, w, x, _ = single_op("Conv", rng)
+    result, _ = insert(model, weights={"per_channel": False, "reduce_range": False},
+                       overrides={"x": {"quantize": False}})
+    ref_model = onnx.ModelProto()
+    ref_model.CopyFrom(model)
+    ref_model.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(fake_quant_weight(w, None), "w"))
+    assert_close(run(ref_model, {"x": x}), run(result.model, {"x": x}), RTOL)
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_reduce_range_limits_int8_weights_to_7_bits(reduce_range):
+    """The integers QuantizeLinear makes of the weight, as onnxruntime computes them:
+    [-64, 63] with reduce_range (kernels/quant.py: "int8 -> [-64, 63]"), the full int8 range
+    without. QuantizeLinear saturates only at int8's own limits, so the scale alone must keep
+    the largest weight inside 63."""
+    rng = np.random.default_rng(8)
+    model, w, x, _ = single_op("Gemm-transB1", rng)
+    result, table = insert(model, weights={"reduce_range": reduce_range},
+                           overrides={"x": {"quantize": False}})
+    q, _ = pairs(result.model)["w"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(result.model)
+    probe.graph.output.append(tensor(q.output[0], None, TensorProto.INT8))
+    ints = run(probe, {"x": x})[1]
+    assert ints.dtype == np.int8 and ints.shape == w.shape
+    if reduce_range:
+        assert ints.min() >= -64 and ints.max() <= 63, (
+            f"7-bit weights span [{ints.min()}, {ints.max()}], not [-64, 63]")
+        assert np.abs(ints.astype(int)).max() >= 63
+    else:
+        assert np.abs(ints.astype(int)).max() >= 127
+    # every channel uses its range: its largest |q| is the top of the scale
+    top = np.abs(ints.astype(int)).max(axis=1)
+    assert np.all(top >= (63 if reduce_range else 127))
+
+
+# ---- what stays float ---------------------------------------------------------------------------
+def test_graph_outputs_keep_their_names_and_stay_float():
+    rng = np.random.default_rng(9)
+    model = conv_net(rng)
+    # r1 is also a graph output, read by conv2 and the Add as well
+    model.graph.output.append(tensor("r1", ["N", 8, 8, 8]))
+    result, table = insert(model)
+    assert [o.name for o in result.model.graph.output] == ["y", "r1"]
+    producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
+    assert producers["y"] == "Gemm" and producers["r1"] == "Relu"
+    for name in ("y", "r1"):
+        assert not table.get(name).quantized and "graph output" in table.get(name).reason
+    x = rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    outs = run(result.model, {"x": x})
+    assert [o.dtype for o in outs] == [np.float32, np.float32]
+
+
+def test_integer_tensors_are_never_quantized():
+    rng = np.random.default_rng(10)
+    inits = {"E": rng.normal(0, 1, (20, 8)).astype(np.float32),
+             "W": rng.normal(0, 0.3, (8, 4)).astype(np.float32),
+             "W2": rng.normal(0, 0.3, (24, 3)).astype(np.float32),
+             "shape": np.array([-1, 24], np.int64),
+             "Wi": rng.integers(-3, 3, (5, 2)).astype(np.int32)}
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["g"], name="embed"),
+             helper.make_node("MatMul", ["g", "W"], ["h"], name="mm"),
+             helper.make_node("Reshape", ["h", "shape"], ["hr"], name="rs"),
+             helper.make_node("MatMul", ["hr", "W2"], ["y"], name="mm2"),
+             helper.make_node("Shape", ["g"], ["shp"], name="shape_of"),
+             helper.make_node("Concat", ["shp", "shp"], ["shp2"], name="cat_int", axis=0),
+             helper.make_node("MatMul", ["k", "Wi"], ["yi"], name="mm_int")]
+    model = build(nodes, [tensor("ids", ["N", 6], TensorProto.INT64),
+                          tensor("k", ["N", 5], TensorProto.INT32)],
+                  [tensor("y", ["N", 3]), tensor("shp2", [6], TensorProto.INT64),
+                   tensor("yi", ["N", 2], TensorProto.INT32)], inits)
+    result, table = insert(model)
+    types = elem_types(model)
+    for entry in table.entries.values():
+        assert types[entry.tensor] == TensorProto.FLOAT, entry.tensor
+    assert {"g", "h", "hr"} <= quantized(table, "activation")
+    for name in ("ids", "shape", "shp", "shp2", "k", "Wi", "yi"):
+        assert name not in table.entries
+    assert any("mm_int" in note and "not float" in note for note in result.notes)
+    feeds = {"ids": rng.integers(0, 20, (3, 6)).astype(np.int64),
+             "k": rng.integers(-3, 3, (3, 5)).astype(np.int32)}
+    outs = run(result.model, feeds)
+    assert np.array_equal(outs[2], run(model, feeds)[2])  # the integer MatMul is untouched
+
+
+def test_types_are_found_without_shape_inference():
+    """A graph straight from an exporter may carry no value_info: the intermediate tensors'
+    types are then unknown to the pass, but they are float all the same."""
+    with_types = conv_net(np.random.default_rng(11))
+    without = conv_net(np.random.default_rng(11), infer=False)
+    assert not without.graph.value_info
+    _, expected = insert(with_types)
+    _, table = insert(without)
+    assert quantized(table) == quantized(expected)
+
+
+# ---- selection options --------------------------------------------------------------------------
+def test_exclude_by_node_name():
+    result, table = insert(mlp(np.random.default_rng(12), ("enc/mm", "head/mm")),
+                           exclude=["^head/"])
+    assert table.get("W1").quantized and "W2" not in table.entries
+    assert any("head/mm" in n and "excluded by name" in n for n in result.notes)
+
+
+def test_include_by_node_name():
+    _, table = insert(mlp(np.random.default_rng(13), ("enc/mm", "head/mm")), include=["^enc/"])
+    assert table.get("W1").quantized and "W2" not in table.entries
+
+
+def test_exclude_ops():
+    _, table = insert(conv_net(np.random.default_rng(14)), exclude_ops=["Gemm"])
+    assert "wg" not in table.entries
+    assert {"w1", "w2"} == quantized(table, "weight")
+
+
+def test_ops_option_limits_the_op_types():
+    _, table = insert(conv_net(np.random.default_rng(15)), ops=["Conv"])
+    assert quantized(table, "weight") == {"w1", "w2"}
+    assert "a" not in table.entries and "p" not in table.entries  # Add, GAP not selected
+
+
+def test_override_keeps_an_activation_float():
+    result, table = insert(conv_net(np.random.default_rng(16)),
+                           overrides={"r1": {"quantize": False}})
+    entry = table.get("r1")
+    assert not entry.quantized and "override" in entry.reason
+    assert "r1" not in pairs(result.model)
+    # the residual Add reads a float input now, so it stays float too
+    assert "a" not in table.entries or not table.get("a").quantized
+
+
+def test_override_keeps_a_weight_float():
+    result, table = insert(conv_net(np.random.default_rng(17)),
+                           overrides={"w2": {"quantize": False}})
+    assert not table.get("w2").quantized and "override" in table.get("w2").reason
+    conv2 = next(n for n in result.model.graph.node if n.name == "conv2")
+    assert conv2.input[1] == "w2"
+
+
+def test_override_dtype_of_one_activation():
+    result, table = insert(conv_net(np.random.default_rng(18)),
+                           overrides={"c2": {"dtype": "int8", "symmetric": True}})
+    assert table.get("c2").dtype == "int8" and table.get("c2").symmetric
+    q, _ = pairs(result.model)["c2"]
+    assert initializer(result.model, q.input[2]).dtype == np.int8
+    assert table.get("a").dtype == "uint8"
+
+
+def test_override_of_a_tensor_the_graph_does_not_have_is_an_error():
+    """A misspelt tensor name must not be ignored silently (DESIGN: options are typed,
+    a typo is an error)."""
+    with pytest.raises((PassError, ConfigError), match="r11"):
+        insert(conv_net(np.random.default_rng(19)), overrides={"r11": {"quantize": False}})
+
+
+def test_exclude_ops_with_an_unknown_op_type_is_an_error():
+    with pytest.raises(ConfigError, match="Matmul"):
+        InsertQDQ(exclude_ops=["Matmul"])
+
+
+def test_bad_regex_is_a_config_error():
+    with pytest.raises(ConfigError, match="regex"):
+        InsertQDQ(exclude=["(unclosed"])
+
+
+# ---- refusals -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [
+    {"activations": {"dtype": "int16"}},
+    {"activations": {"dtype": "uint16"}},
+    {"overrides": {"x": {"dtype": "int16"}}},
+])
+def test_wide_types_need_opset_21(options):
+    with pytest.raises(PassError, match="min_opset = 21"):
+        insert(mlp(np.random.default_rng(20)), **options)
+
+
+@pytest.mark.parametrize("options", [{"weights": {"dtype": "int4"}},
+                                     {"overrides": {"x": {"dtype": "uint4"}}}])
+def test_4_bit_types_are_refused_until_they_are_stored_as_4_bit(options):
+    """4-bit zero points must be ONNX INT4/UINT4 tensors; until graphq writes them, asking
+    for int4 is a configuration error that lists the types it has."""
+    with pytest.raises(ConfigError, match="allowed: 'int8', 'uint8', 'int16', 'uint16'"):
+        insert(mlp(np.random.default_rng(21)), **options)
+
+
+def test_int16_activations_at_opset_21():
+    rng = np.random.default_rng(21)
+    model = mlp(rng)
+    model.opset_import[0].version = 21
+    model.ir_version = 10
+    result, table = insert(model, activations={"dtype": "int16"})
+    q, _ = pairs(result.model)["x"]
+    zero = next(t for t in result.model.graph.initializer if t.name == q.input[2])
+    assert zero.data_type == TensorProto.INT16
+    assert table.get("x").dtype == "int16"
+
+
+def test_nothing_quantizable_is_a_pass_error():
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Softmax", ["r"], ["y"])]
+    model = build(nodes, [tensor("x", [2, 5])], [tensor("y", [2, 5])])
+    with pytest.raises(PassError, match="nothing in this model can be quantized"):
+        insert(model)
+
+
+def test_every_compute_op_excluded_is_a_pass_error():
+    with pytest.raises(PassError, match="nothing in this model can be quantized"):
+        insert(mlp(np.random.default_rng(24)), exclude_ops=["MatMul"])
+
+
+def test_include_that_matches_nothing_is_a_pass_error():
+    with pytest.raises(PassError, match="include"):
+        insert(mlp(np.random.default_rng(22)), include=["^no-such-node$"])
+
+
+# ---- Resize: only its data input is an activation -----------------------------------------------
+@pytest.mark.parametrize("roi", [False, True])
+def test_resize_parameters_are_not_quantized(roi):
+    """Resize's roi and scales are parameters (float constants), not activations: fake
+    quantizing scales = [1, 1, 2, 2] turns 1.0 into 0.996 and changes the output shape."""
+    rng = np.random.default_rng(23)
+    inits = {"w": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
+             "w2": rng.normal(0, 0.3, (2, 4, 1, 1)).astype(np.float32),
+             "scales": np.array([1, 1, 2, 2], np.float32)}
+    if roi:
+        inits["roi"] = np.zeros((0,), np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["c", "roi" if roi else "", "scales"], ["u"],
+                              name="up", mode="nearest"),
+             helper.make_node("Conv", ["u", "w2"], ["y"], name="conv2")]
+    model = build(nodes, [tensor("x", [2, 3, 4, 4])], [tensor("y", [2, 2, 8, 8])], inits)
+    result, table = insert(model)
+    assert "scales" not in table.entries and "roi" not in table.entries
+    assert table.get("u").quantized

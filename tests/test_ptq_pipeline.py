@@ -1,0 +1,160 @@
+"""Post-training quantization end to end through the command line (graphq.cli.main).
+
+``graphq run int8 model.onnx --data calib.npz -o out`` on a small conv net saved here, the
+shipped digits example, and bad inputs: each failure exits with its code (2: data or
+configuration, 1: a pass failed), prints one message that names the problem, and writes
+nothing into the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from graphq import cli
+from tests.helpers import make_model, run, tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits"
+FILES = {"net.deploy.onnx", "net.fakequant.onnx", "quant_record.json", "report.md",
+         "report.json", "pipeline.toml"}
+
+
+@pytest.fixture(autouse=True)
+def restore_graphq_logger():
+    """cli.main configures the 'graphq' logger for a terminal; undo that after each test."""
+    logger = logging.getLogger("graphq")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+def conv_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """Conv -> BN -> Relu -> Conv -> Add(residual) -> GlobalAveragePool -> Flatten -> Gemm,
+    with a dynamic batch: what an exporter writes (BN kept, no value_info)."""
+    c = 8
+    f = lambda s, *shape: rng.normal(0, s, shape).astype(np.float32)  # noqa: E731
+    inits = {"w1": f(0.3, c, 3, 3, 3), "b1": f(0.1, c), "w2": f(0.2, c, c, 3, 3),
+             "b2": f(0.1, c), "wg": f(0.3, 10, c), "bg": f(0.1, 10),
+             "gamma": rng.uniform(0.5, 1.5, c).astype(np.float32), "beta": f(0.1, c),
+             "mean": f(0.1, c), "var": rng.uniform(0.5, 1.5, c).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["n1"],
+                         name="bn1"),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("GlobalAveragePool", ["a"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["fl"], name="flatten"),
+        helper.make_node("Gemm", ["fl", "wg", "bg"], ["y"], name="fc", transB=1),
+    ]
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 10])], inits)
+
+
+def images(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Smooth images in [0, 1]: a random gradient and a blob per channel, a little noise."""
+    yy, xx = np.mgrid[0:8, 0:8] / 7.0
+    a, b, cy, cx = (rng.uniform(0, 1, (4, n, 3, 1, 1)))
+    img = 0.4 * (a * xx + b * yy) + 0.6 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.1)
+    return np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
+
+
+@pytest.fixture
+def net(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "net.onnx"
+    onnx.save(conv_net(rng), path)
+    np.savez(tmp_path / "calib.npz", x=images(rng, 48))
+    return path
+
+
+def graphq(*args: str) -> int:
+    return cli.main(["-q", *map(str, args)])
+
+
+def test_int8_preset_on_a_conv_net(tmp_path, net, capsys):
+    out = tmp_path / "out"
+    assert graphq("run", "int8", net, "--data", tmp_path / "calib.npz", "-o", out) == 0
+    assert {p.name for p in out.iterdir()} == FILES
+    report = json.loads((out / "report.json").read_text())
+    names = [p["name"] for p in report["passes"]]
+    assert names == ["canonicalize", "fold-bn", "insert-qdq", "calibrate", "emit"]
+    q = report["quantization"]
+    assert q["outputs"]["y"]["cosine"] > 0.99
+    assert q["tensors"]["quantized"] >= 8  # x, r1, c2, a, p, fl + weights + biases
+    for name in ("net.deploy.onnx", "net.fakequant.onnx"):
+        onnx.checker.check_model(str(out / name), full_check=True)
+    x = {"x": images(np.random.default_rng(1), 8)}
+    ref = run(onnx.load(net), x)[0]
+    got = run(onnx.load(out / "net.deploy.onnx"), x)[0]
+    assert np.array_equal(ref.argmax(1), got.argmax(1)) or \
+        float(np.sum(ref * got) / (np.linalg.norm(ref) * np.linalg.norm(got))) > 0.99
+    assert capsys.readouterr().err == ""  # -q: no info lines, no warnings
+
+
+def test_shipped_digits_example(tmp_path):
+    out = tmp_path / "out"
+    assert graphq("run", DIGITS / "int8.toml", DIGITS / "digits_cnn.onnx", "-o", out) == 0
+    report = json.loads((out / "report.json").read_text())
+    acc = report["quantization"]["accuracy"]
+    assert acc["top1_float"] > 0.95
+    assert acc["top1_quantized"] >= acc["top1_float"] - 0.005
+    deploy = (out / "digits_cnn.deploy.onnx").stat().st_size
+    assert deploy < (DIGITS / "digits_cnn.onnx").stat().st_size
+    assert report["quantization"]["eval_data"].endswith("test.npz")
+
+
+# ---- bad inputs: exit code, one message, nothing written ----------------------------------------
+def run_failing(tmp_path, capsys, model, data, code: int) -> str:
+    out = tmp_path / "out"
+    assert graphq("run", "int8", model, "--data", data, "-o", out) == code
+    assert not out.exists(), f"wrote {sorted(p.name for p in out.iterdir())}"
+    err = capsys.readouterr().err
+    assert err.startswith("graphq: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_empty_data_exits_2(tmp_path, net, capsys):
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 3, 8, 8), np.float32))
+    err = run_failing(tmp_path, capsys, net, tmp_path / "empty.npz", 2)
+    assert "no samples" in err
+
+
+def test_wrong_input_name_exits_2_and_names_the_input(tmp_path, net, capsys):
+    np.savez(tmp_path / "wrong.npz", image=images(np.random.default_rng(2), 8))
+    err = run_failing(tmp_path, capsys, net, tmp_path / "wrong.npz", 2)
+    assert "'image' is not an input" in err and "inputs are: x" in err
+
+
+def test_nan_in_data_exits_2_and_names_the_input(tmp_path, net, capsys):
+    """Decided: NaN in calibration data is a data error (exit 2), not a reason to keep the
+    whole net float (which is what a NaN in one pixel of one sample would otherwise do)."""
+    x = images(np.random.default_rng(3), 16)
+    x[5, 0, 3, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    err = run_failing(tmp_path, capsys, net, tmp_path / "nan.npz", 2)
+    assert "'x'" in err and "nan" in err.lower()
+
+
+def test_nothing_quantizable_exits_1_with_a_clear_message(tmp_path, capsys):
+    model = make_model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                        helper.make_node("Softmax", ["r"], ["y"], name="softmax")],
+                       [tensor("x", ["N", 5])], [tensor("y", ["N", 5])])
+    onnx.save(model, tmp_path / "act.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(4).normal(size=(8, 5)))
+    err = run_failing(tmp_path, capsys, tmp_path / "act.onnx", tmp_path / "calib.npz", 1)
+    assert "pass 'insert-qdq'" in err and "nothing in this model can be quantized" in err
+
+
+def test_no_data_exits_2(tmp_path, net, capsys):
+    out = tmp_path / "out"
+    assert graphq("run", "int8", net, "-o", out) == 2
+    assert not out.exists()
+    assert "calibrate needs data" in capsys.readouterr().err

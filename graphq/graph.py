@@ -112,6 +112,31 @@ def dequantized_constant(graph: gs.Graph, base: str, ints: np.ndarray, scale: np
     return restored
 
 
+def qdq_pairs(graph: gs.Graph) -> dict[str, tuple[gs.Node, gs.Node]]:
+    """Float tensor name -> the (QuantizeLinear, DequantizeLinear) pair that follows it."""
+    pairs = {}
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+        readers = q.outputs[0].outputs
+        if len(readers) == 1 and readers[0].op == "DequantizeLinear":
+            pairs[q.inputs[0].name] = (q, readers[0])
+    return pairs
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str], float_view: bool = False
+                 ) -> onnx.ModelProto:
+    """A copy of the model with the tensors ``names`` made graph outputs too; with
+    ``float_view`` every Q/DQ pair is bypassed first (the graph as it was before them)."""
+    graph = import_graph(model)
+    if float_view:
+        for q, dq in qdq_pairs(graph).values():
+            replace_uses(graph, dq.outputs[0], q.inputs[0])
+    tensors = graph.tensors()
+    present = {t.name for t in graph.outputs}
+    graph.outputs.extend(tensors[name] for name in names if name not in present)
+    graph.cleanup()
+    return export(graph, like=model)
+
+
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(out is tensor for out in graph.outputs)
 

@@ -68,3 +68,28 @@ def bn_node(x: str, y: str, prefix: str = "bn", name: str = "bn", eps: float = 1
         "BatchNormalization",
         [x, f"{prefix}_scale", f"{prefix}_bias", f"{prefix}_mean", f"{prefix}_var"], [y],
         name=name, epsilon=eps)
+
+
+def conv_bn_graph(channels: int = 4, batch: int | str = 1, name: str = "tiny",
+                  seed: int = 0) -> onnx.GraphProto:
+    """x[batch,3,8,8] -> Conv(W[channels,3,3,3], pads 1) -> BatchNormalization -> y."""
+    rng = np.random.default_rng(seed)
+    c = channels
+    inits = {
+        "W": rng.standard_normal((c, 3, 3, 3)).astype(np.float32),
+        "gamma": rng.uniform(0.5, 1.5, c).astype(np.float32),
+        "beta": rng.standard_normal(c).astype(np.float32),
+        "mean": rng.standard_normal(c).astype(np.float32),
+        "var": rng.uniform(0.5, 1.5, c).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"],
+                         name="bn"),
+    ]
+    return helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, 8, 8])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )

@@ -6,7 +6,6 @@ Exit codes: 0 success, 2 usage/configuration/model/data error, 1 a pass failed.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -23,40 +22,13 @@ from graphq import cli
 from graphq import options as opts
 from graphq.pipeline import PipelineOptions, presets
 from graphq.registry import passes
+from tests.helpers import conv_bn_graph
 
 IR = 8
 
 
-@pytest.fixture(autouse=True)
-def restore_graphq_logger():
-    """cli.main configures the 'graphq' logger for a terminal; undo that after each test."""
-    logger = logging.getLogger("graphq")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-
-
 def conv_bn_model(channels: int = 4) -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    c = channels
-    inits = {
-        "W": rng.standard_normal((c, 3, 3, 3)).astype(np.float32),
-        "gamma": rng.uniform(0.5, 1.5, c).astype(np.float32),
-        "beta": rng.standard_normal(c).astype(np.float32),
-        "mean": rng.standard_normal(c).astype(np.float32),
-        "var": rng.uniform(0.5, 1.5, c).astype(np.float32),
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"],
-                         name="bn"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 8, 8])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()],
-    )
+    graph = conv_bn_graph(channels, batch="N")
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
                               producer_name="cli-tests", producer_version="0.9")
     model.ir_version = IR

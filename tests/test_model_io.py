@@ -19,6 +19,7 @@ import graphq
 from graphq import model as model_io
 from graphq.errors import ModelError
 from graphq.pipeline import PassManager
+from tests.helpers import conv_bn_graph
 
 IR = 8  # onnx 1.23's helper writes IR 14, which onnxruntime 1.31 refuses
 METADATA = {"author": "graphq tests", "license": "test-only"}
@@ -27,26 +28,7 @@ METADATA = {"author": "graphq tests", "license": "test-only"}
 def conv_bn_model(channels: int = 16, opset: int = 13, ir_version: int = IR,
                   seed: int = 0) -> onnx.ModelProto:
     """x[1,3,8,8] -> Conv(W[channels,3,3,3]) -> BatchNormalization -> y, with model fields."""
-    rng = np.random.default_rng(seed)
-    c = channels
-    inits = {
-        "W": rng.standard_normal((c, 3, 3, 3)).astype(np.float32),
-        "gamma": rng.uniform(0.5, 1.5, c).astype(np.float32),
-        "beta": rng.standard_normal(c).astype(np.float32),
-        "mean": rng.standard_normal(c).astype(np.float32),
-        "var": rng.uniform(0.5, 1.5, c).astype(np.float32),
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"],
-                         name="bn"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()],
-    )
+    graph = conv_bn_graph(channels, seed=seed)
     graph.doc_string = "graph doc"
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="graphq-tests", producer_version="1.2.3")

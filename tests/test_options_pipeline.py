@@ -29,31 +29,13 @@ from graphq.passes.canonicalize import Canonicalize, CanonicalizeOptions
 from graphq.passes.fold_bn import FoldBN, FoldBNOptions
 from graphq.pipeline import PassManager, PipelineOptions, presets
 from graphq.registry import Pass, PassContext, PassResult
+from tests.helpers import conv_bn_graph
 
 IR = 8
 
 
 def conv_bn_model(channels: int = 4, name: str = "tiny") -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    c = channels
-    inits = {
-        "W": rng.standard_normal((c, 3, 3, 3)).astype(np.float32),
-        "gamma": rng.uniform(0.5, 1.5, c).astype(np.float32),
-        "beta": rng.standard_normal(c).astype(np.float32),
-        "mean": rng.standard_normal(c).astype(np.float32),
-        "var": rng.uniform(0.5, 1.5, c).astype(np.float32),
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"],
-                         name="bn"),
-    ]
-    graph = helper.make_graph(
-        nodes, name,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()],
-    )
+    graph = conv_bn_graph(channels, name=name)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = IR
     return model

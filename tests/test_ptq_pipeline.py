@@ -9,7 +9,6 @@ nothing into the output folder.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
 FILES = {"net.deploy.onnx", "net.fakequant.onnx", "quant_record.json", "report.md",
          "report.json", "pipeline.toml"}
-
-
-@pytest.fixture(autouse=True)
-def restore_graphq_logger():
-    """cli.main configures the 'graphq' logger for a terminal; undo that after each test."""
-    logger = logging.getLogger("graphq")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 def conv_net(rng: np.random.Generator) -> onnx.ModelProto:

@@ -89,7 +89,7 @@ class Calibrate(Pass):
     # ---- statistics -------------------------------------------------------------------------
     def _observe(self, model: onnx.ModelProto, graph: gs.Graph, observed: list[TensorQuant],
                  ctx: PassContext) -> tuple[dict[str, O.Observer], int, float]:
-        view = _float_view(model, [e.tensor for e in observed])
+        view = G.with_outputs(model, [e.tensor for e in observed], float_view=True)
         sess = runtime.session(view, ctx.providers)
         names = [e.tensor for e in observed]
         observers = {e.tensor: self._observer(e) for e in observed}
@@ -163,34 +163,9 @@ def _shared_source(entry: TensorQuant) -> str | None:
     return entry.method.removeprefix("shared:") if entry.method.startswith("shared:") else None
 
 
-def _float_view(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """The graph with every Q/DQ pair bypassed and ``outputs`` made graph outputs."""
-    graph = G.import_graph(model)
-    for node in [n for n in graph.nodes if n.op == "DequantizeLinear"]:
-        q = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-        if q is None or q.op != "QuantizeLinear":
-            continue
-        G.replace_uses(graph, node.outputs[0], q.inputs[0])
-    tensors = graph.tensors()
-    present = {t.name for t in graph.outputs}
-    graph.outputs.extend(tensors[name] for name in outputs if name not in present)
-    graph.cleanup()
-    return G.export(graph, like=model)
-
-
-def _pairs(graph: gs.Graph) -> dict[str, tuple[gs.Node, gs.Node]]:
-    """Float tensor name -> its (QuantizeLinear, DequantizeLinear) pair."""
-    pairs = {}
-    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
-        readers = q.outputs[0].outputs
-        if len(readers) == 1 and readers[0].op == "DequantizeLinear":
-            pairs[q.inputs[0].name] = (q, readers[0])
-    return pairs
-
-
 def _apply(graph: gs.Graph, table: QuantTable) -> None:
     """Write the table's activation qparams into the graph; remove pairs kept float."""
-    pairs = _pairs(graph)
+    pairs = G.qdq_pairs(graph)
     for entry in table.entries.values():
         if entry.role != "activation" or entry.tensor not in pairs:
             continue

@@ -203,15 +203,13 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
     """SQNR of each quantized activation: its float value vs its dequantized value."""
     if n == 0:
         return []
-    graph = G.import_graph(model)
-    pairs = {q.inputs[0].name: dq.outputs[0].name
-             for q in graph.nodes if q.op == "QuantizeLinear"
-             for dq in q.outputs[0].outputs if dq.op == "DequantizeLinear"}
+    pairs = {name: dq.outputs[0].name
+             for name, (_, dq) in G.qdq_pairs(G.import_graph(model)).items()}
     names = [e.tensor for e in table.quantized("activation") if e.tensor in pairs]
     if not names:
         return []
-    with_outputs = _with_outputs(model, names + [pairs[t] for t in names])
-    values = runtime.run(runtime.session(with_outputs, ctx.providers), feeds[0])
+    probed = G.with_outputs(model, names + [pairs[t] for t in names])
+    values = runtime.run(runtime.session(probed, ctx.providers), feeds[0])
     rows = []
     for t in names:
         a, b = values[t].astype(np.float64), values[pairs[t]].astype(np.float64)
@@ -219,14 +217,6 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
                      "range": table.get(t).range})
     rows.sort(key=lambda r: r["sqnr_db"])
     return rows[:n]
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    graph = G.import_graph(model)
-    tensors = graph.tensors()
-    present = {t.name for t in graph.outputs}
-    graph.outputs.extend(tensors[n] for n in names if n not in present)
-    return G.export(graph, like=model)
 
 
 def _latency(float_sess: Any, deploy_sess: Any, feed: dict[str, np.ndarray],

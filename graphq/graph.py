@@ -122,6 +122,15 @@ def qdq_pairs(graph: gs.Graph) -> dict[str, tuple[gs.Node, gs.Node]]:
     return pairs
 
 
+def float_source(tensor: gs.Tensor) -> gs.Tensor:
+    """The float tensor a ``Q -> DQ`` pair stands for (``tensor`` itself when it is none)."""
+    if tensor.inputs and tensor.inputs[0].op == "DequantizeLinear":
+        quantized = tensor.inputs[0].inputs[0]
+        if quantized.inputs and quantized.inputs[0].op == "QuantizeLinear":
+            return quantized.inputs[0].inputs[0]
+    return tensor
+
+
 def with_outputs(model: onnx.ModelProto, names: list[str], float_view: bool = False
                  ) -> onnx.ModelProto:
     """A copy of the model with the tensors ``names`` made graph outputs too; with

@@ -73,7 +73,7 @@ class Calibrate(Pass):
         observed = [e for e in table.quantized("activation")
                     if not _shared_source(e) and e.method != "constant"]
         observers, batches, seconds = self._observe(model, graph, observed, ctx)
-        notes = self._set_qparams(table, observers)
+        notes = self._set_qparams(table, observers, graph)
         _apply(graph, table)
         biases = _quantize_biases(graph, table)
         graph.cleanup().toposort()
@@ -115,48 +115,78 @@ class Calibrate(Pass):
                                    symmetric=entry.symmetric, **bins)
         return O.make_observer(o.method, qtype=entry.dtype, symmetric=entry.symmetric, **bins)
 
-    def _set_qparams(self, table: QuantTable, observers: dict[str, O.Observer]) -> list[str]:
-        notes = []
+    def _set_qparams(self, table: QuantTable, observers: dict[str, O.Observer],
+                     graph: gs.Graph) -> list[str]:
+        notes: list[str] = []
         for entry in table.quantized("activation"):
-            if entry.method == "constant":
-                continue
+            if entry.tensor in observers:
+                self._from_observer(entry, observers[entry.tensor], notes)
+        _keep_mixed_concats_float(graph, table, notes)
+        for entry in table.quantized("activation"):
             source = _shared_source(entry)
-            if source is not None:
-                origin = table.get(source)
-                if origin is None or not origin.quantized:
-                    entry.quantized, entry.reason = False, f"its source '{source}' is float"
-                    continue
-                entry.scale, entry.zero_point = origin.scale, origin.zero_point
-                entry.range = origin.range
+            if source is None:
                 continue
-            obs = observers[entry.tensor]
-            if obs.nonfinite:
-                entry.quantized = False
-                entry.reason = (f"held {obs.nonfinite} non-finite values (inf/nan) in the "
-                                "calibration data: kept float")
-                notes.append(f"'{entry.tensor}' {entry.reason}")
+            origin = table.get(source)
+            if origin is None or not origin.quantized:
+                entry.quantized, entry.reason = False, f"its source '{source}' is float"
                 continue
-            if obs.count == 0:
-                entry.quantized, entry.reason = False, "no values were observed: kept float"
-                notes.append(f"'{entry.tensor}' {entry.reason}")
-                continue
-            lo, hi = obs.range()
-            if self.options.min_sqnr_db > 0 and isinstance(obs, O.HistogramObserver):
-                sqnr = obs.sqnr_db(lo, hi, entry.dtype, entry.symmetric)
-                if sqnr < self.options.min_sqnr_db:
-                    entry.quantized = False
-                    entry.range = [float(lo), float(hi)]
-                    entry.reason = (f"{entry.dtype} would keep only {sqnr:.1f} dB of it (range "
-                                    f"[{lo:.4g}, {hi:.4g}]; min_sqnr_db "
-                                    f"{self.options.min_sqnr_db:g}): kept float")
-                    notes.append(f"'{entry.tensor}' {entry.reason}")
-                    continue
-            scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric)
-            entry.scale = [float(scale)]
-            entry.zero_point = [int(zero)]
-            entry.range = [float(lo), float(hi)]
-            entry.method = self.options.method
+            entry.scale, entry.zero_point = origin.scale, origin.zero_point
+            entry.range = origin.range
         return notes
+
+    def _from_observer(self, entry: TensorQuant, obs: O.Observer, notes: list[str]) -> None:
+        def keep_float(reason: str) -> None:
+            entry.quantized, entry.reason = False, reason
+            notes.append(f"'{entry.tensor}' {reason}")
+
+        if obs.nonfinite:
+            keep_float(f"held {obs.nonfinite} non-finite values (inf/nan) in the calibration "
+                       "data: kept float")
+            return
+        if obs.count == 0:
+            keep_float("no values were observed: kept float")
+            return
+        lo, hi = obs.range()
+        entry.range = [float(lo), float(hi)]
+        if self.options.min_sqnr_db > 0 and isinstance(obs, O.HistogramObserver):
+            sqnr = obs.sqnr_db(lo, hi, entry.dtype, entry.symmetric)
+            if sqnr < self.options.min_sqnr_db:
+                keep_float(f"{entry.dtype} would keep only {sqnr:.1f} dB of it (range "
+                           f"[{lo:.4g}, {hi:.4g}]; min_sqnr_db {self.options.min_sqnr_db:g}): "
+                           "kept float")
+                return
+        scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric)
+        entry.scale, entry.zero_point = [float(scale)], [int(zero)]
+        entry.method = self.options.method
+
+
+#: a Concat whose inputs' ranges differ by more than this keeps its output float.
+MIXED_RANGE_RATIO = 16.0
+
+
+def _keep_mixed_concats_float(graph: gs.Graph, table: QuantTable, notes: list[str]) -> None:
+    """One scale over inputs of very different ranges (box coordinates 0..320 beside class
+    scores 0..1) erases the narrow ones: such a Concat keeps its output float; its inputs
+    stay quantized, each with its own scale."""
+    for node in [n for n in graph.nodes if n.op == "Concat"]:
+        out = table.get(node.outputs[0].name)
+        if out is None or not out.quantized:
+            continue
+        spans = []
+        for t in node.inputs:
+            entry = table.get(G.float_source(t).name)
+            if entry is not None and entry.range is not None:
+                spans.append(entry.range[1] - entry.range[0])
+        if len(spans) < 2 or min(spans) <= 0:
+            continue
+        ratio = max(spans) / min(spans)
+        if ratio > MIXED_RANGE_RATIO:
+            out.quantized = False
+            out.scale = out.zero_point = None
+            out.reason = (f"Concat '{node.name}' joins inputs whose ranges differ {ratio:.0f}x "
+                          f"(more than {MIXED_RANGE_RATIO:g}x): one scale would erase the "
+                          "narrow ones, so the concatenation stays float")
+            notes.append(f"'{out.tensor}' {out.reason}")
 
 
 def _shared_source(entry: TensorQuant) -> str | None:

@@ -192,6 +192,9 @@ class _Planner:
     def plan(self) -> QuantTable:
         self.graph.toposort()
         for node in self.graph.nodes:
+            if node.op in ("If", "Loop", "Scan"):
+                self.notes.append(f"{node.op} '{node.name}': the nodes of its subgraphs are "
+                                  "not quantized (kept float)")
             kind = self._selected(node)
             if kind == "compute":
                 self._compute(node)

@@ -375,3 +375,46 @@ def test_nan_in_the_data_is_a_data_error_naming_the_input():
     x[3, 1, 2, 2] = np.nan
     with pytest.raises(DataError, match="'x'.*(NaN|nan)|(NaN|nan).*'x'"):
         calibrate(model, [{"x": x}], method="minmax")
+
+
+# ---- a Concat of mixed ranges (a detection head: boxes 0..320 beside scores 0..1) ----------
+def concat_model(rng: np.random.Generator, gain: float) -> onnx.ModelProto:
+    """Two Conv->Relu branches, one ``gain`` times wider, concatenated, then a Conv."""
+    nodes = [
+        helper.make_node("Conv", ["x", "Wa"], ["a"], name="conv_a"),
+        helper.make_node("Relu", ["a"], ["ra"]),
+        helper.make_node("Conv", ["x", "Wb"], ["b"], name="conv_b"),
+        helper.make_node("Relu", ["b"], ["rb"]),
+        helper.make_node("Concat", ["ra", "rb"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "Wc"], ["y"], name="conv_c"),
+    ]
+    inits = {"Wa": f32(rng, 1.0, 4, 3, 1, 1), "Wb": f32(rng, gain, 4, 3, 1, 1),
+             "Wc": f32(rng, 0.3, 2, 8, 1, 1)}
+    return build(nodes, [tensor("x", [1, 3, 6, 6])], [tensor("y", [1, 2, 6, 6])], inits)
+
+
+@pytest.mark.parametrize("gain, concat_quantized", [(300.0, False), (2.0, True)])
+def test_concat_of_mixed_ranges_stays_float(gain, concat_quantized):
+    rng = np.random.default_rng(40)
+    data = [{"x": rng.normal(0, 1, (1, 3, 6, 6)).astype(np.float32)} for _ in range(4)]
+    result, table = calibrate(insert(concat_model(rng, gain)), data, method="minmax")
+    assert table.get("ra").quantized and table.get("rb").quantized  # branches keep theirs
+    assert table.get("cat").quantized is concat_quantized
+    if not concat_quantized:
+        assert "ranges differ" in table.get("cat").reason
+        assert "cat" not in pairs(result.model)
+
+
+def test_subgraphs_are_reported_as_not_quantized():
+    from graphq.passes.insert_qdq import InsertQDQ as Insert
+
+    rng = np.random.default_rng(41)
+    branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "b", [],
+                               [tensor("z", [1, 2, 6, 6])])
+    model = concat_model(rng, 2.0)
+    model.graph.node.append(helper.make_node("If", ["cond"], ["out"], name="branchy",
+                                             then_branch=branch, else_branch=branch))
+    model.graph.input.append(tensor("cond", [], onnx.TensorProto.BOOL))
+    model.graph.output.append(tensor("out", [1, 2, 6, 6]))
+    result = Insert().run(model, PassContext())
+    assert any("If 'branchy'" in note and "not quantized" in note for note in result.notes)

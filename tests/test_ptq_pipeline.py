@@ -148,3 +148,26 @@ def test_no_data_exits_2(tmp_path, net, capsys):
     assert graphq("run", "int8", net, "-o", out) == 2
     assert not out.exists()
     assert "calibrate needs data" in capsys.readouterr().err
+
+
+def test_int8_tensorrt_preset_uses_symmetric_int8_everywhere(tmp_path):
+    """TensorRT takes only zero-point-0 int8: every activation and weight in the record."""
+    import json
+
+    from graphq import PassManager
+
+    rng = np.random.default_rng(50)
+    model_path = tmp_path / "net.onnx"
+    onnx.save(conv_net(rng), model_path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.normal(0, 1, (8, 3, 8, 8)).astype(np.float32))
+    result = PassManager.from_toml("int8-tensorrt").run(model_path, tmp_path / "out", data=calib)
+    record = json.loads((tmp_path / "out" / "quant_record.json").read_text())
+    quantized = [t for t in record["tensors"] if t["quantized"] and t["role"] != "bias"]
+    assert quantized
+    assert all(t["dtype"] == "int8" and t["symmetric"] for t in quantized)
+    assert all(z == 0 for t in quantized for z in t["zero_point"])
+    weights = [t for t in quantized if t["role"] == "weight"]
+    assert weights and max(abs(z) for t in weights for z in t["range"]) > 0
+    assert (tmp_path / "out" / "net.deploy.onnx").is_file()
+    assert result.records[-1].name == "emit"

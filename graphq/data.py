@@ -6,6 +6,8 @@ Sources:
 - a ``.npy`` file: the samples of a single-input model, on axis 0;
 - a folder of ``.npz`` / ``.npy`` files: one sample or batch each (shapes may differ),
   read in name order, one file at a time;
+- a folder of images (.jpg, .jpeg, .png, .bmp, .webp), with ``[data.image]`` saying how
+  to turn them into the model's single input: size, mean, std, layout, channel order;
 - from Python, any iterable of feed dicts ``{input name: array}``.
 
 Every feed is checked before use: a wrong input name, dtype, rank or fixed dim is a
@@ -18,7 +20,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -31,22 +33,56 @@ log = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass
+class ImageOptions:
+    """The ``[data.image]`` table: ``x = (pixel * scale - mean) / std``, per channel."""
+
+    size: list[int] = field(default_factory=lambda: [224, 224], metadata={
+        "help": "height and width the images are resized to"})
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406], metadata={
+        "help": "per-channel mean subtracted after scaling (ImageNet's by default)"})
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225], metadata={
+        "help": "per-channel standard deviation divided by"})
+    scale: float = field(default=1 / 255, metadata={"help": "pixel values are multiplied by "
+                                                    "this first"})
+    layout: Literal["NCHW", "NHWC"] = field(default="NCHW", metadata={
+        "help": "the model input's layout"})
+    channels: Literal["RGB", "BGR", "L"] = field(default="RGB", metadata={
+        "help": "channel order (L: one grey channel)"})
+
+    def validate(self) -> None:
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError("image size must be [height, width]")
+        n = 1 if self.channels == "L" else 3
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, n):
+                raise ValueError(f"image {name} needs 1 or {n} values for {self.channels}")
+        if any(v == 0 for v in self.std):
+            raise ValueError("image std must not be 0")
+
+
 @dataclass
 class DataOptions:
     """The ``[data]`` table of a pipeline file."""
 
     source: str | None = field(default=None, metadata={
-        "help": "an .npz/.npy file or a folder of them (relative to the pipeline file)"})
+        "help": "an .npz/.npy file, a folder of them, or a folder of images with "
+                "[data.image] (relative to the pipeline file)"})
     batch_size: int = field(default=16, metadata={"help": "samples per batch", "min": 1})
     limit: int | None = field(default=None, metadata={
         "help": "use at most this many samples", "min": 1})
+    image: ImageOptions | None = field(default=None, metadata={
+        "help": "how image files become the model's input"})
 
 
 class DataSource:
     """Feeds for a model, read from files or taken from an iterable."""
 
     def __init__(self, source: str | Path | Iterable[Feed], batch_size: int = 16,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, image: ImageOptions | None = None) -> None:
         if isinstance(source, str | Path):
             source = Path(source)
             if not source.exists():
@@ -59,6 +95,7 @@ class DataSource:
         self.source = source
         self.batch_size = batch_size
         self.limit = limit
+        self.image = image
 
     def __repr__(self) -> str:
         return f"DataSource({self.source!r}, batch_size={self.batch_size}, limit={self.limit})"
@@ -91,9 +128,13 @@ class DataSource:
         if not isinstance(source, Path):
             yield from source
         elif source.is_dir():
+            images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             files = sorted(p for p in source.iterdir() if p.suffix in (".npz", ".npy"))
+            if images and not files:
+                yield from _image_batches(images, names, self.image, self.batch_size, source)
+                return
             if not files:
-                raise DataError(f"the data folder {source} has no .npz or .npy files")
+                raise DataError(f"the data folder {source} has no .npz, .npy or image files")
             for path in files:
                 yield _read_file(path, names)
         else:
@@ -112,6 +153,44 @@ def _fit_batch(feed: Feed, inputs: dict[str, onnx.ValueInfoProto]) -> Iterator[F
         return
     for i in range(n):
         yield {k: v[i:i + 1] for k, v in feed.items()}
+
+
+def _image_batches(paths: list[Path], names: list[str], options: ImageOptions | None,
+                   batch_size: int, folder: Path) -> Iterator[dict[str, np.ndarray]]:
+    """Decode, resize and normalize images into batches for a single-input model."""
+    if options is None:
+        raise DataError(f"{folder} holds images: add a [data.image] table (size, mean, std, "
+                        "layout, channels) to say how they become the model's input")
+    if len(names) != 1:
+        raise DataError(f"images can feed a model with one input; this one has "
+                        f"{len(names)} ({', '.join(names)}): use .npz files keyed by input name")
+    for start in range(0, len(paths), batch_size):
+        batch = np.stack([load_image(p, options) for p in paths[start:start + batch_size]])
+        yield {names[0]: batch}
+
+
+def load_image(path: Path, options: ImageOptions) -> np.ndarray:
+    """One image as a float32 array in the layout and normalization of ``options``."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise DataError("reading images needs Pillow: pip install pillow") from exc
+    try:
+        with Image.open(path) as img:
+            mode = "L" if options.channels == "L" else "RGB"
+            img = img.convert(mode).resize((options.size[1], options.size[0]),
+                                           Image.Resampling.BILINEAR)
+            pixels = np.asarray(img, np.float32)
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if options.channels == "BGR":
+        pixels = pixels[:, :, ::-1]
+    x = (pixels * options.scale - np.asarray(options.mean, np.float32)) / np.asarray(
+        options.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1) if options.layout == "NCHW" else x,
+                                dtype=np.float32)
 
 
 def _read_file(path: Path, names: list[str]) -> dict[str, np.ndarray]:

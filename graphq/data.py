@@ -76,13 +76,17 @@ class DataOptions:
         "help": "use at most this many samples", "min": 1})
     image: ImageOptions | None = field(default=None, metadata={
         "help": "how image files become the model's input"})
+    labels: str = field(default="label", metadata={
+        "help": "an array of this name that is not a model input holds class labels: the "
+                "report then gives top-1/top-5 before and after"})
 
 
 class DataSource:
     """Feeds for a model, read from files or taken from an iterable."""
 
     def __init__(self, source: str | Path | Iterable[Feed], batch_size: int = 16,
-                 limit: int | None = None, image: ImageOptions | None = None) -> None:
+                 limit: int | None = None, image: ImageOptions | None = None,
+                 labels: str = "label") -> None:
         if isinstance(source, str | Path):
             source = Path(source)
             if not source.exists():
@@ -96,26 +100,40 @@ class DataSource:
         self.batch_size = batch_size
         self.limit = limit
         self.image = image
+        self.labels = labels
 
     def __repr__(self) -> str:
         return f"DataSource({self.source!r}, batch_size={self.batch_size}, limit={self.limit})"
 
     def feeds(self, model: onnx.ModelProto) -> Iterator[Feed]:
         """Checked feeds for ``model``, batch by batch, at most ``limit`` samples."""
+        for feed, _ in self.labeled_feeds(model):
+            yield feed
+
+    def labeled_feeds(self, model: onnx.ModelProto) -> Iterator[tuple[Feed, np.ndarray | None]]:
+        """Like :meth:`feeds`, with each batch's labels when the data carries an array
+        named ``labels`` that is not a model input (else None)."""
         inputs = {v.name: v for v in true_inputs(model)}
+        key = self.labels if self.labels not in inputs else None
         left = self.limit
         count = 0
         for raw in self._raw(list(inputs)):
-            for feed in _fit_batch(check_feed(raw, inputs, where=self._where(count)), inputs):
+            raw = dict(raw)
+            labels = raw.pop(key, None) if key else None
+            feed = check_feed(raw, inputs, where=self._where(count))
+            if labels is not None:
+                feed[key] = np.asarray(labels)
+            for part in _fit_batch(feed, inputs):
                 if left is not None and left <= 0:
                     return
                 if left is not None:
-                    n = _batch_len(feed)
+                    n = _batch_len(part)
                     if n > left:
-                        feed = {k: v[:left] for k, v in feed.items()}
+                        part = {k: v[:left] for k, v in part.items()}
                     left -= min(n, left)
                 count += 1
-                yield feed
+                label = part.pop(key, None) if key else None
+                yield part, label
         if count == 0:
             raise DataError(f"the data {self.source} holds no samples")
 

@@ -220,7 +220,8 @@ class PassManager:
             return None
         if isinstance(data, DataSource):
             return data
-        return DataSource(data, batch_size=d.batch_size, limit=d.limit, image=d.image)
+        return DataSource(data, batch_size=d.batch_size, limit=d.limit, image=d.image,
+                          labels=d.labels)
 
     def _run_pass(self, i: int, p: Pass, proto: onnx.ModelProto, ctx: PassContext,
                   records: list[PassRecord]) -> tuple[PassRecord, onnx.ModelProto]:

@@ -696,7 +696,7 @@ def test_data_missing_or_empty(tmp_path):
     with pytest.raises(DataError, match="data not found"):
         PassManager.from_text(PREPARE).run(conv_bn_model(), data=tmp_path / "nope.npz")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no .npz or .npy files"):
+    with pytest.raises(DataError, match="no .npz, .npy or image files"):
         PassManager.from_text(PREPARE).run(conv_bn_model(), data=tmp_path / "empty")
 
 

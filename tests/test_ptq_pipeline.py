@@ -171,3 +171,17 @@ def test_int8_tensorrt_preset_uses_symmetric_int8_everywhere(tmp_path):
     assert weights and max(abs(z) for t in weights for z in t["range"]) > 0
     assert (tmp_path / "out" / "net.deploy.onnx").is_file()
     assert result.records[-1].name == "emit"
+
+
+def test_labels_in_the_data_give_top1_in_the_report(tmp_path):
+    """The digits test set carries a 'label' array beside 'image': it is not fed to the model,
+    and the report has top-1/top-5 before and after."""
+    from graphq import PassManager
+
+    folder = ROOT / "examples" / "digits"
+    result = PassManager.from_toml("int8").run(folder / "digits_cnn.onnx", tmp_path / "out",
+                                               data=folder / "test.npz")
+    accuracy = result.report["quantization"]["accuracy"]
+    assert accuracy["top1_float"] > 0.95
+    assert accuracy["top1_quantized"] >= accuracy["top1_float"] - 0.005
+    assert accuracy["top5_quantized"] >= accuracy["top1_quantized"]

@@ -115,27 +115,24 @@ class Emit(Pass):
         o = self.options
         if o.eval_data is not None:
             path = ctx.path(o.eval_data)
-            if not path.is_file():
+            if not path.exists():
                 raise DataError(f"emit eval_data not found: {path}")
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-            labels = arrays.pop(o.label_key, None)
-            n = len(next(iter(arrays.values())))
-            limit = min(n, o.eval_limit)
-            if labels is not None:
-                labels = labels[:limit]
-            source = DataSource([{k: v[:limit] for k, v in arrays.items()}],
-                                batch_size=limit)
-            return list(source.feeds(model)), labels, str(path)
-        if ctx.data is None:
+            source = DataSource(path, batch_size=64, labels=o.label_key)
+            where = str(path)
+        elif ctx.data is not None:
+            source = ctx.data
+            where = "the calibration data (give emit eval_data for held-out data)"
+        else:
             return [], None, ""
-        feeds, total = [], 0
-        for feed in ctx.data.feeds(model):
+        feeds, labels, total = [], [], 0
+        for feed, label in source.labeled_feeds(model):
             feeds.append(feed)
+            labels.append(label)
             total += len(next(iter(feed.values())))
             if total >= o.eval_limit:
                 break
-        return feeds, None, "the calibration data (give emit eval_data for held-out data)"
+        known = all(label is not None for label in labels)
+        return feeds, np.concatenate(labels) if known and labels else None, where
 
 
 def deploy_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

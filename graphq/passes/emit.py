@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 
 from graphq import graph as G
 from graphq import model as model_io
-from graphq import runtime
+from graphq import qoperator, runtime
 from graphq.data import DataSource
 from graphq.errors import DataError, PassError
 from graphq.kernels import quant as Q
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EmitOptions:
+    format: Literal["qdq", "qoperator"] = field(default="qdq", metadata={
+        "help": "deploy graph form: Q/DQ pairs, or QLinearConv/QLinearMatMul where the "
+                "pattern is fully quantized"})
     eval_data: str | None = field(default=None, metadata={
         "help": "held-out data for the report (.npz; a 'label' array gives top-1/top-5); "
                 "default: the pipeline's data"})
@@ -70,6 +73,9 @@ class Emit(Pass):
             raise PassError(f"{len(uncalibrated)} quantized tensors have no scale yet "
                             f"(e.g. '{uncalibrated[0]}'): run calibrate before emit")
         deploy, folded = deploy_graph(model)
+        counts = {"constants_folded_to_integers": folded}
+        if self.options.format == "qoperator":
+            deploy, counts["qlinear_ops"] = qoperator.convert(deploy)
         QuantTable.detach(deploy)
         stem = ctx.stem
         ctx.artifacts[f"{stem}.fakequant.onnx"] = model
@@ -80,7 +86,7 @@ class Emit(Pass):
         ctx.artifacts["report.md"] = render_markdown(report)
         for line in summary_lines(report):
             log.info("%s", line)
-        return PassResult(model, False, {"constants_folded_to_integers": folded})
+        return PassResult(model, False, counts)
 
     def _report(self, model: onnx.ModelProto, deploy: onnx.ModelProto, table: QuantTable,
                 ctx: PassContext) -> dict[str, Any]:

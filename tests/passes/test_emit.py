@@ -222,3 +222,46 @@ def test_bad_eval_data_is_a_data_error_and_writes_nothing(tmp_path, problem):
         PassManager(passes(eval_data=str(path))).run(heavy_net(rng), out,
                                                      data=[{"x": inputs(rng, 8)}])
     assert not out.exists()
+
+
+# ---- format = "qoperator" -----------------------------------------------------------------------
+def conv_chain(rng: np.random.Generator) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv -> Relu -> MaxPool -> Conv: every Conv fully quantized."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("MaxPool", ["r2"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p", "W3"], ["c3"], name="conv3"),
+        helper.make_node("Relu", ["c3"], ["y"]),
+    ]
+    inits = {"W1": rng.normal(0, 0.3, (8, 3, 3, 3)), "B1": rng.normal(0, 0.1, 8),
+             "W2": rng.normal(0, 0.2, (8, 8, 3, 3)), "B2": rng.normal(0, 0.1, 8),
+             "W3": rng.normal(0, 0.3, (4, 8, 1, 1))}
+    inits = {k: v.astype(np.float32) for k, v in inits.items()}
+    return make_model(nodes, [tensor("x", [2, 3, 8, 8])], [tensor("y", [2, 4, 4, 4])], inits)
+
+
+def test_qoperator_format_uses_qlinearconv_and_agrees_with_qdq(tmp_path):
+    rng = np.random.default_rng(60)
+    path = tmp_path / "net.onnx"
+    onnx.save(conv_chain(rng), path)
+    calib = [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    x = {"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)}
+    outs = {}
+    for fmt in ("qdq", "qoperator"):
+        # default reduce_range: QLinearConv always runs the integer kernel, which saturates
+        # with full 8-bit weights on x86 CPUs without VNNI
+        pipeline = [InsertQDQ(), Calibrate(method="minmax"), Emit(format=fmt, latency_runs=0)]
+        result = PassManager(pipeline).run(path, tmp_path / fmt, data=calib)
+        deploy = onnx.load(str(result.files["net.deploy.onnx"]))
+        onnx.checker.check_model(deploy, full_check=True)
+        outs[fmt] = (deploy, run(deploy, x)[0])
+    ops = [n.op_type for n in outs["qoperator"][0].graph.node]
+    assert ops.count("QLinearConv") == 2  # conv3's Relu output is the graph output: Q/DQ
+    assert "Conv" in ops  # that last conv stays in Q/DQ form
+    step = max(t["scale"][0] for t in json.loads(
+        (tmp_path / "qdq" / "quant_record.json").read_text())["tensors"]
+        if t["role"] == "activation" and t["quantized"])
+    assert float(np.max(np.abs(outs["qoperator"][1] - outs["qdq"][1]))) <= step

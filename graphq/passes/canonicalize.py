@@ -19,8 +19,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
-from onnx import helper, version_converter
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper, version_converter
 
 from graphq import graph as G
 from graphq import model as model_io
@@ -162,10 +164,38 @@ def _drop_initializer_inputs(model: onnx.ModelProto, keep: set[str]) -> int:
 
 
 def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold with graphsurgeon, then apply the result to ``model`` in place: the nodes it
+    removed go, the constants it computed become initializers, unused initializers go.
+    (Exporting graphsurgeon's graph instead would copy every weight, twice.)"""
     graph = G.import_graph(model)
-    graph.fold_constants(error_ok=True)
-    graph.cleanup()
-    return G.export(graph, like=model)
+    before = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    graph.fold_constants(error_ok=True).cleanup()
+    produced = {t.name for node in graph.nodes for t in node.outputs}
+    folded = {name: t for name, t in graph.tensors().items()
+              if isinstance(t, gs.Constant) and name not in before}
+    proto = model.graph
+    for i in reversed(range(len(proto.node))):
+        if not any(out in produced for out in proto.node[i].output if out):
+            del proto.node[i]
+    for name, tensor in folded.items():
+        proto.initializer.append(numpy_helper.from_array(np.asarray(tensor.values), name))
+    used = {o.name for o in proto.output} | _names_read(proto)
+    for i in reversed(range(len(proto.initializer))):
+        if proto.initializer[i].name not in used:
+            del proto.initializer[i]
+    return model
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name the graph's nodes read, inside subgraphs too."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _names_read(sub)
+                names.update(o.name for o in sub.output)
+    return names
 
 
 def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:

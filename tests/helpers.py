@@ -93,3 +93,22 @@ def conv_bn_graph(channels: int = 4, batch: int | str = 1, name: str = "tiny",
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, 8, 8])],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
+
+
+def residual_net(rng: np.random.Generator, c: int = 8) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv -> Relu -> Conv -> Add(residual) -> GlobalAveragePool -> Flatten ->
+    Gemm -> y[N,10], with biases: the small conv net of the quantization tests."""
+    shapes = {"w1": (0.3, (c, 3, 3, 3)), "b1": (0.1, (c,)), "w2": (0.2, (c, c, 3, 3)),
+              "b2": (0.1, (c,)), "wg": (0.3, (10, c)), "bg": (0.1, (10,))}
+    inits = {k: rng.normal(0, scale, shape).astype(np.float32)
+             for k, (scale, shape) in shapes.items()}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("GlobalAveragePool", ["a"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="fc", transB=1),
+    ]
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 10])], inits)

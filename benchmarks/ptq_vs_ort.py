@@ -688,7 +688,7 @@ def run_child(args: list[str], log: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
         try:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent,
                                   timeout=CHILD_TIMEOUT_S, check=False)
             code = proc.returncode
         except subprocess.TimeoutExpired:

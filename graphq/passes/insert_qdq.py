@@ -38,7 +38,7 @@ from graphq import model as model_io
 from graphq import runtime
 from graphq.errors import PassError, did_you_mean
 from graphq.kernels import quant as Q
-from graphq.quant import QuantTable, TensorQuant
+from graphq.quant import QuantTable, Role, TensorQuant
 from graphq.registry import Pass, PassContext, PassResult, register
 
 log = logging.getLogger(__name__)
@@ -279,57 +279,53 @@ class _Planner:
         if self._is_float(out):
             self._activation(out, reason)
 
-    def _activation(self, tensor: gs.Tensor, reason: str) -> TensorQuant | None:
-        if tensor.name in self.table.entries:
-            return self.table.entries[tensor.name]
+    def _decide(self, tensor: gs.Tensor, role: Role, spec: WeightSpec | ActivationSpec,
+                reason: str) -> TensorQuant:
+        """A new table entry for ``tensor``: the spec, as a per-tensor override changes it."""
         self.tensors[tensor.name] = tensor
         override = self.o.overrides.get(tensor.name)
         if override is not None and not override.quantize:
-            return self.table.add(TensorQuant(tensor.name, "activation", False,
+            return self.table.add(TensorQuant(tensor.name, role, False,
                                               "kept float by an override"))
-        spec = self.o.activations
         dtype = override.dtype if override and override.dtype else spec.dtype
         symmetric = override.symmetric if override and override.symmetric is not None \
             else spec.symmetric
-        return self.table.add(TensorQuant(
-            tensor.name, "activation", True, reason, dtype=dtype, symmetric=symmetric,
-            consumers=[n.name for n in tensor.outputs]))
+        return self.table.add(TensorQuant(tensor.name, role, True, reason, dtype=dtype,
+                                          symmetric=symmetric,
+                                          consumers=[n.name for n in tensor.outputs]))
+
+    def _activation(self, tensor: gs.Tensor, reason: str) -> TensorQuant:
+        if tensor.name in self.table.entries:
+            return self.table.entries[tensor.name]
+        return self._decide(tensor, "activation", self.o.activations, reason)
 
     def _constant(self, tensor: gs.Tensor, node: gs.Node) -> None:
         """A constant operand of a joining op: per-tensor qparams from its own values."""
         entry = self._activation(tensor, f"constant input of {node.op} '{node.name}'")
-        if entry is None or not entry.quantized or entry.scale is not None:
+        if not entry.quantized or entry.scale is not None:
             return
-        values = G.constant_values(tensor)
-        lo, hi = float(np.min(values)), float(np.max(values))
+        lo, hi = Q.weight_range(G.constant_values(tensor))
         scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric)
         entry.scale, entry.zero_point = [float(scale)], [int(zero)]
-        entry.range, entry.method = [lo, hi], "constant"
+        entry.range, entry.method = [float(lo), float(hi)], "constant"
 
     def _weight(self, node: gs.Node, index: int) -> None:
         tensor = node.inputs[index]
         if tensor.name in self.table.entries:
             return
-        values = G.constant_values(tensor)
-        override = self.o.overrides.get(tensor.name)
-        if override is not None and not override.quantize:
-            self.table.add(TensorQuant(tensor.name, "weight", False, "kept float by an override"))
+        entry = self._decide(tensor, "weight", self.o.weights,
+                             f"weight of {node.op} '{node.name}'")
+        if not entry.quantized:
             return
-        spec = self.o.weights
-        dtype = override.dtype if override and override.dtype else spec.dtype
-        symmetric = override.symmetric if override and override.symmetric is not None \
-            else spec.symmetric
-        axis = _channel_axis(node, values.ndim) if spec.per_channel else None
+        values = G.constant_values(tensor)
+        axis = _channel_axis(node, index, values.ndim) if self.o.weights.per_channel else None
         lo, hi = Q.weight_range(values, axis)
-        scale, zero = Q.qparams(lo, hi, Q.qtype(dtype), symmetric,
-                                reduce_range=self.reduce_range and dtype == "int8")
-        self.tensors[tensor.name] = tensor
-        self.table.add(TensorQuant(
-            tensor.name, "weight", True, f"weight of {node.op} '{node.name}'", dtype=dtype,
-            symmetric=symmetric, axis=axis, method="weight",
-            scale=np.atleast_1d(scale).astype(float).tolist(),
-            zero_point=np.atleast_1d(zero).astype(int).tolist(),
-            range=[float(np.min(lo)), float(np.max(hi))], consumers=[node.name]))
+        scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric,
+                                reduce_range=self.reduce_range and entry.dtype == "int8")
+        entry.axis, entry.method = axis, "weight"
+        entry.scale = np.atleast_1d(scale).astype(float).tolist()
+        entry.zero_point = np.atleast_1d(zero).astype(int).tolist()
+        entry.range = [float(np.min(lo)), float(np.max(hi))]
 
     # ---- facts ---------------------------------------------------------------------------
     def _quantized(self, tensor: gs.Tensor) -> bool:
@@ -356,8 +352,8 @@ def _weight_index(node: gs.Node) -> int | None:
     return None
 
 
-def _channel_axis(node: gs.Node, rank: int) -> int | None:
-    """The output-channel axis of a weight, for per-channel scales."""
+def _channel_axis(node: gs.Node, index: int, rank: int) -> int | None:
+    """The output-channel axis of the weight at input ``index``, for per-channel scales."""
     if rank < 2:
         return None
     if node.op == "Conv":
@@ -366,8 +362,8 @@ def _channel_axis(node: gs.Node, rank: int) -> int | None:
         return 1
     if node.op == "Gemm":
         return 0 if node.attrs.get("transB", 0) else 1
-    return rank - 1 if node.inputs[1] is not None and G.constant_values(node.inputs[1]) \
-        is not None else None
+    # MatMul: a right-hand weight [.., K, N] makes output columns, a left-hand one rows
+    return rank - 1 if index == 1 else rank - 2
 
 
 def _insert_pair(graph: gs.Graph, tensor: gs.Tensor, entry: TensorQuant,

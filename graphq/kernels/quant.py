@@ -196,6 +196,15 @@ def bias_int32(bias: np.ndarray, input_scale: float | np.ndarray,
     return np.clip(q, info.min, info.max).astype(np.int32), scale.astype(np.float32)
 
 
+def bias_fits_int32(bias: np.ndarray, input_scale: float | np.ndarray,
+                    weight_scale: float | np.ndarray) -> bool:
+    """Whether :func:`bias_int32` represents ``bias`` without saturating: every
+    ``|bias| / (input_scale * weight_scale)`` within int32 (it is not after an input whose
+    range is near zero, whose scale is then tiny)."""
+    scale = np.asarray(input_scale, np.float64) * np.asarray(weight_scale, np.float64)
+    return bool(np.all(np.abs(np.asarray(bias, np.float64)) / scale <= np.iinfo(np.int32).max))
+
+
 def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
     """Signal to quantization noise ratio ``10 log10(sum(ref^2) / sum((ref - approx)^2))`` in dB;
     inf when ``approx == ref``."""

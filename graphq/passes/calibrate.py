@@ -231,8 +231,7 @@ def _quantize_biases(graph: gs.Graph, table: QuantTable) -> int:
         if node.op == "ConvTranspose" and s_w.size * int(node.attrs.get("group", 1)) == bias.size:
             s_w = np.tile(s_w, int(node.attrs.get("group", 1)))  # weight axis 1 is per group
         name = node.inputs[2].name
-        limit = np.abs(bias.astype(np.float64)) / (np.float64(s_in) * s_w.astype(np.float64))
-        if np.any(limit > np.iinfo(np.int32).max):
+        if not Q.bias_fits_int32(bias, s_in, s_w):
             table.add(TensorQuant(name, "bias", False, f"bias of {node.op} '{node.name}' kept "
                                   "float: at scale = input scale x weight scale it would "
                                   "overflow int32 (the input's range is near zero)",

@@ -192,6 +192,8 @@ def test_bias_int32():
     assert q[0] == 15 and scale == np.float32(0.1) * np.float32(0.2)
     with pytest.raises(ValueError, match="positive"):
         Q.bias_int32(bias, 0.0, 1.0)
+    assert not Q.bias_fits_int32(bias, np.float32(0.01), np.full(5, 0.5, np.float32))
+    assert Q.bias_fits_int32(bias[[0, 1, 4]], np.float32(0.01), np.full(3, 0.5, np.float32))
 
 
 def test_sqnr_and_cosine():

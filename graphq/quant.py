@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import onnx
 
+from graphq.errors import PassError
+
 METADATA_KEY = "graphq.quant_table"
 
 Role = Literal["activation", "weight", "bias"]
@@ -90,6 +92,15 @@ class QuantTable:
             if prop.key == METADATA_KEY:
                 return cls.from_json(json.loads(prop.value))
         return None
+
+    @classmethod
+    def required(cls, model: onnx.ModelProto, earlier: str, here: str) -> QuantTable:
+        """The model's table, or a PassError saying which passes must run first."""
+        table = cls.of(model)
+        if table is None:
+            raise PassError(f"the graph has no quantization table: run {earlier} before "
+                            f"{here}")
+        return table
 
     @staticmethod
     def detach(model: onnx.ModelProto) -> None:

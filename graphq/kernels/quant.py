@@ -85,6 +85,16 @@ def qtype(name: str | QType) -> QType:
     return _resolve(name)
 
 
+def qtype_of_storage(dtype: np.dtype | type) -> QType:
+    """The full-width type stored as ``dtype`` (int8 -> int8, never int4): what a zero point
+    read from a graph stands for."""
+    dt = np.dtype(dtype)
+    for qt in QTYPES.values():
+        if np.dtype(qt.storage) == dt and qt.levels == 2 ** (8 * dt.itemsize):
+            return qt
+    raise ValueError(f"no quantization type is stored as {dt}")
+
+
 def _scalar_or_array(a: np.ndarray) -> np.ndarray | np.generic:
     return a[()] if a.ndim == 0 else a
 

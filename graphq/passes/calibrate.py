@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 
 from graphq import graph as G
 from graphq import runtime
-from graphq.errors import DataError, PassError
+from graphq.errors import DataError
 from graphq.kernels import observers as O
 from graphq.kernels import quant as Q
 from graphq.progress import Progress
@@ -62,10 +62,7 @@ class Calibrate(Pass):
     preserves_semantics = False
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        table = QuantTable.of(model)
-        if table is None:
-            raise PassError("the graph has no quantization table: run insert-qdq before "
-                            "calibrate")
+        table = QuantTable.required(model, "insert-qdq", "calibrate")
         if ctx.data is None:
             raise DataError("calibrate needs data: give --data PATH or [data] source "
                             "(an .npz keyed by input name, or a folder of .npz/.npy files)")

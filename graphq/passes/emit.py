@@ -64,10 +64,7 @@ class Emit(Pass):
     preserves_semantics = False
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        table = QuantTable.of(model)
-        if table is None:
-            raise PassError("the graph has no quantization table: run insert-qdq and "
-                            "calibrate before emit")
+        table = QuantTable.required(model, "insert-qdq and calibrate", "emit")
         uncalibrated = [e.tensor for e in table.quantized() if not e.calibrated]
         if uncalibrated:
             raise PassError(f"{len(uncalibrated)} quantized tensors have no scale yet "
@@ -152,19 +149,13 @@ def deploy_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         scale = G.constant_values(q.inputs[1])
         zero = G.constant_values(q.inputs[2])
         axis = q.attrs.get("axis", 1) if np.ndim(scale) == 1 else None
-        ints = Q.quantize(values, scale, zero, _qtype_of(zero.dtype), axis=axis)
+        ints = Q.quantize(values, scale, zero, Q.qtype_of_storage(zero.dtype), axis=axis)
         const = gs.Constant(q.outputs[0].name, np.asarray(ints))
         G.replace_uses(graph, q.outputs[0], const)
         q.outputs.clear()
         folded += 1
     graph.cleanup().toposort()
     return G.export(graph, like=model), folded
-
-
-def _qtype_of(dtype: np.dtype) -> str:
-    """The quantization type a zero point's storage dtype stands for (no 4-bit types yet)."""
-    return {"int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16",
-            "int32": "int32"}[np.dtype(dtype).name]
 
 
 def _output_fidelity(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]]

@@ -216,3 +216,11 @@ def test_weight_range():
     lo, hi = Q.weight_range(w, axis=-1)
     np.testing.assert_array_equal(lo, [-10, -9, -8, -7])
     np.testing.assert_array_equal(hi, [10, 11, 12, 13])
+
+
+def test_qtype_of_storage_is_the_full_width_type():
+    assert Q.qtype_of_storage(np.int8).name == "int8"
+    assert Q.qtype_of_storage(np.uint8).name == "uint8"
+    assert Q.qtype_of_storage(np.int32).name == "int32"
+    with pytest.raises(ValueError, match="float32"):
+        Q.qtype_of_storage(np.float32)

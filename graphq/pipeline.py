@@ -303,8 +303,7 @@ class _Verifier:
         start = time.perf_counter()
         with runtime.materialized(proto) as serialized:
             try:
-                onnx.checker.check_model(serialized if isinstance(serialized, bytes)
-                                         else str(serialized), full_check=True)
+                _checker(serialized, full_check=True)
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
                 raise PassError(f"{step} produced an invalid graph (onnx.checker): "
                                 f"{str(exc).strip()[:500]}") from exc
@@ -318,8 +317,7 @@ class _Verifier:
         semantic = all(q.preserves_semantics for q in done) if self.settings.verify == "end" \
             else p.preserves_semantics
         if self.reference is not None and outputs and semantic:
-            rtol = sum(q.rtol for q in done) if self.settings.verify == "end" else p.rtol
-            atol = sum(q.atol for q in done) if self.settings.verify == "end" else p.atol
+            rtol, atol = _tolerance(done if self.settings.verify == "end" else [p])
             worst = self._compare(outputs, rtol, atol, step)
             result.update(max_rel_err=worst, rtol=rtol, atol=atol)
         if outputs:
@@ -334,7 +332,7 @@ class _Verifier:
                 or self.reference is self.original
                 or not all(p.preserves_semantics for p in passes)):
             return None
-        rtol, atol = sum(p.rtol for p in passes), sum(p.atol for p in passes)
+        rtol, atol = _tolerance(passes)
         self.reference, outputs = self.original, self.reference
         worst = self._compare(outputs, rtol, atol, "the pipeline as a whole")
         return {"max_rel_err": worst, "rtol": rtol, "atol": atol}
@@ -353,13 +351,23 @@ class _Verifier:
         return worst
 
 
+def _checker(serialized: bytes | Path, full_check: bool) -> None:
+    """onnx.checker on serialized bytes, or by path (a model over 2 GB)."""
+    onnx.checker.check_model(serialized if isinstance(serialized, bytes) else str(serialized),
+                             full_check=full_check)
+
+
+def _tolerance(passes: list[Pass]) -> tuple[float, float]:
+    """The tolerance of several passes in a row: their errors may add up."""
+    return sum(p.rtol for p in passes), sum(p.atol for p in passes)
+
+
 def _check_input(proto: onnx.ModelProto, source: model_io.Source) -> None:
     """The input must be a valid ONNX model before any pass is blamed for anything."""
     where = str(source.path) if source.path else "the input model"
     with runtime.materialized(proto) as serialized:
         try:
-            onnx.checker.check_model(serialized if isinstance(serialized, bytes)
-                                     else str(serialized))
+            _checker(serialized, full_check=False)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"{where} is not a valid ONNX model (onnx.checker: "
                              f"{str(exc).strip().splitlines()[0][:300]}); fix or re-export it"

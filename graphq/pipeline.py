@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import tomllib
@@ -147,17 +148,21 @@ class PassManager:
     # ---- running --------------------------------------------------------------------------
     def run(self, model: str | Path | onnx.ModelProto, outdir: str | Path | None = None, *,
             data: str | Path | Any = None, providers: list[str] | None = None,
-            dump_dir: str | Path | None = None) -> RunResult:
+            dump_dir: str | Path | None = None, stem: str | None = None,
+            reference: str | Path | onnx.ModelProto | None = None) -> RunResult:
         """Run the pipeline on a model file or proto; write results under ``outdir``.
 
-        ``data`` overrides ``[data] source``: a path, or an iterable of feed dicts.
+        ``data`` overrides ``[data] source``: a path, or an iterable of feed dicts. ``stem``
+        names the output files (default: the model file's, or the graph's name);
+        ``reference`` is the float model reports compare with (default: ``model``).
         """
         source = model_io.Source(None, False)
         if isinstance(model, onnx.ModelProto):
             proto = model_io.load(model)
         else:
             proto, source = model_io.load_with_source(model)
-        stem = source.path.stem if source.path else _safe_stem(proto.graph.name)
+        if stem is None:
+            stem = source.path.stem if source.path else _safe_stem(proto.graph.name)
         outdir = Path(outdir) if outdir is not None else None
         final_path = outdir / f"{stem}.opt.onnx" if outdir else None
         for folder, flag in ((outdir, "-o/outdir"), (dump_dir, "--dump-dir")):
@@ -172,7 +177,8 @@ class PassManager:
             providers=runtime.resolve_providers(providers or self.settings.providers,
                                                 self.settings.fallback),
             data=self._data_source(data), outdir=outdir,
-            float_source=source.path if source.path else model,
+            float_source=reference if reference is not None else (
+                source.path if source.path else model),
             external_data=source.external_data, stem=stem, base_dir=self._base_dir(),
         )
         log.info("model %s: opset %d, %d nodes; %d passes; providers %s",
@@ -204,7 +210,10 @@ class PassManager:
             **ctx.report,
         }
         files: dict[str, Path] = {}
-        if outdir is not None:
+        rank = int(os.environ.get("RANK", "0"))
+        if outdir is not None and rank != 0:
+            log.info("rank %d of a distributed run: rank 0 writes the outputs", rank)
+        elif outdir is not None:
             files = self._write(outdir, final_path, proto, report, text, ctx)
         return RunResult(proto, records, files, report)
 

@@ -1,3 +1,3 @@
 """The built-in passes, one per module; importing this package registers them."""
 
-from graphq.passes import calibrate, canonicalize, emit, fold_bn, insert_qdq  # noqa: F401
+from graphq.passes import calibrate, canonicalize, emit, fold_bn, insert_qdq, qat  # noqa: F401

@@ -1,0 +1,144 @@
+"""qat: finetune the calibrated graph in PyTorch and write the learned values back.
+
+Runs after ``calibrate`` (and before ``emit``): the graph with its Q/DQ pairs goes into
+PyTorch through the QAT bridge (:mod:`graphq.qat`), trains on the pipeline's data, and the
+learned weights, biases, scales and zero points go back onto the same graph by initializer
+name, so node names and structure are unchanged. Label-free by default: the loss is the
+distance of the outputs (and of ``distill_tensors``) to the float graph's, run in onnxruntime
+on the same batch; with labels in the data, ``loss = "cross_entropy"`` or ``"mse"`` trains
+on them. Needs torch and onnx2torch (the core does not); runs under ``torchrun`` with
+DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from graphq import graph as G
+from graphq import runtime
+from graphq.errors import ConfigError, DataError, GraphqError, PassError
+from graphq.quant import QuantTable
+from graphq.registry import Pass, PassContext, PassResult, register
+
+
+@dataclass
+class QatOptions:
+    method: Literal["ste", "lsq", "pact"] = field(default="lsq", metadata={
+        "help": "fake-quant gradients: ste (scales fixed), lsq (learned step size), pact "
+                "(learned activation clip, LSQ for weights)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the data", "min": 1})
+    lr: float = field(default=1e-5, metadata={"help": "learning rate", "min": 0.0})
+    optimizer: Literal["adam", "adamw", "sgd"] = field(default="adam", metadata={
+        "help": "optimizer"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay", "min": 0.0})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "samples per step (default: [data] batch_size)", "min": 1})
+    loss: Literal["distill", "cross_entropy", "mse"] = field(default="distill", metadata={
+        "help": "distill: match the float graph's outputs (no labels needed); cross_entropy "
+                "or mse: the data's labels against the first output"})
+    distill_tensors: list[str] = field(default_factory=list, metadata={
+        "help": "intermediate tensors also matched to the float graph's (distill)"})
+    train: list[str] = field(default_factory=lambda: ["weights", "biases", "scales"],
+                             metadata={"help": "what learns: weights, biases, scales"})
+    grad_scale: float | None = field(default=None, metadata={
+        "help": "LSQ gradient scale (default: 1/sqrt(N * qmax); msModelSlim uses 0.001)"})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "stop after this many steps in all", "min": 1})
+    grad_clip: float | None = field(default=None, metadata={
+        "help": "clip the gradient norm to this", "min": 0.0})
+    device: str = field(default="auto", metadata={
+        "help": "auto (CUDA when available), cpu, cuda, cuda:N"})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "file the finetune state is saved to after every epoch"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the checkpoint when it exists"})
+    seed: int = field(default=0, metadata={"help": "torch random seed"})
+
+
+@register
+class Qat(Pass):
+    name = "qat"
+    summary = "finetune the calibrated graph in PyTorch (QAT) and write learned values back"
+    Options = QatOptions
+    preserves_semantics = False
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        o = self.options
+        table = QuantTable.required(model, "insert-qdq and calibrate", "qat")
+        if any(not e.calibrated for e in table.quantized()):
+            raise PassError("qat needs calibrated scales: run calibrate before qat")
+        if ctx.data is None:
+            raise DataError("qat needs data: give --data PATH or [data] source")
+        try:
+            from graphq import qat
+            from graphq.qat import train as T
+        except GraphqError as exc:
+            raise ConfigError(f"pass 'qat': {exc}") from exc
+        import torch
+
+        device = _device(o.device, torch)
+        bridge = qat.prepare(model, method=o.method, train=o.train, grad_scale=o.grad_scale,
+                             extra_outputs=o.distill_tensors)
+        teacher = None
+        if o.loss == "distill":
+            teacher = _teacher(model, bridge.output_names + list(o.distill_tensors),
+                               ctx.providers)
+        data = ctx.data
+        if o.batch_size is not None:
+            data = copy.copy(ctx.data)
+            data.batch_size = o.batch_size
+        config = T.FinetuneConfig(
+            epochs=o.epochs, lr=o.lr, optimizer=o.optimizer, weight_decay=o.weight_decay,
+            loss=o.loss, max_steps=o.max_steps, grad_clip=o.grad_clip, seed=o.seed,
+            pact_decay=1e-4 if o.method == "pact" else 0.0,
+            checkpoint=ctx.path(o.checkpoint) if o.checkpoint else None, resume=o.resume)
+        result = T.finetune(bridge.module, lambda: data.labeled_feeds(model), teacher,
+                            config, device)
+        bridge.module.to("cpu")
+        out = bridge.write_back()
+        counts = {"epochs": result.epochs, "steps": result.steps,
+                  "world_size": result.world_size, **bridge.module.graphq_counts}
+        ctx.report["qat"] = {"method": o.method, "loss": o.loss, "device": str(device),
+                             "epoch_loss": result.losses,
+                             "epoch_seconds": result.epoch_seconds,
+                             "resumed_from_epoch": result.resumed_from, **counts}
+        notes = [f"{o.method} on {device}: {result.steps} steps, loss "
+                 + " -> ".join(f"{v:.4g}" for v in result.losses)]
+        if result.resumed_from is not None:
+            notes.append(f"resumed after epoch {result.resumed_from}")
+        return PassResult(out, True, counts, notes)
+
+
+def _device(name: str, torch):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"pass 'qat': device '{name}' asked, but torch sees no CUDA "
+                              "device; use device = \"cpu\" or \"auto\"")
+        if name == "cuda":
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    elif name != "cpu":
+        raise ConfigError(f"pass 'qat': unknown device '{name}'; use auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def _teacher(model: onnx.ModelProto, names: list[str], providers: list[str]):
+    """The float graph (the Q/DQ pairs bypassed) in onnxruntime, returning ``names``."""
+    known = {o for n in model.graph.node for o in n.output} | \
+        {i.name for i in model.graph.input}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ConfigError(f"pass 'qat': distill tensor '{missing[0]}' is not in the graph")
+    float_model = G.with_outputs(model, names, float_view=True)
+    sess = runtime.session(float_model, providers)
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return sess.run(names, feed)
+    return run

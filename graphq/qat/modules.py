@@ -1,0 +1,193 @@
+"""The torch modules the QAT bridge puts into a converted graph.
+
+Each module that holds a trainable value also holds the ONNX names it came from
+(``onnx_names``), so :mod:`graphq.qat.writeback` can put the learned value back onto the same
+initializers: the graph written back has the user's node and tensor names unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphq.kernels.fakequant import FakeQuantize
+from graphq.kernels.quant import QType
+
+
+class Param(nn.Module):
+    """A float initializer made trainable (a Conv/Gemm/MatMul weight or bias kept float)."""
+
+    def __init__(self, value: np.ndarray, onnx_name: str, trainable: bool) -> None:
+        super().__init__()
+        self.onnx_names = {"value": onnx_name}
+        self.value = nn.Parameter(torch.from_numpy(np.array(value, np.float32)),
+                                  requires_grad=trainable)
+
+    def forward(self) -> torch.Tensor:
+        return self.value
+
+
+class WeightFakeQuant(nn.Module):
+    """A weight behind a Q -> DQ pair: a float parameter and its own fake-quant node.
+
+    ``onnx_names``: ``weight`` (the float initializer, or ``None`` when the graph held the
+    weight as integers), ``quantized`` (the integer initializer, deploy form), ``scale``,
+    ``zero_point``.
+    """
+
+    def __init__(self, weight: np.ndarray, quant: FakeQuantize, onnx_names: dict[str, str | None],
+                 trainable: bool) -> None:
+        super().__init__()
+        self.onnx_names = onnx_names
+        self.weight = nn.Parameter(torch.from_numpy(np.array(weight, np.float32)),
+                                   requires_grad=trainable)
+        self.quant = quant
+
+    def forward(self) -> torch.Tensor:
+        return self.quant(self.weight)
+
+
+class ActivationFakeQuant(nn.Module):
+    """An activation Q -> DQ pair. One instance serves every pair that shares a scale
+    initializer (a Concat's inputs and output), so shared scales stay shared."""
+
+    def __init__(self, quant: FakeQuantize, onnx_names: dict[str, str]) -> None:
+        super().__init__()
+        self.onnx_names = onnx_names
+        self.quant = quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(x)
+
+
+class Bias(nn.Module):
+    """An int32 bias (``DequantizeLinear(int32)``) trained as float. Its scale is not learned:
+    write-back requantizes it at ``input scale x weight scale`` of the learned scales."""
+
+    def __init__(self, value: np.ndarray, onnx_names: dict[str, str], trainable: bool) -> None:
+        super().__init__()
+        self.onnx_names = onnx_names
+        self.bias = nn.Parameter(torch.from_numpy(np.array(value, np.float32)),
+                                 requires_grad=trainable)
+
+    def forward(self) -> torch.Tensor:
+        return self.bias
+
+
+def _broadcast(value: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    if value.ndim == 0:
+        return value
+    shape = [1] * ndim
+    shape[axis % ndim] = value.numel()
+    return value.reshape(shape)
+
+
+_TORCH_STORAGE = {np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8,
+                  np.dtype(np.int16): torch.int16, np.dtype(np.uint16): torch.int32,
+                  np.dtype(np.int32): torch.int32}
+
+
+class QuantizeLinear(nn.Module):
+    """A QuantizeLinear with no DequantizeLinear after it: integer output, no gradient."""
+
+    def __init__(self, scale: np.ndarray, zero_point: np.ndarray, qtype: QType,
+                 axis: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.from_numpy(np.array(scale, np.float32)))
+        self.register_buffer("zero_point",
+                             torch.from_numpy(np.array(zero_point, np.float32)))
+        self.qtype, self.axis = qtype, axis
+        self.out_dtype = _TORCH_STORAGE[np.dtype(qtype.storage)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = _broadcast(self.scale, x.ndim, self.axis)
+        z = _broadcast(self.zero_point, x.ndim, self.axis)
+        q = torch.round(x.float() / s) + z
+        return q.clamp(self.qtype.qmin, self.qtype.qmax).to(self.out_dtype)
+
+
+class DequantizeLinear(nn.Module):
+    """A DequantizeLinear of a tensor computed in the graph (not an initializer)."""
+
+    def __init__(self, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.from_numpy(np.array(scale, np.float32)))
+        self.register_buffer("zero_point",
+                             torch.from_numpy(np.array(zero_point, np.float32)))
+        self.axis = axis
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        s = _broadcast(self.scale, q.ndim, self.axis)
+        z = _broadcast(self.zero_point, q.ndim, self.axis)
+        return (q.float() - z) * s
+
+
+def _same_pads(in_sizes: list[int], kernel: list[int], strides: list[int],
+               dilations: list[int], upper: bool) -> list[int]:
+    pads_begin, pads_end = [], []
+    for size, k, s, d in zip(in_sizes, kernel, strides, dilations, strict=False):
+        out = -(-size // s)
+        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+        small = total // 2
+        pads_begin.append(total - small if not upper else small)
+        pads_end.append(small if not upper else total - small)
+    return pads_begin + pads_end
+
+
+class Conv(nn.Module):
+    """ONNX Conv / ConvTranspose on a weight that arrives as a tensor (from a fake-quant
+    node or a trainable parameter), computed with torch's functional convolutions."""
+
+    def __init__(self, op: str, attrs: dict, spatial: int) -> None:
+        super().__init__()
+        self.op, self.spatial = op, spatial
+        self.strides = list(attrs.get("strides", [1] * spatial))
+        self.dilations = list(attrs.get("dilations", [1] * spatial))
+        self.group = int(attrs.get("group", 1))
+        self.pads = list(attrs.get("pads", [0] * 2 * spatial))
+        self.auto_pad = attrs.get("auto_pad", "NOTSET")
+        if isinstance(self.auto_pad, bytes):
+            self.auto_pad = self.auto_pad.decode()
+        self.kernel = attrs.get("kernel_shape")
+        self.output_padding = list(attrs.get("output_padding", [0] * spatial))
+        if op == "ConvTranspose" and (attrs.get("output_shape") is not None
+                                      or self.auto_pad not in ("NOTSET", "VALID")):
+            raise NotImplementedError("ConvTranspose with output_shape or auto_pad SAME is "
+                                      "not supported by the QAT bridge")
+
+    def _conv_pads(self, x: torch.Tensor, w: torch.Tensor) -> list[int]:
+        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            kernel = list(self.kernel or w.shape[2:])
+            return _same_pads(list(x.shape[2:]), kernel, self.strides, self.dilations,
+                              self.auto_pad == "SAME_UPPER")
+        if self.auto_pad == "VALID":
+            return [0] * 2 * self.spatial
+        return self.pads
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        n = self.spatial
+        if self.op == "ConvTranspose":
+            fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+            pads = self.pads if self.auto_pad == "NOTSET" else [0] * 2 * n
+            if pads[:n] != pads[n:]:
+                raise NotImplementedError("ConvTranspose with asymmetric pads is not "
+                                          "supported by the QAT bridge")
+            return fn(x, w, b, self.strides, pads[:n], self.output_padding, self.group,
+                      self.dilations)
+        fn = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+        pads = self._conv_pads(x, w)
+        begin, end = pads[:n], pads[n:]
+        if begin != end:
+            torch_pads = []
+            for i in reversed(range(n)):
+                torch_pads += [begin[i], end[i]]
+            x = F.pad(x, torch_pads)
+            begin = [0] * n
+        return fn(x, w, b, self.strides, begin, self.dilations, self.group)
+
+    def extra_repr(self) -> str:
+        return (f"{self.op}{self.spatial}d, strides={self.strides}, pads={self.pads}, "
+                f"dilations={self.dilations}, group={self.group}")

@@ -1,0 +1,165 @@
+"""Write learned values back onto the ONNX graph they came from, by initializer name.
+
+No re-export through torch.onnx: the graph keeps its nodes, names and structure, and only
+initializer values change: float weights and biases, weights held as integers (requantized
+with their learned scale), scales and zero points, and int32 biases, which are requantized at
+``input scale x weight scale`` of the learned scales. The quant table is updated to match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from torch import nn
+
+from graphq.errors import PassError
+from graphq.kernels import quant as Q
+from graphq.qat import modules as M
+from graphq.quant import QuantTable
+
+_FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+           onnx.TensorProto.DOUBLE: np.float64}
+_FOUR_BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+
+
+class _Initializers:
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.index = {t.name: i for i, t in enumerate(graph.initializer)}
+
+    def proto(self, name: str) -> onnx.TensorProto:
+        if name not in self.index:
+            raise PassError(f"write-back: the graph has no initializer '{name}'; was the "
+                            "module converted from another graph?")
+        return self.graph.initializer[self.index[name]]
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.proto(name))
+
+    def put(self, name: str, values: np.ndarray) -> None:
+        """Replace initializer ``name`` with ``values`` in its own type and shape."""
+        old = self.proto(name)
+        values = np.asarray(values).reshape(tuple(old.dims))
+        if old.data_type in _FLOATS:
+            new = numpy_helper.from_array(values.astype(_FLOATS[old.data_type]), name)
+        elif old.data_type in _FOUR_BIT:
+            new = helper.make_tensor(name, old.data_type, list(old.dims),
+                                     values.astype(np.int64).ravel().tolist())
+        else:
+            dtype = helper.tensor_dtype_to_np_dtype(old.data_type)
+            new = numpy_helper.from_array(values.astype(dtype), name)
+        self.graph.initializer[self.index[name]].CopyFrom(new)
+
+
+def _numpy(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def write_back(model: onnx.ModelProto, module: nn.Module) -> onnx.ModelProto:
+    """A copy of ``model`` (the graph ``module`` was converted from) with ``module``'s learned
+    values."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = _Initializers(out.graph)
+    seen: set[int] = set()
+    biases: list[M.Bias] = []
+    for sub in module.modules():
+        if id(sub) in seen:
+            continue
+        seen.add(id(sub))
+        if isinstance(sub, M.Param):
+            inits.put(sub.onnx_names["value"], _numpy(sub.value))
+        elif isinstance(sub, M.WeightFakeQuant):
+            _write_weight(inits, sub)
+        elif isinstance(sub, M.ActivationFakeQuant):
+            _write_qparams(inits, sub.onnx_names, sub.quant)
+        elif isinstance(sub, M.Bias):
+            biases.append(sub)
+    if biases:
+        consumers = {node.input[2]: node for node in out.graph.node if len(node.input) > 2}
+        producers = {o: node for node in out.graph.node for o in node.output}
+        for bias in biases:
+            _write_bias(inits, bias, consumers, producers)
+    table = QuantTable.of(out)
+    if table is not None:
+        _update_table(table, out, inits)
+        table.attach(out)
+    return out
+
+
+def _write_qparams(inits: _Initializers, names: dict, quant) -> tuple[np.ndarray, np.ndarray]:
+    scale, zp = quant.qparams()
+    inits.put(names["scale"], scale)
+    if names.get("zero_point"):
+        inits.put(names["zero_point"], zp)
+    return scale, zp
+
+
+def _write_weight(inits: _Initializers, sub: M.WeightFakeQuant) -> None:
+    scale, zp = _write_qparams(inits, sub.onnx_names, sub.quant)
+    weight = _numpy(sub.weight)
+    if sub.onnx_names["weight"]:
+        inits.put(sub.onnx_names["weight"], weight)
+    if sub.onnx_names["quantized"]:
+        qt = sub.quant.qtype
+        inits.put(sub.onnx_names["quantized"],
+                  Q.quantize(weight, scale, zp, qt, axis=sub.quant.axis))
+
+
+def _dq_scale(name: str, producers: dict, inits: _Initializers) -> np.ndarray | None:
+    node = producers.get(name)
+    if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in inits.index:
+        return None
+    return inits.array(node.input[1])
+
+
+def _write_bias(inits: _Initializers, bias: M.Bias, consumers: dict, producers: dict) -> None:
+    names = bias.onnx_names
+    value = _numpy(bias.bias).astype(np.float64)
+    dq = next((n for n in producers.values() if n.op_type == "DequantizeLinear"
+               and n.input[0] == names["quantized"]), None)
+    node = consumers.get(dq.output[0]) if dq is not None else None
+    scale = inits.array(names["scale"])
+    if node is not None:
+        s_in = _dq_scale(node.input[0], producers, inits)
+        s_w = _dq_scale(node.input[1], producers, inits)
+        if s_in is not None and s_w is not None:
+            s_w = np.atleast_1d(s_w)
+            if s_w.size != value.size and s_w.size > 1:
+                s_w = np.tile(s_w, value.size // s_w.size)  # ConvTranspose groups
+            scale = np.broadcast_to(np.asarray(s_in, np.float32) * s_w.astype(np.float32),
+                                    value.shape)
+    if not Q.bias_fits_int32(value, np.asarray(scale, np.float64), 1.0):
+        raise PassError(f"write-back: bias '{names['quantized']}' overflows int32 at scale "
+                        "input scale x weight scale after training; train without 'scales' "
+                        "or with a lower learning rate")
+    ints, scale = Q.bias_int32(value, np.asarray(scale, np.float32), np.float32(1.0))
+    inits.put(names["quantized"], ints)
+    inits.put(names["scale"], scale)
+
+
+def _update_table(table: QuantTable, model: onnx.ModelProto, inits: _Initializers) -> None:
+    """Scales, zero points and clip ranges of the table from the written graph."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[1] not in inits.index:
+            continue
+        src = node.input[0]
+        q = producers.get(src)
+        tensor = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else src
+        entry = table.get(tensor) or table.get(tensor.removesuffix("_quantized"))
+        if entry is None or not entry.quantized:
+            continue
+        scale = np.atleast_1d(inits.array(node.input[1])).astype(np.float64)
+        zp_name = node.input[2] if len(node.input) > 2 else ""
+        zp = np.atleast_1d(inits.array(zp_name)).astype(np.int64) if zp_name else \
+            np.zeros(scale.shape, np.int64)
+        entry.scale = scale.tolist()
+        entry.zero_point = zp.tolist()
+        if entry.role != "bias" and entry.dtype in Q.QTYPES:
+            qt = Q.qtype(entry.dtype)
+            entry.range = [float(np.min((qt.qmin - zp) * scale)),
+                           float(np.max((qt.qmax - zp) * scale))]
+        if "qat" not in entry.method:
+            entry.method = f"{entry.method}+qat" if entry.method else "qat"

@@ -27,14 +27,18 @@ accumulators would overflow with the full range.
 A bias added to the int32 accumulator of ``x * W`` is quantized with zero point 0 and
 ``scale = input_scale * weight_scale`` (per output channel when the weight is).
 
-int4 / uint4 values are held in int8 / uint8 arrays here; which ONNX type stores them is the
-graph layer's choice.
+int4 / uint4 values are held in int8 / uint8 arrays here (``QType.storage``), so that the
+arithmetic is numpy's own. A graph stores them as ONNX INT4 / UINT4, packed two to a byte;
+``QType.exact`` is the numpy dtype that stands for exactly such a tensor (``ml_dtypes.int4`` /
+``uint4``, which ``onnx.numpy_helper`` writes as INT4 / UINT4 and reads back):
+:func:`to_exact` converts integers to it, :func:`qtype_of_storage` maps it back to the QType.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes  # onnx's own dependency: its numpy types for INT4 / UINT4
 import numpy as np
 
 #: The smallest scale :func:`qparams` returns (float32 machine epsilon).
@@ -43,12 +47,19 @@ MIN_SCALE = float(np.finfo(np.float32).eps)
 
 @dataclass(frozen=True)
 class QType:
-    """An integer quantization type: its name, range and numpy storage dtype."""
+    """An integer quantization type: its name, range, the numpy dtype the arithmetic holds it
+    in (``storage``) and the numpy dtype of exactly its values (``exact``: what a graph
+    stores; the storage dtype except for the 4-bit types)."""
 
     name: str
     qmin: int
     qmax: int
     storage: type[np.integer]
+    exact: type
+
+    @property
+    def bits(self) -> int:
+        return (self.levels - 1).bit_length()
 
     @property
     def signed(self) -> bool:
@@ -61,13 +72,13 @@ class QType:
 
 
 QTYPES: dict[str, QType] = {q.name: q for q in (
-    QType("int8", -128, 127, np.int8),
-    QType("uint8", 0, 255, np.uint8),
-    QType("int4", -8, 7, np.int8),
-    QType("uint4", 0, 15, np.uint8),
-    QType("int16", -(2**15), 2**15 - 1, np.int16),
-    QType("uint16", 0, 2**16 - 1, np.uint16),
-    QType("int32", -(2**31), 2**31 - 1, np.int32),
+    QType("int8", -128, 127, np.int8, np.int8),
+    QType("uint8", 0, 255, np.uint8, np.uint8),
+    QType("int4", -8, 7, np.int8, ml_dtypes.int4),
+    QType("uint4", 0, 15, np.uint8, ml_dtypes.uint4),
+    QType("int16", -(2**15), 2**15 - 1, np.int16, np.int16),
+    QType("uint16", 0, 2**16 - 1, np.uint16, np.uint16),
+    QType("int32", -(2**31), 2**31 - 1, np.int32, np.int32),
 )}
 
 
@@ -86,13 +97,25 @@ def qtype(name: str | QType) -> QType:
 
 
 def qtype_of_storage(dtype: np.dtype | type) -> QType:
-    """The full-width type stored as ``dtype`` (int8 -> int8, never int4): what a zero point
-    read from a graph stands for."""
+    """The type whose exact dtype is ``dtype``: what a zero point read from a graph stands for
+    (int8 -> int8, never int4; ``ml_dtypes.int4``, as numpy_helper reads ONNX INT4 -> int4)."""
     dt = np.dtype(dtype)
     for qt in QTYPES.values():
-        if np.dtype(qt.storage) == dt and qt.levels == 2 ** (8 * dt.itemsize):
+        if np.dtype(qt.exact) == dt:
             return qt
     raise ValueError(f"no quantization type is stored as {dt}")
+
+
+def to_exact(q: np.ndarray | int | list, qtype: str | QType) -> np.ndarray:
+    """Integers of ``qtype`` (held in any integer dtype) as its exact dtype, the form a graph
+    stores (``ml_dtypes.int4`` for int4). A value outside ``[qmin, qmax]`` is a ValueError:
+    the cast would wrap it (9 -> -7 in int4), not saturate it."""
+    qt = _resolve(qtype)
+    a = np.asarray(q)
+    if a.size and (int(a.min()) < qt.qmin or int(a.max()) > qt.qmax):
+        raise ValueError(f"to_exact: values in [{int(a.min())}, {int(a.max())}] do not fit "
+                         f"{qt.name} [{qt.qmin}, {qt.qmax}]")
+    return a.astype(qt.exact)
 
 
 def _scalar_or_array(a: np.ndarray) -> np.ndarray | np.generic:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from graphq.kernels import quant as Q
 
@@ -224,3 +224,56 @@ def test_qtype_of_storage_is_the_full_width_type():
     assert Q.qtype_of_storage(np.int32).name == "int32"
     with pytest.raises(ValueError, match="float32"):
         Q.qtype_of_storage(np.float32)
+
+
+# ---- 4-bit: exact dtypes and ONNX INT4 / UINT4 --------------------------------------------------
+def test_4_bit_exact_dtype_is_what_numpy_helper_reads():
+    """A zero point read from an ONNX INT4 tensor is an ml_dtypes.int4 array: it maps back to
+    the int4 QType (and its arithmetic still works on it)."""
+    for name, onnx_type in (("int4", TensorProto.INT4), ("uint4", TensorProto.UINT4)):
+        qt = Q.qtype(name)
+        assert qt.bits == 4 and qt.exact is not qt.storage
+        read = numpy_helper.to_array(helper.make_tensor("z", onnx_type, [2], [qt.qmin, qt.qmax]))
+        assert read.dtype == np.dtype(qt.exact)
+        assert Q.qtype_of_storage(read.dtype) is qt
+        q = Q.quantize(np.array([0.0, 100.0, -100.0], np.float32), 1.0, read[0], qt)
+        assert q.dtype == qt.storage and q.tolist() == [qt.qmin, qt.qmax, qt.qmin]
+    assert [Q.qtype(n).bits for n in ("int8", "uint8", "int16", "int32")] == [8, 8, 16, 32]
+
+
+@pytest.mark.parametrize("name,onnx_type", [("int4", TensorProto.INT4),
+                                            ("uint4", TensorProto.UINT4)])
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 3, 3)])
+def test_4_bit_tensors_round_trip_packed(name: str, onnx_type: int, shape):
+    """to_exact -> numpy_helper.from_array writes ONNX INT4 / UINT4 two values a byte (odd
+    counts padded), and to_array gives the same integers back; helper.make_tensor agrees."""
+    qt = Q.qtype(name)
+    ints = np.random.default_rng(0).integers(qt.qmin, qt.qmax + 1, shape).astype(qt.storage)
+    proto = numpy_helper.from_array(Q.to_exact(ints, qt), "w")
+    assert proto.data_type == onnx_type and len(proto.raw_data) == (ints.size + 1) // 2
+    back = numpy_helper.to_array(proto)
+    np.testing.assert_array_equal(back.astype(np.int64), ints.astype(np.int64))
+    made = helper.make_tensor("w", onnx_type, shape, ints.ravel().tolist())
+    np.testing.assert_array_equal(numpy_helper.to_array(made).astype(np.int64),
+                                  ints.astype(np.int64))
+
+
+def test_to_exact_refuses_what_would_wrap():
+    assert Q.to_exact(np.array([-8, 7], np.int8), "int4").tolist() == [-8, 7]
+    assert Q.to_exact(np.int8(3), "uint4").shape == ()
+    for name, values in (("int4", [8]), ("int4", [-9]), ("uint4", [-1]), ("uint4", [16])):
+        with pytest.raises(ValueError, match=f"do not fit {name}"):
+            Q.to_exact(np.array(values), name)
+    assert Q.to_exact(np.array([300]), "int32").dtype == np.int32
+
+
+def test_qparams_4_bit_weights_per_channel():
+    """Symmetric 4-bit per channel: scale = max|w| / 7 (the largest weight lands on 7, or on
+    -7 + zp), zero point 0 for int4 and 8 for uint4: both give the grid -7..7 x scale."""
+    lo, hi = np.array([-0.7, -2.0, 0.0]), np.array([0.35, 1.0, 1.4])
+    for name, zero in (("int4", 0), ("uint4", 8)):
+        scale, zp = Q.qparams(lo, hi, name, symmetric=True)
+        np.testing.assert_array_equal(scale, (np.array([0.7, 2.0, 1.4]) / 7).astype(np.float32))
+        assert zp.dtype == Q.qtype(name).storage and zp.tolist() == [zero] * 3
+    scale, zp = Q.qparams(-1.0, 2.0, "uint4", symmetric=False)
+    assert scale == np.float32(3.0 / 15) and zp == 5

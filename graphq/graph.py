@@ -4,6 +4,11 @@ onnx-graphsurgeon rewires tensors and nodes as objects, which is how passes must
 by building or parsing names). Its export drops ``metadata_props``, ``doc_string``, producer,
 model version and functions, and may reset the IR version: :func:`export` puts them back from
 the model the graph was imported from.
+
+4-bit constants (zero points, deploy weights) are numpy arrays of ``ml_dtypes.int4`` /
+``uint4`` here, as ``onnx.numpy_helper`` reads ONNX INT4 / UINT4 (and as graphsurgeon hands
+them out once their values are read); graphsurgeon 0.6 writes such arrays one byte a value,
+which the INT4 format refuses, so :func:`export` packs them first (:func:`_pack_4bit`).
 """
 
 from __future__ import annotations
@@ -11,10 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 # graphsurgeon prints its own warnings to stdout; graphq logs what matters itself.
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
@@ -31,6 +39,7 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graphsurgeon graph, keeping the model-level fields of ``like``."""
+    _pack_4bit(graph)
     out = gs.export_onnx(graph, do_type_check=False)
     copy_model_fields(out, like)
     exported = {(o.domain, o.version) for o in out.opset_import}
@@ -38,6 +47,23 @@ def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
         if not any(domain == opset.domain for domain, _ in exported):
             out.opset_import.append(opset)
     return out
+
+
+FOUR_BIT = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
+
+
+def _pack_4bit(graph: gs.Graph) -> None:
+    """Give every 4-bit constant held as a numpy array the INT4 / UINT4 TensorProto that
+    numpy_helper packs (two values a byte), which graphsurgeon then writes as it is. Constants
+    never read keep the TensorProto they were imported from (graphsurgeon's ``_values`` is
+    still a LazyValues then: reading ``values`` would unpack them only to pack them again)."""
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or np.dtype(tensor.dtype) not in FOUR_BIT:
+            continue
+        if isinstance(getattr(tensor, "_values", None), LazyValues):
+            continue
+        values = np.asarray(tensor.values)
+        tensor.values = LazyValues(numpy_helper.from_array(values, tensor.name))
 
 
 def copy_model_fields(out: onnx.ModelProto, like: onnx.ModelProto) -> None:

@@ -20,6 +20,15 @@ type, tensors forced by ``overrides``. Graph outputs keep their names and float 
 The Q/DQ pairs of activations carry a placeholder scale until ``calibrate`` sets it; those of
 weights are final (computed from the weights). Biases are quantized to int32 by ``calibrate``
 once the input scale is known (``scale = input scale x weight scale``).
+
+4-bit weights (``int4`` / ``uint4``, W4A8 with 8-bit activations): their zero points are ONNX
+INT4 / UINT4 tensors, which QuantizeLinear takes from opset 21 on, so a model below opset 21
+is converted to it first (onnx.version_converter, as ``canonicalize`` does; IR version 10).
+``reduce_range`` is for 8-bit weights only. 4-bit activations are refused: onnxruntime has no
+integer kernel that reads them (QLinearConv, QLinearMatMul, ConvInteger and MatMulInteger take
+8-bit inputs only); its 4-bit QuantizeLinear / DequantizeLinear run, but only as a float
+simulation, and with int8 weights its QDQ fusion builds a QLinearConv that rejects the int4
+input, so the session does not load (onnxruntime 1.31.1, CPU).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from graphq import model as model_io
 from graphq import runtime
 from graphq.errors import PassError, did_you_mean
 from graphq.kernels import quant as Q
+from graphq.passes.canonicalize import upgrade_opset
 from graphq.quant import QuantTable, Role, TensorQuant
 from graphq.registry import Pass, PassContext, PassResult, register
 
@@ -52,10 +62,17 @@ FUSED_ACTIVATIONS = ("Relu", "Clip")
 SENSITIVE_READERS = ("Softmax", "LogSoftmax")
 DEFAULT_OPS = [*COMPUTE, *JOINING, *PASS_THROUGH]
 
-#: 4-bit types need their zero points stored as ONNX INT4/UINT4, which is not built yet.
-DTypeName = Literal["int8", "uint8", "int16", "uint16"]
+DTypeName = Literal["int8", "uint8", "int16", "uint16", "int4", "uint4"]
+FOUR_BIT = ("int4", "uint4")
 #: the first opset whose QuantizeLinear takes each type.
-MIN_OPSET = {"int8": 13, "uint8": 13, "int16": 21, "uint16": 21, "int32": 13}
+MIN_OPSET = {"int8": 13, "uint8": 13, "int16": 21, "uint16": 21, "int4": 21, "uint4": 21,
+             "int32": 13}
+NO_4BIT_ACTIVATIONS = (
+    "4-bit activations are not supported: onnxruntime has no integer kernel that reads them "
+    "(QLinearConv, QLinearMatMul, ConvInteger and MatMulInteger take 8-bit inputs only; its "
+    "4-bit Q/DQ run only as a float simulation, and next to int8 weights its QDQ fusion makes "
+    "a QLinearConv that rejects int4, so the session fails to load); use int4 weights with "
+    "uint8 or int8 activations (W4A8)")
 #: the inputs of joining ops that carry data (the others are parameters such as Resize's).
 DATA_INPUTS = {"Resize": (0,), "AveragePool": (0,), "GlobalAveragePool": (0,)}
 FLOATS = (np.float32, np.float16)
@@ -69,13 +86,25 @@ class WeightSpec:
     symmetric: bool = field(default=True, metadata={"help": "zero point at the middle"})
     reduce_range: bool | None = field(default=None, metadata={
         "help": "7-bit weights, so x86 CPUs without VNNI do not saturate uint8 x int8 sums; "
-                "default: on when this machine's CPU lacks VNNI and activations are uint8"})
+                "default: on when this machine's CPU lacks VNNI and activations are uint8 "
+                "(int8 weights only)"})
+
+    def validate(self) -> None:
+        if self.reduce_range and self.dtype != "int8":
+            raise ValueError(f"reduce_range applies to int8 weights only, not {self.dtype}: "
+                             "it keeps uint8 x int8 integer kernels from saturating, and "
+                             f"{self.dtype} weights do not run in them")
 
 
 @dataclass
 class ActivationSpec:
-    dtype: DTypeName = field(default="uint8", metadata={"help": "activation integer type"})
+    dtype: DTypeName = field(default="uint8", metadata={
+        "help": "activation integer type (not 4-bit)"})
     symmetric: bool = field(default=False, metadata={"help": "zero point at the middle"})
+
+    def validate(self) -> None:
+        if self.dtype in FOUR_BIT:
+            raise ValueError(f"activations dtype {self.dtype}: {NO_4BIT_ACTIVATIONS}")
 
 
 @dataclass
@@ -127,7 +156,7 @@ class InsertQDQ(Pass):
     preserves_semantics = False
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        self._check_opset(model)
+        model, upgraded = self._fit_opset(model)
         model, _ = model_io.infer_shapes(model)  # the types decide what is float
         graph = G.import_graph(model)
         self._check_overrides(graph)
@@ -148,7 +177,7 @@ class InsertQDQ(Pass):
             "weights": len(table.quantized("weight")),
             "float": sum(not e.quantized for e in table.entries.values()),
         }
-        return PassResult(out, True, counts, planner.notes)
+        return PassResult(out, True, counts, upgraded + planner.notes)
 
     def _check_overrides(self, graph: gs.Graph) -> None:
         tensors = graph.tensors()
@@ -158,15 +187,27 @@ class InsertQDQ(Pass):
                                 f"does not have{did_you_mean(name, tensors)} (names after "
                                 "canonicalize: see --dump-dir)")
 
-    def _check_opset(self, model: onnx.ModelProto) -> None:
+    def _fit_opset(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+        """Raise the opset to 21 for 4-bit types (their zero points are INT4 / UINT4); any
+        other type the model's opset lacks is an error that says how to raise it."""
         opset = model_io.default_opset(model)
         kinds = [self.options.weights.dtype, self.options.activations.dtype]
         kinds += [o.dtype for o in self.options.overrides.values() if o.dtype]
         for kind in kinds:
-            if opset < MIN_OPSET[kind]:
+            if opset < MIN_OPSET[kind] and kind not in FOUR_BIT:
                 raise PassError(f"{kind} needs QuantizeLinear of opset {MIN_OPSET[kind]}, and "
                                 f"the model is at opset {opset}; run canonicalize first with "
                                 f"min_opset = {MIN_OPSET[kind]}")
+        four_bit = sorted({k for k in kinds if k in FOUR_BIT})
+        if not four_bit or opset >= MIN_OPSET["int4"]:
+            return model, []
+        model = upgrade_opset(model, MIN_OPSET["int4"])
+        model_io.fix_ir_version(model)
+        note = (f"opset {opset} -> {MIN_OPSET['int4']} (IR version {model.ir_version}): "
+                f"{'/'.join(four_bit)} zero points are ONNX {'/'.join(four_bit).upper()}, "
+                f"which QuantizeLinear takes from opset {MIN_OPSET['int4']} on")
+        log.info("%s", note)
+        return model, [note]
 
 
 class _Planner:
@@ -288,6 +329,9 @@ class _Planner:
             return self.table.add(TensorQuant(tensor.name, role, False,
                                               "kept float by an override"))
         dtype = override.dtype if override and override.dtype else spec.dtype
+        if role == "activation" and dtype in FOUR_BIT:
+            raise PassError(f"option 'overrides' makes the activation '{tensor.name}' "
+                            f"{dtype}: {NO_4BIT_ACTIVATIONS}")
         symmetric = override.symmetric if override and override.symmetric is not None \
             else spec.symmetric
         return self.table.add(TensorQuant(tensor.name, role, True, reason, dtype=dtype,
@@ -372,11 +416,11 @@ def _insert_pair(graph: gs.Graph, tensor: gs.Tensor, entry: TensorQuant,
     qt = Q.qtype(entry.dtype)
     if entry.scale is not None:
         scale = np.asarray(entry.scale, np.float32)
-        zero = np.asarray(entry.zero_point).astype(qt.storage)
+        zero = Q.to_exact(entry.zero_point, qt)  # INT4 / UINT4 for the 4-bit types
         if entry.axis is None:
             scale, zero = scale.reshape(()), zero.reshape(())
     else:  # placeholder until calibrate sets it
-        scale, zero = np.array(1.0, np.float32), np.zeros((), qt.storage)
+        scale, zero = np.array(1.0, np.float32), Q.to_exact(np.zeros((), np.int64), qt)
     readers = list(tensor.outputs)
     restored = G.qdq_pair(graph, tensor, scale, zero, entry.axis, names)
     for reader in readers:

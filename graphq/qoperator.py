@@ -8,7 +8,8 @@ says the same with one integer node, which some runtimes and converters take ins
 
 A Relu between the op and its Q is dropped when the Q's zero point is the type's minimum
 (the Q then clips at zero itself). Patterns that are not fully quantized, Gemm (which has no
-standard QLinear op), and MatMul with per-column weight scales stay in Q/DQ form.
+standard QLinear op), MatMul with per-column weight scales, and 4-bit weights (QLinearConv and
+QLinearMatMul take 8-bit integers only) stay in Q/DQ form.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def _rewrite(graph: gs.Graph, node: gs.Node) -> int:
     found = _output_q(graph, node)
     if x is None or w is None or found is None:
         return 0
-    if G.constant_values(w[0]) is None:
-        return 0
+    weight = G.constant_values(w[0])
+    if weight is None or weight.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+        return 0  # not constant, or 4-bit
     q, _ = found
     inputs = [*x, *w, q.inputs[1], q.inputs[2]]
     if node.op == "Conv":

@@ -3,10 +3,12 @@
 - ``<stem>.fakequant.onnx``: the calibrated graph as it is: float weights behind Q/DQ pairs.
   It simulates the quantized model in any onnxruntime, and is what the QAT bridge reads.
 - ``<stem>.deploy.onnx``: the same graph with every ``constant -> QuantizeLinear`` replaced by
-  the integer initializer it computes (int8 weights, int32 biases) feeding its
-  DequantizeLinear: about 4x smaller for int8, and the form onnxruntime, TensorRT and vendor
-  converters fuse into integer kernels. Its outputs equal the fake-quant graph's, since
-  ``Q(w)`` is computed here exactly as QuantizeLinear computes it.
+  the integer initializer it computes (int8 or int4 weights, int32 biases) feeding its
+  DequantizeLinear: about 4x smaller for int8, 8x for int4 (ONNX INT4, two weights a byte),
+  and the form onnxruntime, TensorRT and vendor converters fuse into integer kernels. Its
+  outputs equal the fake-quant graph's, since ``Q(w)`` is computed here exactly as
+  QuantizeLinear computes it. ``format = "qoperator"`` refuses 4-bit weights: QLinearConv and
+  QLinearMatMul take 8-bit integers only.
 - ``quant_record.json``: the quantization table: every tensor, its dtype, scale, zero point,
   axis, method, and why it was or was not quantized.
 - ``report.md`` (and a ``quantization`` section in ``report.json``): sizes, per-output cosine
@@ -69,6 +71,8 @@ class Emit(Pass):
         if uncalibrated:
             raise PassError(f"{len(uncalibrated)} quantized tensors have no scale yet "
                             f"(e.g. '{uncalibrated[0]}'): run calibrate before emit")
+        if self.options.format == "qoperator":
+            _check_qoperator(table)
         deploy, folded = deploy_graph(model)
         counts = {"constants_folded_to_integers": folded}
         if self.options.format == "qoperator":
@@ -83,7 +87,13 @@ class Emit(Pass):
         ctx.artifacts["report.md"] = render_markdown(report)
         for line in summary_lines(report):
             log.info("%s", line)
-        return PassResult(model, False, counts)
+        notes = []
+        if any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight")):
+            notes.append("4-bit weights: onnxruntime's CPU EP has no integer kernel for them, so "
+                         "the deploy graph dequantizes them and runs Conv/Gemm/MatMul in float "
+                         "on every run (slower than the float model there); its gains are size "
+                         "and targets with 4-bit kernels")
+        return PassResult(model, False, counts, notes)
 
     def _report(self, model: onnx.ModelProto, deploy: onnx.ModelProto, table: QuantTable,
                 ctx: PassContext) -> dict[str, Any]:
@@ -149,13 +159,24 @@ def deploy_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         scale = G.constant_values(q.inputs[1])
         zero = G.constant_values(q.inputs[2])
         axis = q.attrs.get("axis", 1) if np.ndim(scale) == 1 else None
-        ints = Q.quantize(values, scale, zero, Q.qtype_of_storage(zero.dtype), axis=axis)
-        const = gs.Constant(q.outputs[0].name, np.asarray(ints))
+        qt = Q.qtype_of_storage(zero.dtype)  # int4 when the zero point is ONNX INT4
+        ints = Q.quantize(values, scale, zero, qt, axis=axis)
+        const = gs.Constant(q.outputs[0].name, Q.to_exact(ints, qt))
         G.replace_uses(graph, q.outputs[0], const)
         q.outputs.clear()
         folded += 1
     graph.cleanup().toposort()
     return G.export(graph, like=model), folded
+
+
+def _check_qoperator(table: QuantTable) -> None:
+    narrow = [e for e in table.quantized("weight") if Q.qtype(e.dtype).bits < 8]
+    if narrow:
+        raise PassError(
+            f"format = \"qoperator\" cannot hold {narrow[0].dtype} weights (e.g. "
+            f"'{narrow[0].tensor}', {len(narrow)} tensors): QLinearConv and QLinearMatMul "
+            "take 8-bit integers only; use format = \"qdq\" (4-bit initializers feeding "
+            "DequantizeLinear), or override those weights to int8")
 
 
 def _output_fidelity(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]]

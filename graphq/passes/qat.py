@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from graphq import graph as G
 from graphq import runtime
@@ -37,6 +38,9 @@ class QatOptions:
     optimizer: Literal["adam", "adamw", "sgd"] = field(default="adam", metadata={
         "help": "optimizer"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay", "min": 0.0})
+    scale_lr: float = field(default=1.0, metadata={
+        "help": "a learned scale's step relative to its size, per unit of lr (Adam moves a "
+                "scale by about lr * scale_lr * |scale| per step)", "min": 0.0})
     batch_size: int | None = field(default=None, metadata={
         "help": "samples per step (default: [data] batch_size)", "min": 1})
     loss: Literal["distill", "cross_entropy", "mse"] = field(default="distill", metadata={
@@ -75,6 +79,11 @@ class Qat(Pass):
             raise PassError("qat needs calibrated scales: run calibrate before qat")
         if ctx.data is None:
             raise DataError("qat needs data: give --data PATH or [data] source")
+        known = {o for n in model.graph.node for o in n.output} | \
+            {i.name for i in model.graph.input}
+        missing = [n for n in o.distill_tensors if n not in known]
+        if missing:
+            raise ConfigError(f"pass 'qat': distill tensor '{missing[0]}' is not in the graph")
         try:
             from graphq import qat
             from graphq.qat import train as T
@@ -95,7 +104,7 @@ class Qat(Pass):
             data.batch_size = o.batch_size
         config = T.FinetuneConfig(
             epochs=o.epochs, lr=o.lr, optimizer=o.optimizer, weight_decay=o.weight_decay,
-            loss=o.loss, max_steps=o.max_steps, grad_clip=o.grad_clip, seed=o.seed,
+            loss=o.loss, scale_lr=o.scale_lr, max_steps=o.max_steps, grad_clip=o.grad_clip, seed=o.seed,
             pact_decay=1e-4 if o.method == "pact" else 0.0,
             checkpoint=ctx.path(o.checkpoint) if o.checkpoint else None, resume=o.resume)
         result = T.finetune(bridge.module, lambda: data.labeled_feeds(model), teacher,
@@ -131,13 +140,13 @@ def _device(name: str, torch):
 
 def _teacher(model: onnx.ModelProto, names: list[str], providers: list[str]):
     """The float graph (the Q/DQ pairs bypassed) in onnxruntime, returning ``names``."""
-    known = {o for n in model.graph.node for o in n.output} | \
-        {i.name for i in model.graph.input}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise ConfigError(f"pass 'qat': distill tensor '{missing[0]}' is not in the graph")
     float_model = G.with_outputs(model, names, float_view=True)
-    sess = runtime.session(float_model, providers)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # no busy-waiting between runs: torch trains on the same cores in between
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    sess = runtime.session(float_model, providers, options)
 
     def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return sess.run(names, feed)

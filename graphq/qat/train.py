@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from graphq.errors import DataError, PassError
-from graphq.kernels.fakequant import pact_l2
+from graphq.kernels.fakequant import FakeQuantize, pact_l2
 from graphq.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     loss: str = "distill"
+    scale_lr: float = 1.0
     max_steps: int | None = None
     grad_clip: float | None = None
     pact_decay: float = 1e-4
@@ -119,14 +120,37 @@ def _labels_loss(kind: str, out: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 # ---- the loop ------------------------------------------------------------------------------
 
-def _optimizer(config: FinetuneConfig, params: list[torch.nn.Parameter]):
-    if not params:
+def param_groups(module: torch.nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
+    """Weights and biases at ``lr``; each learned scale or clip in a group of its own at
+    ``lr * scale_lr * mean|value|``, a step relative to its size (no weight decay).
+
+    Adam's step is about ``lr`` whatever the gradient's size, so LSQ's gradient scale does
+    not reach it; and a weight scale (about 1e-3) would move by 10% per step at a weight's
+    ``lr`` of 1e-4, where a weight (about 1e-1) moves by 0.1%.
+    """
+    quant_params: list[torch.nn.Parameter] = []
+    for m in module.modules():
+        if isinstance(m, FakeQuantize):
+            quant_params += [p for p in m.parameters(recurse=False) if p.requires_grad]
+    ids = {id(p) for p in quant_params}
+    rest = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
+    groups: list[dict[str, Any]] = [{"params": rest}] if rest else []
+    for p in quant_params:
+        size = float(p.detach().abs().mean()) or 1.0
+        groups.append({"params": [p], "lr": config.lr * config.scale_lr * size,
+                       "weight_decay": 0.0})
+    return groups
+
+
+def _optimizer(config: FinetuneConfig, module: torch.nn.Module):
+    groups = param_groups(module, config)
+    if not groups:
         raise PassError("nothing to train: no parameter requires grad (check 'train')")
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def fingerprint(module: torch.nn.Module, config: FinetuneConfig) -> str:
@@ -135,7 +159,7 @@ def fingerprint(module: torch.nn.Module, config: FinetuneConfig) -> str:
     h = hashlib.sha256()
     for name, p in module.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.requires_grad};".encode())
-    h.update(f"{config.optimizer}:{config.loss}".encode())
+    h.update(f"{config.optimizer}:{config.loss}:{config.scale_lr}".encode())
     return h.hexdigest()[:16]
 
 
@@ -171,7 +195,7 @@ def finetune(module: torch.nn.Module, batches: Callable[[], Iterable[Batch]],
     rank, size = init_distributed(device)
     module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = _optimizer(config, params)
+    optimizer = _optimizer(config, module)
     mark = fingerprint(module, config)
     result = FinetuneResult(world_size=size)
     start_epoch = 0

@@ -1,0 +1,207 @@
+"""The ``qat`` pass in pipelines, on the shipped digits CNN (real data: sklearn's digits).
+
+PTQ (canonicalize, fold-bn, insert-qdq, calibrate) runs once per module; each test runs
+``qat`` (and ``emit``) on that calibrated graph: label-free distillation raises the fidelity
+to the float model, labels train with cross-entropy, checkpoints resume, the structure and
+names of the graph are unchanged, and bad settings fail with a message that names them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("torch")
+try:  # onnx2torch is imported through graphq's bridge (torchvision may be absent)
+    from graphq.qat._o2t import onnx2torch
+
+    onnx2torch()
+except Exception as exc:  # noqa: BLE001
+    pytest.skip(f"the QAT bridge is not installed: {exc}", allow_module_level=True)
+
+from graphq import runtime  # noqa: E402
+from graphq.errors import ConfigError, DataError, PassError  # noqa: E402
+from graphq.kernels import quant as Q  # noqa: E402
+from graphq.pipeline import PassManager  # noqa: E402
+from graphq.quant import QuantTable  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = ROOT / "examples" / "digits"
+MODEL = DIGITS / "digits_cnn.onnx"
+
+PTQ = """
+[data]
+batch_size = 32
+[[passes]]
+name = "canonicalize"
+[[passes]]
+name = "fold-bn"
+[[passes]]
+name = "insert-qdq"
+[[passes]]
+name = "calibrate"
+method = "minmax"
+"""
+
+
+def _manager(passes: str, data: str = "") -> PassManager:
+    return PassManager.from_text(f"[pipeline]\nverify = \"off\"\n{data}\n{passes}")
+
+
+@pytest.fixture(scope="module")
+def calibrated() -> onnx.ModelProto:
+    return PassManager.from_text(PTQ).run(MODEL, data=DIGITS / "calib.npz").model
+
+
+@pytest.fixture(scope="module")
+def held_out() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    d = np.load(DIGITS / "test.npz")
+    return {"image": d["image"]}, d["label"]
+
+
+@pytest.fixture(scope="module")
+def labeled_train(tmp_path_factory) -> Path:
+    """512 training digits with labels, split as examples/digits/train.py splits them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_train", DIGITS / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x_train, _, y_train, _ = module.load_digits()
+    path = tmp_path_factory.mktemp("digits") / "train.npz"
+    np.savez(path, image=x_train[:512], label=y_train[:512])
+    return path
+
+
+def _run(model: onnx.ModelProto, toml: str, data=DIGITS / "calib.npz", outdir=None):
+    return _manager(toml).run(model, outdir, data=data)
+
+
+def _sqnr(model: onnx.ModelProto, ref: np.ndarray, feed: dict[str, np.ndarray]) -> float:
+    out = runtime.session(model).run(None, feed)[0]
+    return Q.sqnr_db(ref, out)
+
+
+def _structure(model: onnx.ModelProto) -> list[tuple]:
+    return [(n.name, n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node]
+
+
+def test_label_free_qat_raises_fidelity_and_keeps_the_graph(calibrated, held_out):
+    """Distillation from the float graph: the held-out SQNR against the float model rises
+    above the calibrated graph's, the loss falls, and nodes, names and wiring are the
+    same."""
+    feed, _ = held_out
+    ref = runtime.session(onnx.load(MODEL)).run(None, feed)[0]
+    before = _sqnr(calibrated, ref, feed)
+    result = _run(calibrated, '[[passes]]\nname = "qat"\nepochs = 3\nlr = 1e-4\n')
+    after = _sqnr(result.model, ref, feed)
+    assert after > before + 0.5, (before, after)
+    losses = result.report["qat"]["epoch_loss"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert _structure(result.model) == _structure(calibrated)
+    onnx.checker.check_model(result.model, full_check=True)
+    # the table follows the learned scales
+    table = QuantTable.of(result.model)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    entry = table.get("image")
+    assert entry.method.endswith("+qat")
+    assert np.allclose(entry.scale, np.atleast_1d(inits["image_scale"]))
+    assert not np.allclose(inits["image_scale"],
+                           onnx.numpy_helper.to_array(next(
+                               t for t in calibrated.graph.initializer
+                               if t.name == "image_scale")))
+
+
+def test_ste_keeps_scales_and_requantizes_biases(calibrated):
+    result = _run(calibrated, '[[passes]]\nname = "qat"\nmethod = "ste"\nmax_steps = 4\n'
+                              'lr = 1e-3\n')
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in calibrated.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    scales = [n for n in before if n.endswith("_scale") and "bias" not in n]
+    assert scales and all(np.array_equal(before[n], after[n]) for n in scales)
+    assert not np.array_equal(before["head.weight"], after["head.weight"])
+    # int32 bias = round(bias / (input scale x weight scale)) of the graph's scales
+    node = next(n for n in result.model.graph.node if n.op_type == "Gemm")
+    producers = {o: n for n in result.model.graph.node for o in n.output}
+    s_in = after[producers[node.input[0]].input[1]]
+    s_w = after[producers[node.input[1]].input[1]]
+    dq_b = producers[node.input[2]]
+    assert after[dq_b.input[0]].dtype == np.int32
+    assert np.allclose(after[dq_b.input[1]], np.float32(s_in) * s_w.astype(np.float32))
+
+
+def test_labels_with_cross_entropy_and_emit(calibrated, tmp_path, held_out, labeled_train):
+    feed, labels = held_out
+    outdir = tmp_path / "out"
+    toml = ('[[passes]]\nname = "qat"\nloss = "cross_entropy"\nepochs = 2\nlr = 1e-4\n'
+            'method = "pact"\nbatch_size = 64\n'
+            f'[[passes]]\nname = "emit"\neval_data = "{DIGITS / "test.npz"}"\n'
+            'latency_runs = 0\n')
+    result = _run(calibrated, toml, data=labeled_train, outdir=outdir)
+    deploy = onnx.load(next(p for k, p in result.files.items() if k.endswith(".deploy.onnx")))
+    top1 = float(np.mean(np.argmax(runtime.session(deploy).run(None, feed)[0], 1) == labels))
+    assert top1 >= 0.97  # float: 0.9972 on these 360 held-out digits
+    report = json.loads((outdir / "report.json").read_text())
+    assert report["qat"]["loss"] == "cross_entropy"
+    assert result.records[0].counts["steps"] == 2 * 8  # 512 samples / 64 per batch
+
+
+def test_checkpoint_and_resume(calibrated, tmp_path):
+    ckpt = tmp_path / "ck" / "qat.pt"
+    first = _run(calibrated, f'[[passes]]\nname = "qat"\nepochs = 1\ncheckpoint = "{ckpt}"\n')
+    assert ckpt.exists() and not ckpt.with_name("qat.pt.tmp").exists()
+    resumed = _run(calibrated, f'[[passes]]\nname = "qat"\nepochs = 2\ncheckpoint = "{ckpt}"\n'
+                               'resume = true\n')
+    assert resumed.report["qat"]["resumed_from_epoch"] == 1
+    assert len(resumed.report["qat"]["epoch_loss"]) == 1  # only the second epoch ran
+    straight = _run(calibrated, '[[passes]]\nname = "qat"\nepochs = 2\n')
+    a = {t.name: onnx.numpy_helper.to_array(t) for t in resumed.model.graph.initializer}
+    b = {t.name: onnx.numpy_helper.to_array(t) for t in straight.model.graph.initializer}
+    assert all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    c = {t.name: onnx.numpy_helper.to_array(t) for t in first.model.graph.initializer}
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+    # another option set is refused, not silently mixed
+    with pytest.raises(PassError, match="checkpoint .* another graph or other options"):
+        _run(calibrated, f'[[passes]]\nname = "qat"\nepochs = 3\ncheckpoint = "{ckpt}"\n'
+                         'resume = true\noptimizer = "sgd"\n')
+
+
+def test_distill_on_intermediate_tensors(calibrated):
+    relu = next(n.output[0] for n in calibrated.graph.node if n.op_type == "Relu")
+    result = _run(calibrated, f'[[passes]]\nname = "qat"\nmax_steps = 3\n'
+                              f'distill_tensors = ["{relu}"]\n')
+    assert [o.name for o in result.model.graph.output] == \
+        [o.name for o in calibrated.graph.output]
+    with pytest.raises(ConfigError, match="distill tensor 'nope' is not in the graph"):
+        _run(calibrated, '[[passes]]\nname = "qat"\ndistill_tensors = ["nope"]\n')
+
+
+def test_bad_settings_name_the_problem(calibrated, tmp_path):
+    np.savez(tmp_path / "unlabeled.npz", image=np.load(DIGITS / "calib.npz")["image"][:64])
+    with pytest.raises(DataError, match="loss 'cross_entropy' needs labels"):
+        _run(calibrated, '[[passes]]\nname = "qat"\nloss = "cross_entropy"\n',
+             data=tmp_path / "unlabeled.npz")
+    with pytest.raises(PassError, match="run insert-qdq and calibrate before qat|"
+                                        "needs calibrated"):
+        _run(onnx.load(MODEL), '[[passes]]\nname = "qat"\n')
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            _run(calibrated, '[[passes]]\nname = "qat"\ndevice = "cuda"\n')
+    with pytest.raises(ConfigError, match="method"):
+        _run(calibrated, '[[passes]]\nname = "qat"\nmethod = "sgd"\n')
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()")
+def test_qat_on_cuda(calibrated, held_out):  # pragma: no cover - runs where a GPU is
+    feed, _ = held_out
+    ref = runtime.session(onnx.load(MODEL)).run(None, feed)[0]
+    result = _run(calibrated, '[[passes]]\nname = "qat"\nepochs = 2\nlr = 1e-4\n'
+                              'device = "cuda"\n')
+    assert result.report["qat"]["device"].startswith("cuda")
+    assert _sqnr(result.model, ref, feed) > _sqnr(calibrated, ref, feed)

@@ -104,8 +104,8 @@ class Qat(Pass):
             data.batch_size = o.batch_size
         config = T.FinetuneConfig(
             epochs=o.epochs, lr=o.lr, optimizer=o.optimizer, weight_decay=o.weight_decay,
-            loss=o.loss, scale_lr=o.scale_lr, max_steps=o.max_steps, grad_clip=o.grad_clip, seed=o.seed,
-            pact_decay=1e-4 if o.method == "pact" else 0.0,
+            loss=o.loss, scale_lr=o.scale_lr, max_steps=o.max_steps, grad_clip=o.grad_clip,
+            seed=o.seed, pact_decay=1e-4 if o.method == "pact" else 0.0,
             checkpoint=ctx.path(o.checkpoint) if o.checkpoint else None, resume=o.resume)
         result = T.finetune(bridge.module, lambda: data.labeled_feeds(model), teacher,
                             config, device)

@@ -39,6 +39,7 @@ try:
 except ImportError as _exc:
     raise GraphqError(f"torch is not installed; {INSTALL_HINT}") from _exc
 from graphq.qat.converters import METHODS, TRAINABLE, Conversion, active  # noqa: E402
+from graphq.qat.modules import freeze_foreign  # noqa: E402
 
 __all__ = ["METHODS", "TRAINABLE", "Bridge", "emit", "prepare", "to_torch"]
 
@@ -74,6 +75,8 @@ def to_torch(model: str | Path | onnx.ModelProto, *, method: str = "ste",
         except NotImplementedError as exc:
             raise ModelError(f"cannot convert the graph to PyTorch: {_converter_message(exc)}"
                              ) from exc
+    conversion.link_biases()
+    freeze_foreign(module)
     module.graphq_counts = form.counts
     module.graphq_input_names = [i.name for i in model_io_inputs(proto)]
     return module

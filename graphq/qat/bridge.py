@@ -8,7 +8,9 @@ every tensor name, into nodes of graphq's ``graphq_qat`` domain whose converters
 - ``float initializer -> QuantizeLinear -> DequantizeLinear`` (a weight, fake-quant form) and
   ``integer initializer -> DequantizeLinear`` (a weight, deploy form) become
   ``WeightFakeQuant``: a float parameter with its own fake-quant node;
-- ``int32 initializer -> DequantizeLinear`` (a bias) becomes ``Bias``: a float parameter;
+- ``int32 initializer -> DequantizeLinear`` (a bias) becomes ``Bias``: a float parameter on
+  the int32 grid of ``input scale x weight scale`` (the ``input`` and ``weight`` attributes name
+  the tensors of the op that adds it);
 - ``tensor -> QuantizeLinear -> DequantizeLinear`` becomes ``FakeQuant`` (one torch module per
   scale initializer, so a shared scale stays shared);
 - a float initializer read as weight or bias by Conv / ConvTranspose / Gemm / MatMul, or as the
@@ -54,8 +56,7 @@ def to_bridge_form(model: onnx.ModelProto, extra_outputs: list[str] | None = Non
                    ) -> BridgeForm:
     """The bridge form of ``model`` (a copy); ``extra_outputs`` names tensors the converted
     module should return after the graph's outputs (for distillation on intermediates)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = _with_shapes(model)
     graph = out.graph
     inits = _float_initializers(graph)
     producer: dict[str, onnx.NodeProto] = {}
@@ -94,6 +95,15 @@ def to_bridge_form(model: onnx.ModelProto, extra_outputs: list[str] | None = Non
             numpy_helper.to_array(inits[n]), numpy_helper.to_array(inits[m]))
             for n, m in zip(q.input[1:], dq.input[1:], strict=False))
 
+    def bias_operands(bias: str) -> dict[str, str]:
+        """The input and weight of the op that adds ``bias``: its int32 grid is
+        ``input scale x weight scale`` (write-back requantizes it there)."""
+        for reader in readers[bias]:
+            if reader.op_type in WEIGHTED and len(reader.input) > 2 and \
+                    reader.input[2] == bias and reader.input[0] and reader.input[1]:
+                return {"input": reader.input[0], "weight": reader.input[1]}
+        return {}
+
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
             new_nodes.append(node)
@@ -112,7 +122,7 @@ def to_bridge_form(model: onnx.ModelProto, extra_outputs: list[str] | None = Non
             folded[x] += 1
         elif x in inits and inits[x].data_type == onnx.TensorProto.INT32:
             new_nodes.append(custom("Bias", [x, *qparams], list(node.output), node.name,
-                                    axis=axis))
+                                    axis=axis, **bias_operands(node.output[0])))
             counts["biases"] += 1
         elif x in inits:
             new_nodes.append(custom("WeightFakeQuant", [x, *qparams], list(node.output),
@@ -155,13 +165,33 @@ def to_bridge_form(model: onnx.ModelProto, extra_outputs: list[str] | None = Non
                 node.input[i] = param_output(name)
     param_nodes = [custom("Param", [init], [out], f"{out}_node")
                    for init, out in params.items()]
+    graph.value_info.extend(helper.make_tensor_value_info(out, inits[init].data_type,
+                                                          list(inits[init].dims))
+                            for init, out in params.items())
     counts["params"] = len(param_nodes)
 
+    # the weight's shape, for a Conv whose kernel_shape is implied by its weight's dims
+    weight_dims = {out: list(inits[init].dims) for init, out in params.items()}
+    weight_dims.update({n.output[0]: list(inits[n.input[0]].dims) for n in kept
+                        if n.domain == DOMAIN and n.op_type == "WeightFakeQuant"})
     for node in kept:
         if node.op_type in CONV_OPS and node.domain in ("", "ai.onnx") and \
                 node.input[1] not in inits:
             node.domain = DOMAIN
             counts["convs"] += 1
+            dims = weight_dims.get(node.input[1])
+            if dims and not any(a.name == "kernel_shape" for a in node.attribute):
+                node.attribute.append(helper.make_attribute("kernel_shape", dims[2:]))
+
+    wanted = graph_outputs | set(extra_outputs or [])
+    for node in kept:
+        # onnx2torch's Dropout returns one tensor and takes a node with a mask output for a
+        # tuple, so 'output' would become the first sample of the batch: the mask goes when
+        # nothing reads it (it is optional)
+        if node.op_type == "Dropout" and node.domain in ("", "ai.onnx") and \
+                len(node.output) > 1 and not readers[node.output[1]] and \
+                node.output[1] not in wanted:
+            del node.output[1:]
 
     del graph.node[:]
     graph.node.extend(param_nodes + kept)
@@ -174,6 +204,18 @@ def to_bridge_form(model: onnx.ModelProto, extra_outputs: list[str] | None = Non
             graph.output.append(helper.make_empty_tensor_value_info(name))
             present.add(name)
     return BridgeForm(out, dict(counts))
+
+
+def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with inferred shapes: onnx2torch infers shapes again on the bridge
+    form, where they stop at the ``graphq_qat`` nodes, and some of its converters
+    (BatchNormalization, GlobalAveragePool) need the shape of their input."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError):  # > 2 GB, or a bad graph
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out
 
 
 def _ensure_names(graph: onnx.GraphProto) -> None:

@@ -46,6 +46,11 @@ class Conversion:
     train: tuple[str, ...] = TRAINABLE
     grad_scale: float | None = None
     activations: dict[tuple[str, ...], M.ActivationFakeQuant] = field(default_factory=dict)
+    #: tensor name -> the fake-quant module that computes it
+    quantizers: dict[str, M.ActivationFakeQuant | M.WeightFakeQuant] = field(
+        default_factory=dict)
+    #: each Bias with the names of its op's input and weight
+    biases: list[tuple[M.Bias, str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,6 +79,14 @@ class Conversion:
         return FakeQuantize(qt, symmetric=symmetric, axis=axis, method=method,
                             scale=np.asarray(scale, np.float32), zero_point=z,
                             learn_scale=learn if method != "ste" else False, **kwargs)
+
+    def link_biases(self) -> None:
+        """Put each int32 bias on the grid of its op's input and weight quantizers (once every
+        node is converted: a bias may come before them in the graph)."""
+        for bias, x, w in self.biases:
+            xq, wq = self.quantizers.get(x), self.quantizers.get(w)
+            if xq is not None and wq is not None:
+                bias.link(xq.quant, wq.quant)
 
 
 _ACTIVE: Conversion | None = None
@@ -147,6 +160,7 @@ def _fake_quant(node, graph):
         quant = conv.fake_quant(s, z, qt, _axis(node, scale), weight=False)
         module = M.ActivationFakeQuant(quant, {"scale": names[1], "zero_point": zp_name})
         conv.activations[key] = module
+    conv.quantizers[node.output_values[0]] = module
     return _result(module, node, (names[0],))
 
 
@@ -170,6 +184,7 @@ def _weight_fake_quant(node, graph):
     onnx_names.update(scale=names[1], zero_point=zp_name)
     quant = conv.fake_quant(s, z, qt, axis, weight=True)
     module = M.WeightFakeQuant(weight, quant, onnx_names, "weights" in conv.train)
+    conv.quantizers[node.output_values[0]] = module
     return _result(module, node, ())
 
 
@@ -180,7 +195,10 @@ def _bias(node, graph):
     scale, zp, _, zp_name = _qparams(node, graph, 1)
     value = (q - zp) * scale
     module = M.Bias(value, {"quantized": names[0], "scale": names[1], "zero_point": zp_name},
-                    "biases" in conv.train)
+                    "biases" in conv.train, scale)
+    operands = (node.attributes.get("input"), node.attributes.get("weight"))
+    if operands[0] and operands[1]:
+        conv.biases.append((module, operands[0], operands[1]))
     return _result(module, node, ())
 
 

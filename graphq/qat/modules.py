@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphq.kernels.fakequant import FakeQuantize
-from graphq.kernels.quant import QType
+from graphq.kernels.fakequant import FakeQuantize, pact_qparams
+from graphq.kernels.quant import MIN_SCALE, QType
 
 
 class Param(nn.Module):
@@ -62,18 +62,53 @@ class ActivationFakeQuant(nn.Module):
         return self.quant(x)
 
 
+def step_size(quant: FakeQuantize) -> torch.Tensor:
+    """The scale ``quant``'s forward uses, as :meth:`FakeQuantize.qparams` gives it (float32,
+    no gradient)."""
+    qt = quant.qtype
+    if quant.method == "pact":
+        return pact_qparams(quant.alpha, qt.qmin, qt.qmax, quant.symmetric)[0]
+    return quant.scale.detach().float().clamp_min(MIN_SCALE)
+
+
+_INT32 = np.iinfo(np.int32)
+
+
 class Bias(nn.Module):
     """An int32 bias (``DequantizeLinear(int32)``) trained as float. Its scale is not learned:
-    write-back requantizes it at ``input scale x weight scale`` of the learned scales."""
+    write-back requantizes it at ``input scale x weight scale`` of the learned scales, so the
+    forward puts it on that grid too (:meth:`link`; straight-through gradient), or on the
+    graph's ``scale`` while unlinked: the module computes what the written graph computes."""
 
-    def __init__(self, value: np.ndarray, onnx_names: dict[str, str], trainable: bool) -> None:
+    def __init__(self, value: np.ndarray, onnx_names: dict[str, str], trainable: bool,
+                 scale: np.ndarray) -> None:
         super().__init__()
         self.onnx_names = onnx_names
         self.bias = nn.Parameter(torch.from_numpy(np.array(value, np.float32)),
                                  requires_grad=trainable)
+        self.register_buffer("scale", torch.from_numpy(np.array(scale, np.float32)))
+        self.operands: tuple[FakeQuantize, FakeQuantize] | None = None  # not submodules
+
+    def link(self, input_quant: FakeQuantize, weight_quant: FakeQuantize) -> None:
+        self.operands = (input_quant, weight_quant)
+
+    def grid(self) -> torch.Tensor:
+        """The int32 grid's step: ``input scale x weight scale`` in float32 (as
+        :func:`graphq.kernels.quant.bias_int32`), or the graph's scale."""
+        if self.operands is None:
+            return self.scale
+        s_in, s_w = (step_size(q).reshape(-1) for q in self.operands)
+        s = s_in.to(s_w.device) * s_w
+        n = self.bias.numel()
+        if s.numel() not in (1, n):
+            s = s.repeat(n // s.numel())  # ConvTranspose: weight scales per group
+        return s
 
     def forward(self) -> torch.Tensor:
-        return self.bias
+        s = self.grid().to(self.bias.device)
+        q = torch.round(self.bias.detach().double() / s.double()).clamp(_INT32.min, _INT32.max)
+        value = q.float() * s  # float32(q) * scale: onnxruntime's DequantizeLinear
+        return self.bias + (value - self.bias).detach()
 
 
 def _broadcast(value: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
@@ -191,3 +226,22 @@ class Conv(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.op}{self.spatial}d, strides={self.strides}, pads={self.pads}, "
                 f"dilations={self.dilations}, group={self.group}")
+
+
+def _running_statistics(bn: nn.Module, args: tuple) -> None:
+    bn.training = False  # a forward pre-hook: normalize with the graph's statistics
+
+
+def freeze_foreign(module: nn.Module) -> None:
+    """Freeze what write-back does not write: the parameters of onnx2torch's own modules
+    (BatchNormalization's scale and bias, PRelu's slope, ...) stop requiring grad, and
+    BatchNormalization normalizes with the graph's mean and variance in training mode too
+    (neither batch statistics nor updated running statistics reach the ONNX graph)."""
+    own = (Param, WeightFakeQuant, ActivationFakeQuant, Bias)
+    owned = {id(p) for m in module.modules() if isinstance(m, own) for p in m.parameters()}
+    for p in module.parameters():
+        if id(p) not in owned:
+            p.requires_grad_(False)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.register_forward_pre_hook(_running_statistics)

@@ -142,13 +142,26 @@ def _write_bias(inits: _Initializers, bias: M.Bias, consumers: dict, producers: 
 def _update_table(table: QuantTable, model: onnx.ModelProto, inits: _Initializers) -> None:
     """Scales, zero points and clip ranges of the table from the written graph."""
     producers = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    # integers held as initializers (int32 biases, deploy weights) have no float tensor
+    # name in the graph: their entry is the one of that role read by the same node
+    by_consumer = {(e.role, c): e for e in table.entries.values() for c in e.consumers}
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[1] not in inits.index:
             continue
         src = node.input[0]
         q = producers.get(src)
-        tensor = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else src
-        entry = table.get(tensor) or table.get(tensor.removesuffix("_quantized"))
+        if q is not None and q.op_type == "QuantizeLinear":
+            entry = table.get(q.input[0])
+        elif src in inits.index:
+            entry = next((by_consumer.get((role, r.name)) for r in readers.get(node.output[0], [])
+                          for role in ("bias", "weight")
+                          if by_consumer.get((role, r.name)) is not None), None)
+        else:
+            entry = table.get(src)
         if entry is None or not entry.quantized:
             continue
         scale = np.atleast_1d(inits.array(node.input[1])).astype(np.float64)

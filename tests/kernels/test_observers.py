@@ -82,7 +82,10 @@ def test_histogram_growth_is_exact_rebinning():
     assert obs.zeros == 2
     cells = np.floor(data.astype(np.float64) / obs.width).astype(np.int64) - obs.offset
     expected = np.bincount(cells, minlength=obs.bins)
-    assert np.abs(obs.counts - expected).sum() <= 4       # float rounding on an edge at most
+    # float32 indexing (x * (1 / w) - offset) may put a value within ~bins * 2^-24 of a cell
+    # width from an edge into the neighbouring cell: a few per 2^24 / bins values
+    moved = np.abs(obs.counts - expected).sum()
+    assert moved <= 2 * data.size * obs.bins * 2.0**-24
     assert obs.edges[0] <= data.min() and data.max() < obs.edges[-1]
     assert 0.0 in obs.edges
 

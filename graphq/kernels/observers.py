@@ -189,7 +189,8 @@ class HistogramObserver(Observer):
 
     def _record(self, values: np.ndarray) -> None:
         pending = self.zeros          # zeros seen while the grid did not exist yet
-        self.zeros += int(values.size - np.count_nonzero(values))
+        if self.min is not None and self.min <= 0.0 <= self.max:   # else no exact zeros
+            self.zeros += int(values.size - np.count_nonzero(values))
         if self._counts is None:
             if self.min == 0.0 and self.max == 0.0:
                 return

@@ -205,3 +205,25 @@ def test_qat_on_cuda(calibrated, held_out):  # pragma: no cover - runs where a G
                               'device = "cuda"\n')
     assert result.report["qat"]["device"].startswith("cuda")
     assert _sqnr(result.model, ref, feed) > _sqnr(calibrated, ref, feed)
+
+
+def test_shipped_qat_example_from_the_command_line(tmp_path):
+    """``graphq run examples/digits/qat.toml``: PTQ, label-free QAT, emit; exit 0 and the
+    report's output SQNR above what the same pipeline without qat gives."""
+    from graphq import cli
+
+    out = tmp_path / "out"
+    code = cli.main(["run", str(DIGITS / "qat.toml"), str(MODEL), "-o", str(out), "-q"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["qat"]["epochs"] == 3
+    qat_sqnr = report["quantization"]["outputs"]["logits"]["sqnr_db"]
+    text = (DIGITS / "qat.toml").read_text()
+    ptq_toml = text.split('name = "qat"')[0].rsplit("[[passes]]", 1)[0]
+    ptq_toml += f'[[passes]]\nname = "emit"\neval_data = "{DIGITS / "test.npz"}"\n'
+    (tmp_path / "ptq.toml").write_text(ptq_toml.replace('source = "calib.npz"',
+                                                        f'source = "{DIGITS / "calib.npz"}"'))
+    assert cli.main(["run", str(tmp_path / "ptq.toml"), str(MODEL), "-o",
+                     str(tmp_path / "ptq"), "-q"]) == 0
+    ptq = json.loads((tmp_path / "ptq" / "report.json").read_text())
+    assert qat_sqnr > ptq["quantization"]["outputs"]["logits"]["sqnr_db"]

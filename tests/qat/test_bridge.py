@@ -27,9 +27,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.qat import require_bridge
+
+require_bridge()
 torch = pytest.importorskip("torch")
-if importlib.util.find_spec("onnx2torch") is None:  # importing it needs graphq's stand-in
-    pytest.skip("onnx2torch is not installed", allow_module_level=True)
 
 from graphq import qat  # noqa: E402
 from graphq.data import DataSource  # noqa: E402

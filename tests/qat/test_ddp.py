@@ -15,15 +15,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-pytest.importorskip("torch")
-try:  # onnx2torch is imported through graphq's bridge (torchvision may be absent)
-    from graphq.qat._o2t import onnx2torch
+from tests.qat import require_bridge
 
-    onnx2torch()
-except Exception as exc:  # noqa: BLE001
-    pytest.skip(f"the QAT bridge is not installed: {exc}", allow_module_level=True)
+require_bridge()
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "examples" / "digits"

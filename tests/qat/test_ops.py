@@ -21,13 +21,9 @@ from onnx import TensorProto, helper
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from graphq.errors import GraphqError  # noqa: E402
-from graphq.qat._o2t import onnx2torch  # noqa: E402
+from tests.qat import require_bridge  # noqa: E402
 
-try:
-    O2T = onnx2torch()
-except GraphqError as exc:
-    pytest.skip(str(exc), allow_module_level=True)
+O2T = require_bridge()
 
 from graphq.qat import ops  # noqa: E402
 from tests import realmodels  # noqa: E402

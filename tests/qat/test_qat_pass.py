@@ -15,13 +15,9 @@ import numpy as np
 import onnx
 import pytest
 
-pytest.importorskip("torch")
-try:  # onnx2torch is imported through graphq's bridge (torchvision may be absent)
-    from graphq.qat._o2t import onnx2torch
+from tests.qat import require_bridge
 
-    onnx2torch()
-except Exception as exc:  # noqa: BLE001
-    pytest.skip(f"the QAT bridge is not installed: {exc}", allow_module_level=True)
+require_bridge()
 
 from graphq import runtime  # noqa: E402
 from graphq.errors import ConfigError, DataError, PassError  # noqa: E402

@@ -44,3 +44,9 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` when a close choice exists, else ``""``."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+#: what to install for the QAT bridge (torch's CPU build first; onnx2torch without its
+#: dependencies, which would pull torchvision and a CUDA torch)
+QAT_INSTALL = ("the QAT bridge needs torch and onnx2torch: pip install torch==2.13.0 && "
+               "pip install --no-deps onnx2torch==1.5.15")

@@ -13,6 +13,7 @@ DistributedDataParallel.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -23,7 +24,7 @@ import onnxruntime as ort
 
 from graphq import graph as G
 from graphq import runtime
-from graphq.errors import ConfigError, DataError, GraphqError, PassError
+from graphq.errors import QAT_INSTALL, ConfigError, DataError, GraphqError, PassError
 from graphq.quant import QuantTable
 from graphq.registry import Pass, PassContext, PassResult, register
 
@@ -71,6 +72,13 @@ class Qat(Pass):
     summary = "finetune the calibrated graph in PyTorch (QAT) and write learned values back"
     Options = QatOptions
     preserves_semantics = False
+
+    def __init__(self, options=None, **kwargs) -> None:
+        super().__init__(options, **kwargs)
+        # say it when the pipeline is read, not after the passes before this one have run
+        missing = [m for m in ("torch", "onnx2torch") if not _installed(m)]
+        if missing:
+            raise ConfigError(f"pass 'qat': {missing[0]} is not installed; {QAT_INSTALL}")
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         o = self.options
@@ -122,6 +130,13 @@ class Qat(Pass):
         if result.resumed_from is not None:
             notes.append(f"resumed after epoch {result.resumed_from}")
         return PassResult(out, True, counts, notes)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _device(name: str, torch):

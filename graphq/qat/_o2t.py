@@ -17,10 +17,8 @@ import sys
 import types
 from typing import Any
 
+from graphq.errors import QAT_INSTALL as INSTALL_HINT
 from graphq.errors import GraphqError
-
-INSTALL_HINT = ("the QAT bridge needs torch and onnx2torch: pip install torch==2.13.0 && "
-                "pip install --no-deps onnx2torch==1.5.15")
 
 _loaded: Any = None
 

@@ -14,25 +14,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 from onnx import numpy_helper
 
 from graphq.errors import GraphqError
+from graphq.kernels import quant as Q
 from graphq.kernels.fakequant import FakeQuantize
-from graphq.kernels.quant import QType, qtype
+from graphq.kernels.quant import QType, qtype, qtype_of_storage
 from graphq.qat import modules as M
 from graphq.qat.bridge import DOMAIN
 
 METHODS = ("ste", "lsq", "pact")
 TRAINABLE = ("weights", "biases", "scales")
-
-#: ONNX storage type of a zero point -> graphq's quantized type
-_QTYPES = {
-    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8",
-    onnx.TensorProto.INT16: "int16", onnx.TensorProto.UINT16: "uint16",
-    onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4",
-    onnx.TensorProto.INT32: "int32",
-}
 
 #: QuantizeLinear / DequantizeLinear versions converted (their schemas' since_version)
 QDQ_VERSIONS = (10, 13, 19, 21, 23, 24, 25)
@@ -72,13 +64,10 @@ class Conversion:
         method = self.method
         if method == "pact" and (weight or not (symmetric or np.all(z == qt.qmin))):
             method = "lsq"
-        learn = "scales" in self.train and method != "ste"
         kwargs = {"grad_scale": self.grad_scale} if method == "lsq" else {}
-        if method == "pact" and not symmetric:
-            symmetric = False  # unsigned grid from zero: z = qmin
         return FakeQuantize(qt, symmetric=symmetric, axis=axis, method=method,
                             scale=np.asarray(scale, np.float32), zero_point=z,
-                            learn_scale=learn if method != "ste" else False, **kwargs)
+                            learn_scale="scales" in self.train and method != "ste", **kwargs)
 
     def link_biases(self) -> None:
         """Put each int32 bias on the grid of its op's input and weight quantizers (once every
@@ -129,8 +118,8 @@ def _qparams(node, graph, first: int) -> tuple[np.ndarray, np.ndarray, QType, st
     if proto is None:
         raise NotImplementedError(f"'{node.name}': zero point '{zp_name}' must be an "
                                   "initializer")
-    zp = numpy_helper.to_array(proto).astype(np.int64)
-    return scale, zp, qtype(_QTYPES[proto.data_type]), zp_name
+    zp = numpy_helper.to_array(proto)
+    return scale, zp.astype(np.int64), qtype_of_storage(zp.dtype), zp_name
 
 
 def _axis(node, scale: np.ndarray) -> int | None:
@@ -168,15 +157,11 @@ def _weight_fake_quant(node, graph):
     conv = _conversion()
     scale, zp, qt, zp_name = _qparams(node, graph, 1)
     names = node.input_values
-    src = graph.initializers[names[0]].proto
-    values = numpy_helper.to_array(src)
+    values = _initializer(graph, names[0], node)
     axis = _axis(node, scale)
     s, z = _per_tensor(scale, zp)
-    if src.data_type in _QTYPES:  # deploy form: integers -> their float values
-        shape = [1] * values.ndim
-        if axis is not None:
-            shape[axis % values.ndim] = -1
-        weight = (values.astype(np.float64) - z.reshape(shape)) * s.reshape(shape)
+    if not np.issubdtype(values.dtype, np.floating):  # deploy form: integers, dequantized
+        weight = Q.dequantize(values, s, z, axis)
         onnx_names = {"weight": None, "quantized": names[0]}
     else:
         weight = values
@@ -191,9 +176,8 @@ def _weight_fake_quant(node, graph):
 def _bias(node, graph):
     conv = _conversion()
     names = node.input_values
-    q = _initializer(graph, names[0], node).astype(np.float64)
     scale, zp, _, zp_name = _qparams(node, graph, 1)
-    value = (q - zp) * scale
+    value = Q.dequantize(_initializer(graph, names[0], node), scale, zp, _axis(node, scale))
     module = M.Bias(value, {"quantized": names[0], "scale": names[1], "zero_point": zp_name},
                     "biases" in conv.train, scale)
     operands = (node.attributes.get("input"), node.attributes.get("weight"))

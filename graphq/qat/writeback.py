@@ -18,10 +18,6 @@ from graphq.kernels import quant as Q
 from graphq.qat import modules as M
 from graphq.quant import QuantTable
 
-_FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-           onnx.TensorProto.DOUBLE: np.float64}
-_FOUR_BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
-
 
 class _Initializers:
     def __init__(self, graph: onnx.GraphProto) -> None:
@@ -41,14 +37,9 @@ class _Initializers:
         """Replace initializer ``name`` with ``values`` in its own type and shape."""
         old = self.proto(name)
         values = np.asarray(values).reshape(tuple(old.dims))
-        if old.data_type in _FLOATS:
-            new = numpy_helper.from_array(values.astype(_FLOATS[old.data_type]), name)
-        elif old.data_type in _FOUR_BIT:
-            new = helper.make_tensor(name, old.data_type, list(old.dims),
-                                     values.astype(np.int64).ravel().tolist())
-        else:
-            dtype = helper.tensor_dtype_to_np_dtype(old.data_type)
-            new = numpy_helper.from_array(values.astype(dtype), name)
+        # the initializer's own numpy type (ml_dtypes.int4 for INT4: from_array packs it)
+        new = numpy_helper.from_array(
+            values.astype(helper.tensor_dtype_to_np_dtype(old.data_type)), name)
         self.graph.initializer[self.index[name]].CopyFrom(new)
 
 
@@ -63,7 +54,6 @@ def write_back(model: onnx.ModelProto, module: nn.Module) -> onnx.ModelProto:
     out.CopyFrom(model)
     inits = _Initializers(out.graph)
     seen: set[int] = set()
-    biases: list[M.Bias] = []
     for sub in module.modules():
         if id(sub) in seen:
             continue
@@ -75,12 +65,7 @@ def write_back(model: onnx.ModelProto, module: nn.Module) -> onnx.ModelProto:
         elif isinstance(sub, M.ActivationFakeQuant):
             _write_qparams(inits, sub.onnx_names, sub.quant)
         elif isinstance(sub, M.Bias):
-            biases.append(sub)
-    if biases:
-        consumers = {node.input[2]: node for node in out.graph.node if len(node.input) > 2}
-        producers = {o: node for node in out.graph.node for o in node.output}
-        for bias in biases:
-            _write_bias(inits, bias, consumers, producers)
+            _write_bias(inits, sub)
     table = QuantTable.of(out)
     if table is not None:
         _update_table(table, out, inits)
@@ -107,34 +92,17 @@ def _write_weight(inits: _Initializers, sub: M.WeightFakeQuant) -> None:
                   Q.quantize(weight, scale, zp, qt, axis=sub.quant.axis))
 
 
-def _dq_scale(name: str, producers: dict, inits: _Initializers) -> np.ndarray | None:
-    node = producers.get(name)
-    if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in inits.index:
-        return None
-    return inits.array(node.input[1])
-
-
-def _write_bias(inits: _Initializers, bias: M.Bias, consumers: dict, producers: dict) -> None:
+def _write_bias(inits: _Initializers, bias: M.Bias) -> None:
+    """The int32 bias on the grid its forward used (:meth:`Bias.grid`: input scale x weight
+    scale of the learned quantizers), and that grid as its scale."""
     names = bias.onnx_names
     value = _numpy(bias.bias).astype(np.float64)
-    dq = next((n for n in producers.values() if n.op_type == "DequantizeLinear"
-               and n.input[0] == names["quantized"]), None)
-    node = consumers.get(dq.output[0]) if dq is not None else None
-    scale = inits.array(names["scale"])
-    if node is not None:
-        s_in = _dq_scale(node.input[0], producers, inits)
-        s_w = _dq_scale(node.input[1], producers, inits)
-        if s_in is not None and s_w is not None:
-            s_w = np.atleast_1d(s_w)
-            if s_w.size != value.size and s_w.size > 1:
-                s_w = np.tile(s_w, value.size // s_w.size)  # ConvTranspose groups
-            scale = np.broadcast_to(np.asarray(s_in, np.float32) * s_w.astype(np.float32),
-                                    value.shape)
-    if not Q.bias_fits_int32(value, np.asarray(scale, np.float64), 1.0):
+    grid = np.broadcast_to(_numpy(bias.grid()), value.shape)
+    if not Q.bias_fits_int32(value, grid, 1.0):
         raise PassError(f"write-back: bias '{names['quantized']}' overflows int32 at scale "
                         "input scale x weight scale after training; train without 'scales' "
                         "or with a lower learning rate")
-    ints, scale = Q.bias_int32(value, np.asarray(scale, np.float32), np.float32(1.0))
+    ints, scale = Q.bias_int32(value, grid, np.float32(1.0))
     inits.put(names["quantized"], ints)
     inits.put(names["scale"], scale)
 

@@ -64,18 +64,25 @@ def resolve_providers(asked: list[str], fallback: bool = False) -> list[str]:
 
 
 def session(model: onnx.ModelProto, providers: list[str] | None = None,
-            options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+            options: ort.SessionOptions | None = None, *, spinning: bool = True
+            ) -> ort.InferenceSession:
     """An onnxruntime session of an in-memory model (through a temporary file over 2 GB)."""
     with materialized(model) as source:
-        return session_of(source, providers, options)
+        return session_of(source, providers, options, spinning=spinning)
 
 
 def session_of(source: bytes | Path, providers: list[str] | None = None,
-               options: ort.SessionOptions | None = None) -> ort.InferenceSession:
-    """An onnxruntime session of serialized bytes or a model file."""
+               options: ort.SessionOptions | None = None, *, spinning: bool = True
+               ) -> ort.InferenceSession:
+    """An onnxruntime session of serialized bytes or a model file. ``spinning=False`` stops
+    its threads from busy-waiting between runs, for work that alternates with other compute
+    on the same cores (a teacher model between training steps)."""
     if options is None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     source = str(source) if isinstance(source, Path) else source
     return ort.InferenceSession(source, options,
                                 providers=providers or ["CPUExecutionProvider"])

@@ -20,7 +20,6 @@ from typing import Literal
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from graphq import graph as G
 from graphq import runtime
@@ -156,12 +155,8 @@ def _device(name: str, torch):
 def _teacher(model: onnx.ModelProto, names: list[str], providers: list[str]):
     """The float graph (the Q/DQ pairs bypassed) in onnxruntime, returning ``names``."""
     float_model = G.with_outputs(model, names, float_view=True)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     # no busy-waiting between runs: torch trains on the same cores in between
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    sess = runtime.session(float_model, providers, options)
+    sess = runtime.session(float_model, providers, spinning=False)
 
     def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return sess.run(names, feed)

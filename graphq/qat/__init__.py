@@ -33,6 +33,7 @@ import onnx
 from graphq import model as model_io
 from graphq.errors import GraphqError, ModelError
 from graphq.qat._o2t import INSTALL_HINT, onnx2torch
+from graphq.runtime import true_inputs
 
 try:
     import torch  # noqa: F401
@@ -78,7 +79,7 @@ def to_torch(model: str | Path | onnx.ModelProto, *, method: str = "ste",
     conversion.link_biases()
     freeze_foreign(module)
     module.graphq_counts = form.counts
-    module.graphq_input_names = [i.name for i in model_io_inputs(proto)]
+    module.graphq_input_names = [i.name for i in true_inputs(proto)]
     return module
 
 
@@ -102,7 +103,7 @@ class Bridge:
         self.model = model
         self.module = module
         self.stem = stem
-        self.input_names = [i.name for i in model_io_inputs(model)]
+        self.input_names = list(module.graphq_input_names)
         self.output_names = [o.name for o in model.graph.output]
         self.device = torch.device("cpu")
 
@@ -142,23 +143,13 @@ class Bridge:
         return write_back(self.model, self.module)
 
 
-def model_io_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    from graphq.runtime import true_inputs
-
-    return true_inputs(model)
-
-
 def prepare(model: str | Path | onnx.ModelProto, *, method: str = "lsq",
             train: tuple[str, ...] | list[str] = TRAINABLE, grad_scale: float | None = None,
             device: Any = None, extra_outputs: list[str] | None = None) -> Bridge:
     """A :class:`Bridge` for ``model``: graphq's ``<stem>.fakequant.onnx`` (or any graph with
     Q/DQ pairs, or a float graph). Options as :func:`to_torch`; ``device`` e.g. ``"cuda"``."""
-    stem = "model"
-    if isinstance(model, onnx.ModelProto):
-        proto = model_io.load(model)
-    else:
-        proto = model_io.load(model)
-        stem = Path(model).name.split(".")[0]
+    proto = model_io.load(model)
+    stem = "model" if isinstance(model, onnx.ModelProto) else Path(model).name.split(".")[0]
     module = to_torch(proto, method=method, train=train, grad_scale=grad_scale,
                       extra_outputs=extra_outputs)
     bridge = Bridge(proto, module, stem)

@@ -22,6 +22,7 @@ from graphq.kernels.fakequant import FakeQuantize
 from graphq.kernels.quant import QType, qtype, qtype_of_storage
 from graphq.qat import modules as M
 from graphq.qat.bridge import DOMAIN
+from graphq.qat.ops import converter_result
 
 METHODS = ("ste", "lsq", "pact")
 TRAINABLE = ("weights", "biases", "scales")
@@ -130,14 +131,6 @@ def _per_tensor(scale: np.ndarray, zp: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return (scale.reshape(()), zp.reshape(())) if scale.size == 1 else (scale, zp)
 
 
-def _result(module, node, inputs: tuple[str, ...]):
-    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
-
-    return OperationConverterResult(
-        torch_module=module,
-        onnx_mapping=OnnxMapping(inputs=inputs, outputs=node.output_values))
-
-
 def _fake_quant(node, graph):
     conv = _conversion()
     scale, zp, qt, zp_name = _qparams(node, graph, 1)
@@ -150,7 +143,7 @@ def _fake_quant(node, graph):
         module = M.ActivationFakeQuant(quant, {"scale": names[1], "zero_point": zp_name})
         conv.activations[key] = module
     conv.quantizers[node.output_values[0]] = module
-    return _result(module, node, (names[0],))
+    return converter_result(module, node, (names[0],))
 
 
 def _weight_fake_quant(node, graph):
@@ -170,7 +163,7 @@ def _weight_fake_quant(node, graph):
     quant = conv.fake_quant(s, z, qt, axis, weight=True)
     module = M.WeightFakeQuant(weight, quant, onnx_names, "weights" in conv.train)
     conv.quantizers[node.output_values[0]] = module
-    return _result(module, node, ())
+    return converter_result(module, node, ())
 
 
 def _bias(node, graph):
@@ -183,7 +176,7 @@ def _bias(node, graph):
     operands = (node.attributes.get("input"), node.attributes.get("weight"))
     if operands[0] and operands[1]:
         conv.biases.append((module, operands[0], operands[1]))
-    return _result(module, node, ())
+    return converter_result(module, node, ())
 
 
 def _param(node, graph):
@@ -191,12 +184,10 @@ def _param(node, graph):
     name = node.input_values[0]
     value = _initializer(graph, name, node)
     trainable = ("biases" if value.ndim == 1 else "weights") in conv.train
-    return _result(M.Param(value, name, trainable), node, ())
+    return converter_result(M.Param(value, name, trainable), node, ())
 
 
 def _conv(node, graph):
-    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
-
     shape = graph.value_info.get(node.input_values[1])
     rank = None
     if shape is not None and shape.type.tensor_type.HasField("shape"):
@@ -206,22 +197,20 @@ def _conv(node, graph):
     if spatial is None:
         raise NotImplementedError(f"{node.operation_type} '{node.name}': spatial rank unknown "
                                   "(no kernel_shape and no shape for the weight)")
-    module = M.Conv(node.operation_type, dict(node.attributes), spatial)
-    return OperationConverterResult(torch_module=module,
-                                    onnx_mapping=onnx_mapping_from_node(node))
+    return converter_result(M.Conv(node.operation_type, dict(node.attributes), spatial), node)
 
 
 def _quantize_linear(node, graph):
     scale, zp, qt, _ = _qparams(node, graph, 1)
     s, z = _per_tensor(scale, zp)
-    return _result(M.QuantizeLinear(s, z, qt, int(node.attributes.get("axis", 1))), node,
+    return converter_result(M.QuantizeLinear(s, z, qt, int(node.attributes.get("axis", 1))), node,
                    (node.input_values[0],))
 
 
 def _dequantize_linear(node, graph):
     scale, zp, _, _ = _qparams(node, graph, 1)
     s, z = _per_tensor(scale, zp)
-    return _result(M.DequantizeLinear(s, z, int(node.attributes.get("axis", 1))), node,
+    return converter_result(M.DequantizeLinear(s, z, int(node.attributes.get("axis", 1))), node,
                    (node.input_values[0],))
 
 

@@ -159,6 +159,13 @@ class DequantizeLinear(nn.Module):
         return (q.float() - z) * s
 
 
+def torch_pads(pads: list[int]) -> list[int]:
+    """ONNX ``pads`` (every axis's begin, then every axis's end) in ``F.pad``'s order (last
+    axis first, begin and end in pairs)."""
+    n = len(pads) // 2
+    return [p for i in reversed(range(n)) for p in (pads[i], pads[n + i])]
+
+
 def _same_pads(in_sizes: list[int], kernel: list[int], strides: list[int],
                dilations: list[int], upper: bool) -> list[int]:
     pads_begin, pads_end = [], []
@@ -214,13 +221,9 @@ class Conv(nn.Module):
                       self.dilations)
         fn = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
         pads = self._conv_pads(x, w)
-        begin, end = pads[:n], pads[n:]
-        if begin != end:
-            torch_pads = []
-            for i in reversed(range(n)):
-                torch_pads += [begin[i], end[i]]
-            x = F.pad(x, torch_pads)
-            begin = [0] * n
+        begin = pads[:n]
+        if begin != pads[n:]:
+            x, begin = F.pad(x, torch_pads(pads)), [0] * n
         return fn(x, w, b, self.strides, begin, self.dilations, self.group)
 
     def extra_repr(self) -> str:

@@ -60,6 +60,8 @@ import torch.nn.functional as F
 from onnx import TensorProto
 from torch import nn
 
+from graphq.qat.modules import torch_pads
+
 log = logging.getLogger(__name__)
 
 Converter = Callable[[Any, Any], Any]
@@ -76,7 +78,8 @@ def _common() -> Any:
     return importlib.import_module("onnx2torch.utils.common")
 
 
-def _result(module: nn.Module, node: Any, inputs: Sequence[str] | None = None) -> Any:
+def converter_result(module: nn.Module, node: Any, inputs: Sequence[str] | None = None
+                     ) -> Any:
     """The converter result: ``module`` reads ``inputs`` (default: all node inputs)."""
     common = _common()
     mapping = common.OnnxMapping(inputs=tuple(node.input_values if inputs is None else inputs),
@@ -175,8 +178,8 @@ def _reduce(node: Any, graph: Any) -> Any:
                         noop_with_empty_axes=bool(attrs.get("noop_with_empty_axes", 0)),
                         static_axes=None if static is None else static.tolist())
     if axes_name and static is None:
-        return _result(module, node)
-    return _result(module, node, node.input_values[:1])
+        return converter_result(module, node)
+    return converter_result(module, node, node.input_values[:1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +197,7 @@ class OnnxReshapeAllowZero(nn.Module):
 def _reshape(node: Any, graph: Any) -> Any:
     if not node.attributes.get("allowzero", 0):
         return _delegate("Reshape", 14, node, graph)
-    return _result(OnnxReshapeAllowZero(), node)
+    return converter_result(OnnxReshapeAllowZero(), node)
 
 
 class OnnxShape(nn.Module):
@@ -212,7 +215,7 @@ class OnnxShape(nn.Module):
 
 def _shape(node: Any, graph: Any) -> Any:
     module = OnnxShape(node.attributes.get("start", 0), node.attributes.get("end"))
-    return _result(module, node)
+    return converter_result(module, node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ def _pad(node: Any, graph: Any) -> Any:
     mode = node.attributes.get("mode", "constant")
     if mode not in _PAD_MODES:
         raise NotImplementedError(f"Pad mode {mode!r} is not one of {_PAD_MODES}")
-    return _result(OnnxPad(mode), node)
+    return converter_result(OnnxPad(mode), node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +310,7 @@ def _split(node: Any, graph: Any) -> Any:
     num_outputs = node.attributes.get("num_outputs", outputs)
     if num_outputs != outputs:
         raise NotImplementedError(f"Split has num_outputs={num_outputs} but {outputs} outputs")
-    return _result(OnnxSplit(node.attributes.get("axis", 0), num_outputs), node)
+    return converter_result(OnnxSplit(node.attributes.get("axis", 0), num_outputs), node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +356,7 @@ def _resize(node: Any, graph: Any) -> Any:
     axes = attrs.get("axes")
     if axes is None:
         return converted
-    return _result(OnnxResizeAxes(converted.torch_module, list(axes)), node,
+    return converter_result(OnnxResizeAxes(converted.torch_module, list(axes)), node,
                    converted.onnx_mapping.inputs)
 
 
@@ -378,8 +381,7 @@ class OnnxAveragePoolPadded(nn.Module):
         super().__init__()
         self.kernel = kernel
         self.strides = strides
-        spatial = len(kernel)
-        self.pads = [p for i in reversed(range(spatial)) for p in (pads[i], pads[spatial + i])]
+        self.pads = torch_pads(pads)
         self.count_include_pad = count_include_pad
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -409,7 +411,7 @@ def _average_pool(node: Any, graph: Any) -> Any:
         raise NotImplementedError(f"AveragePool over {spatial} spatial axes")
     module = OnnxAveragePoolPadded(kernel, list(attrs.get("strides", [1] * spatial)), pads,
                                    bool(attrs.get("count_include_pad", 0)))
-    return _result(module, node)
+    return converter_result(module, node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +447,7 @@ def _dropout(node: Any, graph: Any) -> Any:
     # a second output, even unnamed, makes onnx2torch index the result
     with_mask = len(node.output_values) > 1
     module = OnnxDropout(node.attributes.get("ratio", 0.5), with_mask)
-    return _result(module, node)
+    return converter_result(module, node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +476,7 @@ def _is_inf(node: Any, graph: Any) -> Any:
     attrs = node.attributes
     module = OnnxIsInf(bool(attrs.get("detect_positive", 1)),
                        bool(attrs.get("detect_negative", 1)))
-    return _result(module, node)
+    return converter_result(module, node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,12 +543,12 @@ class OnnxScatterElements(nn.Module):
 
 
 def _scatter_nd(node: Any, graph: Any) -> Any:
-    return _result(OnnxScatterND(_scatter_reduction(node)), node)
+    return converter_result(OnnxScatterND(_scatter_reduction(node)), node)
 
 
 def _scatter_elements(node: Any, graph: Any) -> Any:
     module = OnnxScatterElements(node.attributes.get("axis", 0), _scatter_reduction(node))
-    return _result(module, node)
+    return converter_result(module, node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,11 +597,11 @@ def _cast(node: Any, graph: Any) -> Any:
     if to not in _TORCH_DTYPES:
         name = TensorProto.DataType.Name(to)
         raise NotImplementedError(f"Cast to {name} is not implemented")
-    return _result(OnnxCast(_TORCH_DTYPES[to]), node)
+    return converter_result(OnnxCast(_TORCH_DTYPES[to]), node)
 
 
 def _cast_like(node: Any, graph: Any) -> Any:
-    return _result(OnnxCastLike(), node)
+    return converter_result(OnnxCastLike(), node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,45 +681,45 @@ class OnnxElementwise(nn.Module):
 
 
 def _gelu(node: Any, graph: Any) -> Any:
-    return _result(nn.GELU(approximate=node.attributes.get("approximate", "none")), node)
+    return converter_result(nn.GELU(approximate=node.attributes.get("approximate", "none")), node)
 
 
 def _group_norm_18(node: Any, graph: Any) -> Any:
     attrs = node.attributes
     module = OnnxGroupNorm(attrs["num_groups"], attrs.get("epsilon", 1e-5), per_group=True,
                            float32=True)
-    return _result(module, node)
+    return converter_result(module, node)
 
 
 def _group_norm_21(node: Any, graph: Any) -> Any:
     attrs = node.attributes
     module = OnnxGroupNorm(attrs["num_groups"], attrs.get("epsilon", 1e-5), per_group=False,
                            float32=bool(attrs.get("stash_type", 1)))
-    return _result(module, node)
+    return converter_result(module, node)
 
 
 def _mish(node: Any, graph: Any) -> Any:
-    return _result(nn.Mish(), node)
+    return converter_result(nn.Mish(), node)
 
 
 def _trilu(node: Any, graph: Any) -> Any:
-    return _result(OnnxTrilu(bool(node.attributes.get("upper", 1))), node)
+    return converter_result(OnnxTrilu(bool(node.attributes.get("upper", 1))), node)
 
 
 def _size(node: Any, graph: Any) -> Any:
-    return _result(OnnxSize(), node)
+    return converter_result(OnnxSize(), node)
 
 
 def _global_max_pool(node: Any, graph: Any) -> Any:
-    return _result(OnnxGlobalMaxPool(), node)
+    return converter_result(OnnxGlobalMaxPool(), node)
 
 
 def _thresholded_relu(node: Any, graph: Any) -> Any:
-    return _result(nn.Threshold(node.attributes.get("alpha", 1.0), 0.0), node)
+    return converter_result(nn.Threshold(node.attributes.get("alpha", 1.0), 0.0), node)
 
 
 def _elementwise(node: Any, graph: Any) -> Any:
-    return _result(OnnxElementwise(node.operation_type), node)
+    return converter_result(OnnxElementwise(node.operation_type), node)
 
 
 # ---------------------------------------------------------------------------------------------

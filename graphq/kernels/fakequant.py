@@ -109,11 +109,22 @@ def _shaped(value: Scalar | None, x: torch.Tensor, shape: list[int], length: int
     return t.reshape(shape)
 
 
+def quantize(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | float, qmin: int, qmax: int
+             ) -> torch.Tensor:
+    """ONNX QuantizeLinear without the cast: ``clamp(round(x / s) + z, qmin, qmax)`` in ``x``'s
+    float dtype (``s``, ``z`` broadcastable; no gradient through the rounding)."""
+    return torch.round(x / s).add_(z).clamp_(qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | float) -> torch.Tensor:
+    """ONNX DequantizeLinear: ``float32(q - z) * s``."""
+    return (q.float() - z) * s
+
+
 def _fq(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int
         ) -> torch.Tensor:
     """``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` (``s``, ``z`` ready: clamped, integer)."""
-    q = torch.round(x / s).add_(z)
-    return q.clamp_(qmin, qmax).sub_(z).mul_(s)
+    return quantize(x, s, z, qmin, qmax).sub_(z).mul_(s)
 
 
 def _effective_zp(z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -371,15 +382,21 @@ class FakeQuantize(nn.Module):
         zero point rounded and in the qtype's storage dtype; shape ``()`` per tensor."""
         qt = self.qtype
         z = _effective_zp(self.zero_point.detach().float(), qt.qmin, qt.qmax)
-        if self.method == "pact":
-            s = _pact_scale(self.alpha.detach().float(), qt.qmax - int(z.flatten()[0]))
-        else:
-            s = self.scale.detach().float().clamp_min(MIN_SCALE)
-        s_np = s.cpu().numpy().astype(np.float32)
+        s_np = self.step().cpu().numpy().astype(np.float32)
         z_np = z.cpu().numpy().astype(qt.storage)
         if self.axis is None:
             return s_np.reshape(()), z_np.reshape(())
         return s_np.reshape(-1), np.broadcast_to(z_np.reshape(-1), s_np.reshape(-1).shape).copy()
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """The scale the forward uses on float32 input (float32, no gradient): the clamped
+        ``scale``, or PACT's ``alpha / n``."""
+        if self.method == "pact":
+            qt = self.qtype
+            z = _effective_zp(self.zero_point.detach().float(), qt.qmin, qt.qmax)
+            return _pact_scale(self.alpha.detach().float(), qt.qmax - int(z.flatten()[0]))
+        return self.scale.detach().float().clamp_min(MIN_SCALE)
 
     def extra_repr(self) -> str:
         return (f"{self.qtype.name}, method={self.method}, symmetric={self.symmetric}, "

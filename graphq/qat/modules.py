@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphq.kernels.fakequant import FakeQuantize, pact_qparams
-from graphq.kernels.quant import MIN_SCALE, QType
+from graphq.kernels import fakequant as FQ
+from graphq.kernels.fakequant import FakeQuantize
+from graphq.kernels.quant import QType
 
 
 class Param(nn.Module):
@@ -62,15 +63,6 @@ class ActivationFakeQuant(nn.Module):
         return self.quant(x)
 
 
-def step_size(quant: FakeQuantize) -> torch.Tensor:
-    """The scale ``quant``'s forward uses, as :meth:`FakeQuantize.qparams` gives it (float32,
-    no gradient)."""
-    qt = quant.qtype
-    if quant.method == "pact":
-        return pact_qparams(quant.alpha, qt.qmin, qt.qmax, quant.symmetric)[0]
-    return quant.scale.detach().float().clamp_min(MIN_SCALE)
-
-
 _INT32 = np.iinfo(np.int32)
 
 
@@ -97,7 +89,7 @@ class Bias(nn.Module):
         :func:`graphq.kernels.quant.bias_int32`), or the graph's scale."""
         if self.operands is None:
             return self.scale
-        s_in, s_w = (step_size(q).reshape(-1) for q in self.operands)
+        s_in, s_w = (q.step().reshape(-1) for q in self.operands)
         s = s_in.to(s_w.device) * s_w
         n = self.bias.numel()
         if s.numel() not in (1, n):
@@ -106,8 +98,9 @@ class Bias(nn.Module):
 
     def forward(self) -> torch.Tensor:
         s = self.grid().to(self.bias.device)
-        q = torch.round(self.bias.detach().double() / s.double()).clamp(_INT32.min, _INT32.max)
-        value = q.float() * s  # float32(q) * scale: onnxruntime's DequantizeLinear
+        # int32 in float64 (exact), then onnxruntime's DequantizeLinear
+        q = FQ.quantize(self.bias.detach().double(), s.double(), 0.0, _INT32.min, _INT32.max)
+        value = FQ.dequantize(q, s, 0.0)
         return self.bias + (value - self.bias).detach()
 
 
@@ -139,8 +132,7 @@ class QuantizeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = _broadcast(self.scale, x.ndim, self.axis)
         z = _broadcast(self.zero_point, x.ndim, self.axis)
-        q = torch.round(x.float() / s) + z
-        return q.clamp(self.qtype.qmin, self.qtype.qmax).to(self.out_dtype)
+        return FQ.quantize(x.float(), s, z, self.qtype.qmin, self.qtype.qmax).to(self.out_dtype)
 
 
 class DequantizeLinear(nn.Module):
@@ -156,7 +148,7 @@ class DequantizeLinear(nn.Module):
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         s = _broadcast(self.scale, q.ndim, self.axis)
         z = _broadcast(self.zero_point, q.ndim, self.axis)
-        return (q.float() - z) * s
+        return FQ.dequantize(q, s, z)
 
 
 def torch_pads(pads: list[int]) -> list[int]:

@@ -114,9 +114,9 @@ class Qat(Pass):
             loss=o.loss, scale_lr=o.scale_lr, max_steps=o.max_steps, grad_clip=o.grad_clip,
             seed=o.seed, pact_decay=1e-4 if o.method == "pact" else 0.0,
             checkpoint=ctx.path(o.checkpoint) if o.checkpoint else None, resume=o.resume)
-        result = T.finetune(bridge.module, lambda: data.labeled_feeds(model), teacher,
-                            config, device)
-        bridge.module.to("cpu")
+        result = T.finetune(bridge, lambda: data.labeled_feeds(model), teacher, config,
+                            device)
+        bridge.to("cpu")
         out = bridge.write_back()
         counts = {"epochs": result.epochs, "steps": result.steps,
                   "world_size": result.world_size, **bridge.module.graphq_counts}

@@ -180,10 +180,10 @@ def _load_checkpoint(path: Path, module, optimizer, mark: str) -> int:
     return int(state["epoch"])
 
 
-def finetune(module: torch.nn.Module, batches: Callable[[], Iterable[Batch]],
+def finetune(bridge: Any, batches: Callable[[], Iterable[Batch]],
              teacher: Teacher | None, config: FinetuneConfig,
              device: torch.device) -> FinetuneResult:
-    """Train ``module`` (a converted graph; returns its outputs) on ``batches()`` (called once
+    """Train ``bridge``'s module (a :class:`graphq.qat.Bridge`) on ``batches()`` (called once
     per epoch; feed dict and labels or None) against ``teacher``'s outputs (``distill``) or
     the labels."""
     if config.loss not in LOSSES:
@@ -193,7 +193,7 @@ def finetune(module: torch.nn.Module, batches: Callable[[], Iterable[Batch]],
                         f"{', '.join(OPTIMIZERS)}")
     torch.manual_seed(config.seed)
     rank, size = init_distributed(device)
-    module.to(device)
+    module = bridge.to(device).module
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = _optimizer(config, module)
     mark = fingerprint(module, config)
@@ -208,7 +208,6 @@ def finetune(module: torch.nn.Module, batches: Callable[[], Iterable[Batch]],
     if size > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
-    names = getattr(module, "graphq_input_names", None)
     pact = config.pact_decay > 0
     model.train()
     for epoch in range(start_epoch, config.epochs):
@@ -218,8 +217,7 @@ def finetune(module: torch.nn.Module, batches: Callable[[], Iterable[Batch]],
         for feed, labels in shard(batches(), rank, size):
             if config.max_steps is not None and result.steps >= config.max_steps:
                 break
-            args = [torch.as_tensor(np.asarray(feed[n])).to(device) for n in names]
-            out = model(*args)
+            out = model(*bridge.inputs(feed))
             outs = list(out) if isinstance(out, tuple | list) else [out]
             if config.loss == "distill":
                 if teacher is None:

@@ -97,11 +97,12 @@ class Bias(nn.Module):
         return s
 
     def forward(self) -> torch.Tensor:
-        s = self.grid().to(self.bias.device)
-        # int32 in float64 (exact), then onnxruntime's DequantizeLinear
-        q = FQ.quantize(self.bias.detach().double(), s.double(), 0.0, _INT32.min, _INT32.max)
-        value = FQ.dequantize(q, s, 0.0)
-        return self.bias + (value - self.bias).detach()
+        with torch.no_grad():
+            s = self.grid().to(self.bias.device)
+            # int32 in float64 (exact), then onnxruntime's DequantizeLinear
+            q = FQ.quantize(self.bias.double(), s.double(), 0.0, _INT32.min, _INT32.max)
+            delta = FQ.dequantize(q, s, 0.0).sub_(self.bias)
+        return self.bias + delta  # the grid's value, straight-through gradient
 
 
 def _broadcast(value: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:

@@ -49,7 +49,8 @@ class QatOptions:
     distill_tensors: list[str] = field(default_factory=list, metadata={
         "help": "intermediate tensors also matched to the float graph's (distill)"})
     train: list[str] = field(default_factory=lambda: ["weights", "biases", "scales"],
-                             metadata={"help": "what learns: weights, biases, scales"})
+                             metadata={"help": "what learns: weights, biases, scales, "
+                                               "input_scales (quantizers on graph inputs)"})
     grad_scale: float | None = field(default=None, metadata={
         "help": "LSQ gradient scale (default: 1/sqrt(N * qmax); msModelSlim uses 0.001)"})
     max_steps: int | None = field(default=None, metadata={

@@ -39,17 +39,17 @@ try:
     import torch  # noqa: F401
 except ImportError as _exc:
     raise GraphqError(f"torch is not installed; {INSTALL_HINT}") from _exc
-from graphq.qat.converters import METHODS, TRAINABLE, Conversion, active  # noqa: E402
+from graphq.qat.converters import DEFAULT_TRAIN, METHODS, TRAINABLE, Conversion, active  # noqa: E402
 from graphq.qat.modules import freeze_foreign  # noqa: E402
 
-__all__ = ["METHODS", "TRAINABLE", "Bridge", "emit", "prepare", "to_torch"]
+__all__ = ["DEFAULT_TRAIN", "METHODS", "TRAINABLE", "Bridge", "emit", "prepare", "to_torch"]
 
 _CONTROL_FLOW = ("If", "Loop", "Scan")
 
 
 def to_torch(model: str | Path | onnx.ModelProto, *, method: str = "ste",
-             train: tuple[str, ...] | list[str] = TRAINABLE, grad_scale: float | None = None,
-             extra_outputs: list[str] | None = None) -> Any:
+             train: tuple[str, ...] | list[str] = DEFAULT_TRAIN,
+             grad_scale: float | None = None, extra_outputs: list[str] | None = None) -> Any:
     """``model`` (float, or with Q/DQ) as a ``torch.fx.GraphModule``.
 
     Q/DQ pairs become fake-quant modules (:class:`graphq.kernels.fakequant.FakeQuantize`)
@@ -57,8 +57,9 @@ def to_torch(model: str | Path | onnx.ModelProto, *, method: str = "ste",
     fixed; ``lsq``: learned step size, ``grad_scale`` as LSQ's; ``pact``: learned clip on
     activations whose grid allows it, LSQ elsewhere); weights and biases of Conv /
     ConvTranspose / Gemm / MatMul become parameters; ``train`` picks which of weights,
-    biases and scales require grad. The module's ``forward`` takes the graph's inputs in
-    order and returns its output (a tuple for several, ``extra_outputs`` last).
+    biases, scales and input_scales (of quantizers reading a graph input) require grad. The
+    module's ``forward`` takes the graph's inputs in order and returns its output (a tuple
+    for several, ``extra_outputs`` last).
     """
     from graphq.qat.bridge import to_bridge_form
 
@@ -144,8 +145,8 @@ class Bridge:
 
 
 def prepare(model: str | Path | onnx.ModelProto, *, method: str = "lsq",
-            train: tuple[str, ...] | list[str] = TRAINABLE, grad_scale: float | None = None,
-            device: Any = None, extra_outputs: list[str] | None = None) -> Bridge:
+            train: tuple[str, ...] | list[str] = DEFAULT_TRAIN,
+            grad_scale: float | None = None, device: Any = None, extra_outputs: list[str] | None = None) -> Bridge:
     """A :class:`Bridge` for ``model``: graphq's ``<stem>.fakequant.onnx`` (or any graph with
     Q/DQ pairs, or a float graph). Options as :func:`to_torch`; ``device`` e.g. ``"cuda"``."""
     proto = model_io.load(model)

@@ -25,7 +25,12 @@ from graphq.qat.bridge import DOMAIN
 from graphq.qat.ops import converter_result
 
 METHODS = ("ste", "lsq", "pact")
-TRAINABLE = ("weights", "biases", "scales")
+#: the groups of values that can learn; ``input_scales`` are the scales of quantizers that
+#: read a graph input directly (fixed by default: the data do not change while finetuning,
+#: and learning them costs the first layer's input gradient, ~10% of a small net's step)
+TRAINABLE = ("weights", "biases", "scales", "input_scales")
+#: what learns by default
+DEFAULT_TRAIN = ("weights", "biases", "scales")
 
 #: QuantizeLinear / DequantizeLinear versions converted (their schemas' since_version)
 QDQ_VERSIONS = (10, 13, 19, 21, 23, 24, 25)
@@ -36,7 +41,7 @@ class Conversion:
     """The settings and state of one conversion."""
 
     method: str = "ste"
-    train: tuple[str, ...] = TRAINABLE
+    train: tuple[str, ...] = DEFAULT_TRAIN
     grad_scale: float | None = None
     activations: dict[tuple[str, ...], M.ActivationFakeQuant] = field(default_factory=dict)
     #: tensor name -> the fake-quant module that computes it
@@ -55,10 +60,11 @@ class Conversion:
                               f"{', '.join(TRAINABLE)}")
 
     def fake_quant(self, scale: np.ndarray, zero_point: np.ndarray, qt: QType,
-                   axis: int | None, weight: bool) -> FakeQuantize:
+                   axis: int | None, weight: bool, graph_input: bool = False) -> FakeQuantize:
         """The fake-quant node for calibrated ``(scale, zero_point)``: ``ste`` keeps them,
         ``lsq`` learns the scale, ``pact`` learns an activation's clip where its grid allows
-        (symmetric, or unsigned from zero) and the step size (LSQ) elsewhere."""
+        (symmetric, or unsigned from zero) and the step size (LSQ) elsewhere. Which scales
+        learn: ``scales`` in :attr:`train`, and ``input_scales`` for a ``graph_input``."""
         mid = (qt.qmin + qt.qmax + 1) // 2
         z = np.asarray(zero_point, np.int64)
         symmetric = bool(np.all(z == mid))
@@ -66,9 +72,10 @@ class Conversion:
         if method == "pact" and (weight or not (symmetric or np.all(z == qt.qmin))):
             method = "lsq"
         kwargs = {"grad_scale": self.grad_scale} if method == "lsq" else {}
+        group = "input_scales" if graph_input else "scales"
         return FakeQuantize(qt, symmetric=symmetric, axis=axis, method=method,
                             scale=np.asarray(scale, np.float32), zero_point=z,
-                            learn_scale="scales" in self.train and method != "ste", **kwargs)
+                            learn_scale=group in self.train and method != "ste", **kwargs)
 
     def link_biases(self) -> None:
         """Put each int32 bias on the grid of its op's input and weight quantizers (once every
@@ -139,7 +146,8 @@ def _fake_quant(node, graph):
     module = conv.activations.get(key)
     if module is None:
         s, z = _per_tensor(scale, zp)
-        quant = conv.fake_quant(s, z, qt, _axis(node, scale), weight=False)
+        quant = conv.fake_quant(s, z, qt, _axis(node, scale), weight=False,
+                                graph_input=names[0] in graph.input_values)
         module = M.ActivationFakeQuant(quant, {"scale": names[1], "zero_point": zp_name})
         conv.activations[key] = module
     conv.quantizers[node.output_values[0]] = module

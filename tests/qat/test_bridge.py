@@ -456,7 +456,7 @@ def biased_ops(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, str, s
 
 
 def test_write_back_after_training(fakequant_net):
-    bridge = qat.prepare(fakequant_net, method="lsq")
+    bridge = qat.prepare(fakequant_net, method="lsq", train=qat.TRAINABLE)
     train_steps(bridge, HELD_OUT)
     written = bridge.write_back()
     onnx.checker.check_model(written, full_check=True)
@@ -563,15 +563,43 @@ def test_ste_keeps_scales_fixed(fakequant_net):
     assert trainable == {"weight", "bias"}
 
 
-def test_lsq_learns_every_scale(fakequant_net):
+def input_quant(bridge: qat.Bridge):
+    """The fake quant reading the graph input ``x``."""
+    (module,) = [m for m in modules_of(bridge, M.ActivationFakeQuant)
+                 if m.onnx_names["scale"] == "x_scale"]
+    return module.quant
+
+
+def test_lsq_learns_every_scale_but_the_graph_inputs(fakequant_net):
     bridge = qat.prepare(fakequant_net, method="lsq")
     acts, weights = fake_quants(bridge)
-    assert all(q.method == "lsq" and learned(q) == ["scale"] for q in acts + weights)
+    fixed = input_quant(bridge)
+    assert fixed.method == "lsq" and learned(fixed) == []
+    assert "scale" in dict(fixed.named_buffers())
+    others = [q for q in acts + weights if q is not fixed]
+    assert len(others) == 21
+    assert all(q.method == "lsq" and learned(q) == ["scale"] for q in others)
     assert all(m.bias.requires_grad for m in modules_of(bridge, M.Bias))
 
 
+@pytest.mark.parametrize("method", ["lsq", "pact"])
+def test_input_scales_learn_when_asked(fakequant_net, method):
+    bridge = qat.prepare(fakequant_net, method=method, train=qat.TRAINABLE)
+    assert learned(input_quant(bridge)) in (["scale"], ["alpha"])
+    bridge = qat.prepare(fakequant_net, method=method, train=["weights", "input_scales"])
+    acts, weights = fake_quants(bridge)
+    assert [q for q in acts + weights if learned(q)] == [input_quant(bridge)]
+    train_steps(bridge, HELD_OUT)
+    before, after = initializers(fakequant_net), initializers(bridge.write_back())
+    changed = {n for n in before if not np.array_equal(before[n], after[n])}
+    bias_scales = {n.input[1] for n in fakequant_net.graph.node if n.op_type == "DequantizeLinear"
+                   and before.get(n.input[0], np.zeros(0)).dtype == np.int32}
+    assert bias_scales  # they follow the input scale: input scale x weight scale
+    assert {n for n in changed if n.endswith("_scale")} - bias_scales == {"x_scale"}
+
+
 def test_pact_learns_alpha_where_the_grid_allows(fakequant_net):
-    bridge = qat.prepare(fakequant_net, method="pact")
+    bridge = qat.prepare(fakequant_net, method="pact", train=qat.TRAINABLE)
     acts, weights = fake_quants(bridge)
     from_zero = [q for q in acts if int(q.zero_point.flatten()[0]) == q.qtype.qmin]
     shifted = [q for q in acts if q not in from_zero]
@@ -594,7 +622,7 @@ def test_train_weights_only_freezes_biases_and_scales(fakequant_net):
 
 @pytest.mark.parametrize("method", qat.METHODS)
 def test_gradients_reach_weights_biases_and_scales(fakequant_net, method):
-    bridge = qat.prepare(fakequant_net, method=method)
+    bridge = qat.prepare(fakequant_net, method=method, train=qat.TRAINABLE)
     loss = sum((o ** 2).mean() for o in bridge(HELD_OUT))
     loss.backward()
     named = dict(bridge.named_parameters())

@@ -100,16 +100,21 @@ def test_label_free_qat_raises_fidelity_and_keeps_the_graph(calibrated, held_out
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert _structure(result.model) == _structure(calibrated)
     onnx.checker.check_model(result.model, full_check=True)
-    # the table follows the learned scales
+    # the table follows the learned scales; the graph input's scale stays calibrated
     table = QuantTable.of(result.model)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
-    entry = table.get("image")
-    assert entry.method.endswith("+qat")
-    assert np.allclose(entry.scale, np.atleast_1d(inits["image_scale"]))
-    assert not np.allclose(inits["image_scale"],
-                           onnx.numpy_helper.to_array(next(
-                               t for t in calibrated.graph.initializer
-                               if t.name == "image_scale")))
+    before_inits = {t.name: onnx.numpy_helper.to_array(t) for t in calibrated.graph.initializer}
+    scales = {n.input[0]: n.input[1] for n in result.model.graph.node
+              if n.op_type == "QuantizeLinear"}
+    inputs = {i.name for i in result.model.graph.input}
+    acts = [e for e in table.quantized("activation") if e.tensor in scales]
+    assert len(acts) > 3 and all(e.method.endswith("+qat") for e in acts)
+    for e in acts:
+        assert np.allclose(e.scale, np.atleast_1d(inits[scales[e.tensor]])), e.tensor
+    moved = {e.tensor for e in acts
+             if not np.array_equal(inits[scales[e.tensor]], before_inits[scales[e.tensor]])}
+    assert "image" in inputs and "image" not in moved
+    assert len(moved) == len(acts) - 1
 
 
 def test_ste_keeps_scales_and_requantizes_biases(calibrated):

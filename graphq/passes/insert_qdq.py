@@ -21,9 +21,10 @@ The Q/DQ pairs of activations carry a placeholder scale until ``calibrate`` sets
 weights are final (computed from the weights). Biases are quantized to int32 by ``calibrate``
 once the input scale is known (``scale = input scale x weight scale``).
 
-4-bit weights (``int4`` / ``uint4``, W4A8 with 8-bit activations): their zero points are ONNX
-INT4 / UINT4 tensors, which QuantizeLinear takes from opset 21 on, so a model below opset 21
-is converted to it first (onnx.version_converter, as ``canonicalize`` does; IR version 10).
+A type the model's opset cannot quantize to raises the opset (onnx.version_converter, as
+``canonicalize`` does) to the first that can: 21 for int16 / uint16 and for 4-bit weights
+(``int4`` / ``uint4``, W4A8 with 8-bit activations), whose zero points are ONNX INT4 / UINT4
+tensors; IR version 10. The note says so.
 ``reduce_range`` is for 8-bit weights only. 4-bit activations are refused: onnxruntime has no
 integer kernel that reads them (QLinearConv, QLinearMatMul, ConvInteger and MatMulInteger take
 8-bit inputs only); its 4-bit QuantizeLinear / DequantizeLinear run, but only as a float
@@ -188,24 +189,19 @@ class InsertQDQ(Pass):
                                 "canonicalize: see --dump-dir)")
 
     def _fit_opset(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-        """Raise the opset to 21 for 4-bit types (their zero points are INT4 / UINT4); any
-        other type the model's opset lacks is an error that says how to raise it."""
+        """Raise the opset to the first one whose QuantizeLinear takes every asked type
+        (21 for 16- and 4-bit types), as canonicalize's ``min_opset`` does."""
         opset = model_io.default_opset(model)
         kinds = [self.options.weights.dtype, self.options.activations.dtype]
         kinds += [o.dtype for o in self.options.overrides.values() if o.dtype]
-        for kind in kinds:
-            if opset < MIN_OPSET[kind] and kind not in FOUR_BIT:
-                raise PassError(f"{kind} needs QuantizeLinear of opset {MIN_OPSET[kind]}, and "
-                                f"the model is at opset {opset}; run canonicalize first with "
-                                f"min_opset = {MIN_OPSET[kind]}")
-        four_bit = sorted({k for k in kinds if k in FOUR_BIT})
-        if not four_bit or opset >= MIN_OPSET["int4"]:
+        need = max(MIN_OPSET[k] for k in kinds)
+        if opset >= need:
             return model, []
-        model = upgrade_opset(model, MIN_OPSET["int4"])
+        short = sorted({k for k in kinds if MIN_OPSET[k] > opset})
+        model = upgrade_opset(model, need)
         model_io.fix_ir_version(model)
-        note = (f"opset {opset} -> {MIN_OPSET['int4']} (IR version {model.ir_version}): "
-                f"{'/'.join(four_bit)} zero points are ONNX {'/'.join(four_bit).upper()}, "
-                f"which QuantizeLinear takes from opset {MIN_OPSET['int4']} on")
+        note = (f"opset {opset} -> {need} (IR version {model.ir_version}): QuantizeLinear "
+                f"takes {'/'.join(short)} from opset {need} on")
         log.info("%s", note)
         return model, [note]
 

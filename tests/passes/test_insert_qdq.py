@@ -427,15 +427,23 @@ def test_bad_regex_is_a_config_error():
         InsertQDQ(exclude=["(unclosed"])
 
 
-# ---- refusals -----------------------------------------------------------------------------------
+# ---- types newer than the model's opset ---------------------------------------------------------
 @pytest.mark.parametrize("options", [
     {"activations": {"dtype": "int16"}},
     {"activations": {"dtype": "uint16"}},
     {"overrides": {"x": {"dtype": "int16"}}},
 ])
-def test_wide_types_need_opset_21(options):
-    with pytest.raises(PassError, match="min_opset = 21"):
-        insert(mlp(np.random.default_rng(20)), **options)
+def test_wide_types_raise_the_opset_to_21(options):
+    model = mlp(np.random.default_rng(20))
+    assert model.opset_import[0].version == 13
+    result, table = insert(model, **options)
+    assert result.model.opset_import[0].version == 21 and result.model.ir_version == 10
+    (note,) = [n for n in result.notes if "opset 13 -> 21" in n]
+    assert "16 from opset 21 on" in note
+    wide = [e for e in table.quantized("activation") if e.dtype.endswith("int16")]
+    assert wide
+    types = zero_point_types(result.model)
+    assert all(types[e.tensor] in (TensorProto.INT16, TensorProto.UINT16) for e in wide)
 
 
 # ---- 4-bit weights (W4A8) -----------------------------------------------------------------------

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,14 +89,13 @@ class Calibrate(Pass):
     def _observe(self, model: onnx.ModelProto, graph: gs.Graph, observed: list[TensorQuant],
                  ctx: PassContext) -> tuple[dict[str, O.Observer], int, float]:
         view = G.with_outputs(model, [e.tensor for e in observed], float_view=True)
-        sess = runtime.session(view, ctx.providers)
+        sess = runtime.session(view, ctx.providers, spinning=False)
         names = [e.tensor for e in observed]
         observers = {e.tensor: self._observer(e) for e in observed}
         start = time.perf_counter()
         batches = 0
         progress = Progress("calibrate", unit="batch")
-        for feed in ctx.data.feeds(model):
-            values = sess.run(names, feed)
+        for values in _run_ahead(sess, names, ctx.data.feeds(model)):
             for name, value in zip(names, values, strict=True):
                 observers[name].observe(value)
             batches += 1
@@ -155,6 +156,28 @@ class Calibrate(Pass):
         scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric)
         entry.scale, entry.zero_point = [float(scale)], [int(zero)]
         entry.method = self.options.method
+
+
+def _run_ahead(sess, names: list[str], feeds: Iterable[dict[str, np.ndarray]]
+               ) -> Iterator[list[np.ndarray]]:
+    """``sess.run(names, feed)`` for each feed, the next batch running (and its feed being
+    read) on a worker thread while the caller observes the current one: onnxruntime
+    releases the GIL, so its threads and the observers' numpy work overlap. At most two
+    batches of outputs are alive at once."""
+    with ThreadPoolExecutor(1, thread_name_prefix="graphq-calibrate") as pool:
+        feeds = iter(feeds)
+
+        def next_run() -> list[np.ndarray] | None:
+            feed = next(feeds, None)
+            return None if feed is None else sess.run(names, feed)
+
+        pending = pool.submit(next_run)
+        while True:
+            values = pending.result()
+            if values is None:
+                return
+            pending = pool.submit(next_run)
+            yield values
 
 
 #: a Concat whose inputs' ranges differ by more than this keeps its output float.

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from graphq.data import DataSource
 from graphq.errors import DataError, PassError
 from graphq.kernels.quant import MIN_SCALE
-from graphq.passes.calibrate import Calibrate
+from graphq.passes.calibrate import Calibrate, _run_ahead
 from graphq.passes.insert_qdq import InsertQDQ
 from graphq.quant import QuantTable
 from graphq.registry import PassContext
@@ -405,3 +405,35 @@ def test_subgraphs_are_reported_as_not_quantized():
     model.graph.output.append(tensor("out", [1, 2, 6, 6]))
     result = Insert().run(model, PassContext())
     assert any("If 'branchy'" in note and "not quantized" in note for note in result.notes)
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+class _CountingSession:
+    """Stands in for an onnxruntime session: records how many results are alive."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls, self.fail_at = 0, fail_at
+
+    def run(self, names, feed):
+        self.calls += 1
+        if self.fail_at is not None and feed["i"] == self.fail_at:
+            raise DataError(f"batch {self.fail_at} is bad")
+        return [feed["i"] * 10]
+
+
+def test_run_ahead_keeps_order_and_runs_at_most_one_batch_ahead():
+    sess = _CountingSession()
+    got = []
+    for values in _run_ahead(sess, ["y"], ({"i": i} for i in range(5))):
+        got.append(values[0])
+        assert sess.calls <= len(got) + 1  # the current batch, and the next one running
+    assert got == [0, 10, 20, 30, 40] and sess.calls == 5
+    assert list(_run_ahead(sess, ["y"], iter([]))) == []
+
+
+def test_run_ahead_raises_the_sessions_error_where_it_happened():
+    got = []
+    with pytest.raises(DataError, match="batch 2 is bad"):
+        for values in _run_ahead(_CountingSession(fail_at=2), ["y"], ({"i": i} for i in range(5))):
+            got.append(values[0])
+    assert got == [0, 10]

@@ -11,7 +11,14 @@ Steps, in order, each optional:
    shape arithmetic) into initializers.
 4. onnxsim simplification, with its own BatchNormalization fusion turned off so that
    ``fold-bn`` does that and reports it. A failure of onnxsim is a warning, never fatal.
-5. Shape inference, so that later passes know ranks and dtypes.
+5. ``Sum`` nodes become ``Add`` (two inputs; a chain of them for more, one ``Identity`` for
+   one): older exporters (the onnx model zoo's ResNet and ShuffleNet) write residual sums as
+   ``Sum``, for which onnxruntime has no integer kernel, while ``Add`` becomes QLinearAdd.
+6. Shape inference, so that later passes know ranks and dtypes.
+7. Channel shuffles (ShuffleNet's ``Reshape [N, g, C/g, H, W] -> Transpose [0, 2, 1, 3, 4]
+   -> Reshape [N, C, H, W]``) become one ``Gather`` of the channels (same values): once the
+   convolutions around it are integer, onnxruntime runs them in NHWC and wraps each 5-D
+   Transpose in layout transposes, which cost more than the int8 convolutions gain.
 """
 
 from __future__ import annotations
@@ -43,6 +50,11 @@ class CanonicalizeOptions:
         "help": "evaluate constant subgraphs (ConstantOfShape weights, shape arithmetic)"})
     simplify: bool = field(default=True, metadata={
         "help": "run onnxsim (its BN fusion off); a failure is a warning"})
+    shuffle_to_gather: bool = field(default=True, metadata={
+        "help": "rewrite channel shuffles (Reshape-Transpose-Reshape) as one Gather"})
+    sum_to_add: bool = field(default=True, metadata={
+        "help": "rewrite Sum nodes as Add (which onnxruntime runs as QLinearAdd once "
+                "quantized)"})
     infer_shapes: bool = field(default=True, metadata={"help": "run ONNX shape inference"})
 
 
@@ -81,15 +93,139 @@ class Canonicalize(Pass):
             else:
                 changed |= _structure(simplified) != _structure(model)
                 model = simplified
+        if o.sum_to_add:
+            counts["sums_rewritten"] = _sums_to_adds(model.graph)
+            changed |= counts["sums_rewritten"] > 0
         if o.infer_shapes:
             model, error = model_io.infer_shapes(model)
             if error:
                 notes.append(f"shape inference failed: {error}")
                 log.warning("shape inference failed: %s", error)
+        if o.shuffle_to_gather:
+            counts["channel_shuffles_rewritten"] = _shuffles_to_gathers(model.graph)
+            changed |= counts["channel_shuffles_rewritten"] > 0
         model_io.fix_ir_version(model)
         counts["opset_after"] = model_io.default_opset(model)
         counts["nodes_after"] = len(model.graph.node)
         return PassResult(model, changed, counts, notes)
+
+
+def _sums_to_adds(graph: onnx.GraphProto) -> int:
+    """Rewrite the main graph's ``Sum`` nodes in place: ``Sum(a, b)`` -> ``Add(a, b)`` (same
+    name and output), ``Sum(a, b, c)`` -> ``Add(Add(a, b), c)`` (onnxruntime's Sum adds in
+    that order too), ``Sum(a)`` -> ``Identity(a)``. Returns how many were rewritten."""
+    taken = {n.name for n in graph.node} | {v for n in graph.node for v in n.output}
+    taken |= {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        if node.op_type != "Sum" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        count += 1
+        name = node.name or f"Sum_{node.output[0]}"
+        ins = list(node.input)
+        if len(ins) == 1:
+            nodes.append(helper.make_node("Identity", ins, list(node.output), name=name))
+            continue
+        acc = ins[0]
+        for k, operand in enumerate(ins[1:], start=1):
+            last = k == len(ins) - 1
+            out = node.output[0] if last else _fresh(f"{node.output[0]}_partial{k}", taken)
+            step = name if last else _fresh(f"{name}_add{k}", taken)
+            nodes.append(helper.make_node("Add", [acc, operand], [out], name=step))
+            acc = out
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+def _dims(graph: onnx.GraphProto) -> dict[str, list[int | str | None]]:
+    """Tensor name -> its dims from shape inference (int, a symbol, or None if unknown)."""
+    out: dict[str, list[int | str | None]] = {}
+    for v in [*graph.input, *graph.value_info, *graph.output]:
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = [d.dim_value if d.HasField("dim_value") else
+                           (d.dim_param or None) for d in t.shape.dim]
+    return out
+
+
+def _shuffle_groups(x: list, split: list, y: list) -> int | None:
+    """``g`` when ``x`` [N, C, H, W] -> ``split`` [N, g, C/g, H, W] and ``y == x``."""
+    if len(x) != 4 or len(split) != 5 or y != x or not isinstance(x[1], int):
+        return None
+    g, per = split[1], split[2]
+    if not (isinstance(g, int) and isinstance(per, int) and g * per == x[1] > 0):
+        return None
+    same = [split[0], *split[3:]] == [x[0], *x[2:]]
+    known = all(d is not None for d in [x[0], *x[2:]])
+    return g if same and known else None
+
+
+def _shuffles_to_gathers(graph: onnx.GraphProto) -> int:
+    """Replace each channel shuffle ``Reshape -> Transpose(0, 2, 1, 3, 4) -> Reshape`` whose
+    shapes shape inference knows by ``Gather(x, idx, axis=1)`` (the last Reshape's name and
+    output), ``idx = arange(C).reshape(g, C / g).T.flatten()``."""
+    uses: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    dims = _dims(graph)
+    taken = {i.name for i in graph.initializer} | {v for n in graph.node for v in n.output}
+
+    def only_use(tensor: str, op: str) -> onnx.NodeProto | None:
+        users = uses.get(tensor, [])
+        ok = len(users) == 1 and users[0].op_type == op and tensor not in outputs
+        return users[0] if ok else None
+
+    replace: dict[int, onnx.NodeProto | None] = {}
+    for first in graph.node:
+        if first.op_type != "Reshape":
+            continue
+        tr = only_use(first.output[0], "Transpose")
+        last = only_use(tr.output[0], "Reshape") if tr is not None else None
+        if last is None:
+            continue
+        perm = [list(a.ints) for a in tr.attribute if a.name == "perm"]
+        g = _shuffle_groups(dims.get(first.input[0], []), dims.get(first.output[0], []),
+                            dims.get(last.output[0], []))
+        if perm != [[0, 2, 1, 3, 4]] or g is None:
+            continue
+        channels = dims[first.input[0]][1]
+        idx = np.arange(channels, dtype=np.int64).reshape(g, channels // g).T.reshape(-1)
+        name = _fresh(f"{last.output[0]}_channel_order", taken)
+        graph.initializer.append(numpy_helper.from_array(idx, name))
+        replace[id(first)] = replace[id(tr)] = None
+        replace[id(last)] = helper.make_node("Gather", [first.input[0], name],
+                                             list(last.output), name=last.name, axis=1)
+    if not replace:
+        return 0
+    removed = [n for n in graph.node if replace.get(id(n), n) is None]
+    dropped = {v for n in removed for v in n.output}
+    old_inputs = {name for n in graph.node if id(n) in replace for name in n.input}
+    nodes = [replace.get(id(n), n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if n is not None)
+    read = {name for n in graph.node for name in n.input} | outputs
+    unused = old_inputs - read
+    inits = [t for t in graph.initializer if t.name not in unused]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    keep = [v for v in graph.value_info if v.name not in dropped]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+    return sum(n is not None for n in replace.values())
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:

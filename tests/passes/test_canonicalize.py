@@ -137,3 +137,98 @@ def test_constant_folding_turns_shape_arithmetic_into_initializers():
     assert op_counts(result.model) == {"Mul": 1}
     x = {"x": rng.normal(0, 1, 3).astype(np.float32)}
     assert_close(run(before, x), run(result.model, x), RTOL)
+
+
+# ---- Sum -> Add ---------------------------------------------------------------------------------
+def sum_model(n_inputs: int) -> onnx.ModelProto:
+    """Relu(x) summed with n - 1 scaled copies of x (one Sum of n inputs), as old exporters
+    write residual sums; the first copy broadcasts a per-channel tensor."""
+    names = [f"s{i}" for i in range(n_inputs)]
+    nodes = [helper.make_node("Relu", ["x"], ["s0"], name="relu")]
+    inits = {}
+    for i in range(1, n_inputs):
+        inits[f"k{i}"] = np.full((3, 1, 1) if i == 1 else (1,), 0.5 + i, np.float32)
+        nodes.append(helper.make_node("Mul", ["x", f"k{i}"], [f"s{i}"], name=f"mul{i}"))
+    nodes.append(helper.make_node("Sum", names, ["y"], name="residual"))
+    return make_model(nodes, [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 3, 8, 8])], inits)
+
+
+@pytest.mark.parametrize("n_inputs", [1, 2, 3, 4])
+def test_sum_becomes_add(n_inputs):
+    before, result = canonicalize(sum_model(n_inputs), simplify=False)
+    model = result.model
+    counts = op_counts(model)
+    assert "Sum" not in counts and result.counts["sums_rewritten"] == 1
+    if n_inputs == 1:
+        assert counts["Identity"] == 1
+    else:
+        assert counts["Add"] == n_inputs - 1
+        last = model.graph.node[-1]
+        assert (last.op_type, last.name, list(last.output)) == ("Add", "residual", ["y"])
+        names = [n.name for n in model.graph.node]
+        assert len(set(names)) == len(names)
+    assert_close(run(before, feeds()), run(model, feeds()), RTOL)
+
+
+def test_sum_to_add_can_be_turned_off():
+    _, result = canonicalize(sum_model(2), simplify=False, sum_to_add=False)
+    assert op_counts(result.model)["Sum"] == 1 and "sums_rewritten" not in result.counts
+
+
+# ---- channel shuffle -> Gather --------------------------------------------------------------------
+def shuffle_model(groups: int = 3, channels: int = 12, perm=(0, 2, 1, 3, 4), batch="N",
+                  extra_use: bool = False) -> onnx.ModelProto:
+    """Conv -> channel shuffle (Reshape [N, g, C/g, H, W] -> Transpose -> Reshape) -> Conv,
+    as ShuffleNet exports it; ``extra_use`` also makes the transposed tensor an output."""
+    rng = np.random.default_rng(3)
+    split = np.array([0, groups, channels // groups, 6, 6], np.int64)
+    back = np.array([0, channels, 6, 6], np.int64)
+    inits = {"w1": rng.normal(0, 0.3, (channels, 3, 1, 1)).astype(np.float32),
+             "w2": rng.normal(0, 0.3, (channels, 1, 3, 3)).astype(np.float32),
+             "split": split, "back": back}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="pw"),
+             helper.make_node("Reshape", ["c1", "split"], ["r1"], name="shuffle_reshape"),
+             helper.make_node("Transpose", ["r1"], ["t"], name="shuffle_transpose",
+                              perm=list(perm)),
+             helper.make_node("Reshape", ["t", "back"], ["r2"], name="shuffle_back"),
+             helper.make_node("Conv", ["r2", "w2"], ["y"], name="dw", group=channels,
+                              pads=[1, 1, 1, 1])]
+    outputs = [tensor("y", [batch, channels, 6, 6])]
+    if extra_use:
+        outputs.append(tensor("t", None))
+    return make_model(nodes, [tensor("x", [batch, 3, 6, 6])], outputs, inits)
+
+
+def shuffle_feeds(batch: int = 2):
+    return {"x": np.random.default_rng(4).normal(0, 1, (batch, 3, 6, 6)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("groups", [2, 3, 4])
+def test_channel_shuffle_becomes_one_gather(groups):
+    before, result = canonicalize(shuffle_model(groups), simplify=False)
+    model = result.model
+    assert result.counts["channel_shuffles_rewritten"] == 1
+    assert [(n.op_type, n.name) for n in model.graph.node] == [
+        ("Conv", "pw"), ("Gather", "shuffle_back"), ("Conv", "dw")]
+    gather = model.graph.node[1]
+    idx = next(numpy_helper.to_array(t) for t in model.graph.initializer
+               if t.name == gather.input[1])
+    assert gather.input[0] == "c1" and list(gather.output) == ["r2"]
+    assert sorted(idx.tolist()) == list(range(12)) and idx[1] == 12 // groups
+    assert {"split", "back"}.isdisjoint(t.name for t in model.graph.initializer)
+    assert not {"r1", "t"} & {v.name for v in model.graph.value_info}
+    # same values, exactly: a Gather moves the numbers the Transpose moved
+    ref, out = run(before, shuffle_feeds()), run(model, shuffle_feeds())
+    np.testing.assert_array_equal(ref[0], out[0])
+
+
+@pytest.mark.parametrize("case", ["other-perm", "transposed-tensor-is-an-output", "off"])
+def test_other_reshape_transposes_stay(case):
+    model = {"other-perm": lambda: shuffle_model(perm=(0, 1, 2, 4, 3)),
+             "transposed-tensor-is-an-output": lambda: shuffle_model(extra_use=True),
+             "off": shuffle_model}[case]()
+    options = {"shuffle_to_gather": False} if case == "off" else {}
+    before, result = canonicalize(model, simplify=False, **options)
+    assert "Gather" not in op_counts(result.model)
+    assert op_counts(result.model)["Transpose"] == 1
+    assert_close(run(before, shuffle_feeds()), run(result.model, shuffle_feeds()), RTOL)

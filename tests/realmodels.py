@@ -480,6 +480,75 @@ def mtcnn_feeds(
 
 
 # --------------------------------------------------------------------------
+# PaddleOCR (PP-OCR det / rec / cls, exported by paddle2onnx, opsets 11-12)
+# --------------------------------------------------------------------------
+
+#: the PP-OCR graphs the rapidocr-onnxruntime wheel ships, by role
+PPOCR_MODELS = {
+    "det": "ch_PP-OCRv4_det_infer.onnx",
+    "rec": "ch_PP-OCRv4_rec_infer.onnx",
+    "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+}
+#: their single input
+PPOCR_INPUT = "x"
+#: input width of the text-line models (height 48)
+_PPOCR_LINE_WIDTH = {"rec": 320, "cls": 192}
+
+
+def ppocr_onnx(role: str) -> Path:
+    """PaddleOCR's ``role`` model (det, rec, cls) from the rapidocr-onnxruntime wheel
+    (``pip install --no-deps rapidocr-onnxruntime``), used as shipped."""
+    if role not in PPOCR_MODELS:
+        raise ValueError(f"unknown PP-OCR model {role!r}; one of {sorted(PPOCR_MODELS)}")
+    return _package_dir("rapidocr_onnxruntime", "rapidocr-onnxruntime") / "models" / \
+        PPOCR_MODELS[role]
+
+
+@functools.cache
+def _text_image() -> np.ndarray:
+    """scikit-image's photo of printed text, float32 gray in [0, 1]."""
+    import skimage.data
+
+    return skimage.data.text().astype(np.float32) / 255.0
+
+
+def ppocr_feeds(role: str, n: int = 8, seed: int = 0) -> list[Feeds]:
+    """``n`` feeds of batch 1 as PaddleOCR preprocesses them.
+
+    det: the text photo (two feeds in three) at heights 352-448, and the sample photos, each
+    resized to its own multiple of 32, normalized to [-1, 1] (RapidOCR's det mean and std of
+    0.5). rec / cls: a random text-line
+    crop of the text photo, resized to height 48 (aspect kept), normalized to [-1, 1] and
+    right-padded with zeros to the model's width.
+    """
+    if role not in PPOCR_MODELS:
+        raise ValueError(f"unknown PP-OCR model {role!r}")
+    rng = np.random.default_rng(seed)
+    text = _text_image()
+    feeds = []
+    for i in range(n):
+        if role == "det":
+            if i % 3 == 2:  # a sample photo (mostly no text)
+                h, w = 32 * int(rng.integers(10, 13)), 32 * int(rng.integers(14, 21))
+                img = _photos()[i % len(_photos())].astype(np.float32)
+            else:           # the text photo, large enough for its letters to be found
+                h = 32 * int(rng.integers(11, 15))
+                w = 32 * round(h * text.shape[1] / text.shape[0] / 32 * rng.uniform(0.8, 1.1))
+                img = 255.0 * np.stack([text] * 3, -1)
+            feeds.append({PPOCR_INPUT: _nchw([_resize(img, h, w) / 127.5 - 1.0])})
+            continue
+        hh, ww = int(rng.integers(24, 31)), int(rng.integers(120, 161))
+        y, x0 = int(rng.integers(0, text.shape[0] - hh)), int(rng.integers(0, text.shape[1] - ww))
+        crop = 255.0 * np.stack([text[y:y + hh, x0:x0 + ww]] * 3, -1)
+        width = _PPOCR_LINE_WIDTH[role]
+        line = _resize(crop, 48, min(width, round(48 * ww / hh))) / 127.5 - 1.0
+        padded = np.zeros((48, width, 3), np.float32)
+        padded[:, :line.shape[1]] = line
+        feeds.append({PPOCR_INPUT: _nchw([padded])})
+    return feeds
+
+
+# --------------------------------------------------------------------------
 # onnx model-zoo "light" graphs
 # --------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from graphq import graph as G
 from graphq import runtime
+from graphq import sensitivity as S
 from graphq.errors import DataError
 from graphq.kernels import observers as O
 from graphq.kernels import quant as Q
@@ -51,6 +53,16 @@ class CalibrateOptions:
         "help": "keep float any activation whose expected SQNR at its clip range is below "
                 "this (dB; 0: quantize all): outlier-heavy tensors, such as a transformer's "
                 "feed-forward activations, then stay exact", "min": 0.0})
+    target_sqnr_db: float = field(default=0.0, metadata={
+        "help": "sensitivity search (0: off): keep float the activations whose quantization "
+                "costs the outputs most, fewest first, until every output's SQNR against the "
+                "float model on the first search_batches batches reaches this (dB); about one "
+                "run of those batches per activation", "min": 0.0})
+    max_float: float = field(default=0.25, metadata={
+        "help": "the share of activations the sensitivity search may keep float",
+        "min": 0.0, "max": 1.0})
+    search_batches: int = field(default=2, metadata={
+        "help": "calibration batches the sensitivity search scores on", "min": 1})
     bins: int | None = field(default=None, metadata={
         "help": "histogram bins (percentile, entropy, mse); default: the method's own "
                 "(2048, entropy 4096)", "min": 128})
@@ -71,8 +83,10 @@ class Calibrate(Pass):
         graph = G.import_graph(model)
         observed = [e for e in table.quantized("activation")
                     if not _shared_source(e) and e.method != "constant"]
-        observers, batches, seconds = self._observe(model, graph, observed, ctx)
+        observers, batches, seconds, kept = self._observe(model, graph, observed, ctx)
         notes = self._set_qparams(table, observers, graph)
+        if self.options.target_sqnr_db > 0:
+            notes += self._sensitivity(model, table, kept, ctx)
         _apply(graph, table)
         biases = _quantize_biases(graph, table)
         graph.cleanup().toposort()
@@ -87,7 +101,8 @@ class Calibrate(Pass):
 
     # ---- statistics -------------------------------------------------------------------------
     def _observe(self, model: onnx.ModelProto, graph: gs.Graph, observed: list[TensorQuant],
-                 ctx: PassContext) -> tuple[dict[str, O.Observer], int, float]:
+                 ctx: PassContext
+                 ) -> tuple[dict[str, O.Observer], int, float, list[dict[str, np.ndarray]]]:
         view = G.with_outputs(model, [e.tensor for e in observed], float_view=True)
         sess = runtime.session(view, ctx.providers, spinning=False)
         names = [e.tensor for e in observed]
@@ -95,13 +110,64 @@ class Calibrate(Pass):
         start = time.perf_counter()
         batches = 0
         progress = Progress("calibrate", unit="batch")
-        for values in _run_ahead(sess, names, ctx.data.feeds(model)):
+        kept: list[dict[str, np.ndarray]] = []  # the sensitivity search's batches
+        wanted = self.options.search_batches if self.options.target_sqnr_db > 0 else 0
+
+        def feeds() -> Iterator[dict[str, np.ndarray]]:
+            for feed in ctx.data.feeds(model):
+                if len(kept) < wanted:
+                    kept.append(feed)
+                yield feed
+
+        for values in _run_ahead(sess, names, feeds()):
             for name, value in zip(names, values, strict=True):
                 observers[name].observe(value)
             batches += 1
             progress.update(batches)
         progress.close()
-        return observers, batches, time.perf_counter() - start
+        return observers, batches, time.perf_counter() - start, kept
+
+    def _sensitivity(self, model: onnx.ModelProto, table: QuantTable,
+                     feeds: list[dict[str, np.ndarray]], ctx: PassContext) -> list[str]:
+        """Keep float the activations the search picks (module :mod:`graphq.sensitivity`);
+        pass-through tensors that share a scale follow their source."""
+        o = self.options
+        units = [e for e in table.quantized("activation")
+                 if _shared_source(e) is None and e.method != "constant"]
+        index = {e.tensor: i for i, e in enumerate(units)}
+        pairs = dict(index)
+        for e in table.quantized("activation"):
+            source = _shared_source(e)
+            if source in index:
+                pairs[e.tensor] = index[source]
+        view = G.import_graph(model)
+        _apply(view, table)
+        current = G.export(view.cleanup(), like=model)
+        masked, mask_name = S.masked_model(current, pairs, len(units))
+        floats = runtime.session(G.with_outputs(model, [], float_view=True), ctx.providers)
+        reference = [runtime.run(floats, feed) for feed in feeds]
+        score = S.session_score(masked, feeds, reference, mask_name, ctx.providers)
+        limit = math.floor(o.max_float * len(units))
+        progress = Progress("sensitivity", total=len(units), unit="activation")
+        result = S.search(score, len(units), o.target_sqnr_db, limit, progress)
+        progress.close()
+        for i in result.floats:
+            entry = units[i]
+            entry.quantized, entry.scale, entry.zero_point = False, None, None
+            entry.reason = (f"kept float by the sensitivity search: alone it raises the worst "
+                            f"output's SQNR by {result.gains_db[i]:.2f} dB")
+        for e in table.quantized("activation"):
+            source = _shared_source(e)
+            origin = table.get(source) if source is not None else None
+            if origin is not None and not origin.quantized:
+                e.quantized, e.reason = False, f"its source '{source}' is float"
+        reached = "reached" if result.final_db >= o.target_sqnr_db else "NOT reached"
+        note = (f"sensitivity search: worst output SQNR {result.baseline_db:.1f} dB with every "
+                f"activation quantized -> {result.final_db:.1f} dB with {len(result.floats)} of "
+                f"{len(units)} kept float (target {o.target_sqnr_db:g} dB {reached}; at most "
+                f"{limit}; {result.runs} runs of {len(feeds)} batch(es))")
+        log.info("%s", note)
+        return [note]
 
     def _observer(self, entry: TensorQuant) -> O.Observer:
         o = self.options

@@ -1,0 +1,150 @@
+"""Which quantized activations cost the outputs most: a search that keeps them float.
+
+Every activation's Q -> DQ pair ``x -> y`` is rewritten as ``x + m[i] * (y - x)``, where ``m``
+is one extra float input of the graph: ``m[i] = 1`` quantizes activation ``i``, ``0`` keeps it
+float. One onnxruntime session then evaluates any choice of float activations, with the
+weights quantized throughout. Scores are the worst output's SQNR against the float model
+(every Q/DQ pair bypassed) on a few batches.
+
+The search (:func:`search`): the score with every activation quantized; the gain of keeping
+each one float alone (one run per activation); then the activations in order of gain, as few
+as reach ``target_db`` (found by doubling, then bisecting the count), at most ``limit``.
+Costs: (activations + ~2 log2(activations)) runs of the batches given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphq import graph as G
+from graphq import runtime
+from graphq.kernels import quant as Q
+from graphq.progress import Progress
+
+Feed = dict[str, np.ndarray]
+
+MASK_INPUT = "graphq_sensitivity_mask"
+
+
+def masked_model(model: onnx.ModelProto, units: dict[str, int], count: int
+                 ) -> tuple[onnx.ModelProto, str]:
+    """``model`` with the pair after each tensor of ``units`` (name -> mask index) blended by
+    the mask input (its name is returned): ``x + m[i] * (DQ(Q(x)) - x)``."""
+    graph = G.import_graph(model)
+    names = G.used_names(graph)
+    mask = gs.Variable(G.unique_name(graph, MASK_INPUT, names), np.float32, [count])
+    graph.inputs.append(mask)
+    for tensor, (q, dq) in G.qdq_pairs(graph).items():
+        if tensor not in units:
+            continue
+        x, y = q.inputs[0], dq.outputs[0]
+        base = f"{tensor}_sensitivity"
+        blended = gs.Variable(G.unique_name(graph, base, names), x.dtype, x.shape)
+        G.replace_uses(graph, y, blended)
+        index = gs.Constant(G.unique_name(graph, f"{base}_index", names),
+                            np.array([units[tensor]], np.int64))
+        m, d, md = (gs.Variable(G.unique_name(graph, f"{base}_{k}", names), np.float32)
+                    for k in ("m", "d", "md"))
+        graph.nodes += [
+            gs.Node("Gather", G.unique_name(graph, f"{base}_gather", names), {"axis": 0},
+                    [mask, index], [m]),
+            gs.Node("Sub", G.unique_name(graph, f"{base}_sub", names), {}, [y, x], [d]),
+            gs.Node("Mul", G.unique_name(graph, f"{base}_mul", names), {}, [d, m], [md]),
+            gs.Node("Add", G.unique_name(graph, f"{base}_add", names), {}, [x, md],
+                    [blended]),
+        ]
+        for i, out in enumerate(graph.outputs):  # a pair on a graph output
+            if out is y:
+                graph.outputs[i] = blended
+    graph.cleanup().toposort()
+    return G.export(graph, like=model), mask.name
+
+
+def worst_sqnr(ref: Sequence[dict[str, np.ndarray]], out: Sequence[dict[str, np.ndarray]]
+               ) -> float:
+    """The lowest SQNR (dB) over the float outputs, each over all batches together."""
+    worst = math.inf
+    for name, first in ref[0].items():
+        if first.dtype.kind != "f":
+            continue
+        r = np.concatenate([b[name].ravel() for b in ref]).astype(np.float64)
+        o = np.concatenate([b[name].ravel() for b in out]).astype(np.float64)
+        finite = np.isfinite(r)
+        worst = min(worst, Q.sqnr_db(r[finite], o[finite]))
+    return worst
+
+
+@dataclass
+class Result:
+    """What the search found: ``floats`` (unit indices kept float, most sensitive first)."""
+
+    baseline_db: float
+    final_db: float
+    floats: list[int]
+    gains_db: dict[int, float] = field(default_factory=dict)
+    runs: int = 0
+
+
+def search(score: Callable[[np.ndarray], float], count: int, target_db: float, limit: int,
+           progress: Progress | None = None) -> Result:
+    """Unit indices to keep float (``score(mask)``: the worst output SQNR for a mask of 1.0
+    quantized / 0.0 float); see the module doc."""
+    runs = 0
+
+    def run(floats: Sequence[int]) -> float:
+        nonlocal runs
+        runs += 1
+        mask = np.ones(count, np.float32)
+        mask[list(floats)] = 0.0
+        return score(mask)
+
+    baseline = run([])
+    if baseline >= target_db or limit <= 0 or count == 0:
+        return Result(baseline, baseline, [], runs=runs)
+    gains = {}
+    for i in range(count):
+        gains[i] = run([i]) - baseline
+        if progress is not None:
+            progress.update(i + 1)
+    order = [i for i in sorted(gains, key=lambda i: -gains[i]) if gains[i] > 0][:limit]
+    if not order:
+        return Result(baseline, baseline, [], gains, runs)
+    scores: dict[int, float] = {0: baseline}
+
+    def at(k: int) -> float:
+        if k not in scores:
+            scores[k] = run(order[:k])
+        return scores[k]
+
+    k = 1
+    while k < len(order) and at(k) < target_db:
+        k *= 2
+    k = min(k, len(order))
+    if at(k) >= target_db:   # bisect down to the fewest that reach the target
+        lo, hi = k // 2, k
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if at(mid) >= target_db else (mid, hi)
+        best = hi
+    else:                    # the target is out of reach: the best count evaluated
+        best = max(scores, key=lambda c: (scores[c], -c))
+    return Result(baseline, scores[best], order[:best], gains, runs)
+
+
+def session_score(model: onnx.ModelProto, feeds: Sequence[Feed],
+                  reference: Sequence[dict[str, np.ndarray]], mask_name: str,
+                  providers: list[str] | None) -> Callable[[np.ndarray], float]:
+    """``score(mask)`` over ``feeds`` with one session of the masked ``model``."""
+    sess = runtime.session(model, providers)
+
+    def score(mask: np.ndarray) -> float:
+        outs = [runtime.run(sess, {**feed, mask_name: mask}) for feed in feeds]
+        return worst_sqnr(reference, outs)
+
+    return score

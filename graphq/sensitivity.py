@@ -49,11 +49,15 @@ def masked_model(model: onnx.ModelProto, units: dict[str, int], count: int
         G.replace_uses(graph, y, blended)
         index = gs.Constant(G.unique_name(graph, f"{base}_index", names),
                             np.array([units[tensor]], np.int64))
-        m, d, md = (gs.Variable(G.unique_name(graph, f"{base}_{k}", names), np.float32)
-                    for k in ("m", "d", "md"))
+        dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
+        m32, m, d, md = (gs.Variable(G.unique_name(graph, f"{base}_{k}", names), t)
+                         for k, t in (("m32", np.float32), ("m", dtype), ("d", dtype),
+                                      ("md", dtype)))
         graph.nodes += [
             gs.Node("Gather", G.unique_name(graph, f"{base}_gather", names), {"axis": 0},
-                    [mask, index], [m]),
+                    [mask, index], [m32]),
+            gs.Node("Cast", G.unique_name(graph, f"{base}_cast", names),
+                    {"to": onnx.helper.np_dtype_to_tensor_dtype(dtype)}, [m32], [m]),
             gs.Node("Sub", G.unique_name(graph, f"{base}_sub", names), {}, [y, x], [d]),
             gs.Node("Mul", G.unique_name(graph, f"{base}_mul", names), {}, [d, m], [md]),
             gs.Node("Add", G.unique_name(graph, f"{base}_add", names), {}, [x, md],

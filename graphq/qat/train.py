@@ -99,14 +99,35 @@ def shard(batches: Iterable[Batch], rank: int, size: int) -> Iterator[Batch]:
 
 # ---- loss ----------------------------------------------------------------------------------
 
-def distill_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over outputs of ``mean((s - t)^2) / mean(t^2)``: scale-free, so outputs of
-    different magnitudes weigh alike."""
+def distill_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                 energy: list[float] | None = None) -> torch.Tensor:
+    """Mean over outputs of ``mean((s - t)^2) / E``: scale-free, so outputs of different
+    magnitudes weigh alike. ``E`` is the output's mean square over the whole data
+    (:func:`teacher_energy`), or this batch's ``mean(t^2)`` without ``energy`` - which makes a
+    batch whose output is near zero (a detector's map of an image with nothing in it) weigh
+    millions of times more than the others."""
     terms = []
-    for s, t in zip(student, teacher, strict=False):
+    for i, (s, t) in enumerate(zip(student, teacher, strict=False)):
         s = s.float()
-        terms.append(F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-8))
+        norm = t.pow(2).mean().clamp_min(1e-8) if energy is None else energy[i]
+        terms.append(F.mse_loss(s, t) / norm)
     return torch.stack(terms).mean()
+
+
+def teacher_energy(batches: Iterable[Batch], teacher: Teacher) -> list[float]:
+    """Each teacher output's mean square over all ``batches`` (1.0 for an output that is
+    zero everywhere): the normalizer of :func:`distill_loss`."""
+    sums: list[float] = []
+    counts: list[int] = []
+    for feed, _ in batches:
+        outs = teacher(feed)
+        if not sums:
+            sums, counts = [0.0] * len(outs), [0] * len(outs)
+        for i, t in enumerate(outs):
+            a = np.asarray(t, np.float64)
+            sums[i] += float(np.sum(a * a))
+            counts[i] += a.size
+    return [s / c if s > 0 else 1.0 for s, c in zip(sums, counts, strict=True)]
 
 
 def _labels_loss(kind: str, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -209,6 +230,9 @@ def finetune(bridge: Any, batches: Callable[[], Iterable[Batch]],
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
     pact = config.pact_decay > 0
+    energy = None
+    if config.loss == "distill" and teacher is not None:
+        energy = teacher_energy(batches(), teacher)  # all the data, on every rank alike
     model.train()
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
@@ -223,7 +247,7 @@ def finetune(bridge: Any, batches: Callable[[], Iterable[Batch]],
                 if teacher is None:
                     raise PassError("loss 'distill' needs the float model as teacher")
                 ref = [torch.as_tensor(t).to(device) for t in teacher(feed)]
-                loss = distill_loss(outs[:len(ref)], ref)
+                loss = distill_loss(outs[:len(ref)], ref, energy)
             else:
                 if labels is None:
                     raise DataError(f"loss '{config.loss}' needs labels: the data has no "

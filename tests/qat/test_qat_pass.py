@@ -228,3 +228,30 @@ def test_shipped_qat_example_from_the_command_line(tmp_path):
                      str(tmp_path / "ptq"), "-q"]) == 0
     ptq = json.loads((tmp_path / "ptq" / "report.json").read_text())
     assert qat_sqnr > ptq["quantization"]["outputs"]["logits"]["sqnr_db"]
+
+
+# ---- the distillation loss's normalizer ---------------------------------------------------------
+def test_distill_loss_divides_by_the_whole_datas_energy():
+    """A batch whose teacher output is near zero (a detector's map of an empty image) must not
+    outweigh the others: the error is divided by the output's mean square over all data."""
+    import torch
+
+    from graphq.qat import train as T
+
+    outputs = {"empty": np.full((1, 4), 1e-5, np.float32), "busy": np.ones((1, 4), np.float32)}
+    batches = [({"x": name}, None) for name in outputs]
+    energy = T.teacher_energy(batches, lambda feed: [outputs[feed["x"]]])
+    assert energy == pytest.approx([(4 * 1e-10 + 4) / 8], rel=1e-6)
+    err = 0.01
+    losses = {}
+    for name, t in outputs.items():
+        teacher = [torch.from_numpy(t)]
+        student = [teacher[0] + err]
+        losses[name] = (float(T.distill_loss(student, teacher, energy)),
+                        float(T.distill_loss(student, teacher)))
+    # the same error costs the same in both batches with the data's energy...
+    assert losses["empty"][0] == pytest.approx(losses["busy"][0], rel=1e-5)
+    assert losses["busy"][0] == pytest.approx(err ** 2 / energy[0], rel=1e-5)
+    # ...and ~10^6 times more in the empty one with each batch's own
+    assert losses["empty"][1] / losses["busy"][1] > 1e5
+    assert T.teacher_energy([({"x": 0}, None)], lambda feed: [np.zeros(3)]) == [1.0]

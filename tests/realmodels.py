@@ -548,6 +548,13 @@ def ppocr_feeds(role: str, n: int = 8, seed: int = 0) -> list[Feeds]:
     return feeds
 
 
+def text_map_f1(ref: np.ndarray, out: np.ndarray, threshold: float = 0.3) -> float:
+    """F1 of the text pixels (probability > ``threshold``, the DB detector's binarization) of
+    ``out`` against ``ref``."""
+    a, b = ref > threshold, out > threshold
+    return float(2 * np.sum(a & b) / max(int(np.sum(a) + np.sum(b)), 1))
+
+
 # --------------------------------------------------------------------------
 # onnx model-zoo "light" graphs
 # --------------------------------------------------------------------------

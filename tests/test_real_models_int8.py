@@ -68,13 +68,6 @@ def test_mtcnn(name, tmp_path):
             assert cosine(ref, got) >= 0.98
 
 
-def text_map_f1(ref: np.ndarray, out: np.ndarray, threshold: float = 0.3) -> float:
-    """F1 of the text pixels (probability > ``threshold``, DB's binarization) of ``out``
-    against ``ref``."""
-    a, b = ref > threshold, out > threshold
-    return float(2 * np.sum(a & b) / max(int(np.sum(a) + np.sum(b)), 1))
-
-
 @pytest.mark.parametrize("role", sorted(R.PPOCR_MODELS))
 def test_paddleocr(role, tmp_path):
     """PaddleOCR's det / rec / cls as paddle2onnx wrote them (opsets 11-12, dynamic
@@ -100,7 +93,7 @@ def test_paddleocr(role, tmp_path):
         elif role == "cls":
             scores.append(float(np.abs(ref - got).max()))
         elif np.any(ref > 0.3):  # det, on the images with text
-            scores.append(text_map_f1(ref, got))
+            scores.append(R.text_map_f1(ref, got))
     mean = float(np.mean(scores))
     if role == "cls":
         assert mean <= 0.15, f"cls: mean probability change {mean:.3f}"

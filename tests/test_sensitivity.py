@@ -123,7 +123,7 @@ def test_calibrate_keeps_float_what_the_search_picks(qdq_model):
     assert picked and all(not e.quantized and e.scale is None for e in picked)
     assert f"with {len(picked)} of" in note
     # the note's numbers are what the graphs score on the first two batches
-    floats = runtime.session(G.with_outputs(model, [], float_view=True))
+    floats = runtime.session(G.with_outputs(qdq_model, [], float_view=True))
     ref = [runtime.run(floats, f) for f in feeds[:2]]
     written = exact(model)
     final = S.worst_sqnr(ref, [runtime.run(written, f) for f in feeds[:2]])

@@ -53,6 +53,10 @@ class CalibrateOptions:
         "help": "keep float any activation whose expected SQNR at its clip range is below "
                 "this (dB; 0: quantize all): outlier-heavy tensors, such as a transformer's "
                 "feed-forward activations, then stay exact", "min": 0.0})
+    bias_correction: bool = field(default=False, metadata={
+        "help": "subtract from each Conv / Gemm bias the mean its weight's quantization error "
+                "adds on the calibration data, (W_q - W) . E[x]; the graph's float view then "
+                "carries the corrected biases (a later qat pass distills towards them)"})
     target_sqnr_db: float = field(default=0.0, metadata={
         "help": "sensitivity search (0: off): keep float the activations whose quantization "
                 "costs the outputs most, fewest first, until every output's SQNR against the "
@@ -83,10 +87,15 @@ class Calibrate(Pass):
         graph = G.import_graph(model)
         observed = [e for e in table.quantized("activation")
                     if not _shared_source(e) and e.method != "constant"]
-        observers, batches, seconds, kept = self._observe(model, graph, observed, ctx)
+        corrected = _correctable(graph) if self.options.bias_correction else []
+        means = {G.float_source(node.inputs[0]).name for node in corrected}
+        observers, batches, seconds, kept, sums = self._observe(model, graph, observed, ctx,
+                                                                sorted(means))
         notes = self._set_qparams(table, observers, graph)
+        if corrected:
+            notes += _correct_biases(corrected, sums)
         if self.options.target_sqnr_db > 0:
-            notes += self._sensitivity(model, table, kept, ctx)
+            notes += self._sensitivity(model, G.export(graph, like=model), table, kept, ctx)
         _apply(graph, table)
         biases = _quantize_biases(graph, table)
         graph.cleanup().toposort()
@@ -101,11 +110,16 @@ class Calibrate(Pass):
 
     # ---- statistics -------------------------------------------------------------------------
     def _observe(self, model: onnx.ModelProto, graph: gs.Graph, observed: list[TensorQuant],
-                 ctx: PassContext
-                 ) -> tuple[dict[str, O.Observer], int, float, list[dict[str, np.ndarray]]]:
-        view = G.with_outputs(model, [e.tensor for e in observed], float_view=True)
-        sess = runtime.session(view, ctx.providers, spinning=False)
+                 ctx: PassContext, means: list[str]
+                 ) -> tuple[dict[str, O.Observer], int, float, list[dict[str, np.ndarray]],
+                            dict[str, ChannelMean]]:
+        """Stream the data: an observer per ``observed`` tensor, per-channel sums of the
+        ``means`` tensors (bias correction); the first batches kept for the search."""
         names = [e.tensor for e in observed]
+        extra = [n for n in means if n not in set(names)]
+        view = G.with_outputs(model, names + extra, float_view=True)
+        sess = runtime.session(view, ctx.providers, spinning=False)
+        sums = {n: ChannelMean() for n in means}
         observers = {e.tensor: self._observer(e) for e in observed}
         start = time.perf_counter()
         batches = 0
@@ -119,17 +133,22 @@ class Calibrate(Pass):
                     kept.append(feed)
                 yield feed
 
-        for values in _run_ahead(sess, names, feeds()):
-            for name, value in zip(names, values, strict=True):
-                observers[name].observe(value)
+        for values in _run_ahead(sess, names + extra, feeds()):
+            for name, value in zip(names + extra, values, strict=True):
+                if name in observers:
+                    observers[name].observe(value)
+                if name in sums:
+                    sums[name].add(value)
             batches += 1
             progress.update(batches)
         progress.close()
-        return observers, batches, time.perf_counter() - start, kept
+        return observers, batches, time.perf_counter() - start, kept, sums
 
-    def _sensitivity(self, model: onnx.ModelProto, table: QuantTable,
-                     feeds: list[dict[str, np.ndarray]], ctx: PassContext) -> list[str]:
-        """Keep float the activations the search picks (module :mod:`graphq.sensitivity`);
+    def _sensitivity(self, model: onnx.ModelProto, current: onnx.ModelProto,
+                     table: QuantTable, feeds: list[dict[str, np.ndarray]], ctx: PassContext
+                     ) -> list[str]:
+        """Keep float the activations the search picks (module :mod:`graphq.sensitivity`) in
+        ``current`` (the graph with its corrected biases) against the float ``model``;
         pass-through tensors that share a scale follow their source."""
         o = self.options
         units = [e for e in table.quantized("activation")
@@ -140,10 +159,10 @@ class Calibrate(Pass):
             source = _shared_source(e)
             if source in index:
                 pairs[e.tensor] = index[source]
-        view = G.import_graph(model)
+        view = G.import_graph(current)
         _apply(view, table)
-        current = G.export(view.cleanup(), like=model)
-        masked, mask_name = S.masked_model(current, pairs, len(units))
+        masked, mask_name = S.masked_model(G.export(view.cleanup(), like=model), pairs,
+                                           len(units))
         floats = runtime.session(G.with_outputs(model, [], float_view=True), ctx.providers)
         reference = [runtime.run(floats, feed) for feed in feeds]
         score = S.session_score(masked, feeds, reference, mask_name, ctx.providers)
@@ -222,6 +241,99 @@ class Calibrate(Pass):
         scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric)
         entry.scale, entry.zero_point = [float(scale)], [int(zero)]
         entry.method = self.options.method
+
+
+class ChannelMean:
+    """Running per-channel (axis 1; the last axis of a 2-D tensor) mean of finite values."""
+
+    def __init__(self) -> None:
+        self.sum: np.ndarray | None = None
+        self.count: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> None:
+        a = np.asarray(x, np.float64)
+        if a.ndim < 2:
+            return
+        a = np.moveaxis(a, 1 if a.ndim > 2 else -1, 0).reshape(a.shape[1 if a.ndim > 2 else -1],
+                                                                -1)
+        finite = np.isfinite(a)
+        s, c = np.where(finite, a, 0.0).sum(axis=1), finite.sum(axis=1)
+        if self.sum is None or self.sum.shape != s.shape:
+            self.sum, self.count = s, c
+        else:
+            self.sum, self.count = self.sum + s, self.count + c
+
+    def mean(self) -> np.ndarray | None:
+        if self.sum is None:
+            return None
+        return self.sum / np.maximum(self.count, 1)
+
+
+def _weight_pair(tensor: gs.Tensor) -> tuple[np.ndarray, gs.Node] | None:
+    """``(float weight, its QuantizeLinear)`` when ``tensor`` is DQ(Q(constant))."""
+    if not tensor.inputs or tensor.inputs[0].op != "DequantizeLinear":
+        return None
+    q_out = tensor.inputs[0].inputs[0]
+    if not q_out.inputs or q_out.inputs[0].op != "QuantizeLinear":
+        return None
+    q = q_out.inputs[0]
+    w = G.constant_values(q.inputs[0])
+    return None if w is None else (w, q)
+
+
+def _correctable(graph: gs.Graph) -> list[gs.Node]:
+    """Conv and Gemm nodes (alpha = beta = 1, transA = 0) with a quantized constant weight and
+    a float constant bias read by that node alone."""
+    out = []
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3:
+            continue
+        if node.op == "Gemm" and (node.attrs.get("transA", 0) or
+                                  float(node.attrs.get("alpha", 1.0)) != 1.0 or
+                                  float(node.attrs.get("beta", 1.0)) != 1.0):
+            continue
+        bias = node.inputs[2]
+        if (not isinstance(bias, gs.Constant) or len(bias.outputs) != 1
+                or bias.values.ndim != 1 or _weight_pair(node.inputs[1]) is None):
+            continue
+        out.append(node)
+    return out
+
+
+def _correct_biases(nodes: list[gs.Node], sums: dict[str, ChannelMean]) -> list[str]:
+    """Bias correction: ``b -= (W_q - W) . E[x]`` per output channel, ``E[x]`` the input's
+    per-channel mean on the calibration data (zero padding at borders is not modelled)."""
+    count = 0
+    for node in nodes:
+        mean = sums[G.float_source(node.inputs[0]).name].mean()
+        w, q = _weight_pair(node.inputs[1])
+        scale, zero = (G.constant_values(t) for t in q.inputs[1:3])
+        if mean is None or scale is None or zero is None:
+            continue
+        axis = int(q.attrs.get("axis", 1)) if np.size(scale) > 1 else None
+        qt = Q.qtype_of_storage(np.asarray(zero).dtype)
+        dw = Q.fake_quantize(w, scale, zero, qt.name, axis=axis).astype(np.float64) - w
+        bias = node.inputs[2].values
+        if node.op == "Conv":
+            groups = int(node.attrs.get("group", 1))
+            cout, cin_g = dw.shape[:2]
+            if mean.size != cin_g * groups or cout % groups:
+                continue
+            dw = dw.reshape(cout, cin_g, -1).sum(axis=2).reshape(groups, cout // groups, cin_g)
+            shift = np.einsum("gok,gk->go", dw, mean.reshape(groups, cin_g)).reshape(cout)
+        else:
+            dw = dw.T if node.attrs.get("transB", 0) else dw  # (K, N)
+            if mean.size != dw.shape[0]:
+                continue
+            shift = mean @ dw
+        if shift.shape != bias.shape:
+            continue
+        node.inputs[2].values = (bias - shift).astype(bias.dtype)
+        count += 1
+    note = (f"bias correction: {count} of {len(nodes)} Conv/Gemm biases less the mean their "
+            "weight's quantization error adds on the calibration data")
+    log.info("%s", note)
+    return [note]
 
 
 def _run_ahead(sess, names: list[str], feeds: Iterable[dict[str, np.ndarray]]

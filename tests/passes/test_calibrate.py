@@ -437,3 +437,36 @@ def test_run_ahead_raises_the_sessions_error_where_it_happened():
         for values in _run_ahead(_CountingSession(fail_at=2), ["y"], ({"i": i} for i in range(5))):
             got.append(values[0])
     assert got == [0, 10]
+
+
+# ---- bias correction ----------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["Conv-groups", "Gemm-transB"])
+def test_bias_correction_cancels_the_weights_mean_error(op):
+    """With bias_correction, the per-channel mean of (fake-quant output - float output) over
+    the calibration data drops to the activation rounding's share: the bias absorbs
+    (W_q - W) . E[x]. Inputs have a nonzero mean (|x| + 1), weights 4-bit so the weight
+    error is large; 1x1 kernels, so no padding enters."""
+    rng = np.random.default_rng(9)
+    if op == "Conv-groups":
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="op", group=2)
+        w, x_shape, axes = f32(rng, 0.3, 6, 2, 1, 1), (8, 4, 5, 5), (0, 2, 3)
+    else:
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="op", transB=1)
+        w, x_shape, axes = f32(rng, 0.3, 6, 4), (64, 4), (0,)
+    model = build([node], [tensor("x", ["N", *x_shape[1:]])], [tensor("y", None)],
+                  {"w": w, "b": f32(rng, 0.5, 6)})
+    feeds = [{"x": (np.abs(rng.normal(0, 1, x_shape)) + 1).astype(np.float32)}
+             for _ in range(3)]
+    inserted = insert(model, weights={"dtype": "int4"})
+    errors = {}
+    for corrected in (False, True):
+        result, table = calibrate(inserted, feeds, method="minmax", bias_correction=corrected)
+        diff = np.concatenate([run(result.model, f)[0] - run(model, f)[0] for f in feeds])
+        errors[corrected] = np.abs(diff.mean(axis=axes))
+        notes = [n for n in result.notes if n.startswith("bias correction")]
+        assert notes == (["bias correction: 1 of 1 Conv/Gemm biases less the mean their "
+                          "weight's quantization error adds on the calibration data"]
+                         if corrected else [])
+        assert table.get("b").quantized and table.get("b").dtype == "int32"
+    assert errors[False].max() > 0.01
+    assert errors[True].max() < errors[False].max() / 5, errors

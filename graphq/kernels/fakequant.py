@@ -98,11 +98,15 @@ def _param_shape(x: torch.Tensor, axis: int | None) -> tuple[list[int], int | No
 
 def _shaped(value: Scalar | None, x: torch.Tensor, shape: list[int], length: int | None,
             dtype: torch.dtype, what: str) -> torch.Tensor:
-    """``value`` on ``x``'s device in ``dtype``, reshaped to broadcast (autograd-tracked)."""
-    t = torch.as_tensor(0.0 if value is None else value, device=x.device)
-    t = t.to(device=x.device, dtype=dtype)
+    """``value`` on ``x``'s device in ``dtype``, reshaped to broadcast (autograd-tracked).
+    A tensor already in place costs no copy (this runs on every fake-quant call)."""
+    if isinstance(value, torch.Tensor) and value.dtype == dtype and value.device == x.device:
+        t = value
+    else:
+        t = torch.as_tensor(0.0 if value is None else value, device=x.device)
+        t = t.to(device=x.device, dtype=dtype)
     if t.numel() == 1:
-        return t.reshape([1] * len(shape))
+        return t if t.ndim == 0 else t.reshape([1] * len(shape))
     if length is None or not (t.shape == (length,) or list(t.shape) == shape):
         want = "one value" if length is None else f"one value, shape ({length},) or {shape}"
         raise ValueError(f"{what}: need {want}, got shape {tuple(t.shape)}")
@@ -131,16 +135,13 @@ def _effective_zp(z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     return torch.round(z.clamp(qmin, qmax))
 
 
-def _zero_point_operand(z: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor | float:
+def _zero_point_operand(z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor | float:
     """The effective zero point (rounded half to even, clamped), as a Python float when it is
-    one value on the CPU (a scalar operand is cheaper than a 0-d tensor in an elementwise op);
-    otherwise a tensor."""
-    if isinstance(z, float):
-        return float(round(min(max(z, qmin), qmax)))
-    zt = _effective_zp(z, qmin, qmax)
-    if zt.numel() == 1 and zt.device.type == "cpu":
-        return float(zt)
-    return zt
+    one value on the CPU (a scalar operand is cheaper than a 0-d tensor in an elementwise op,
+    and Python's round is half to even too); otherwise a tensor."""
+    if z.numel() == 1 and z.device.type == "cpu":
+        return float(round(min(max(float(z), qmin), qmax)))
+    return _effective_zp(z, qmin, qmax)
 
 
 class _FakeQuantFn(torch.autograd.Function):
@@ -401,10 +402,6 @@ class FakeQuantize(nn.Module):
         if not self.enabled:
             return x
         qmin, qmax = self.qtype.qmin, self.qtype.qmax
-        if x.dtype == torch.float32 and x.device == self.zero_point.device:
-            fast = self._fast(x, qmin, qmax)
-            if fast is not None:
-                return fast
         if self.method == "pact":
             return fake_quantize_pact(x, self.alpha, qmin, qmax, self.symmetric, self.axis,
                                       self.quant_error)
@@ -412,29 +409,6 @@ class FakeQuantize(nn.Module):
             return fake_quantize_lsq(x, self.scale, self.zero_point, qmin, qmax, self.axis,
                                      self.grad_scale)
         return fake_quantize_ste(x, self.scale, self.zero_point, qmin, qmax, self.axis)
-
-    def _fast(self, x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor | None:
-        """Float32 input with the module's own tensors, skipping the generic argument
-        handling (a fixed cost per call that shows on small tensors); ``None`` where the
-        generic path must check the arguments."""
-        pact = self.method == "pact"
-        s, z = (self.alpha if pact else self.scale), self.zero_point
-        if self.axis is not None:
-            if not (-x.ndim <= self.axis < x.ndim and x.shape[self.axis] == s.numel()):
-                return None
-            shape = [1] * x.ndim
-            shape[self.axis] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
-        if pact:
-            return _PactFn.apply(x, s, qmin, qmax, self.symmetric, self.quant_error)
-        if self.axis is None and not z.requires_grad and z.device.type == "cpu":
-            z = float(z)
-        gs = 1.0
-        if self.method == "lsq":
-            gs = self.grad_scale
-            if gs is None:
-                gs = lsq_grad_scale(x.numel(), s.numel(), qmax)
-        return _FakeQuantFn.apply(x, s, z, qmin, qmax, float(gs))
 
     @torch.no_grad()
     def qparams(self) -> tuple[np.ndarray, np.ndarray]:

@@ -73,15 +73,9 @@ def masked_model(model: onnx.ModelProto, units: dict[str, int], count: int
 def worst_sqnr(ref: Sequence[dict[str, np.ndarray]], out: Sequence[dict[str, np.ndarray]]
                ) -> float:
     """The lowest SQNR (dB) over the float outputs, each over all batches together."""
-    worst = math.inf
-    for name, first in ref[0].items():
-        if first.dtype.kind != "f":
-            continue
-        r = np.concatenate([b[name].ravel() for b in ref]).astype(np.float64)
-        o = np.concatenate([b[name].ravel() for b in out]).astype(np.float64)
-        finite = np.isfinite(r)
-        worst = min(worst, Q.sqnr_db(r[finite], o[finite]))
-    return worst
+    fidelity = Q.output_fidelity(ref, out)
+    return min((fidelity[name]["sqnr_db"] for name, first in ref[0].items()
+                if first.dtype.kind == "f"), default=math.inf)
 
 
 @dataclass

@@ -36,6 +36,7 @@ arithmetic is numpy's own. A graph stores them as ONNX INT4 / UINT4, packed two 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ml_dtypes  # onnx's own dependency: its numpy types for INT4 / UINT4
@@ -259,6 +260,20 @@ def cosine(ref: np.ndarray, approx: np.ndarray) -> float:
     if na == 0.0 or nb == 0.0:
         return 1.0 if na == nb else 0.0
     return float(np.dot(a, b) / (na * nb))
+
+
+def output_fidelity(ref: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str, np.ndarray]]
+                    ) -> dict[str, dict[str, float]]:
+    """Per output name, ``cosine`` and ``sqnr_db`` of ``got`` against ``ref`` over all batches
+    together (lists of output dicts, one per batch), on the values finite in both."""
+    result = {}
+    for name in ref[0]:
+        a = np.concatenate([r[name].reshape(-1) for r in ref]).astype(np.float64)
+        b = np.concatenate([g[name].reshape(-1) for g in got]).astype(np.float64)
+        finite = np.isfinite(a) & np.isfinite(b)
+        result[name] = {"cosine": cosine(a[finite], b[finite]),
+                        "sqnr_db": sqnr_db(a[finite], b[finite])}
+    return result
 
 
 def weight_range(w: np.ndarray, axis: int | None = None

@@ -113,7 +113,7 @@ class Emit(Pass):
         deploy_sess = runtime.session(deploy, ctx.providers)
         ref = [runtime.run(float_sess, f) for f in feeds]
         got = [runtime.run(deploy_sess, f) for f in feeds]
-        report["outputs"] = _output_fidelity(ref, got)
+        report["outputs"] = Q.output_fidelity(ref, got)
         if labels is not None:
             report["accuracy"] = _accuracy(ref, got, labels)
         report["worst_tensors"] = _worst_tensors(model, table, feeds[:1], ctx,
@@ -177,18 +177,6 @@ def _check_qoperator(table: QuantTable) -> None:
             f"'{narrow[0].tensor}', {len(narrow)} tensors): QLinearConv and QLinearMatMul "
             "take 8-bit integers only; use format = \"qdq\" (4-bit initializers feeding "
             "DequantizeLinear), or override those weights to int8")
-
-
-def _output_fidelity(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]]
-                     ) -> dict[str, dict[str, float]]:
-    result = {}
-    for name in ref[0]:
-        a = np.concatenate([r[name].reshape(-1) for r in ref]).astype(np.float64)
-        b = np.concatenate([g[name].reshape(-1) for g in got]).astype(np.float64)
-        finite = np.isfinite(a) & np.isfinite(b)
-        result[name] = {"cosine": float(Q.cosine(a[finite], b[finite])),
-                        "sqnr_db": float(Q.sqnr_db(a[finite], b[finite]))}
-    return result
 
 
 def _accuracy(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]],

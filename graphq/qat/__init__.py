@@ -146,7 +146,8 @@ class Bridge:
 
 def prepare(model: str | Path | onnx.ModelProto, *, method: str = "lsq",
             train: tuple[str, ...] | list[str] = DEFAULT_TRAIN,
-            grad_scale: float | None = None, device: Any = None, extra_outputs: list[str] | None = None) -> Bridge:
+            grad_scale: float | None = None, device: Any = None,
+            extra_outputs: list[str] | None = None) -> Bridge:
     """A :class:`Bridge` for ``model``: graphq's ``<stem>.fakequant.onnx`` (or any graph with
     Q/DQ pairs, or a float graph). Options as :func:`to_torch`; ``device`` e.g. ``"cuda"``."""
     proto = model_io.load(model)

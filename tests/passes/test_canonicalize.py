@@ -175,7 +175,7 @@ def test_sum_to_add_can_be_turned_off():
     assert op_counts(result.model)["Sum"] == 1 and "sums_rewritten" not in result.counts
 
 
-# ---- channel shuffle -> Gather --------------------------------------------------------------------
+# ---- channel shuffle -> Gather ------------------------------------------------------------------
 def shuffle_model(groups: int = 3, channels: int = 12, perm=(0, 2, 1, 3, 4), batch="N",
                   extra_use: bool = False) -> onnx.ModelProto:
     """Conv -> channel shuffle (Reshape [N, g, C/g, H, W] -> Transpose -> Reshape) -> Conv,

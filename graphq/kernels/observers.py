@@ -434,6 +434,31 @@ OBSERVERS: dict[str, type[Observer]] = {
 }
 
 
+class ChannelMean:
+    """Running per-channel mean of finite values (axis 1; the last axis of a 2-D tensor:
+    Conv's NCHW input, Gemm's (N, K) input), for bias correction."""
+
+    def __init__(self) -> None:
+        self.sum: np.ndarray | None = None
+        self.count: np.ndarray | None = None
+
+    def observe(self, x: np.ndarray) -> None:
+        a = np.asarray(x, np.float64)
+        if a.ndim < 2:
+            return
+        axis = 1 if a.ndim > 2 else a.ndim - 1
+        a = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+        finite = np.isfinite(a)
+        s, c = np.where(finite, a, 0.0).sum(axis=1), finite.sum(axis=1)
+        if self.sum is None or self.sum.shape != s.shape:
+            self.sum, self.count = s, c
+        else:
+            self.sum, self.count = self.sum + s, self.count + c
+
+    def mean(self) -> np.ndarray | None:
+        return None if self.sum is None else self.sum / np.maximum(self.count, 1)
+
+
 def make_observer(method: str, **opts: Any) -> Observer:
     """The observer for ``method`` (minmax | percentile | entropy | mse) with its options."""
     try:

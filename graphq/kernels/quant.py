@@ -276,6 +276,20 @@ def output_fidelity(ref: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str
     return result
 
 
+def bias_shift(weight: np.ndarray, quantized: np.ndarray, mean: np.ndarray,
+               groups: int = 1) -> np.ndarray | None:
+    """``(W_q - W) . E[x]`` per output channel: the mean a weight's quantization error adds to
+    its op's output, for bias correction. Weights are (out, in / groups, *kernel) (Conv; a
+    Gemm / MatMul weight as (N, K)), ``mean`` is ``E[x]`` per input channel; ``None`` when
+    the shapes do not fit."""
+    error = np.asarray(quantized, np.float64) - np.asarray(weight, np.float64)
+    cout, cin_g = error.shape[:2]
+    if mean.size != cin_g * groups or cout % groups:
+        return None
+    error = error.reshape(cout, cin_g, -1).sum(axis=2).reshape(groups, cout // groups, cin_g)
+    return np.einsum("gok,gk->go", error, mean.reshape(groups, cin_g)).reshape(cout)
+
+
 def weight_range(w: np.ndarray, axis: int | None = None
                  ) -> tuple[float | np.ndarray, float | np.ndarray]:
     """``(min, max)`` of ``w`` (float64): scalars per tensor, or arrays of length

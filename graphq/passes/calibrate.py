@@ -72,6 +72,17 @@ class CalibrateOptions:
                 "(2048, entropy 4096)", "min": 128})
 
 
+@dataclass
+class _Stream:
+    """What streaming the data through the float view gathered."""
+
+    observers: dict[str, O.Observer]
+    means: dict[str, O.ChannelMean]  # per-channel input means, for bias correction
+    kept: list[dict[str, np.ndarray]]  # the first batches, for the sensitivity search
+    batches: int
+    seconds: float
+
+
 @register
 class Calibrate(Pass):
     name = "calibrate"
@@ -87,39 +98,36 @@ class Calibrate(Pass):
         graph = G.import_graph(model)
         observed = [e for e in table.quantized("activation")
                     if not _shared_source(e) and e.method != "constant"]
-        corrected = _correctable(graph) if self.options.bias_correction else []
-        means = {G.float_source(node.inputs[0]).name for node in corrected}
-        observers, batches, seconds, kept, sums = self._observe(model, graph, observed, ctx,
-                                                                sorted(means))
-        notes = self._set_qparams(table, observers, graph)
+        corrected = _correctable(graph, table) if self.options.bias_correction else []
+        stream = self._observe(model, observed, ctx,
+                               sorted({G.float_source(n.inputs[0]).name for n in corrected}))
+        notes = self._set_qparams(table, stream.observers, graph)
         if corrected:
-            notes += _correct_biases(corrected, sums)
+            notes += _correct_biases(corrected, table, stream.means)
         if self.options.target_sqnr_db > 0:
-            notes += self._sensitivity(model, G.export(graph, like=model), table, kept, ctx)
+            notes += self._sensitivity(model, graph, table, stream.kept, ctx)
         _apply(graph, table)
         biases = _quantize_biases(graph, table)
         graph.cleanup().toposort()
         out = G.export(graph, like=model)
         table.attach(out)
-        counts = {"batches": batches, "activations": len(table.quantized("activation")),
+        counts = {"batches": stream.batches, "activations": len(table.quantized("activation")),
                   "biases": biases, "kept_float": sum(
                       not e.quantized for e in table.entries.values())}
-        log.info("calibrated %d tensors on %d batches in %.2f s (%s)", len(observed), batches,
-                 seconds, self.options.method)
+        log.info("calibrated %d tensors on %d batches in %.2f s (%s)", len(observed),
+                 stream.batches, stream.seconds, self.options.method)
         return PassResult(out, True, counts, notes)
 
     # ---- statistics -------------------------------------------------------------------------
-    def _observe(self, model: onnx.ModelProto, graph: gs.Graph, observed: list[TensorQuant],
-                 ctx: PassContext, means: list[str]
-                 ) -> tuple[dict[str, O.Observer], int, float, list[dict[str, np.ndarray]],
-                            dict[str, ChannelMean]]:
-        """Stream the data: an observer per ``observed`` tensor, per-channel sums of the
+    def _observe(self, model: onnx.ModelProto, observed: list[TensorQuant], ctx: PassContext,
+                 means: list[str]) -> _Stream:
+        """Stream the data: an observer per ``observed`` tensor, per-channel means of the
         ``means`` tensors (bias correction); the first batches kept for the search."""
         names = [e.tensor for e in observed]
         extra = [n for n in means if n not in set(names)]
         view = G.with_outputs(model, names + extra, float_view=True)
         sess = runtime.session(view, ctx.providers, spinning=False)
-        sums = {n: ChannelMean() for n in means}
+        channel_means = {n: O.ChannelMean() for n in means}
         observers = {e.tensor: self._observer(e) for e in observed}
         start = time.perf_counter()
         batches = 0
@@ -137,18 +145,17 @@ class Calibrate(Pass):
             for name, value in zip(names + extra, values, strict=True):
                 if name in observers:
                     observers[name].observe(value)
-                if name in sums:
-                    sums[name].add(value)
+                if name in channel_means:
+                    channel_means[name].observe(value)
             batches += 1
             progress.update(batches)
         progress.close()
-        return observers, batches, time.perf_counter() - start, kept, sums
+        return _Stream(observers, channel_means, kept, batches, time.perf_counter() - start)
 
-    def _sensitivity(self, model: onnx.ModelProto, current: onnx.ModelProto,
-                     table: QuantTable, feeds: list[dict[str, np.ndarray]], ctx: PassContext
-                     ) -> list[str]:
+    def _sensitivity(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
+                     feeds: list[dict[str, np.ndarray]], ctx: PassContext) -> list[str]:
         """Keep float the activations the search picks (module :mod:`graphq.sensitivity`) in
-        ``current`` (the graph with its corrected biases) against the float ``model``;
+        ``graph`` (with its corrected biases; not changed) against the float ``model``;
         pass-through tensors that share a scale follow their source."""
         o = self.options
         units = [e for e in table.quantized("activation")
@@ -159,7 +166,7 @@ class Calibrate(Pass):
             source = _shared_source(e)
             if source in index:
                 pairs[e.tensor] = index[source]
-        view = G.import_graph(current)
+        view = graph.copy()
         _apply(view, table)
         masked, mask_name = S.masked_model(G.export(view.cleanup(), like=model), pairs,
                                            len(units))
@@ -243,47 +250,9 @@ class Calibrate(Pass):
         entry.method = self.options.method
 
 
-class ChannelMean:
-    """Running per-channel (axis 1; the last axis of a 2-D tensor) mean of finite values."""
-
-    def __init__(self) -> None:
-        self.sum: np.ndarray | None = None
-        self.count: np.ndarray | None = None
-
-    def add(self, x: np.ndarray) -> None:
-        a = np.asarray(x, np.float64)
-        if a.ndim < 2:
-            return
-        a = np.moveaxis(a, 1 if a.ndim > 2 else -1, 0).reshape(a.shape[1 if a.ndim > 2 else -1],
-                                                                -1)
-        finite = np.isfinite(a)
-        s, c = np.where(finite, a, 0.0).sum(axis=1), finite.sum(axis=1)
-        if self.sum is None or self.sum.shape != s.shape:
-            self.sum, self.count = s, c
-        else:
-            self.sum, self.count = self.sum + s, self.count + c
-
-    def mean(self) -> np.ndarray | None:
-        if self.sum is None:
-            return None
-        return self.sum / np.maximum(self.count, 1)
-
-
-def _weight_pair(tensor: gs.Tensor) -> tuple[np.ndarray, gs.Node] | None:
-    """``(float weight, its QuantizeLinear)`` when ``tensor`` is DQ(Q(constant))."""
-    if not tensor.inputs or tensor.inputs[0].op != "DequantizeLinear":
-        return None
-    q_out = tensor.inputs[0].inputs[0]
-    if not q_out.inputs or q_out.inputs[0].op != "QuantizeLinear":
-        return None
-    q = q_out.inputs[0]
-    w = G.constant_values(q.inputs[0])
-    return None if w is None else (w, q)
-
-
-def _correctable(graph: gs.Graph) -> list[gs.Node]:
-    """Conv and Gemm nodes (alpha = beta = 1, transA = 0) with a quantized constant weight and
-    a float constant bias read by that node alone."""
+def _correctable(graph: gs.Graph, table: QuantTable) -> list[gs.Node]:
+    """Conv and Gemm nodes (alpha = beta = 1, transA = 0) whose weight the table quantized
+    and whose float constant bias no other node reads."""
     out = []
     for node in graph.nodes:
         if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3:
@@ -292,41 +261,32 @@ def _correctable(graph: gs.Graph) -> list[gs.Node]:
                                   float(node.attrs.get("alpha", 1.0)) != 1.0 or
                                   float(node.attrs.get("beta", 1.0)) != 1.0):
             continue
-        bias = node.inputs[2]
-        if (not isinstance(bias, gs.Constant) or len(bias.outputs) != 1
-                or bias.values.ndim != 1 or _weight_pair(node.inputs[1]) is None):
-            continue
-        out.append(node)
+        bias, weight = node.inputs[2], table.get(G.float_source(node.inputs[1]).name)
+        if (isinstance(bias, gs.Constant) and len(bias.outputs) == 1 and bias.values.ndim == 1
+                and weight is not None and weight.role == "weight" and weight.quantized):
+            out.append(node)
     return out
 
 
-def _correct_biases(nodes: list[gs.Node], sums: dict[str, ChannelMean]) -> list[str]:
-    """Bias correction: ``b -= (W_q - W) . E[x]`` per output channel, ``E[x]`` the input's
-    per-channel mean on the calibration data (zero padding at borders is not modelled)."""
+def _correct_biases(nodes: list[gs.Node], table: QuantTable,
+                    means: dict[str, O.ChannelMean]) -> list[str]:
+    """Bias correction: ``b -= (W_q - W) . E[x]`` per output channel
+    (:func:`graphq.kernels.quant.bias_shift`), ``E[x]`` the input's per-channel mean on the
+    calibration data (zero padding at borders is not modelled)."""
     count = 0
     for node in nodes:
-        mean = sums[G.float_source(node.inputs[0]).name].mean()
-        w, q = _weight_pair(node.inputs[1])
-        scale, zero = (G.constant_values(t) for t in q.inputs[1:3])
-        if mean is None or scale is None or zero is None:
+        mean = means[G.float_source(node.inputs[0]).name].mean()
+        source = G.float_source(node.inputs[1])
+        w, entry = G.constant_values(source), table.get(source.name)
+        if mean is None or w is None:
             continue
-        axis = int(q.attrs.get("axis", 1)) if np.size(scale) > 1 else None
-        qt = Q.qtype_of_storage(np.asarray(zero).dtype)
-        dw = Q.fake_quantize(w, scale, zero, qt.name, axis=axis).astype(np.float64) - w
+        wq = Q.fake_quantize(w, np.asarray(entry.scale), np.asarray(entry.zero_point),
+                             entry.dtype, axis=entry.axis)
+        if node.op == "Gemm" and not node.attrs.get("transB", 0):
+            w, wq = w.T, wq.T  # (N, K), as a Conv weight is (out, in)
+        shift = Q.bias_shift(w, wq, mean, int(node.attrs.get("group", 1)))
         bias = node.inputs[2].values
-        if node.op == "Conv":
-            groups = int(node.attrs.get("group", 1))
-            cout, cin_g = dw.shape[:2]
-            if mean.size != cin_g * groups or cout % groups:
-                continue
-            dw = dw.reshape(cout, cin_g, -1).sum(axis=2).reshape(groups, cout // groups, cin_g)
-            shift = np.einsum("gok,gk->go", dw, mean.reshape(groups, cin_g)).reshape(cout)
-        else:
-            dw = dw.T if node.attrs.get("transB", 0) else dw  # (K, N)
-            if mean.size != dw.shape[0]:
-                continue
-            shift = mean @ dw
-        if shift.shape != bias.shape:
+        if shift is None or shift.shape != bias.shape:
             continue
         node.inputs[2].values = (bias - shift).astype(bias.dtype)
         count += 1

@@ -178,8 +178,11 @@ def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
 
 def unique_name(graph: gs.Graph, base: str, taken: set[str] | None = None) -> str:
     """A tensor or node name starting with ``base`` that the graph does not use yet."""
-    if taken is None:
-        taken = used_names(graph)
+    return fresh_name(base, used_names(graph) if taken is None else taken)
+
+
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2`` ... the first not in ``taken`` (then added to it)."""
     name, i = base, 1
     while name in taken:
         name = f"{base}_{i}"

@@ -193,6 +193,23 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     return model, ""
 
 
+def dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    """The dims of a tensor value: int, symbolic name, or None where unknown; None when
+    the value has no tensor shape."""
+    ttype = value.type.tensor_type
+    if not ttype.HasField("shape"):
+        return None
+    out: list[int | str | None] = []
+    for d in ttype.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            out.append(d.dim_value)
+        elif d.HasField("dim_param"):
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The version of the default ONNX domain the model imports (1 when it imports none)."""
     for opset in model.opset_import:

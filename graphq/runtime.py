@@ -125,17 +125,8 @@ def true_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 def input_spec(value: onnx.ValueInfoProto) -> tuple[np.dtype, list[int | str | None]]:
     """The numpy dtype and the dims (int, symbolic name or None) of a graph input."""
-    ttype = value.type.tensor_type
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
-    dims: list[int | str | None] = []
-    for d in ttype.shape.dim:
-        if d.HasField("dim_value") and d.dim_value > 0:
-            dims.append(d.dim_value)
-        elif d.HasField("dim_param"):
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
-    return dtype, dims
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+    return dtype, model_io.dims(value) or []
 
 
 def sample_feeds(model: onnx.ModelProto, n: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:

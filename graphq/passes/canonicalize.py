@@ -131,8 +131,8 @@ def _sums_to_adds(graph: onnx.GraphProto) -> int:
         acc = ins[0]
         for k, operand in enumerate(ins[1:], start=1):
             last = k == len(ins) - 1
-            out = node.output[0] if last else _fresh(f"{node.output[0]}_partial{k}", taken)
-            step = name if last else _fresh(f"{name}_add{k}", taken)
+            out = node.output[0] if last else G.fresh_name(f"{node.output[0]}_partial{k}", taken)
+            step = name if last else G.fresh_name(f"{name}_add{k}", taken)
             nodes.append(helper.make_node("Add", [acc, operand], [out], name=step))
             acc = out
     if count:
@@ -142,14 +142,10 @@ def _sums_to_adds(graph: onnx.GraphProto) -> int:
 
 
 def _dims(graph: onnx.GraphProto) -> dict[str, list[int | str | None]]:
-    """Tensor name -> its dims from shape inference (int, a symbol, or None if unknown)."""
-    out: dict[str, list[int | str | None]] = {}
-    for v in [*graph.input, *graph.value_info, *graph.output]:
-        t = v.type.tensor_type
-        if t.HasField("shape"):
-            out[v.name] = [d.dim_value if d.HasField("dim_value") else
-                           (d.dim_param or None) for d in t.shape.dim]
-    return out
+    """Tensor name -> its dims from shape inference (:func:`graphq.model.dims`)."""
+    known = ((v.name, model_io.dims(v)) for v in [*graph.input, *graph.value_info,
+                                                   *graph.output])
+    return {name: d for name, d in known if d is not None}
 
 
 def _shuffle_groups(x: list, split: list, y: list) -> int | None:
@@ -196,7 +192,7 @@ def _shuffles_to_gathers(graph: onnx.GraphProto) -> int:
             continue
         channels = dims[first.input[0]][1]
         idx = np.arange(channels, dtype=np.int64).reshape(g, channels // g).T.reshape(-1)
-        name = _fresh(f"{last.output[0]}_channel_order", taken)
+        name = G.fresh_name(f"{last.output[0]}_channel_order", taken)
         graph.initializer.append(numpy_helper.from_array(idx, name))
         replace[id(first)] = replace[id(tr)] = None
         replace[id(last)] = helper.make_node("Gather", [first.input[0], name],
@@ -218,14 +214,6 @@ def _shuffles_to_gathers(graph: onnx.GraphProto) -> int:
     del graph.value_info[:]
     graph.value_info.extend(keep)
     return sum(n is not None for n in replace.values())
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:

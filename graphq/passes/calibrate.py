@@ -96,8 +96,7 @@ class Calibrate(Pass):
             raise DataError("calibrate needs data: give --data PATH or [data] source "
                             "(an .npz keyed by input name, or a folder of .npz/.npy files)")
         graph = G.import_graph(model)
-        observed = [e for e in table.quantized("activation")
-                    if not _shared_source(e) and e.method != "constant"]
+        observed = _observed(table)
         corrected = _correctable(graph, table) if self.options.bias_correction else []
         stream = self._observe(model, observed, ctx,
                                sorted({G.float_source(n.inputs[0]).name for n in corrected}))
@@ -158,8 +157,7 @@ class Calibrate(Pass):
         ``graph`` (with its corrected biases; not changed) against the float ``model``;
         pass-through tensors that share a scale follow their source."""
         o = self.options
-        units = [e for e in table.quantized("activation")
-                 if _shared_source(e) is None and e.method != "constant"]
+        units = _observed(table)
         index = {e.tensor: i for i, e in enumerate(units)}
         pairs = dict(index)
         for e in table.quantized("activation"):
@@ -182,11 +180,7 @@ class Calibrate(Pass):
             entry.quantized, entry.scale, entry.zero_point = False, None, None
             entry.reason = (f"kept float by the sensitivity search: alone it raises the worst "
                             f"output's SQNR by {result.gains_db[i]:.2f} dB")
-        for e in table.quantized("activation"):
-            source = _shared_source(e)
-            origin = table.get(source) if source is not None else None
-            if origin is not None and not origin.quantized:
-                e.quantized, e.reason = False, f"its source '{source}' is float"
+        _follow_sources(table)
         reached = "reached" if result.final_db >= o.target_sqnr_db else "NOT reached"
         note = (f"sensitivity search: worst output SQNR {result.baseline_db:.1f} dB with every "
                 f"activation quantized -> {result.final_db:.1f} dB with {len(result.floats)} of "
@@ -212,16 +206,7 @@ class Calibrate(Pass):
             if entry.tensor in observers:
                 self._from_observer(entry, observers[entry.tensor], notes)
         _keep_mixed_concats_float(graph, table, notes)
-        for entry in table.quantized("activation"):
-            source = _shared_source(entry)
-            if source is None:
-                continue
-            origin = table.get(source)
-            if origin is None or not origin.quantized:
-                entry.quantized, entry.reason = False, f"its source '{source}' is float"
-                continue
-            entry.scale, entry.zero_point = origin.scale, origin.zero_point
-            entry.range = origin.range
+        _follow_sources(table)
         return notes
 
     def _from_observer(self, entry: TensorQuant, obs: O.Observer, notes: list[str]) -> None:
@@ -345,6 +330,27 @@ def _keep_mixed_concats_float(graph: gs.Graph, table: QuantTable, notes: list[st
                           f"(more than {MIXED_RANGE_RATIO:g}x): one scale would erase the "
                           "narrow ones, so the concatenation stays float")
             notes.append(f"'{out.tensor}' {out.reason}")
+
+
+def _follow_sources(table: QuantTable) -> None:
+    """Pass-through tensors (``shared:<source>``) take their source's qparams, or stay float
+    with it."""
+    for entry in table.quantized("activation"):
+        source = _shared_source(entry)
+        if source is None:
+            continue
+        origin = table.get(source)
+        if origin is None or not origin.quantized:
+            entry.quantized, entry.reason = False, f"its source '{source}' is float"
+            continue
+        entry.scale, entry.zero_point = origin.scale, origin.zero_point
+        entry.range = origin.range
+
+
+def _observed(table: QuantTable) -> list[TensorQuant]:
+    """The activations that get their own statistics (not pass-through, not constant)."""
+    return [e for e in table.quantized("activation")
+            if _shared_source(e) is None and e.method != "constant"]
 
 
 def _shared_source(entry: TensorQuant) -> str | None:

@@ -131,6 +131,16 @@ def _fq(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int
     return quantize(x, s, z, qmin, qmax).sub_(z).mul_(s)
 
 
+def _zero_operand(zero_point: Scalar | None, x: torch.Tensor, shape: list[int],
+                  length: int | None, dtype: torch.dtype, qmin: int, qmax: int
+                  ) -> torch.Tensor | float:
+    """A Python number as the effective zero point, a float (clamped, rounded half to even):
+    the kernel takes a float as is; anything else as :func:`_shaped`."""
+    if isinstance(zero_point, float | int) and not isinstance(zero_point, bool):
+        return float(round(min(max(zero_point, qmin), qmax)))
+    return _shaped(zero_point, x, shape, length, dtype, "zero_point")
+
+
 def _effective_zp(z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     return torch.round(z.clamp(qmin, qmax))
 
@@ -138,7 +148,10 @@ def _effective_zp(z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
 def _zero_point_operand(z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor | float:
     """The effective zero point (rounded half to even, clamped), as a Python float when it is
     one value on the CPU (a scalar operand is cheaper than a 0-d tensor in an elementwise op,
-    and Python's round is half to even too); otherwise a tensor."""
+    and Python's round is half to even too); otherwise a tensor. A float is taken as is: the
+    caller's effective zero point (:meth:`FakeQuantize.forward`)."""
+    if isinstance(z, float):
+        return z
     if z.numel() == 1 and z.device.type == "cpu":
         return float(round(min(max(float(z), qmin), qmax)))
     return _effective_zp(z, qmin, qmax)
@@ -209,41 +222,67 @@ def _pact_scale(alpha: torch.Tensor, n: int) -> torch.Tensor:
     return alpha.clamp_min(MIN_SCALE * n) / n
 
 
+def _pact_bounds(alpha: torch.Tensor, qmin: int, z: int, n: int) -> tuple:
+    """``(a, s, hi, lo)``: the clamped ``alpha``, the step ``a / n`` and the floats just below
+    ``alpha`` and ``lo``, in ``alpha``'s dtype; numpy scalars for one value on the CPU (a
+    scalar operand is several times cheaper than a tensor in clamp and div), else tensors."""
+    if alpha.numel() == 1 and alpha.device.type == "cpu":
+        f = np.float32 if alpha.dtype == torch.float32 else np.float64
+        a = max(f(alpha.item()), f(MIN_SCALE * n))
+        down = f(-np.inf)
+        return a, a / f(n), np.nextafter(a, down), np.nextafter(a * f((qmin - z) / n), down)
+    a = alpha.clamp_min(MIN_SCALE * n)
+    down = torch.full_like(a, -math.inf)
+    return a, a / n, torch.nextafter(a, down), torch.nextafter(a * ((qmin - z) / n), down)
+
+
+def _operand(v: np.generic | torch.Tensor) -> float | torch.Tensor:
+    return float(v) if isinstance(v, np.generic) else v
+
+
 class _PactFn(torch.autograd.Function):
     """Q -> DQ forward on the grid of ``alpha``; PACT gradients (formulas in the module doc).
-    The backward's masks are comparisons into float32 ``out=`` tensors (see _FakeQuantFn)."""
+
+    The forward clips ``x`` to ``[lo', alpha']``, the floats just below ``lo`` and ``alpha``:
+    then ``xc == x`` exactly when ``lo <= x < alpha`` (the inside mask, one comparison into a
+    float32 tensor), ``xc == alpha'`` when ``x >= alpha`` and ``xc == lo'`` when ``x < lo``
+    (the backward's masks, from the saved ``xc`` alone), and the clipped values round to the
+    same grid points as the clamp of ONNX QuantizeLinear (``alpha' / s`` and ``lo' / s`` are
+    within an ulp of ``n`` and ``qmin - z``). The backward makes one or two passes fewer.
+    """
 
     @staticmethod
     def forward(ctx, x, alpha, qmin, qmax, symmetric, quant_error):
         z, n = _pact_grid(qmin, qmax, symmetric)
-        a = alpha.clamp_min(MIN_SCALE * n)
-        ctx.save_for_backward(x, a)
-        ctx.info = (qmin, qmax, z, n, quant_error)
-        xc = x if x.dtype == alpha.dtype else x.to(alpha.dtype)
-        y = _fq(xc, _pact_scale(alpha, n), float(z), qmin, qmax)
+        a, s, hi, lo = (_operand(v) for v in _pact_bounds(alpha, qmin, z, n))
+        xc = torch.clamp(x if x.dtype == alpha.dtype else x.to(alpha.dtype), lo, hi)
+        inside = torch.eq(xc, x, out=torch.empty_like(xc))  # [lo <= x < alpha] as 0.0 / 1.0
+        # in [lo, alpha] round(x / s) + z needs no clamp; + 0.0 turns round's -0.0 into ONNX's 0
+        y = torch.div(xc, s).round_().add_(0.0).mul_(s)
+        ctx.save_for_backward(xc, inside, *(v for v in (s, hi, lo) if torch.is_tensor(v)))
+        ctx.bounds = None if torch.is_tensor(s) else (s, hi, lo)
+        ctx.info = (alpha.shape, qmin, z, n, quant_error)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, a = ctx.saved_tensors
-        qmin, _, z, n, quant_error = ctx.info
-        g = grad if grad.dtype == a.dtype else grad.to(a.dtype)
-        xc = x if x.dtype == a.dtype else x.to(a.dtype)
-        below = torch.lt(xc, a, out=torch.empty_like(xc))  # x < alpha, as 0.0 / 1.0
-        low = torch.lt(xc, a * ((qmin - z) / n), out=torch.empty_like(xc))  # x < lo
+        xc, inside, *saved = ctx.saved_tensors
+        s, hi, lo = ctx.bounds or saved
+        shape, qmin, z, n, quant_error = ctx.info
+        g = grad if grad.dtype == xc.dtype else grad.to(xc.dtype)
         ga = None
-        if ctx.needs_input_grad[1]:  # sum g * [x >= alpha] = sum g - sum g * [x < alpha]
-            ga = g.sum_to_size(a.shape) - _sum_product(g, below, a.shape)
-            if qmin != z:
-                ga = ga + _sum_product(g, low, a.shape) * ((qmin - z) / n)
-        inside = below.sub_(low)
-        if ctx.needs_input_grad[1] and quant_error:
-            u = xc / (a / n)
-            d = torch.round(u).sub_(u).mul_(inside).div_(n)
-            ga = ga + _sum_product(g, d, a.shape)
+        if ctx.needs_input_grad[1]:
+            mask = torch.empty_like(xc)
+            ga = _sum_product(g, torch.eq(xc, hi, out=mask), shape)  # sum g * [x >= alpha]
+            if qmin != z:  # + (qmin - z) / n * sum g * [x < lo]
+                ga = ga + _sum_product(g, torch.eq(xc, lo, out=mask), shape) * ((qmin - z) / n)
+            if quant_error:  # + sum g * [lo <= x < alpha] * (round(u) - u) / n
+                u = torch.div(xc, s, out=mask)
+                d = torch.round(u).sub_(u).mul_(inside).div_(n)
+                ga = ga + _sum_product(g, d, shape)
         gx = g * inside if ctx.needs_input_grad[0] else None
-        if gx is not None and gx.dtype != x.dtype:
-            gx = gx.to(x.dtype)
+        if gx is not None and gx.dtype != grad.dtype:
+            gx = gx.to(grad.dtype)
         return gx, ga, None, None, None, None
 
 
@@ -258,7 +297,8 @@ def fake_quantize_ste(x: torch.Tensor, scale: Scalar, zero_point: Scalar | None,
     shape, length = _param_shape(x, axis)
     dtype = _compute_dtype(x)
     s = _shaped(scale, x, shape, length, dtype, "scale").detach()
-    z = _shaped(zero_point, x, shape, length, dtype, "zero_point").detach()
+    z = _zero_operand(zero_point, x, shape, length, dtype, qmin, qmax)
+    z = z.detach() if isinstance(z, torch.Tensor) else z
     return _FakeQuantFn.apply(x, s, z, qmin, qmax, 1.0)
 
 
@@ -276,7 +316,7 @@ def fake_quantize_lsq(x: torch.Tensor, scale: Scalar, zero_point: Scalar | None,
     shape, length = _param_shape(x, axis)
     dtype = _compute_dtype(x)
     s = _shaped(scale, x, shape, length, dtype, "scale")
-    z = _shaped(zero_point, x, shape, length, dtype, "zero_point")
+    z = _zero_operand(zero_point, x, shape, length, dtype, qmin, qmax)
     if grad_scale is None:
         grad_scale = lsq_grad_scale(x.numel(), s.numel(), qmax)
     return _FakeQuantFn.apply(x, s, z, qmin, qmax, float(grad_scale))
@@ -361,6 +401,9 @@ class FakeQuantize(nn.Module):
         else:
             self._register("scale", s, learn_scale)
         self._register("zero_point", z, learn_zero_point)
+        self._zero_key: tuple | None = None
+        self._zero_value: torch.Tensor | float = 0.0
+        self._pact_n = self.qtype.qmax - int(z.flatten()[0])  # PACT's z is fixed
 
     @staticmethod
     def _validate(method: str, symmetric: bool, learn_scale: bool, learn_zero_point: bool,
@@ -405,10 +448,23 @@ class FakeQuantize(nn.Module):
         if self.method == "pact":
             return fake_quantize_pact(x, self.alpha, qmin, qmax, self.symmetric, self.axis,
                                       self.quant_error)
+        z = self.zero_point if self.learn_zero_point else self._fixed_zero_point()
         if self.method == "lsq":
-            return fake_quantize_lsq(x, self.scale, self.zero_point, qmin, qmax, self.axis,
-                                     self.grad_scale)
-        return fake_quantize_ste(x, self.scale, self.zero_point, qmin, qmax, self.axis)
+            return fake_quantize_lsq(x, self.scale, z, qmin, qmax, self.axis, self.grad_scale)
+        return fake_quantize_ste(x, self.scale, z, qmin, qmax, self.axis)
+
+    def _fixed_zero_point(self) -> torch.Tensor | float:
+        """A fixed zero point that is one value on every channel (symmetric weights: 0) as a
+        Python float, effective (rounded, clamped): the kernel then adds a scalar instead of
+        rounding and broadcasting a tensor on every call. Recomputed when the buffer changes."""
+        z = self.zero_point
+        key = (z._version, z.data_ptr(), z.device)
+        if self._zero_key != key:
+            qt = self.qtype
+            zz = _effective_zp(z.detach().float(), qt.qmin, qt.qmax).flatten()
+            self._zero_value = float(zz[0]) if bool((zz == zz[0]).all()) else z
+            self._zero_key = key
+        return self._zero_value
 
     @torch.no_grad()
     def qparams(self) -> tuple[np.ndarray, np.ndarray]:
@@ -422,14 +478,11 @@ class FakeQuantize(nn.Module):
             return s_np.reshape(()), z_np.reshape(())
         return s_np.reshape(-1), np.broadcast_to(z_np.reshape(-1), s_np.reshape(-1).shape).copy()
 
-    @torch.no_grad()
     def step(self) -> torch.Tensor:
         """The scale the forward uses on float32 input (float32, no gradient): the clamped
         ``scale``, or PACT's ``alpha / n``."""
         if self.method == "pact":
-            qt = self.qtype
-            z = _effective_zp(self.zero_point.detach().float(), qt.qmin, qt.qmax)
-            return _pact_scale(self.alpha.detach().float(), qt.qmax - int(z.flatten()[0]))
+            return _pact_scale(self.alpha.detach().float(), self._pact_n)
         return self.scale.detach().float().clamp_min(MIN_SCALE)
 
     def extra_repr(self) -> str:

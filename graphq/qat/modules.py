@@ -97,11 +97,11 @@ class Bias(nn.Module):
         return s
 
     def forward(self) -> torch.Tensor:
-        with torch.no_grad():
-            s = self.grid().to(self.bias.device)
-            # int32 in float64 (exact), then onnxruntime's DequantizeLinear
-            q = FQ.quantize(self.bias.double(), s.double(), 0.0, _INT32.min, _INT32.max)
-            delta = FQ.dequantize(q, s, 0.0).sub_(self.bias)
+        b = self.bias.detach()
+        s = self.grid().to(b.device)  # detached: step() and the buffer carry no gradient
+        # int32 in float64 (exact), then onnxruntime's DequantizeLinear: float32(q) * s
+        q = torch.div(b.double(), s.double()).round_().clamp_(_INT32.min, _INT32.max)
+        delta = q.float().mul_(s).sub_(b)
         return self.bias + delta  # the grid's value, straight-through gradient
 
 

@@ -559,6 +559,30 @@ def test_module_half_input(dtype, method):
         assert p.grad is not None and p.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("zero_points", [[10.0, 10.0, 10.0], [10.0, 20.0, 30.0]])
+def test_module_fixed_zero_point_follows_its_buffer(zero_points):
+    """The module passes a uniform fixed zero point to the kernel as a number; a changed
+    buffer (load_state_dict, an in-place edit) is seen on the next call."""
+    fq = F.FakeQuantize("uint8", False, 0, "ste", np.full(3, 0.05, np.float32), zero_points)
+    x = torch.randn(3, 40) * 3
+
+    def reference() -> torch.Tensor:
+        s, z = fq.qparams()
+        return torch.from_numpy(Q.fake_quantize(x.numpy(), s, z, "uint8", axis=0))
+
+    assert torch.equal(fq(x), reference())
+    state = {k: v.clone() for k, v in fq.state_dict().items()}
+    state["zero_point"] += 7
+    fq.load_state_dict(state)
+    assert torch.equal(fq(x), reference())
+    with torch.no_grad():
+        fq.zero_point[0] = 0.0
+    y = fq(x)
+    assert torch.equal(y, reference())
+    assert not torch.equal(y, F.fake_quantize_ste(x, fq.scale, torch.tensor(zero_points) + 7,
+                                                  0, 255, axis=0))
+
+
 def test_module_argument_errors():
     with pytest.raises(ValueError, match="method"):
         F.FakeQuantize(method="dorefa")

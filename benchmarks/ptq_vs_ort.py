@@ -101,6 +101,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                     "label": "graphq int8 preset (percentile)"},
     "graphq-entropy": {"tool": "graphq", "method": "entropy", "label": "graphq entropy"},
     "graphq-mse": {"tool": "graphq", "method": "mse", "label": "graphq mse"},
+    "graphq-auto": {"tool": "graphq", "method": "auto", "label": "graphq auto"},
     "ort-minmax": {"tool": "ort", "method": "MinMax", "act": "QUInt8", "weight": "QInt8",
                    "reduce_range": False, "label": "ORT MinMax u8/s8"},
     "ort-minmax-s8s8": {"tool": "ort", "method": "MinMax", "act": "QInt8", "weight": "QInt8",

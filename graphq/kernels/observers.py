@@ -394,9 +394,10 @@ class EntropyObserver(HistogramObserver):
     """
 
     kind = "entropy"
+    DEFAULT_BINS: ClassVar[int] = 4096
 
     def __init__(self, qtype: str | QType = "int8", symmetric: bool = False,
-                 bins: int = 4096) -> None:
+                 bins: int = DEFAULT_BINS) -> None:
         super().__init__(bins)
         self.qtype = quant.qtype(qtype).name
         self.symmetric = bool(symmetric)

@@ -7,14 +7,18 @@
    dropped, so memory stays flat in the number of batches.
 3. Each observer's clip range (``minmax``, ``percentile``, ``entropy`` or ``mse``) gives the
    scale and zero point (:mod:`graphq.kernels.quant`); pass-through tensors take their
-   source's. A tensor that held non-finite values (an attention mask's -inf) or whose source
-   was kept float is kept float, its Q/DQ pair removed, the reason in the table.
+   source's. ``auto`` keeps one histogram per tensor, derives every method's ranges from it,
+   runs the quantized graph with each on the first calibration batches and keeps the method
+   whose worst output is closest to the float model's (SQNR). A tensor that held non-finite
+   values (an attention mask's -inf) or whose source was kept float is kept float, its Q/DQ
+   pair removed, the reason in the table.
 4. Biases of Conv, ConvTranspose and Gemm whose input and weight are quantized become int32
    with ``scale = input scale x weight scale`` and zero point 0.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -40,12 +44,18 @@ from graphq.registry import Pass, PassContext, PassResult, register
 log = logging.getLogger(__name__)
 
 BIASED = ("Conv", "ConvTranspose", "Gemm")
+#: the methods ``auto`` tries, in the order that breaks ties.
+AUTO_METHODS = ("percentile", "mse", "entropy", "minmax")
 
 
 @dataclass
 class CalibrateOptions:
-    method: Literal["minmax", "percentile", "entropy", "mse"] = field(
-        default="percentile", metadata={"help": "how the clip range is chosen"})
+    method: Literal["minmax", "percentile", "entropy", "mse", "auto"] = field(
+        default="percentile", metadata={
+            "help": "how the clip range is chosen; auto: each of percentile, mse, entropy and "
+                    "minmax (from one histogram per tensor) is run on the first "
+                    "search_batches batches and the one whose worst output SQNR against the "
+                    "float model is highest is kept (one session per method)"})
     percentile: float = field(default=99.999, metadata={
         "help": "for method = percentile: the share of values inside the range",
         "min": 50.0, "max": 100.0})
@@ -65,8 +75,9 @@ class CalibrateOptions:
     max_float: float = field(default=0.25, metadata={
         "help": "the share of activations the sensitivity search may keep float",
         "min": 0.0, "max": 1.0})
-    search_batches: int = field(default=2, metadata={
-        "help": "calibration batches the sensitivity search scores on", "min": 1})
+    search_batches: int = field(default=4, metadata={
+        "help": "calibration batches method auto and the sensitivity search score on",
+        "min": 1})
     bins: int | None = field(default=None, metadata={
         "help": "histogram bins (percentile, entropy, mse); default: the method's own "
                 "(2048, entropy 4096)", "min": 128})
@@ -100,9 +111,12 @@ class Calibrate(Pass):
         corrected = _correctable(graph, table) if self.options.bias_correction else []
         stream = self._observe(model, observed, ctx,
                                sorted({G.float_source(n.inputs[0]).name for n in corrected}))
-        notes = self._set_qparams(table, stream.observers, graph)
-        if corrected:
-            notes += _correct_biases(corrected, table, stream.means)
+        notes = _correct_biases(corrected, table, stream.means) if corrected else []
+        if self.options.method == "auto":
+            table, chosen = self._auto(model, graph, table, stream, ctx)
+            notes = chosen + notes
+        else:
+            notes = self._set_qparams(table, stream.observers, graph) + notes
         if self.options.target_sqnr_db > 0:
             notes += self._sensitivity(model, graph, table, stream.kept, ctx)
         _apply(graph, table)
@@ -132,7 +146,8 @@ class Calibrate(Pass):
         batches = 0
         progress = Progress("calibrate", unit="batch")
         kept: list[dict[str, np.ndarray]] = []  # the sensitivity search's batches
-        wanted = self.options.search_batches if self.options.target_sqnr_db > 0 else 0
+        search = self.options.target_sqnr_db > 0 or self.options.method == "auto"
+        wanted = self.options.search_batches if search else 0
 
         def feeds() -> Iterator[dict[str, np.ndarray]]:
             for feed in ctx.data.feeds(model):
@@ -189,27 +204,77 @@ class Calibrate(Pass):
         log.info("%s", note)
         return [note]
 
+    def _auto(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
+              stream: _Stream, ctx: PassContext) -> tuple[QuantTable, list[str]]:
+        """Method ``auto``: the table set by each of :data:`AUTO_METHODS`, scored by the worst
+        output SQNR of the quantized ``graph`` against the float ``model`` on the kept
+        batches; returns the best table and the notes (the scores first)."""
+        if not stream.observers or not stream.kept:
+            notes = self._set_qparams(table, stream.observers, graph, AUTO_METHODS[0])
+            return table, [f"method auto: nothing to compare (no observed activation or no "
+                           f"batch), {AUTO_METHODS[0]} used"] + notes
+        floats = runtime.session(G.with_outputs(model, [], float_view=True), ctx.providers)
+        reference = [runtime.run(floats, feed) for feed in stream.kept]
+        del floats
+        tried: dict[str, tuple[float, QuantTable, list[str]]] = {}
+        progress = Progress("calibrate auto", total=len(AUTO_METHODS), unit="method")
+        for i, method in enumerate(AUTO_METHODS):
+            candidate = copy.deepcopy(table)
+            notes = self._set_qparams(candidate, stream.observers, graph, method)
+            view = graph.copy()
+            _apply(view, candidate)
+            _quantize_biases(view, candidate)
+            sess = runtime.session(G.export(view.cleanup(), like=model), ctx.providers)
+            outs = [runtime.run(sess, feed) for feed in stream.kept]
+            tried[method] = (S.worst_sqnr(reference, outs), candidate, notes)
+            progress.update(i + 1)
+        progress.close()
+        best = max(AUTO_METHODS, key=lambda m: tried[m][0])  # ties: the earlier method
+        scores = ", ".join(f"{m} {tried[m][0]:.1f} dB" for m in AUTO_METHODS)
+        note = (f"method auto: worst output SQNR on {len(stream.kept)} calibration batch(es) "
+                f"{scores}: {best} kept")
+        log.info("%s", note)
+        return tried[best][1], [note, *tried[best][2]]
+
     def _observer(self, entry: TensorQuant) -> O.Observer:
         o = self.options
         if o.method == "minmax":
             return O.make_observer("minmax")
         bins = {"bins": o.bins} if o.bins is not None else {}
+        if o.method == "auto":  # every method's range from one histogram (entropy's bins)
+            return O.HistogramObserver(o.bins or O.EntropyObserver.DEFAULT_BINS)
         if o.method == "percentile":
             return O.make_observer("percentile", percentile=o.percentile,
                                    symmetric=entry.symmetric, **bins)
         return O.make_observer(o.method, qtype=entry.dtype, symmetric=entry.symmetric, **bins)
 
     def _set_qparams(self, table: QuantTable, observers: dict[str, O.Observer],
-                     graph: gs.Graph) -> list[str]:
+                     graph: gs.Graph, method: str | None = None) -> list[str]:
+        """Scales and zero points from the observers' clip ranges by ``method`` (default: the
+        option's; ``auto`` passes each of its candidates)."""
         notes: list[str] = []
+        method = method or self.options.method
         for entry in table.quantized("activation"):
             if entry.tensor in observers:
-                self._from_observer(entry, observers[entry.tensor], notes)
+                self._from_observer(entry, observers[entry.tensor], notes, method)
         _keep_mixed_concats_float(graph, table, notes)
         _follow_sources(table)
         return notes
 
-    def _from_observer(self, entry: TensorQuant, obs: O.Observer, notes: list[str]) -> None:
+    def _clip_range(self, obs: O.Observer, entry: TensorQuant, method: str) -> O.Range:
+        """``obs``'s clip range by ``method``: its own, or from auto's plain histogram."""
+        if self.options.method != "auto":
+            return obs.range()
+        if method == "percentile":
+            return obs.percentile(self.options.percentile, entry.symmetric)
+        if method == "entropy":
+            return obs.entropy(entry.dtype, entry.symmetric)
+        if method == "mse":
+            return obs.mse(entry.dtype, entry.symmetric)
+        return obs.range()  # minmax
+
+    def _from_observer(self, entry: TensorQuant, obs: O.Observer, notes: list[str],
+                       method: str) -> None:
         def keep_float(reason: str) -> None:
             entry.quantized, entry.reason = False, reason
             notes.append(f"'{entry.tensor}' {reason}")
@@ -221,7 +286,7 @@ class Calibrate(Pass):
         if obs.count == 0:
             keep_float("no values were observed: kept float")
             return
-        lo, hi = obs.range()
+        lo, hi = self._clip_range(obs, entry, method)
         entry.range = [float(lo), float(hi)]
         if self.options.min_sqnr_db > 0 and isinstance(obs, O.HistogramObserver):
             sqnr = obs.sqnr_db(lo, hi, entry.dtype, entry.symmetric)
@@ -232,7 +297,7 @@ class Calibrate(Pass):
                 return
         scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric)
         entry.scale, entry.zero_point = [float(scale)], [int(zero)]
-        entry.method = self.options.method
+        entry.method = method
 
 
 def _correctable(graph: gs.Graph, table: QuantTable) -> list[gs.Node]:

@@ -12,8 +12,11 @@ passes onnx.checker (full check). Tolerances:
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
@@ -26,7 +29,7 @@ from graphq.quant import QuantTable
 from graphq.registry import PassContext
 from tests.helpers import assert_close, make_model, residual_net, run, tensor
 
-METHODS = ["minmax", "percentile", "entropy", "mse"]
+METHODS = ["minmax", "percentile", "entropy", "mse", "auto"]
 
 
 def build(nodes, inputs, outputs, inits=(), opset: int = 13) -> onnx.ModelProto:
@@ -470,3 +473,52 @@ def test_bias_correction_cancels_the_weights_mean_error(op):
         assert table.get("b").quantized and table.get("b").dtype == "int32"
     assert errors[False].max() > 0.01
     assert errors[True].max() < errors[False].max() / 5, errors
+
+
+# ---- method auto --------------------------------------------------------------------------------
+def worst_sqnr_db(model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: list[dict]) -> float:
+    """Each float output's SQNR over all feeds together (numpy), the lowest; the quantized
+    graph as onnxruntime runs it by default (fused integer kernels), as auto scores it."""
+    worst = np.inf
+    sess = ort.InferenceSession(quantized.SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    ref = [run(model, f) for f in feeds]
+    out = [sess.run(None, f) for f in feeds]
+    for i in range(len(ref[0])):
+        a = np.concatenate([r[i].ravel() for r in ref]).astype(np.float64)
+        b = np.concatenate([o[i].ravel() for o in out]).astype(np.float64)
+        worst = min(worst, 10 * np.log10(np.sum(a * a) / np.sum((a - b) ** 2)))
+    return float(worst)
+
+
+def test_auto_keeps_the_method_with_the_best_output_on_the_first_batches():
+    """auto's scores are the worst output SQNR of each method's graph on the first
+    ``search_batches`` batches (recomputed here with numpy from each method run alone with
+    auto's 4096-bin histogram), it keeps the best, and its table is that method's table."""
+    rng = np.random.default_rng(11)
+    model = conv_net(rng)
+    # 7-bit weights: no uint8 x int8 saturation in the fused kernels of AVX2 CPUs
+    inserted = insert(model, weights={"reduce_range": True})
+    feeds = [{"x": images(rng, 8)} for _ in range(5)]
+    feeds[0]["x"][0, 0, 0, 0] = 4.0  # an outlier: the methods' clips differ
+    result, table = calibrate(inserted, feeds, method="auto", search_batches=3)
+    (note,) = [n for n in result.notes if n.startswith("method auto")]
+    found = dict(re.findall(r"(percentile|mse|entropy|minmax) ([-\d.]+) dB", note))
+    assert list(found) == ["percentile", "mse", "entropy", "minmax"], note
+    alone, scores = {}, {}
+    for method, text in found.items():
+        alone[method] = calibrate(inserted, feeds, method=method, bins=4096)
+        scores[method] = worst_sqnr_db(model, alone[method][0].model, feeds[:3])
+        assert float(text) == pytest.approx(scores[method], abs=0.051), (method, note)
+    best = note.rsplit(": ", 1)[1].removesuffix(" kept")
+    assert scores[best] >= max(scores.values()) - 1e-6, (scores, note)
+    assert max(scores.values()) - min(scores.values()) > 1.0, note  # a real choice
+    best_result, best_table = alone[best]
+    for entry in best_table.quantized("activation"):
+        other = table.get(entry.tensor)
+        assert other.method == entry.method
+        assert entry.method == best or entry.method.startswith("shared:"), entry.method
+        assert other.scale == entry.scale and other.zero_point == entry.zero_point
+    held_out = {"x": images(rng, 16)}
+    np.testing.assert_array_equal(run(result.model, held_out)[0],
+                                  run(best_result.model, held_out)[0])

@@ -4,9 +4,11 @@ Runs after ``calibrate`` (and before ``emit``): the graph with its Q/DQ pairs go
 PyTorch through the QAT bridge (:mod:`graphq.qat`), trains on the pipeline's data, and the
 learned weights, biases, scales and zero points go back onto the same graph by initializer
 name, so node names and structure are unchanged. Label-free by default: the loss is the
-distance of the outputs (and of ``distill_tensors``) to the float graph's, run in onnxruntime
-on the same batch; with labels in the data, ``loss = "cross_entropy"`` or ``"mse"`` trains
-on them. Needs torch and onnx2torch (the core does not); runs under ``torchrun`` with
+distance of the outputs (and of ``distill_tensors``) to the float model's, run in onnxruntime
+on the same batch (the pipeline's input model when it has those tensors, else the calibrated
+graph with its Q/DQ pairs bypassed, whose biases bias correction has changed); with labels in
+the data, ``loss = "cross_entropy"`` or ``"mse"`` trains on them. Needs torch and onnx2torch
+(the core does not); runs under ``torchrun`` with
 DistributedDataParallel.
 """
 
@@ -104,8 +106,7 @@ class Qat(Pass):
                              extra_outputs=o.distill_tensors)
         teacher = None
         if o.loss == "distill":
-            teacher = _teacher(model, bridge.output_names + list(o.distill_tensors),
-                               ctx.providers)
+            teacher = _teacher(model, bridge.output_names + list(o.distill_tensors), ctx)
         data = ctx.data
         if o.batch_size is not None:
             data = copy.copy(ctx.data)
@@ -153,12 +154,28 @@ def _device(name: str, torch):
     return torch.device(name)
 
 
-def _teacher(model: onnx.ModelProto, names: list[str], providers: list[str]):
-    """The float graph (the Q/DQ pairs bypassed) in onnxruntime, returning ``names``."""
-    float_model = G.with_outputs(model, names, float_view=True)
+def _teacher(model: onnx.ModelProto, names: list[str], ctx: PassContext):
+    """The float model in onnxruntime, returning ``names``: the pipeline's input model when it
+    has every one of them and the same inputs (the true float model: calibrate's bias
+    correction changes the calibrated graph's biases), else the calibrated graph with its Q/DQ
+    pairs bypassed."""
+    source = model
+    if ctx.float_source is not None:
+        original = ctx.float_model()
+        known = {t for n in original.graph.node for t in n.output} | \
+            {i.name for i in original.graph.input}
+        if set(names) <= known and _feeds(original) == _feeds(model):
+            source = original
+    float_model = G.with_outputs(source, names, float_view=True)
     # no busy-waiting between runs: torch trains on the same cores in between
-    sess = runtime.session(float_model, providers, spinning=False)
+    sess = runtime.session(float_model, ctx.providers, spinning=False)
 
     def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return sess.run(names, feed)
     return run
+
+
+def _feeds(model: onnx.ModelProto) -> set[str]:
+    """The inputs a run feeds (graph inputs that are not initializers)."""
+    inits = {i.name for i in model.graph.initializer}
+    return {i.name for i in model.graph.input if i.name not in inits}

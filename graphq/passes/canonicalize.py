@@ -14,8 +14,13 @@ Steps, in order, each optional:
 5. ``Sum`` nodes become ``Add`` (two inputs; a chain of them for more, one ``Identity`` for
    one): older exporters (the onnx model zoo's ResNet and ShuffleNet) write residual sums as
    ``Sum``, for which onnxruntime has no integer kernel, while ``Add`` becomes QLinearAdd.
-6. Shape inference, so that later passes know ranks and dtypes.
-7. Channel shuffles (ShuffleNet's ``Reshape [N, g, C/g, H, W] -> Transpose [0, 2, 1, 3, 4]
+6. ``PRelu`` with a constant slope becomes ``Max(x, Mul(x, slope))`` when every slope is in
+   ``[0, 1]`` (``slope * x`` is below ``x`` for ``x > 0``, above it for ``x < 0``), else
+   ``Add(Relu(x), Mul(Min(x, 0), slope))``: the same values, which onnxruntime computes 4-5x
+   faster than its PRelu with per-channel slopes (MTCNN's PRelus took as long as all its
+   convolutions).
+7. Shape inference, so that later passes know ranks and dtypes.
+8. Channel shuffles (ShuffleNet's ``Reshape [N, g, C/g, H, W] -> Transpose [0, 2, 1, 3, 4]
    -> Reshape [N, C, H, W]``) become one ``Gather`` of the channels (same values): once the
    convolutions around it are integer, onnxruntime runs them in NHWC and wraps each 5-D
    Transpose in layout transposes, which cost more than the int8 convolutions gain.
@@ -55,6 +60,10 @@ class CanonicalizeOptions:
     sum_to_add: bool = field(default=True, metadata={
         "help": "rewrite Sum nodes as Add (which onnxruntime runs as QLinearAdd once "
                 "quantized)"})
+    prelu_to_max: bool = field(default=True, metadata={
+        "help": "rewrite PRelu with a constant slope as Max(x, Mul(x, slope)) (slopes in "
+                "[0, 1]) or Relu(x) + Min(x, 0) * slope: same values, 4-5x faster in "
+                "onnxruntime"})
     infer_shapes: bool = field(default=True, metadata={"help": "run ONNX shape inference"})
 
 
@@ -96,6 +105,9 @@ class Canonicalize(Pass):
         if o.sum_to_add:
             counts["sums_rewritten"] = _sums_to_adds(model.graph)
             changed |= counts["sums_rewritten"] > 0
+        if o.prelu_to_max:
+            counts["prelus_rewritten"] = _prelus_to_max(model.graph)
+            changed |= counts["prelus_rewritten"] > 0
         if o.infer_shapes:
             model, error = model_io.infer_shapes(model)
             if error:
@@ -135,6 +147,49 @@ def _sums_to_adds(graph: onnx.GraphProto) -> int:
             step = name if last else G.fresh_name(f"{name}_add{k}", taken)
             nodes.append(helper.make_node("Add", [acc, operand], [out], name=step))
             acc = out
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+def _prelus_to_max(graph: onnx.GraphProto) -> int:
+    """Rewrite the main graph's ``PRelu(x, slope)`` whose slope is an initializer in place (the
+    last node keeps the PRelu's name and output): ``Max(x, Mul(x, slope))`` when every slope
+    is in ``[0, 1]``, else ``Add(Relu(x), Mul(Min(x, 0), slope))``. Returns how many."""
+    inits = {i.name: i for i in graph.initializer}
+    taken = {n.name for n in graph.node} | {v for n in graph.node for v in n.output}
+    taken |= {i.name for i in graph.input} | set(inits)
+    nodes: list[onnx.NodeProto] = []
+    zero: str | None = None
+    count = 0
+    for node in graph.node:
+        slope = inits.get(node.input[1]) if node.op_type == "PRelu" and \
+            node.domain in ("", "ai.onnx") and len(node.input) == 2 else None
+        values = numpy_helper.to_array(slope) if slope is not None else None
+        if values is None or values.size == 0 or values.dtype.kind != "f":
+            nodes.append(node)
+            continue
+        count += 1
+        x, s, y = node.input[0], node.input[1], node.output[0]
+        name = node.name or f"PRelu_{y}"
+
+        def fresh(suffix: str, y: str = y) -> str:
+            return G.fresh_name(f"{y}_{suffix}", taken)
+
+        if np.all(values >= 0) and np.all(values <= 1):
+            scaled = fresh("scaled")
+            nodes += [helper.make_node("Mul", [x, s], [scaled], name=fresh("slope")),
+                      helper.make_node("Max", [x, scaled], [y], name=name)]
+            continue
+        if zero is None:
+            zero = G.fresh_name("prelu_zero", taken)
+            graph.initializer.append(numpy_helper.from_array(np.zeros((), values.dtype), zero))
+        pos, neg, scaled = fresh("positive"), fresh("negative"), fresh("scaled")
+        nodes += [helper.make_node("Relu", [x], [pos], name=fresh("relu")),
+                  helper.make_node("Min", [x, zero], [neg], name=fresh("min")),
+                  helper.make_node("Mul", [neg, s], [scaled], name=fresh("slope")),
+                  helper.make_node("Add", [pos, scaled], [y], name=name)]
     if count:
         del graph.node[:]
         graph.node.extend(nodes)

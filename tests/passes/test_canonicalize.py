@@ -232,3 +232,53 @@ def test_other_reshape_transposes_stay(case):
     assert "Gather" not in op_counts(result.model)
     assert op_counts(result.model)["Transpose"] == 1
     assert_close(run(before, shuffle_feeds()), run(result.model, shuffle_feeds()), RTOL)
+
+
+# ---- PRelu -> Max / Relu + Min ------------------------------------------------------------------
+def prelu_model(slopes: np.ndarray) -> onnx.ModelProto:
+    """Conv -> PRelu (per-channel slopes, shape (C, 1, 1) as exporters write them) -> Conv."""
+    rng = np.random.default_rng(5)
+    c = slopes.shape[0]
+    inits = {"w1": rng.normal(0, 0.5, (c, 3, 3, 3)).astype(np.float32),
+             "w2": rng.normal(0, 0.3, (4, c, 1, 1)).astype(np.float32),
+             "slope": slopes.astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("PRelu", ["c1", "slope"], ["p"], name="prelu1"),
+             helper.make_node("Conv", ["p", "w2"], ["y"], name="conv2")]
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 6, 6])],
+                      inits)
+
+
+@pytest.mark.parametrize("case, ops", [
+    ("unit", ["Conv", "Mul", "Max", "Conv"]),
+    ("negative", ["Conv", "Relu", "Min", "Mul", "Add", "Conv"]),
+    ("above-one", ["Conv", "Relu", "Min", "Mul", "Add", "Conv"])])
+def test_prelu_becomes_the_same_values_in_faster_ops(case, ops):
+    """Slopes in [0, 1]: Max(x, x * slope); others: Relu(x) + Min(x, 0) * slope. The values
+    are the PRelu's bit for bit (onnxruntime, optimizations off), the names unchanged."""
+    slopes = {"unit": np.array([0.0, 0.25, 0.5, 1.0, 0.1, 0.75]),
+              "negative": np.array([-1.3, 0.25, 0.5, 1.0, -0.2, 0.75]),
+              "above-one": np.array([1.3, 0.25, 0.5, 1.0, 0.2, 0.75])}[case]
+    before, result = canonicalize(prelu_model(slopes.reshape(-1, 1, 1)), simplify=False)
+    model = result.model
+    onnx.checker.check_model(model, full_check=True)
+    assert result.counts["prelus_rewritten"] == 1
+    assert [n.op_type for n in model.graph.node] == ops
+    last = model.graph.node[-2]
+    assert (last.name, list(last.output)) == ("prelu1", ["p"])
+    names = [n.name for n in model.graph.node]
+    assert len(set(names)) == len(names)
+    feed = {"x": np.random.default_rng(6).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)}
+    for a, b in zip(run(before, feed), run(model, feed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_prelu_with_a_computed_slope_or_turned_off_stays():
+    model = prelu_model(np.full((6, 1, 1), 0.25))
+    _, off = canonicalize(model, simplify=False, prelu_to_max=False)
+    assert op_counts(off.model)["PRelu"] == 1 and "prelus_rewritten" not in off.counts
+    fed = prelu_model(np.full((6, 1, 1), 0.25))
+    del fed.graph.initializer[[i.name for i in fed.graph.initializer].index("slope")]
+    fed.graph.input.append(tensor("slope", [6, 1, 1]))
+    _, result = canonicalize(fed, simplify=False, fold_constants=False)
+    assert op_counts(result.model)["PRelu"] == 1 and result.counts["prelus_rewritten"] == 0

@@ -183,8 +183,7 @@ class Calibrate(Pass):
         _apply(view, table)
         masked, mask_name = S.masked_model(G.export(view.cleanup(), like=model), pairs,
                                            len(units))
-        floats = runtime.session(G.with_outputs(model, [], float_view=True), ctx.providers)
-        reference = [runtime.run(floats, feed) for feed in feeds]
+        reference = _float_outputs(model, feeds, ctx.providers)
         score = S.session_score(masked, feeds, reference, mask_name, ctx.providers)
         limit = math.floor(o.max_float * len(units))
         progress = Progress("sensitivity", total=len(units), unit="activation")
@@ -213,9 +212,7 @@ class Calibrate(Pass):
             notes = self._set_qparams(table, stream.observers, graph, AUTO_METHODS[0])
             return table, [f"method auto: nothing to compare (no observed activation or no "
                            f"batch), {AUTO_METHODS[0]} used"] + notes
-        floats = runtime.session(G.with_outputs(model, [], float_view=True), ctx.providers)
-        reference = [runtime.run(floats, feed) for feed in stream.kept]
-        del floats
+        reference = _float_outputs(model, stream.kept, ctx.providers)
         tried: dict[str, tuple[float, QuantTable, list[str]]] = {}
         progress = Progress("calibrate auto", total=len(AUTO_METHODS), unit="method")
         for i, method in enumerate(AUTO_METHODS):
@@ -298,6 +295,13 @@ class Calibrate(Pass):
         scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric)
         entry.scale, entry.zero_point = [float(scale)], [int(zero)]
         entry.method = method
+
+
+def _float_outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                   providers: list[str]) -> list[dict[str, np.ndarray]]:
+    """The outputs of ``model`` with its Q/DQ pairs bypassed (the float graph) per feed."""
+    sess = runtime.session(G.with_outputs(model, [], float_view=True), providers)
+    return [runtime.run(sess, feed) for feed in feeds]
 
 
 def _correctable(graph: gs.Graph, table: QuantTable) -> list[gs.Node]:

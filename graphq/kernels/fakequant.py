@@ -223,17 +223,18 @@ def _pact_scale(alpha: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _pact_bounds(alpha: torch.Tensor, qmin: int, z: int, n: int) -> tuple:
-    """``(a, s, hi, lo)``: the clamped ``alpha``, the step ``a / n`` and the floats just below
-    ``alpha`` and ``lo``, in ``alpha``'s dtype; numpy scalars for one value on the CPU (a
+    """``(s, hi, lo)``: the step ``alpha / n`` (alpha clamped) and the floats just below the
+    clamped ``alpha`` and ``lo``, in ``alpha``'s dtype; numpy scalars for one value on the CPU (a
     scalar operand is several times cheaper than a tensor in clamp and div), else tensors."""
     if alpha.numel() == 1 and alpha.device.type == "cpu":
         f = np.float32 if alpha.dtype == torch.float32 else np.float64
         a = max(f(alpha.item()), f(MIN_SCALE * n))
         down = f(-np.inf)
-        return a, a / f(n), np.nextafter(a, down), np.nextafter(a * f((qmin - z) / n), down)
+        return a / f(n), np.nextafter(a, down), np.nextafter(a * f((qmin - z) / n), down)
     a = alpha.clamp_min(MIN_SCALE * n)
     down = torch.full_like(a, -math.inf)
-    return a, a / n, torch.nextafter(a, down), torch.nextafter(a * ((qmin - z) / n), down)
+    return _pact_scale(alpha, n), torch.nextafter(a, down), \
+        torch.nextafter(a * ((qmin - z) / n), down)
 
 
 def _operand(v: np.generic | torch.Tensor) -> float | torch.Tensor:
@@ -254,7 +255,7 @@ class _PactFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, qmin, qmax, symmetric, quant_error):
         z, n = _pact_grid(qmin, qmax, symmetric)
-        a, s, hi, lo = (_operand(v) for v in _pact_bounds(alpha, qmin, z, n))
+        s, hi, lo = (_operand(v) for v in _pact_bounds(alpha, qmin, z, n))
         xc = torch.clamp(x if x.dtype == alpha.dtype else x.to(alpha.dtype), lo, hi)
         inside = torch.eq(xc, x, out=torch.empty_like(xc))  # [lo <= x < alpha] as 0.0 / 1.0
         # in [lo, alpha] round(x / s) + z needs no clamp; + 0.0 turns round's -0.0 into ONNX's 0

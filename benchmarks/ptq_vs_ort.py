@@ -22,7 +22,8 @@ Tools and methods (``--variants``):
   the ``int8`` preset as shipped (int8 weights, 7-bit on x86 CPUs without VNNI; uint8
   activations; calibrate ``method = "auto"``: percentile 99.999, mse, entropy and minmax
   ranges from one histogram per tensor, each quantized graph run in onnxruntime on the first
-  4 calibration batches, the best worst-output SQNR kept; min_sqnr_db 25).
+  calibration batches (at least 4 batches and 16 samples), the best worst-output SQNR kept,
+  percentile unless another beats it by more than 0.5 dB; min_sqnr_db 25).
 * ``graphq-accurate``: the ``int8-accurate`` preset as shipped (8-bit weights stored as uint8
   with zero point 128, uint8 activations, ``auto``, ``bias_correction = true``).
 * ``graphq-percentile``, ``graphq-entropy``, ``graphq-mse``: the ``int8`` preset text with
@@ -957,7 +958,8 @@ def targets(doc: dict[str, Any]) -> list[str]:
                  "for reference) and method auto (the int8 preset; int8-accurate for "
                  "reference). auto streams the data once into one histogram per tensor, then, "
                  "by design, builds and runs 4 quantized onnxruntime sessions (one per "
-                 "candidate method) on the first 4 calibration batches: its calibrate time "
+                 "candidate method) on the first calibration batches (at least 4 and 16 samples): "
+                 "its calibrate time "
                  "includes them; `streaming alone` is the part comparable to the FP32 pass. "
                  "int8-accurate also collects bias-correction means.")
     lines.append("")

@@ -53,9 +53,10 @@ class CalibrateOptions:
     method: Literal["minmax", "percentile", "entropy", "mse", "auto"] = field(
         default="percentile", metadata={
             "help": "how the clip range is chosen; auto: each of percentile, mse, entropy and "
-                    "minmax (from one histogram per tensor) is run on the first "
-                    "search_batches batches and the one whose worst output SQNR against the "
-                    "float model is highest is kept (one session per method)"})
+                    "minmax (from one histogram per tensor) is run on the first calibration "
+                    "batches (search_batches, search_samples) and the one whose worst output "
+                    "SQNR against the float model is highest is kept, percentile unless "
+                    "another beats it by more than auto_margin_db (one session per method)"})
     percentile: float = field(default=99.999, metadata={
         "help": "for method = percentile: the share of values inside the range",
         "min": 50.0, "max": 100.0})
@@ -76,8 +77,16 @@ class CalibrateOptions:
         "help": "the share of activations the sensitivity search may keep float",
         "min": 0.0, "max": 1.0})
     search_batches: int = field(default=4, metadata={
-        "help": "calibration batches method auto and the sensitivity search score on",
+        "help": "calibration batches method auto and the sensitivity search score on (at "
+                "least; more while they hold fewer than search_samples samples)", "min": 1})
+    search_samples: int = field(default=16, metadata={
+        "help": "samples (axis 0 of the inputs) auto and the search score on at least, so "
+                "that batches of one image do not leave the choice to a few images",
         "min": 1})
+    auto_margin_db: float = field(default=0.5, metadata={
+        "help": "method auto keeps percentile unless another method's score beats it by "
+                "more than this (dB): differences within the scoring noise of a few batches "
+                "do not carry over to new data", "min": 0.0})
     bins: int | None = field(default=None, metadata={
         "help": "histogram bins (percentile, entropy, mse); default: the method's own "
                 "(2048, entropy 4096)", "min": 128})
@@ -145,14 +154,17 @@ class Calibrate(Pass):
         start = time.perf_counter()
         batches = 0
         progress = Progress("calibrate", unit="batch")
-        kept: list[dict[str, np.ndarray]] = []  # the sensitivity search's batches
+        kept: list[dict[str, np.ndarray]] = []  # the search's batches (auto, sensitivity)
         search = self.options.target_sqnr_db > 0 or self.options.method == "auto"
-        wanted = self.options.search_batches if search else 0
+        samples = 0
 
         def feeds() -> Iterator[dict[str, np.ndarray]]:
+            nonlocal samples
             for feed in ctx.data.feeds(model):
-                if len(kept) < wanted:
+                if search and (len(kept) < self.options.search_batches
+                               or samples < self.options.search_samples):
                     kept.append(feed)
+                    samples += _samples(feed)
                 yield feed
 
         for values in _run_ahead(sess, names + extra, feeds()):
@@ -226,10 +238,11 @@ class Calibrate(Pass):
             tried[method] = (S.worst_sqnr(reference, outs), candidate, notes)
             progress.update(i + 1)
         progress.close()
-        best = max(AUTO_METHODS, key=lambda m: tried[m][0])  # ties: the earlier method
+        best = _auto_choice({m: tried[m][0] for m in AUTO_METHODS}, self.options.auto_margin_db)
         scores = ", ".join(f"{m} {tried[m][0]:.1f} dB" for m in AUTO_METHODS)
+        samples = sum(_samples(feed) for feed in stream.kept)
         note = (f"method auto: worst output SQNR on {len(stream.kept)} calibration batch(es) "
-                f"{scores}: {best} kept")
+                f"({samples} samples) {scores}: {best} kept")
         log.info("%s", note)
         return tried[best][1], [note, *tried[best][2]]
 
@@ -295,6 +308,20 @@ class Calibrate(Pass):
         scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric)
         entry.scale, entry.zero_point = [float(scale)], [int(zero)]
         entry.method = method
+
+
+def _auto_choice(scores: dict[str, float], margin_db: float) -> str:
+    """The method of the best score (ties: the earlier in :data:`AUTO_METHODS`); the first
+    method (percentile) unless the best beats it by more than ``margin_db``."""
+    best = max(AUTO_METHODS, key=lambda m: scores[m])
+    first = AUTO_METHODS[0]
+    return best if scores[best] > scores[first] + margin_db else first
+
+
+def _samples(feed: dict[str, np.ndarray]) -> int:
+    """The samples in a batch: the first input's axis 0 (1 for a scalar input)."""
+    first = next(iter(feed.values()), None)
+    return int(first.shape[0]) if first is not None and np.ndim(first) else 1
 
 
 def _float_outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],

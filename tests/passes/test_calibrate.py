@@ -501,8 +501,10 @@ def test_auto_keeps_the_method_with_the_best_output_on_the_first_batches():
     inserted = insert(model, weights={"reduce_range": True})
     feeds = [{"x": images(rng, 8)} for _ in range(5)]
     feeds[0]["x"][0, 0, 0, 0] = 4.0  # an outlier: the methods' clips differ
-    result, table = calibrate(inserted, feeds, method="auto", search_batches=3)
+    result, table = calibrate(inserted, feeds, method="auto", search_batches=3,
+                              search_samples=1, auto_margin_db=0.0)
     (note,) = [n for n in result.notes if n.startswith("method auto")]
+    assert "on 3 calibration batch(es) (24 samples)" in note, note
     found = dict(re.findall(r"(percentile|mse|entropy|minmax) ([-\d.]+) dB", note))
     assert list(found) == ["percentile", "mse", "entropy", "minmax"], note
     alone, scores = {}, {}
@@ -522,3 +524,51 @@ def test_auto_keeps_the_method_with_the_best_output_on_the_first_batches():
     held_out = {"x": images(rng, 16)}
     np.testing.assert_array_equal(run(result.model, held_out)[0],
                                   run(best_result.model, held_out)[0])
+
+
+def auto_note(result) -> tuple[dict[str, float], str]:
+    """auto's scores and kept method, read from its note."""
+    (note,) = [n for n in result.notes if n.startswith("method auto")]
+    scores = {m: float(v) for m, v in
+              re.findall(r"(percentile|mse|entropy|minmax) ([-\d.]+) dB", note)}
+    return scores, note.rsplit(": ", 1)[1].removesuffix(" kept")
+
+
+def test_auto_keeps_percentile_unless_another_method_beats_it_by_the_margin():
+    """A method other than percentile is kept only when its score beats percentile's by more
+    than auto_margin_db; within the margin auto keeps percentile and percentile's table."""
+    rng = np.random.default_rng(11)
+    model = conv_net(rng)
+    inserted = insert(model, weights={"reduce_range": True})
+    feeds = [{"x": images(rng, 8)} for _ in range(5)]
+    feeds[0]["x"][0, 0, 0, 0] = 4.0  # percentile 99.9 clips it, and loses to minmax
+    auto = {"method": "auto", "search_batches": 3, "search_samples": 1, "percentile": 99.9}
+    free, _ = calibrate(inserted, feeds, auto_margin_db=0.0, **auto)
+    scores, best = auto_note(free)
+    assert best != "percentile", scores  # the setup gives another method the lead
+    gap = scores[best] - scores["percentile"]
+    assert gap > 0.2, scores
+    above, _ = calibrate(inserted, feeds, auto_margin_db=gap - 0.15, **auto)
+    assert auto_note(above)[1] == best
+    within, table = calibrate(inserted, feeds, auto_margin_db=gap + 0.15, **auto)
+    assert auto_note(within)[1] == "percentile"
+    _, alone = calibrate(inserted, feeds, method="percentile", percentile=99.9, bins=4096)
+    for entry in alone.quantized("activation"):
+        assert table.get(entry.tensor).scale == entry.scale, entry.tensor
+
+
+def test_auto_scores_on_at_least_search_samples_samples():
+    """Batches of one image: auto keeps batches until search_samples samples (not only
+    search_batches batches), and its scores are those of exactly these batches."""
+    rng = np.random.default_rng(5)
+    model = conv_net(rng)
+    inserted = insert(model, weights={"reduce_range": True})
+    feeds = [{"x": images(rng, 1)} for _ in range(12)]
+    result, _ = calibrate(inserted, feeds, method="auto", search_batches=2, search_samples=6,
+                          auto_margin_db=0.0)
+    (note,) = [n for n in result.notes if n.startswith("method auto")]
+    assert "on 6 calibration batch(es) (6 samples)" in note, note
+    scores, best = auto_note(result)
+    alone = calibrate(inserted, feeds, method=best, bins=4096)[0].model
+    assert scores[best] == pytest.approx(worst_sqnr_db(model, alone, feeds[:6]), abs=0.051)
+    assert scores[best] != pytest.approx(worst_sqnr_db(model, alone, feeds[:2]), abs=0.051)

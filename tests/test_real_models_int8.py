@@ -1,7 +1,8 @@
 """The `int8` preset end to end on real pretrained models, judged on held-out data.
 
 all-MiniLM-L6-v2: sentence embeddings (mean pooling, normalized) of 16 held-out sentences
-keep cosine >= 0.98 on average and >= 0.96 for the worst one (measured: 0.970 worst).
+keep cosine >= 0.98 on average and >= 0.96 for the worst one (measured: 0.977 worst; calibrated
+on 16 other sentences).
 MTCNN: every output of each net keeps cosine >= 0.98
 on held-out photo crops. PaddleOCR det / rec / cls (from the rapidocr-onnxruntime wheel):
 task-level scores on held-out text photos (test_paddleocr). The deploy graphs are smaller
@@ -38,8 +39,8 @@ def quantize(path, outdir, calib):
 
 def test_minilm_sentence_embeddings(tmp_path):
     path = R.minilm_onnx()
-    feeds = R.minilm_feeds(n=32)
-    calib, held_out = feeds[:16], feeds[16:]
+    feeds = R.minilm_feeds(n=8)  # 8 batches of 4: the 32 sentences once each
+    calib, held_out = feeds[:4], feeds[4:]
     result, deploy, fake = quantize(path, tmp_path, calib)
     float_sess = session(path)
     sims = []

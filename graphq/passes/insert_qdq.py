@@ -8,7 +8,8 @@ Placement follows what onnxruntime's CPU execution provider fuses into integer k
   after a Relu/Clip that alone reads it (a ``Q`` whose zero point is the type's minimum does
   the Relu, so onnxruntime drops it);
 - **joining ops** (Add, Mul, Concat, AveragePool, GlobalAveragePool, Resize, ...): quantized
-  when every non-constant input already is, with an output scale of their own;
+  when every non-constant input already is, with an output scale of their own; a Mul or Add
+  by a constant (an elementwise scale or shift) stays float unless ``quantize_affine``;
 - **pass-through ops** (Reshape, Transpose, Flatten, MaxPool, Squeeze, ...): quantized when
   their input is; the output shares the input's scale and zero point.
 
@@ -58,6 +59,8 @@ COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 JOINING = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Resize")
 PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "MaxPool", "Squeeze", "Unsqueeze",
                 "Slice", "Split", "Identity", "DepthToSpace", "SpaceToDepth")
+#: joining ops that, with one constant operand, are an elementwise scale or shift.
+AFFINE = ("Add", "Mul")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 #: readers that amplify a quantization error of their input (logits): it is kept float.
 SENSITIVE_READERS = ("Softmax", "LogSoftmax")
@@ -131,6 +134,12 @@ class InsertQDQOptions:
         "help": "op types kept float"})
     overrides: dict[str, Override] = field(default_factory=dict, metadata={
         "help": "per tensor name: { quantize = false } or another dtype/symmetry"})
+    quantize_affine: bool = field(default=False, metadata={
+        "help": "quantize the output of a Mul or Add by a constant (an elementwise scale or "
+                "shift, such as a BatchNormalization that follows a Concat): false keeps "
+                "such steps float between the quantized tensors around them (one "
+                "requantization less each; a compute op that reads one still quantizes its "
+                "input); true makes them integer ops of their own"})
 
     def validate(self) -> None:
         known = set(COMPUTE) | set(JOINING) | set(PASS_THROUGH)
@@ -216,6 +225,7 @@ class _Planner:
         self.tensors: dict[str, gs.Tensor] = {}
         self.notes: list[str] = []
         self.outputs = {t.name for t in graph.outputs}
+        self.affine_float: list[str] = []  # Mul / Add by a constant left float
         reduce = options.weights.reduce_range
         if reduce is None:
             reduce = (options.activations.dtype == "uint8" and options.weights.dtype == "int8"
@@ -239,6 +249,12 @@ class _Planner:
                 self._joining(node)
             elif kind == "pass-through":
                 self._pass_through(node)
+        if self.affine_float:
+            self.notes.append(
+                f"{len(self.affine_float)} Mul/Add by a constant after a quantized tensor kept "
+                "float (elementwise scale/shift steps; quantize_affine = true quantizes them): "
+                + ", ".join(f"'{n}'" for n in self.affine_float[:5])
+                + (" ..." if len(self.affine_float) > 5 else ""))
         return self.table
 
     def _selected(self, node: gs.Node) -> str | None:
@@ -275,6 +291,9 @@ class _Planner:
                 if i < len(node.inputs) and node.inputs[i].name]
         inputs = [t for t in data if G.constant_values(t) is None]
         if not inputs or not all(self._quantized(t) for t in inputs):
+            return
+        if node.op in AFFINE and len(inputs) == 1 and not self.o.quantize_affine:
+            self.affine_float.append(node.name)
             return
         if not all(self._is_float(t) for t in node.outputs[:1]):
             return

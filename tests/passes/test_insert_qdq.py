@@ -16,7 +16,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from graphq.data import DataSource
 from graphq.errors import ConfigError, PassError
+from graphq.passes.calibrate import Calibrate
 from graphq.passes.insert_qdq import InsertQDQ
 from graphq.quant import QuantTable
 from graphq.registry import PassContext
@@ -579,3 +581,45 @@ def test_resize_parameters_are_not_quantized(roi):
     result, table = insert(model)
     assert "scales" not in table.entries and "roi" not in table.entries
     assert table.get("u").quantized
+
+
+@pytest.mark.parametrize("quantize_affine", [False, True])
+def test_mul_add_by_a_constant_stay_float_unless_asked(quantize_affine):
+    """Concat -> Mul(scale) -> Add(shift) -> Relu -> Conv (a BatchNormalization after a
+    Concat, as DenseNet has): by default the affine steps are float between the quantized
+    Concat and the Conv's quantized input; quantize_affine makes each output a quantization
+    point of its own. The float graph's values are unchanged either way."""
+    rng = np.random.default_rng(8)
+    inits = {"W1": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
+             "W2": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
+             "s": rng.uniform(0.5, 2, (1, 8, 1, 1)).astype(np.float32),
+             "t": rng.normal(0, 0.5, (1, 8, 1, 1)).astype(np.float32),
+             "W3": rng.normal(0, 0.3, (5, 8, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "W2"], ["b"], name="c2", pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["a", "b"], ["cat"], name="cat", axis=1),
+             helper.make_node("Mul", ["cat", "s"], ["scaled"], name="bn_mul"),
+             helper.make_node("Add", ["scaled", "t"], ["shifted"], name="bn_add"),
+             helper.make_node("Relu", ["shifted"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W3"], ["y"], name="c3")]
+    model = build(nodes, [tensor("x", [2, 3, 6, 6])], [tensor("y", [2, 5, 6, 6])], inits)
+    result, table = insert(model, quantize_affine=quantize_affine)
+    acts = quantized(table, "activation")
+    assert {"x", "a", "b", "cat", "r"} <= acts
+    if quantize_affine:
+        assert "scaled" in acts and "shifted" not in table.entries  # the Relu's Q does it
+        assert table.get("r").reason == "output of Add 'bn_add' -> Relu"
+    else:
+        assert not {"scaled", "shifted"} & set(table.entries)
+        assert not {"scaled", "shifted"} & set(pairs(result.model))
+        (note,) = [n for n in result.notes if "by a constant" in n]
+        assert note.startswith("1 Mul/Add by a constant") and note.endswith("'bn_mul'")
+        assert table.get("r").reason == "input of Conv 'c3'"  # the Add after it is float
+    # calibrated (minmax on the data it is judged on), it stays close to the float graph
+    feeds = [{"x": rng.normal(0, 1, (2, 3, 6, 6)).astype(np.float32)} for _ in range(3)]
+    calibrated = Calibrate(method="minmax").run(result.model, PassContext(
+        data=DataSource(feeds))).model
+    onnx.checker.check_model(calibrated, full_check=True)
+    ref = np.concatenate([run(model, f)[0] for f in feeds])
+    got = np.concatenate([run(calibrated, f)[0] for f in feeds])
+    assert 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)) > 30.0

@@ -24,6 +24,14 @@ Histogram
     grows it to hold both ranges and spreads the other's counts over it by overlap, assuming
     values uniform inside a cell (that is the approximation, at most about one cell).
 
+    ``sample`` (default None: every value): after the first batch (counted in full, it makes
+    the grid), a batch of more than ``sample`` values is counted in two parts split at the
+    cell edges that hold all but ``TAIL`` (0.5%) of the counts so far on each side: the values
+    beyond them (the tails, where clip ranges are decided) one by one, and the bulk between
+    them from a strided view of about ``sample`` values (a prime stride whose start moves from
+    batch to batch), each counted ``size / view size`` times. ``count``, ``min`` and ``max``
+    stay exact. The tails cost two comparisons per value; the bulk's counts are an estimate.
+
     Methods on the histogram (``N`` values, ``c_k`` counts):
 
     percentile(p, symmetric)
@@ -75,6 +83,9 @@ from graphq.kernels import quant
 from graphq.kernels.quant import QType, qparams
 
 Range = tuple[float, float]
+
+#: The share of values on each side that a sampled histogram counts exactly (``sample``).
+TAIL = 0.005
 
 #: Coordinate-descent rounds (lower end, then upper end) of the asymmetric MSE search.
 _MSE_ROUNDS = 2
@@ -165,12 +176,16 @@ class HistogramObserver(Observer):
 
     kind = "histogram"
 
-    def __init__(self, bins: int = 2048) -> None:
+    def __init__(self, bins: int = 2048, sample: int | None = None) -> None:
         super().__init__()
         if not isinstance(bins, int) or bins < 16:
             raise ValueError(f"bins must be an integer >= 16, got {bins!r}")
+        if sample is not None and (not isinstance(sample, int) or sample < 1024):
+            raise ValueError(f"sample must be None or an integer >= 1024, got {sample!r}")
         self.bins = bins
-        self.zeros = 0
+        self.sample = sample
+        self.batches = 0     # batches recorded (the sampling phase)
+        self.zeros: float = 0
         self.width = 0.0     # cell width w; 0 until a non-zero value arrives
         self.offset = 0      # the first cell is [offset * w, (offset + 1) * w)
         self._counts: np.ndarray | None = None
@@ -188,6 +203,10 @@ class HistogramObserver(Observer):
         return (self.offset + np.arange(self.bins + 1)) * self.width
 
     def _record(self, values: np.ndarray) -> None:
+        self.batches += 1
+        if self._counts is not None and self.sample is not None and values.size > self.sample:
+            self._record_sampled(values)
+            return
         pending = self.zeros          # zeros seen while the grid did not exist yet
         if self.min is not None and self.min <= 0.0 <= self.max:   # else no exact zeros
             # count_nonzero of a float array runs a per-element loop: 4x slower than this
@@ -200,6 +219,31 @@ class HistogramObserver(Observer):
         else:
             self._cover()
         self._counts += _cell_counts(values, self.width, self.offset, self.bins)
+
+    def _record_sampled(self, values: np.ndarray) -> None:
+        """The bulk between the histogram's ``TAIL`` quantiles (so far) from a strided sample,
+        weighted; the tails beyond them from every value (module doc)."""
+        lo, hi = self._tail_bounds()
+        view, weight = _sampled(values, self.sample, self.batches)
+        bulk = view[(view >= lo) & (view < hi)]
+        tail = values[(values < lo) | (values >= hi)]
+        if lo <= 0.0 < hi:
+            self.zeros += weight * int(np.count_nonzero(bulk == 0))
+        else:
+            self.zeros += int(np.count_nonzero(tail == 0))
+        self._cover()
+        self._counts += weight * _cell_counts(bulk, self.width, self.offset, self.bins)
+        self._counts += _cell_counts(tail, self.width, self.offset, self.bins)
+
+    def _tail_bounds(self) -> Range:
+        """Cell edges holding all but about ``TAIL`` of the counts on each side."""
+        assert self._counts is not None
+        cum = np.cumsum(self._counts)
+        share = TAIL * cum[-1]
+        first = int(np.searchsorted(cum, share, side="right"))
+        last = int(np.searchsorted(cum, cum[-1] - share, side="left"))
+        edges = self.edges
+        return float(edges[min(first, self.bins - 1)]), float(edges[min(last, self.bins - 1) + 1])
 
     def _bounds(self) -> Range:
         assert self.min is not None and self.max is not None
@@ -264,7 +308,7 @@ class HistogramObserver(Observer):
         return self
 
     def options(self) -> dict[str, Any]:
-        return {"bins": self.bins}
+        return {"bins": self.bins, "sample": self.sample}
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "zeros": self.zeros, "width": self.width,
@@ -372,8 +416,8 @@ class PercentileObserver(HistogramObserver):
     kind = "percentile"
 
     def __init__(self, percentile: float = 99.99, symmetric: bool = False,
-                 bins: int = 2048) -> None:
-        super().__init__(bins)
+                 bins: int = 2048, sample: int | None = None) -> None:
+        super().__init__(bins, sample)
         if not 0.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {percentile}")
         self.p = float(percentile)
@@ -383,7 +427,8 @@ class PercentileObserver(HistogramObserver):
         return self.percentile(self.p, self.symmetric)
 
     def options(self) -> dict[str, Any]:
-        return {"percentile": self.p, "symmetric": self.symmetric, "bins": self.bins}
+        return {"percentile": self.p, "symmetric": self.symmetric, "bins": self.bins,
+                "sample": self.sample}
 
 
 class EntropyObserver(HistogramObserver):
@@ -397,8 +442,8 @@ class EntropyObserver(HistogramObserver):
     DEFAULT_BINS: ClassVar[int] = 4096
 
     def __init__(self, qtype: str | QType = "int8", symmetric: bool = False,
-                 bins: int = DEFAULT_BINS) -> None:
-        super().__init__(bins)
+                 bins: int = DEFAULT_BINS, sample: int | None = None) -> None:
+        super().__init__(bins, sample)
         self.qtype = quant.qtype(qtype).name
         self.symmetric = bool(symmetric)
 
@@ -406,7 +451,8 @@ class EntropyObserver(HistogramObserver):
         return self.entropy(self.qtype, self.symmetric)
 
     def options(self) -> dict[str, Any]:
-        return {"qtype": self.qtype, "symmetric": self.symmetric, "bins": self.bins}
+        return {"qtype": self.qtype, "symmetric": self.symmetric, "bins": self.bins,
+                "sample": self.sample}
 
 
 class MSEObserver(HistogramObserver):
@@ -415,8 +461,8 @@ class MSEObserver(HistogramObserver):
     kind = "mse"
 
     def __init__(self, qtype: str | QType = "int8", symmetric: bool = False,
-                 bins: int = 2048) -> None:
-        super().__init__(bins)
+                 bins: int = 2048, sample: int | None = None) -> None:
+        super().__init__(bins, sample)
         self.qtype = quant.qtype(qtype).name
         self.symmetric = bool(symmetric)
 
@@ -424,7 +470,8 @@ class MSEObserver(HistogramObserver):
         return self.mse(self.qtype, self.symmetric)
 
     def options(self) -> dict[str, Any]:
-        return {"qtype": self.qtype, "symmetric": self.symmetric, "bins": self.bins}
+        return {"qtype": self.qtype, "symmetric": self.symmetric, "bins": self.bins,
+                "sample": self.sample}
 
 
 OBSERVERS: dict[str, type[Observer]] = {
@@ -478,6 +525,28 @@ def make_observer(method: str, **opts: Any) -> Observer:
 # -- histogram arithmetic ---------------------------------------------------------------------
 
 
+def _sampled(values: np.ndarray, sample: int | None, batch: int) -> tuple[np.ndarray, float]:
+    """``values`` itself (weight 1), or for more than ``sample`` values a strided view of
+    about ``sample`` of them and the weight ``values.size / view.size`` each stands for.
+
+    The stride is a prime (so that it does not line up with a power-of-two or a small image
+    width, which would pick the same columns of every row) and the start moves with
+    ``batch``, so successive batches sample different positions."""
+    if sample is None or values.size <= sample:
+        return values, 1.0
+    step = _prime_at_least(-(-values.size // sample))
+    view = values[batch % step::step]
+    return view, values.size / view.size
+
+
+def _prime_at_least(n: int) -> int:
+    """The smallest prime >= max(n, 2)."""
+    n = max(n, 2)
+    while any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
+        n += 1
+    return n
+
+
 def _cell_counts(values: np.ndarray, width: float, offset: int, bins: int) -> np.ndarray:
     """Counts of ``values`` (finite, inside the grid's ``[offset w, (offset + bins) w)``) in
     the cells ``floor(x / w) - offset``.
@@ -493,6 +562,8 @@ def _cell_counts(values: np.ndarray, width: float, offset: int, bins: int) -> np
     dtype = values.dtype if values.dtype == np.float32 and width > 1e-30 else np.float64
     inv, shift = dtype.type(1.0 / width), dtype.type(-offset)
     block = min(values.size, _BLOCK)
+    if block == 0:
+        return np.zeros(bins, np.int64)
     scaled = np.empty(block, dtype)
     index = np.empty(block, np.intp)
     counts = np.zeros(bins, np.int64)

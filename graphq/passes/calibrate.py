@@ -87,9 +87,19 @@ class CalibrateOptions:
         "help": "method auto keeps percentile unless another method's score beats it by "
                 "more than this (dB): differences within the scoring noise of a few batches "
                 "do not carry over to new data", "min": 0.0})
+    sample: int = field(default=65536, metadata={
+        "help": "histogram methods: a batch of a tensor with more values than this is "
+                "histogrammed from a strided sample of this many (min/max stay exact; 0: "
+                "every value); large activations then cost a fraction of a pass", "min": 0})
     bins: int | None = field(default=None, metadata={
         "help": "histogram bins (percentile, entropy, mse); default: the method's own "
                 "(2048, entropy 4096)", "min": 128})
+
+
+    def validate(self) -> None:
+        if 0 < self.sample < 1024:
+            raise ValueError(f"option 'sample' is {self.sample}; it must be 0 (every value) "
+                             "or >= 1024")
 
 
 @dataclass
@@ -250,9 +260,11 @@ class Calibrate(Pass):
         o = self.options
         if o.method == "minmax":
             return O.make_observer("minmax")
-        bins = {"bins": o.bins} if o.bins is not None else {}
+        bins: dict[str, int | None] = {"sample": o.sample or None}
+        if o.bins is not None:
+            bins["bins"] = o.bins
         if o.method == "auto":  # every method's range from one histogram (entropy's bins)
-            return O.HistogramObserver(o.bins or O.EntropyObserver.DEFAULT_BINS)
+            return O.HistogramObserver(o.bins or O.EntropyObserver.DEFAULT_BINS, o.sample or None)
         if o.method == "percentile":
             return O.make_observer("percentile", percentile=o.percentile,
                                    symmetric=entry.symmetric, **bins)

@@ -60,8 +60,11 @@ def outputs(bridge: qat.Bridge, feed: dict[str, np.ndarray]) -> list[np.ndarray]
 
 def quantize(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
              **insert) -> onnx.ModelProto:
-    """graphq's insert-qdq + calibrate (minmax): the fake-quant graph."""
+    """graphq's insert-qdq + calibrate (minmax): the fake-quant graph. The Add(bias) after
+    the MatMul is quantized (quantize_affine), so that its constant is a weight the bridge
+    fake-quantizes and writes back."""
     insert.setdefault("weights", {"reduce_range": False})
+    insert.setdefault("quantize_affine", True)
     ctx = PassContext()
     q = InsertQDQ(**insert).run(model, ctx).model
     q = Calibrate(method="minmax").run(q, PassContext(data=DataSource(feeds))).model

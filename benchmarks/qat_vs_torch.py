@@ -50,6 +50,10 @@ Variants per net:
   method=...)``, the same training loop on ``bridge.module`` (cross-entropy on labels),
   ``bridge.write_back()``, ``graphq.qat.emit(proto, out, eval_data=test.npz)``; top-1 of the
   emitted deploy graph in onnxruntime.
+* ``qat-{ste,lsq,pact}-bn-w{8,4}a8`` (``--batch-norm on|both``): the same with
+  ``qat.prepare(..., batch_norm=True)``: the Convs fold-bn folded a BatchNormalization into
+  train with batch statistics again (the fold simulated, as torch.ao's fused ConvBn modules
+  do), folded back by write-back.
 * ``torchao-w8a8``: torch.ao eager mode: ``fuse_modules_qat`` (Conv-BN-ReLU, Conv-BN),
   ``get_default_qat_qconfig("x86")`` (its default: uint8 activations with reduce_range, that
   is 7-bit, per-channel int8 weights), ``prepare_qat``, the same loop, observers disabled and
@@ -433,9 +437,10 @@ def bridge_params(bridge: Any) -> Any:
 
 def run_graphq_qat(qat: Any, fakequant: str, stem: str, method: str, work: Path,
                    trainer: Trainer, lr: float, threads: int, data: dict[str, Any],
-                   keep: dict[str, Any], key: str) -> dict[str, Any]:
+                   keep: dict[str, Any], key: str, batch_norm: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
-    bridge = qat.prepare(fakequant, method=method)
+    bridge = qat.prepare(fakequant, method=method, **({"batch_norm": True} if batch_norm
+                                                      else {}))
     prepare_s = time.perf_counter() - start
     module = bridge.module
     before = torch_top1(module, data["x_test"], data["y_test"])
@@ -673,21 +678,23 @@ def bench_net(net: str, args: argparse.Namespace, data: dict[str, Any], work: Pa
     doc["qat_api"] = why or "present"
     if qat is not None and args.float_bridge and full:
         res["float_bridge"] = float_bridge(qat, onnx_path, work, data, keep)
-    for bits in args.bits:
+    norms = {"off": (False,), "on": (True,), "both": (False, True)}[args.batch_norm]
+    for bits, method, bn in ((b, m, n) for b in args.bits for n in norms for m in args.methods):
         ptq = rows.get(f"ptq-w{bits}a8", {})
-        for method in args.methods:
-            key = f"qat-{method}-w{bits}a8"
-            base = {"tool": "graphq", "method": f"QAT {method}", "w_bits": bits, "a_bits": 8}
-            if qat is None:
-                rows[key] = {**base, "ok": False, "error": why, "where": "graphq/qat/__init__.py"}
-                continue
-            if not ptq.get("ok"):
-                rows[key] = {**base, "ok": False, "where": "ptq", "error":
-                             f"no fake-quant graph: the PTQ run failed: {ptq.get('error')}"}
-                continue
-            attempt(key, base, lambda m=method, k=key, p=ptq: run_graphq_qat(
-                qat, p["fakequant"], net, m, work, trainer, args.qat_lr, args.threads, data,
-                keep, k))
+        key = f"qat-{method}{'-bn' if bn else ''}-w{bits}a8"
+        base = {"tool": "graphq", "method": f"QAT {method}" + (" + BN in the loop" if bn
+                                                                 else ""),
+                "w_bits": bits, "a_bits": 8, "batch_norm": bn}
+        if qat is None:
+            rows[key] = {**base, "ok": False, "error": why, "where": "graphq/qat/__init__.py"}
+            continue
+        if not ptq.get("ok"):
+            rows[key] = {**base, "ok": False, "where": "ptq", "error":
+                         f"no fake-quant graph: the PTQ run failed: {ptq.get('error')}"}
+            continue
+        attempt(key, base, lambda m=method, k=key, p=ptq, b=bn: run_graphq_qat(
+            qat, p["fakequant"], net, m, work, trainer, args.qat_lr, args.threads, data,
+            keep, k, batch_norm=b))
 
     # timing: every trainable module, interleaved (the full run only)
     if full:
@@ -719,7 +726,8 @@ def bench_net(net: str, args: argparse.Namespace, data: dict[str, Any], work: Pa
 # report
 # =============================================================================================
 ROW_ORDER = ["fp32", "fp32-ft", "ptq-w8a8", "ptq-w4a8",
-             *[f"qat-{m}-w{b}a8" for b in BITS for m in METHODS], "torchao-w8a8", "torchao-w4a8"]
+             *[f"qat-{m}{bn}-w{b}a8" for b in BITS for bn in ("", "-bn") for m in METHODS],
+             "torchao-w8a8", "torchao-w4a8"]
 
 
 def ordered(rows: dict[str, Any]) -> list[str]:
@@ -1169,6 +1177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="batch size (default 64; --quick 32)")
     p.add_argument("--lr", type=float, default=0.05, help="FP32 learning rate")
     p.add_argument("--qat-lr", type=float, default=0.005, help="QAT finetuning learning rate")
+    p.add_argument("--batch-norm", default="both", choices=("off", "on", "both"),
+                   help="graphq QAT with batch norm in the loop (qat.prepare(batch_norm=True)): "
+                        "off, on (rows qat-<method>-bn-w<bits>a8), or both (default)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch and onnxruntime threads (default 1: the machine is shared)")
     p.add_argument("--rounds", type=int, default=None,
@@ -1231,7 +1242,8 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
         "settings": {"quick": args.quick, "nets": list(nets), "methods": args.methods,
                      "bits": args.bits, "epochs": args.epochs, "batch": args.batch,
-                     "lr": args.lr, "qat_lr": args.qat_lr, "threads": args.threads,
+                     "lr": args.lr, "qat_lr": args.qat_lr, "batch_norm": args.batch_norm,
+                     "threads": args.threads,
                      "rounds": args.rounds, "steps": args.steps, "seeds": seeds,
                      "targets": {"w4a8_qat_max_drop_pt": TARGET_W4_DELTA_PT,
                                  "graphq_w8a8_qat_vs_torchao": ">=",

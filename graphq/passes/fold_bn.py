@@ -18,6 +18,7 @@ unchanged. A weight read by another node too is copied, never modified under tha
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,6 +34,9 @@ from graphq.registry import Pass, PassContext, PassResult, register
 log = logging.getLogger(__name__)
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: metadata key: the names of the Conv nodes a BatchNormalization was folded into (a JSON
+#: list), for the QAT bridge's batch norm in the loop
+FOLDED_KEY = "graphq.folded_bn"
 
 
 @dataclass
@@ -65,6 +69,7 @@ class FoldBN(Pass):
         names = G.used_names(graph)
         counts = {"folded": 0, "mul_add": 0, "kept": 0}
         notes = []
+        folded: list[str] = []
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
             label = f"BatchNormalization '{bn.name or bn.outputs[0].name}'"
             try:
@@ -74,7 +79,9 @@ class FoldBN(Pass):
                 notes.append(f"{label} kept: {why}")
                 continue
             try:
-                op = self._fold(graph, bn, scale, shift, names)
+                op, into = self._fold(graph, bn, scale, shift, names)
+                if op == "Conv" and into:
+                    folded.append(into)
                 counts["folded"] += 1
                 counts[f"folded_{op.lower()}"] = counts.get(f"folded_{op.lower()}", 0) + 1
                 log.debug("%s folded into %s", label, op)
@@ -98,10 +105,13 @@ class FoldBN(Pass):
         if changed:
             graph.cleanup()
             model = G.export(graph, like=model)
+            if folded:
+                record_folded(model, folded)
         return PassResult(model, changed, counts, notes)
 
     def _fold(self, graph: gs.Graph, bn: gs.Node, scale: np.ndarray, shift: np.ndarray,
-              names: set[str]) -> str:
+              names: set[str]) -> tuple[str, str]:
+        """Fold ``bn`` into its producer; returns the producer's op type and name."""
         x = bn.inputs[0]
         if not x.inputs:
             raise Refusal("its input is a graph input, produced by no node")
@@ -114,7 +124,7 @@ class FoldBN(Pass):
                           "elsewhere, so it cannot change")
         fold = {"Conv": _fold_conv, "ConvTranspose": _fold_conv_transpose,
                 "Gemm": _fold_gemm, "MatMul": _fold_matmul}[producer.op]
-        op = producer.op
+        op, into = producer.op, producer.name
         fold(graph, producer, scale, shift, names)
         outputs = [bn.outputs[0]]
         bn.outputs.clear()
@@ -122,7 +132,26 @@ class FoldBN(Pass):
         if producer.op == "MatMul":  # the Add that _fold_matmul appended now ends the chain
             producer = producer.outputs[0].outputs[0]
         producer.outputs = outputs
-        return op
+        return op, into
+
+
+def folded_convs(model: onnx.ModelProto) -> list[str]:
+    """The Conv nodes of ``model`` that a BatchNormalization was folded into (as recorded in
+    its metadata by this pass; empty when none was)."""
+    for prop in model.metadata_props:
+        if prop.key == FOLDED_KEY:
+            return list(json.loads(prop.value))
+    return []
+
+
+def record_folded(model: onnx.ModelProto, names: list[str]) -> None:
+    """Add ``names`` to the folded Conv nodes recorded in ``model``'s metadata."""
+    merged = list(dict.fromkeys(folded_convs(model) + list(names)))
+    kept = [p for p in model.metadata_props if p.key != FOLDED_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    prop = model.metadata_props.add()
+    prop.key, prop.value = FOLDED_KEY, json.dumps(merged)
 
 
 def _log_reasons(notes: list[str], shown: int = 5) -> None:

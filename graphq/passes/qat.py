@@ -66,6 +66,10 @@ class QatOptions:
     resume: bool = field(default=False, metadata={
         "help": "continue from the checkpoint when it exists"})
     seed: int = field(default=0, metadata={"help": "torch random seed"})
+    batch_norm: bool = field(default=False, metadata={
+        "help": "train the Convs that fold-bn folded a BatchNormalization into with batch "
+                "normalization in the loop again (batch statistics, running statistics "
+                "updated; folded back when written back), as torch.ao's QAT does"})
 
 
 @register
@@ -103,7 +107,7 @@ class Qat(Pass):
 
         device = _device(o.device, torch)
         bridge = qat.prepare(model, method=o.method, train=o.train, grad_scale=o.grad_scale,
-                             extra_outputs=o.distill_tensors)
+                             extra_outputs=o.distill_tensors, batch_norm=o.batch_norm)
         teacher = None
         if o.loss == "distill":
             teacher = _teacher(model, bridge.output_names + list(o.distill_tensors), ctx)

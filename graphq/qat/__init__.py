@@ -49,7 +49,8 @@ _CONTROL_FLOW = ("If", "Loop", "Scan")
 
 def to_torch(model: str | Path | onnx.ModelProto, *, method: str = "ste",
              train: tuple[str, ...] | list[str] = DEFAULT_TRAIN,
-             grad_scale: float | None = None, extra_outputs: list[str] | None = None) -> Any:
+             grad_scale: float | None = None, extra_outputs: list[str] | None = None,
+             batch_norm: bool = False) -> Any:
     """``model`` (float, or with Q/DQ) as a ``torch.fx.GraphModule``.
 
     Q/DQ pairs become fake-quant modules (:class:`graphq.kernels.fakequant.FakeQuantize`)
@@ -59,7 +60,10 @@ def to_torch(model: str | Path | onnx.ModelProto, *, method: str = "ste",
     ConvTranspose / Gemm / MatMul become parameters; ``train`` picks which of weights,
     biases, scales and input_scales (of quantizers reading a graph input) require grad. The
     module's ``forward`` takes the graph's inputs in order and returns its output (a tuple
-    for several, ``extra_outputs`` last).
+    for several, ``extra_outputs`` last). ``batch_norm``: the Convs that graphq's fold-bn
+    folded a BatchNormalization into (recorded in the graph's metadata) train with batch
+    normalization in the loop again (:class:`graphq.qat.modules.ConvBatchNorm`); write-back
+    folds it back.
     """
     from graphq.qat.bridge import to_bridge_form
 
@@ -79,7 +83,17 @@ def to_torch(model: str | Path | onnx.ModelProto, *, method: str = "ste",
                              ) from exc
     conversion.link_biases()
     freeze_foreign(module)
-    module.graphq_counts = form.counts
+    module.graphq_counts = dict(form.counts)
+    if batch_norm:
+        from graphq.passes.fold_bn import folded_convs
+        from graphq.qat.modules import train_batch_norm
+
+        convs = folded_convs(proto)
+        if not convs:
+            raise GraphqError("batch_norm = true: the graph records no Conv that fold-bn "
+                              "folded a BatchNormalization into (run graphq's fold-bn before "
+                              "insert-qdq, or leave batch_norm off)")
+        module.graphq_counts["batch_norms"] = train_batch_norm(module, convs)
     module.graphq_input_names = [i.name for i in true_inputs(proto)]
     return module
 
@@ -138,7 +152,8 @@ class Bridge:
         return list(out) if isinstance(out, tuple | list) else [out]
 
     def write_back(self) -> onnx.ModelProto:
-        """The graph :meth:`prepare` read, with the learned values (a new proto)."""
+        """The graph :meth:`prepare` read, with the learned values (a new proto); batch
+        norms trained in the loop are folded into their Convs first."""
         from graphq.qat.writeback import write_back
 
         return write_back(self.model, self.module)
@@ -147,13 +162,13 @@ class Bridge:
 def prepare(model: str | Path | onnx.ModelProto, *, method: str = "lsq",
             train: tuple[str, ...] | list[str] = DEFAULT_TRAIN,
             grad_scale: float | None = None, device: Any = None,
-            extra_outputs: list[str] | None = None) -> Bridge:
+            extra_outputs: list[str] | None = None, batch_norm: bool = False) -> Bridge:
     """A :class:`Bridge` for ``model``: graphq's ``<stem>.fakequant.onnx`` (or any graph with
     Q/DQ pairs, or a float graph). Options as :func:`to_torch`; ``device`` e.g. ``"cuda"``."""
     proto = model_io.load(model)
     stem = "model" if isinstance(model, onnx.ModelProto) else Path(model).name.split(".")[0]
     module = to_torch(proto, method=method, train=train, grad_scale=grad_scale,
-                      extra_outputs=extra_outputs)
+                      extra_outputs=extra_outputs, batch_norm=batch_norm)
     bridge = Bridge(proto, module, stem)
     if device is not None:
         bridge.to(device)

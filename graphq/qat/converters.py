@@ -205,7 +205,8 @@ def _conv(node, graph):
     if spatial is None:
         raise NotImplementedError(f"{node.operation_type} '{node.name}': spatial rank unknown "
                                   "(no kernel_shape and no shape for the weight)")
-    return converter_result(M.Conv(node.operation_type, dict(node.attributes), spatial), node)
+    return converter_result(M.Conv(node.operation_type, dict(node.attributes), spatial,
+                                   node.name), node)
 
 
 def _quantize_linear(node, graph):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -175,9 +176,10 @@ class Conv(nn.Module):
     """ONNX Conv / ConvTranspose on a weight that arrives as a tensor (from a fake-quant
     node or a trainable parameter), computed with torch's functional convolutions."""
 
-    def __init__(self, op: str, attrs: dict, spatial: int) -> None:
+    def __init__(self, op: str, attrs: dict, spatial: int, onnx_node: str = "") -> None:
         super().__init__()
         self.op, self.spatial = op, spatial
+        self.onnx_node = onnx_node  # the ONNX node's name
         self.strides = list(attrs.get("strides", [1] * spatial))
         self.dilations = list(attrs.get("dilations", [1] * spatial))
         self.group = int(attrs.get("group", 1))
@@ -241,3 +243,135 @@ def freeze_foreign(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.register_forward_pre_hook(_running_statistics)
+
+
+class ConvBatchNorm(nn.Module):
+    """A Conv whose BatchNormalization was folded into it, trained with batch normalization in
+    the loop again (the fold simulated as torch.ao's ``ConvBn2d`` and Jacob et al. 2018 do).
+
+    ``gamma``, ``beta`` and the running statistics belong to a BatchNormalization on the
+    Conv's bias-free output ``u``; the weight that is fake-quantized, and written back, is the
+    folded ``W * s`` with ``s = gamma / sqrt(running_var + eps)``. Training forward::
+
+        z = conv(x, fq(W * s));  u = z / s
+        y = gamma * (u - mean_B(u)) / sqrt(var_B(u) + eps) + beta
+
+    with the batch's statistics per channel (the running ones follow them, ``momentum``).
+    Evaluation: ``y = conv(x, fq(W * s)) + beta - s * running_mean``, the folded graph.
+
+    The first training batch sets the statistics so that nothing changes yet: running mean and
+    variance are that batch's, ``gamma = sqrt(var + eps)`` (so ``s = 1``), ``beta = bias +
+    mean``. :meth:`fold` writes ``W * s`` and the folded bias into the weight and bias modules
+    (write-back calls it); the next training batch starts over from them.
+    """
+
+    def __init__(self, conv: Conv, weight: WeightFakeQuant, bias: Bias | Param,
+                 momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.conv, self.weight, self.bias = conv, weight, bias
+        channels = weight.weight.shape[0]
+        self.momentum, self.eps = momentum, eps
+        self.gamma = nn.Parameter(torch.ones(channels), requires_grad=weight.weight.requires_grad)
+        self.beta = nn.Parameter(torch.zeros(channels), requires_grad=weight.weight.requires_grad)
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    def _bias_value(self) -> torch.Tensor:
+        return self.bias.bias if isinstance(self.bias, Bias) else self.bias.value
+
+    def _shape(self, v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+        shape = [1] * ndim
+        shape[axis] = -1
+        return v.reshape(shape)
+
+    def scale(self) -> torch.Tensor:
+        """``s = gamma / sqrt(running_var + eps)`` per output channel."""
+        return self.gamma / torch.sqrt(self.running_var + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.started:
+            if not self.training:  # never trained: the folded graph as it is
+                return self.conv(x, self.weight(), self.bias())
+            self._start(x)
+        w = self.weight.weight
+        s = self.scale()
+        z = self.conv(x, self.weight.quant(w * self._shape(s, w.ndim, 0)))
+        s_out = self._shape(s, z.ndim, 1)
+        if not self.training:
+            shift = self.beta - s * self.running_mean
+            return z + self._shape(shift, z.ndim, 1)
+        u = z / s_out
+        dims = [0, *range(2, u.ndim)]
+        var, mean = torch.var_mean(u, dim=dims, unbiased=False)
+        with torch.no_grad():
+            n = u.numel() / u.shape[1]
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * (n / max(n - 1, 1)), self.momentum)
+        inv = self.gamma / torch.sqrt(var + self.eps)
+        return (u - self._shape(mean, u.ndim, 1)) * self._shape(inv, u.ndim, 1) + \
+            self._shape(self.beta, u.ndim, 1)
+
+    @torch.no_grad()
+    def _start(self, x: torch.Tensor) -> None:
+        u = self.conv(x, self.weight())
+        var, mean = torch.var_mean(u, dim=[0, *range(2, u.ndim)], unbiased=False)
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var)
+        self.gamma.copy_(torch.sqrt(var + self.eps))
+        self.beta.copy_(self.bias().detach().reshape(-1) + mean)
+        self.started.fill_(True)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Write the folded weight ``W * s`` and bias ``beta - s * running_mean`` into the
+        weight and bias modules; the statistics start over at the next training batch."""
+        if not self.started:
+            return
+        s = self.scale()
+        w = self.weight.weight
+        w.mul_(self._shape(s, w.ndim, 0))
+        self._bias_value().copy_((self.beta - s * self.running_mean).reshape(
+            self._bias_value().shape))
+        self.started.fill_(False)
+
+
+def train_batch_norm(module: torch.fx.GraphModule, convs: list[str]) -> int:
+    """Put a :class:`ConvBatchNorm` in place of every Conv of ``module`` named in ``convs``
+    (ONNX node names) whose weight is fake-quantized and whose bias is a module; returns how
+    many."""
+    wanted = set(convs)
+    mods = dict(module.named_modules())
+    graph = module.graph
+    count = 0
+    for node in list(graph.nodes):
+        conv = mods.get(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, Conv) or conv.op != "Conv" or conv.onnx_node not in wanted:
+            continue
+        if len(node.args) < 3 or node.kwargs:
+            continue
+        w_node, b_node = node.args[1], node.args[2]
+        parts = [mods.get(n.target) if isinstance(n, torch.fx.Node) and n.op == "call_module"
+                 else None for n in (w_node, b_node)]
+        if not isinstance(parts[0], WeightFakeQuant) or not isinstance(parts[1], Bias | Param):
+            continue
+        if len(w_node.users) > 1 or len(b_node.users) > 1:
+            continue  # a weight or bias shared with another node: left as it is
+        name = f"{node.target}_batch_norm"
+        module.add_submodule(name, ConvBatchNorm(conv, parts[0], parts[1]))
+        with graph.inserting_after(node):
+            replacement = graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        graph.eliminate_dead_code()
+        module.recompile()
+    return count
+
+
+def fold_batch_norms(module: nn.Module) -> None:
+    """:meth:`ConvBatchNorm.fold` on every one in ``module``."""
+    for sub in module.modules():
+        if isinstance(sub, ConvBatchNorm):
+            sub.fold()

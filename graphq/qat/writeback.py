@@ -49,7 +49,8 @@ def _numpy(t) -> np.ndarray:
 
 def write_back(model: onnx.ModelProto, module: nn.Module) -> onnx.ModelProto:
     """A copy of ``model`` (the graph ``module`` was converted from) with ``module``'s learned
-    values."""
+    values (its :class:`~graphq.qat.modules.ConvBatchNorm` modules folded first)."""
+    M.fold_batch_norms(module)  # batch norms in the loop: into their Convs' values
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = _Initializers(out.graph)

@@ -1,0 +1,150 @@
+"""Batch normalization in the loop for QAT (``batch_norm = true``), on the shipped digits CNN.
+
+fold-bn records the Convs it folded a BatchNormalization into; the bridge trains those with
+batch statistics again (:class:`graphq.qat.modules.ConvBatchNorm`) and write-back folds them
+back. Checked: the record; the converted module equals the folded graph until it trains; the
+first training batch changes nothing; the training forward is torch's batch norm on the Conv's
+unfolded output; after training, the written-back graph in onnxruntime matches the module
+within one quantization step; bad use names the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.qat import require_bridge
+
+require_bridge()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from graphq import qat, runtime  # noqa: E402
+from graphq.errors import GraphqError  # noqa: E402
+from graphq.passes.fold_bn import folded_convs  # noqa: E402
+from graphq.pipeline import PassManager  # noqa: E402
+from graphq.qat.modules import ConvBatchNorm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = ROOT / "examples" / "digits"
+MODEL = DIGITS / "digits_cnn.onnx"
+CONVS = ["/features/features.0/Conv", "/features/features.3/Conv",
+         "/features/features.7/Conv", "/features/features.10/Conv"]
+
+PTQ = """
+[pipeline]
+verify = "off"
+[data]
+batch_size = 32
+[[passes]]
+name = "canonicalize"
+[[passes]]
+name = "fold-bn"
+[[passes]]
+name = "insert-qdq"
+weights = { dtype = "int8", reduce_range = true }
+[[passes]]
+name = "calibrate"
+method = "percentile"
+"""
+
+
+@pytest.fixture(scope="module")
+def calibrated() -> onnx.ModelProto:
+    return PassManager.from_text(PTQ).run(MODEL, data=DIGITS / "calib.npz").model
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.load(DIGITS / "calib.npz")["image"]
+
+
+def test_fold_bn_records_the_convs_it_folded_into(calibrated):
+    assert folded_convs(onnx.load(str(MODEL))) == []
+    assert folded_convs(calibrated) == CONVS  # kept through insert-qdq and calibrate
+
+
+def test_module_is_the_folded_graph_until_it_trains_and_the_first_batch_changes_nothing(
+        calibrated, images):
+    plain = qat.prepare(calibrated, method="ste")
+    bridge = qat.prepare(calibrated, method="ste", batch_norm=True)
+    assert bridge.module.graphq_counts["batch_norms"] == 4
+    assert sum(isinstance(m, ConvBatchNorm) for m in bridge.module.modules()) == 4
+    x = torch.from_numpy(images[:64])
+    plain.module.eval()
+    bridge.module.eval()
+    with torch.no_grad():
+        ref = plain.module(x)
+        torch.testing.assert_close(bridge.module(x), ref, rtol=0, atol=0)
+        bridge.module.train()
+        first = bridge.module(x)       # starts the statistics on this batch
+    # the folded graph again, but for the float bias (int32 grid step) and float rounding
+    torch.testing.assert_close(first, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_training_forward_is_batch_norm_of_the_unfolded_output(calibrated, images):
+    bridge = qat.prepare(calibrated, method="ste", batch_norm=True)
+    bn = next(m for m in bridge.module.modules() if isinstance(m, ConvBatchNorm))
+    x = torch.randn(32, bn.weight.weight.shape[1], 8, 8)
+    bn.train()
+    bn(x)                                   # start
+    with torch.no_grad():
+        bn.gamma.mul_(1.5)
+        bn.beta.add_(0.25)
+    mean0, var0 = bn.running_mean.clone(), bn.running_var.clone()
+    x2 = 2.0 * torch.randn(32, bn.weight.weight.shape[1], 8, 8) + 0.5
+    y = bn(x2)
+    s = bn.gamma / torch.sqrt(var0 + bn.eps)
+    w = bn.weight.quant(bn.weight.weight * s.reshape(-1, 1, 1, 1))
+    u = bn.conv(x2, w) / s.reshape(1, -1, 1, 1)
+    expected = F.batch_norm(u, mean0.clone(), var0.clone(), bn.gamma, bn.beta, training=True,
+                            momentum=0.1, eps=bn.eps)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    n = u.numel() / u.shape[1]
+    torch.testing.assert_close(bn.running_mean, 0.9 * mean0 + 0.1 * u.mean((0, 2, 3)))
+    torch.testing.assert_close(
+        bn.running_var, 0.9 * var0 + 0.1 * u.var((0, 2, 3), unbiased=False) * n / (n - 1))
+    y.sum().backward()
+    assert bn.gamma.grad is not None and bn.weight.weight.grad is not None
+
+
+def test_trained_module_written_back_matches_onnxruntime(calibrated, images):
+    torch.manual_seed(0)
+    bridge = qat.prepare(calibrated, method="lsq", batch_norm=True)
+    teacher = runtime.session(calibrated)
+    opt = torch.optim.SGD(bridge.parameters(), lr=0.05, momentum=0.9)
+    bridge.module.train()
+    for i in range(12):
+        batch = images[(i % 8) * 32:(i % 8 + 1) * 32]
+        target = torch.from_numpy(teacher.run(None, {"image": batch})[0])
+        loss = F.mse_loss(bridge.module(torch.from_numpy(batch)), target * 1.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bn = next(m for m in bridge.module.modules() if isinstance(m, ConvBatchNorm))
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    before = [n.name for n in calibrated.graph.node]
+    written = bridge.write_back()              # folds every batch norm into its Conv
+    assert [n.name for n in written.graph.node] == before
+    assert not bool(bn.started)
+    onnx.checker.check_model(written, full_check=True)
+    x = images[:128]
+    bridge.module.eval()
+    with torch.no_grad():
+        got = bridge.module(torch.from_numpy(x)).numpy()
+    out = runtime.session(written).run(None, {"image": x})[0]
+    step = float(np.max(np.abs(out))) / 127  # a generous output step
+    assert np.mean(np.abs(got - out) <= step) >= 0.999
+    assert not np.allclose(out, teacher.run(None, {"image": x})[0], atol=1e-3)  # it trained
+
+
+def test_batch_norm_needs_the_fold_bn_record(images):
+    bare = PassManager.from_text(PTQ.replace('[[passes]]\nname = "fold-bn"\n', "")).run(
+        MODEL, data=DIGITS / "calib.npz").model
+    assert folded_convs(bare) == []
+    with pytest.raises(GraphqError, match="records no Conv that fold-bn folded"):
+        qat.prepare(bare, batch_norm=True)

@@ -301,16 +301,9 @@ class ConvBatchNorm(nn.Module):
         if not self.training:
             shift = self.beta - s * self.running_mean
             return z + self._shape(shift, z.ndim, 1)
-        u = z / s_out
-        dims = [0, *range(2, u.ndim)]
-        var, mean = torch.var_mean(u, dim=dims, unbiased=False)
-        with torch.no_grad():
-            n = u.numel() / u.shape[1]
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * (n / max(n - 1, 1)), self.momentum)
-        inv = self.gamma / torch.sqrt(var + self.eps)
-        return (u - self._shape(mean, u.ndim, 1)) * self._shape(inv, u.ndim, 1) + \
-            self._shape(self.beta, u.ndim, 1)
+        # torch's fused batch norm: batch statistics, running ones updated (unbiased var)
+        return F.batch_norm(z / s_out, self.running_mean, self.running_var, self.gamma,
+                            self.beta, True, self.momentum, self.eps)
 
     @torch.no_grad()
     def _start(self, x: torch.Tensor) -> None:

@@ -116,7 +116,7 @@ def test_trained_module_written_back_matches_onnxruntime(calibrated, images):
     torch.manual_seed(0)
     bridge = qat.prepare(calibrated, method="lsq", batch_norm=True)
     teacher = runtime.session(calibrated)
-    opt = torch.optim.SGD(bridge.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(bridge.parameters(), lr=0.01, momentum=0.9)
     bridge.module.train()
     for i in range(12):
         batch = images[(i % 8) * 32:(i % 8 + 1) * 32]

@@ -261,8 +261,10 @@ class ConvBatchNorm(nn.Module):
 
     The first training batch sets the statistics so that nothing changes yet: running mean and
     variance are that batch's, ``gamma = sqrt(var + eps)`` (so ``s = 1``), ``beta = bias +
-    mean``. :meth:`fold` writes ``W * s`` and the folded bias into the weight and bias modules
-    (write-back calls it); the next training batch starts over from them.
+    mean``. ``gamma`` learns when the weight does, ``beta`` when the bias did (the bias itself
+    stops requiring grad: no training forward reads it). :meth:`fold` writes ``W * s`` and
+    the folded bias into the weight and bias modules (write-back calls it); the next training
+    batch starts over from them. Under DDP the statistics start as rank 0's.
     """
 
     def __init__(self, conv: Conv, weight: WeightFakeQuant, bias: Bias | Param,
@@ -271,11 +273,15 @@ class ConvBatchNorm(nn.Module):
         self.conv, self.weight, self.bias = conv, weight, bias
         channels = weight.weight.shape[0]
         self.momentum, self.eps = momentum, eps
+        bias_value = bias.bias if isinstance(bias, Bias) else bias.value
         self.gamma = nn.Parameter(torch.ones(channels), requires_grad=weight.weight.requires_grad)
-        self.beta = nn.Parameter(torch.zeros(channels), requires_grad=weight.weight.requires_grad)
+        # beta learns in the bias's place (which no training forward reads: DDP needs every
+        # parameter that requires grad to get one); fold() writes the bias
+        self.beta = nn.Parameter(torch.zeros(channels), requires_grad=bias_value.requires_grad)
+        bias_value.requires_grad_(False)
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
-        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("started", torch.zeros((), dtype=torch.uint8))  # gloo: no bool
 
     def _bias_value(self) -> torch.Tensor:
         return self.bias.bias if isinstance(self.bias, Bias) else self.bias.value
@@ -313,7 +319,11 @@ class ConvBatchNorm(nn.Module):
         self.running_var.copy_(var)
         self.gamma.copy_(torch.sqrt(var + self.eps))
         self.beta.copy_(self.bias().detach().reshape(-1) + mean)
-        self.started.fill_(True)
+        self.started.fill_(1)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():  # every rank starts as rank 0 did
+            for t in (self.gamma, self.beta, self.running_mean, self.running_var):
+                dist.broadcast(t.data, 0)
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -326,7 +336,7 @@ class ConvBatchNorm(nn.Module):
         w.mul_(self._shape(s, w.ndim, 0))
         self._bias_value().copy_((self.beta - s * self.running_mean).reshape(
             self._bias_value().shape))
-        self.started.fill_(False)
+        self.started.fill_(0)
 
 
 def train_batch_norm(module: torch.fx.GraphModule, convs: list[str]) -> int:

@@ -283,6 +283,11 @@ def finetune(bridge: Any, batches: Callable[[], Iterable[Batch]],
         if config.max_steps is not None and result.steps >= config.max_steps:
             break
     model.eval()
+    if size > 1:  # buffers (batch-norm running statistics) as rank 0 ended: one graph
+        import torch.distributed as dist
+
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
     if not all(math.isfinite(v) for v in result.losses):
         raise PassError("training diverged (non-finite loss)")
     return result

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.qat import require_bridge
 
@@ -49,7 +50,9 @@ name = "qat"
 epochs = 2
 lr = 1e-4
 device = "cpu"
+batch_norm = BATCH_NORM
 """
+toml = toml.replace("BATCH_NORM", sys.argv[4])
 result = PassManager.from_text(toml).run(sys.argv[2], os.path.join(out, "files"),
                                          data=sys.argv[3])
 rank = int(os.environ["RANK"])
@@ -60,17 +63,21 @@ with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
 '''
 
 
-def test_two_cpu_processes_train_identically(tmp_path):
+@pytest.mark.parametrize("batch_norm", ["false", "true"])
+def test_two_cpu_processes_train_identically(tmp_path, batch_norm):
+    """With batch_norm, each rank's running statistics differ until the end of training;
+    rank 0's are broadcast before write-back, so the folded weights agree too."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", "2", str(script), str(tmp_path), str(DIGITS / "digits_cnn.onnx"),
-           str(DIGITS / "calib.npz")]
+           str(DIGITS / "calib.npz"), batch_norm]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in reports)
+    assert [r.get("batch_norms", 0) for r in reports] == [4 * (batch_norm == "true")] * 2
     # 256 samples in batches of 16: 16 batches, 8 per rank per epoch, 2 epochs
     assert [r["steps"] for r in reports] == [16, 16]
     assert reports[0]["epoch_loss"] != reports[1]["epoch_loss"]  # each saw its own shard

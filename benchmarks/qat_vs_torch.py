@@ -53,7 +53,8 @@ Variants per net:
 * ``qat-{ste,lsq,pact}-bn-w{8,4}a8`` (``--batch-norm on|both``): the same with
   ``qat.prepare(..., batch_norm=True)``: the Convs fold-bn folded a BatchNormalization into
   train with batch statistics again (the fold simulated, as torch.ao's fused ConvBn modules
-  do), folded back by write-back.
+  do), frozen (running statistics) for the last quarter of the epochs as torch.ao's are,
+  folded back by write-back.
 * ``torchao-w8a8``: torch.ao eager mode: ``fuse_modules_qat`` (Conv-BN-ReLU, Conv-BN),
   ``get_default_qat_qconfig("x86")`` (its default: uint8 activations with reduce_range, that
   is 7-bit, per-channel int8 weights), ``prepare_qat``, the same loop, observers disabled and
@@ -444,7 +445,13 @@ def run_graphq_qat(qat: Any, fakequant: str, stem: str, method: str, work: Path,
     prepare_s = time.perf_counter() - start
     module = bridge.module
     before = torch_top1(module, data["x_test"], data["y_test"])
-    stats = trainer.train(module, bridge_params(bridge), lr)
+    freeze_at = max(1, math.ceil(0.75 * trainer.epochs)) if trainer.epochs > 1 else None
+
+    def on_epoch(epoch: int) -> None:  # torch.ao's schedule: BN statistics frozen at the end
+        if batch_norm and epoch == freeze_at:
+            bridge.freeze_batch_norm()
+
+    stats = trainer.train(module, bridge_params(bridge), lr, on_epoch)
     torch_after = torch_top1(module, data["x_test"], data["y_test"])
     start = time.perf_counter()
     proto = bridge.write_back()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -70,6 +71,11 @@ class QatOptions:
         "help": "train the Convs that fold-bn folded a BatchNormalization into with batch "
                 "normalization in the loop again (batch statistics, running statistics "
                 "updated; folded back when written back), as torch.ao's QAT does"})
+    batch_norm_freeze: float = field(default=0.75, metadata={
+        "help": "with batch_norm: the share of the epochs after which the batch norms use "
+                "their running statistics (the folded form) for the rest, as torch.ao's QAT "
+                "recipe freezes them (1: never; only with more than one epoch)",
+        "min": 0.0, "max": 1.0})
 
 
 @register
@@ -119,7 +125,9 @@ class Qat(Pass):
             epochs=o.epochs, lr=o.lr, optimizer=o.optimizer, weight_decay=o.weight_decay,
             loss=o.loss, scale_lr=o.scale_lr, max_steps=o.max_steps, grad_clip=o.grad_clip,
             seed=o.seed, pact_decay=1e-4 if o.method == "pact" else 0.0,
-            checkpoint=ctx.path(o.checkpoint) if o.checkpoint else None, resume=o.resume)
+            checkpoint=ctx.path(o.checkpoint) if o.checkpoint else None, resume=o.resume,
+            freeze_batch_norm=math.ceil(o.batch_norm_freeze * o.epochs)
+            if o.batch_norm and o.epochs > 1 and o.batch_norm_freeze < 1 else None)
         result = T.finetune(bridge, lambda: data.labeled_feeds(model), teacher, config,
                             device)
         bridge.to("cpu")

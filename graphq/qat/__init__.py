@@ -151,6 +151,13 @@ class Bridge:
         out = self.module(*self.inputs(feed))
         return list(out) if isinstance(out, tuple | list) else [out]
 
+    def freeze_batch_norm(self) -> int:
+        """From now on the batch norms in the loop (``batch_norm=True``) train with their
+        running statistics, as torch.ao's ``freeze_bn_stats``; returns how many."""
+        from graphq.qat.modules import freeze_batch_norms
+
+        return freeze_batch_norms(self.module)
+
     def write_back(self) -> onnx.ModelProto:
         """The graph :meth:`prepare` read, with the learned values (a new proto); batch
         norms trained in the loop are folded into their Convs first."""

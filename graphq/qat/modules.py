@@ -257,7 +257,8 @@ class ConvBatchNorm(nn.Module):
         y = gamma * (u - mean_B(u)) / sqrt(var_B(u) + eps) + beta
 
     with the batch's statistics per channel (the running ones follow them, ``momentum``).
-    Evaluation: ``y = conv(x, fq(W * s)) + beta - s * running_mean``, the folded graph.
+    Evaluation, and training after :meth:`freeze`: ``y = conv(x, fq(W * s)) + beta - s *
+    running_mean``, the folded graph.
 
     The first training batch sets the statistics so that nothing changes yet: running mean and
     variance are that batch's, ``gamma = sqrt(var + eps)`` (so ``s = 1``), ``beta = bias +
@@ -282,6 +283,7 @@ class ConvBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
         self.register_buffer("started", torch.zeros((), dtype=torch.uint8))  # gloo: no bool
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.uint8))
 
     def _bias_value(self) -> torch.Tensor:
         return self.bias.bias if isinstance(self.bias, Bias) else self.bias.value
@@ -304,7 +306,7 @@ class ConvBatchNorm(nn.Module):
         s = self.scale()
         z = self.conv(x, self.weight.quant(w * self._shape(s, w.ndim, 0)))
         s_out = self._shape(s, z.ndim, 1)
-        if not self.training:
+        if not self.training or self.frozen:
             shift = self.beta - s * self.running_mean
             return z + self._shape(shift, z.ndim, 1)
         # torch's fused batch norm: batch statistics, running ones updated (unbiased var)
@@ -324,6 +326,11 @@ class ConvBatchNorm(nn.Module):
         if dist.is_available() and dist.is_initialized():  # every rank starts as rank 0 did
             for t in (self.gamma, self.beta, self.running_mean, self.running_var):
                 dist.broadcast(t.data, 0)
+
+    def freeze(self) -> None:
+        """Stop following the batches: training normalizes with the running statistics (the
+        folded form, gamma and beta still learning), as torch.ao's ``freeze_bn_stats``."""
+        self.frozen.fill_(1)
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -371,6 +378,14 @@ def train_batch_norm(module: torch.fx.GraphModule, convs: list[str]) -> int:
         graph.eliminate_dead_code()
         module.recompile()
     return count
+
+
+def freeze_batch_norms(module: nn.Module) -> int:
+    """:meth:`ConvBatchNorm.freeze` on every one in ``module``; returns how many."""
+    norms = [m for m in module.modules() if isinstance(m, ConvBatchNorm)]
+    for m in norms:
+        m.freeze()
+    return len(norms)
 
 
 def fold_batch_norms(module: nn.Module) -> None:

@@ -53,6 +53,8 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint: Path | None = None
     resume: bool = False
+    #: the epoch (0-based) from which batch norms in the loop use their running statistics
+    freeze_batch_norm: int | None = None
 
 
 @dataclass
@@ -235,6 +237,10 @@ def finetune(bridge: Any, batches: Callable[[], Iterable[Batch]],
         energy = teacher_energy(batches(), teacher)  # all the data, on every rank alike
     model.train()
     for epoch in range(start_epoch, config.epochs):
+        if config.freeze_batch_norm is not None and epoch >= config.freeze_batch_norm:
+            from graphq.qat.modules import freeze_batch_norms
+
+            freeze_batch_norms(module)
         t0 = time.perf_counter()
         progress = Progress(f"qat epoch {epoch + 1}/{config.epochs}", unit="step")
         total, count = 0.0, 0

@@ -148,3 +148,23 @@ def test_batch_norm_needs_the_fold_bn_record(images):
     assert folded_convs(bare) == []
     with pytest.raises(GraphqError, match="records no Conv that fold-bn folded"):
         qat.prepare(bare, batch_norm=True)
+
+
+def test_frozen_batch_norm_trains_the_folded_form(calibrated, images):
+    bridge = qat.prepare(calibrated, method="ste", batch_norm=True)
+    x = torch.from_numpy(images[:32])
+    bridge.module.train()
+    bridge.module(x)                               # start
+    assert bridge.freeze_batch_norm() == 4
+    stats = [m.running_var.clone() for m in bridge.module.modules()
+             if isinstance(m, ConvBatchNorm)]
+    x2 = torch.from_numpy(images[32:64])
+    y = bridge.module(x2)
+    bridge.module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(y.detach(), bridge.module(x2), rtol=0, atol=0)
+    after = [m.running_var for m in bridge.module.modules() if isinstance(m, ConvBatchNorm)]
+    assert all(torch.equal(a, b) for a, b in zip(stats, after, strict=True))
+    y.sum().backward()
+    bn = next(m for m in bridge.module.modules() if isinstance(m, ConvBatchNorm))
+    assert bn.gamma.grad is not None and bn.beta.grad is not None

@@ -9,7 +9,8 @@ Placement follows what onnxruntime's CPU execution provider fuses into integer k
   the Relu, so onnxruntime drops it);
 - **joining ops** (Add, Mul, Concat, AveragePool, GlobalAveragePool, Resize, ...): quantized
   when every non-constant input already is, with an output scale of their own; a Mul or Add
-  by a constant (an elementwise scale or shift) stays float unless ``quantize_affine``;
+  by a constant (an elementwise scale or shift) stays float unless ``quantize_affine``, or
+  unless it reads a compute op's output (a bias Add after a MatMul stays integer);
 - **pass-through ops** (Reshape, Transpose, Flatten, MaxPool, Squeeze, ...): quantized when
   their input is; the output shares the input's scale and zero point.
 
@@ -139,7 +140,8 @@ class InsertQDQOptions:
                 "shift, such as a BatchNormalization that follows a Concat): false keeps "
                 "such steps float between the quantized tensors around them (one "
                 "requantization less each; a compute op that reads one still quantizes its "
-                "input); true makes them integer ops of their own"})
+                "input), except right after a compute op (a MatMul's bias Add stays "
+                "integer); true makes them all integer ops of their own"})
 
     def validate(self) -> None:
         known = set(COMPUTE) | set(JOINING) | set(PASS_THROUGH)
@@ -292,7 +294,8 @@ class _Planner:
         inputs = [t for t in data if G.constant_values(t) is None]
         if not inputs or not all(self._quantized(t) for t in inputs):
             return
-        if node.op in AFFINE and len(inputs) == 1 and not self.o.quantize_affine:
+        if node.op in AFFINE and len(inputs) == 1 and not self.o.quantize_affine \
+                and not _computed(inputs[0]):
             self.affine_float.append(node.name)
             return
         if not all(self._is_float(t) for t in node.outputs[:1]):
@@ -398,6 +401,16 @@ class _Planner:
             values = G.constant_values(tensor)
             dtype = None if values is None else values.dtype
         return dtype is not None and np.dtype(dtype) in [np.dtype(f) for f in FLOATS]
+
+
+def _computed(tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` is the output of a compute op (or of the Relu/Clip after one): a
+    bias Add after a MatMul stays an integer op there (onnxruntime runs it as QLinearAdd,
+    one pass instead of DequantizeLinear, Add and QuantizeLinear)."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is not None and node.op in FUSED_ACTIVATIONS and node.inputs and node.inputs[0].inputs:
+        node = node.inputs[0].inputs[0]
+    return node is not None and node.op in COMPUTE
 
 
 def _weight_index(node: gs.Node) -> int | None:

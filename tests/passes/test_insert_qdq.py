@@ -623,3 +623,22 @@ def test_mul_add_by_a_constant_stay_float_unless_asked(quantize_affine):
     ref = np.concatenate([run(model, f)[0] for f in feeds])
     got = np.concatenate([run(calibrated, f)[0] for f in feeds])
     assert 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)) > 30.0
+
+
+def test_bias_add_after_a_matmul_stays_integer():
+    """MatMul -> Add(bias) -> MatMul (a transformer's projection): the Add by a constant reads
+    a compute op's output, so it stays a quantized op (onnxruntime's QLinearAdd) by default,
+    while a Mul by a constant after a Concat does not."""
+    rng = np.random.default_rng(9)
+    inits = {"W1": rng.normal(0, 0.3, (8, 8)).astype(np.float32),
+             "b1": rng.normal(0, 0.1, (8,)).astype(np.float32),
+             "W2": rng.normal(0, 0.3, (8, 4)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias"),
+             helper.make_node("MatMul", ["hb", "W2"], ["y"], name="mm2")]
+    model = build(nodes, [tensor("x", ["N", 3, 8])], [tensor("y", ["N", 3, 4])], inits)
+    result, table = insert(model)
+    assert {"h", "hb"} <= quantized(table, "activation")
+    assert table.get("hb").reason == "output of Add 'bias'"
+    assert table.get("b1").method == "constant"
+    assert not [n for n in result.notes if "by a constant" in n]

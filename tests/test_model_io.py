@@ -53,7 +53,9 @@ def assert_same_initializers(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
 
 
 def assert_model_fields(model: onnx.ModelProto, opsets: dict[str, int] | None = None) -> None:
-    assert {p.key: p.value for p in model.metadata_props} == METADATA
+    """The user's fields survive; graphq adds only its own ``graphq.*`` metadata keys."""
+    props = {p.key: p.value for p in model.metadata_props}
+    assert {k: v for k, v in props.items() if not k.startswith("graphq.")} == METADATA
     assert model.doc_string == "a model for the model_io tests"
     assert model.producer_name == "graphq-tests"
     assert model.producer_version == "1.2.3"

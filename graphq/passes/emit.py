@@ -35,6 +35,7 @@ from graphq import qoperator, runtime
 from graphq.data import DataSource
 from graphq.errors import DataError, PassError
 from graphq.kernels import quant as Q
+from graphq.passes.fold_bn import FOLDED_KEY
 from graphq.quant import QuantTable
 from graphq.registry import Pass, PassContext, PassResult, register
 
@@ -78,6 +79,7 @@ class Emit(Pass):
         if self.options.format == "qoperator":
             deploy, counts["qlinear_ops"] = qoperator.convert(deploy)
         QuantTable.detach(deploy)
+        _drop_metadata(deploy, FOLDED_KEY)  # for the QAT bridge, which reads the fake-quant
         stem = ctx.stem
         ctx.artifacts[f"{stem}.fakequant.onnx"] = model
         ctx.artifacts[f"{stem}.deploy.onnx"] = deploy
@@ -274,3 +276,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"{t['quantized']} tensors quantized, {t['kept_float']} kept float; "
               "every decision and its reason is in quant_record.json.", ""]
     return "\n".join(lines)
+
+
+def _drop_metadata(model: onnx.ModelProto, key: str) -> None:
+    kept = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)

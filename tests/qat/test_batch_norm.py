@@ -63,9 +63,14 @@ def images() -> np.ndarray:
     return np.load(DIGITS / "calib.npz")["image"]
 
 
-def test_fold_bn_records_the_convs_it_folded_into(calibrated):
+def test_fold_bn_records_the_convs_it_folded_into(calibrated, tmp_path):
     assert folded_convs(onnx.load(str(MODEL))) == []
     assert folded_convs(calibrated) == CONVS  # kept through insert-qdq and calibrate
+    files = PassManager.from_text('[pipeline]\nverify = "off"\n[[passes]]\nname = "emit"\n'
+                                  'latency_runs = 0\n').run(
+        calibrated, tmp_path, data=DIGITS / "calib.npz", stem="digits").files
+    assert folded_convs(onnx.load(str(files["digits.fakequant.onnx"]))) == CONVS
+    assert folded_convs(onnx.load(str(files["digits.deploy.onnx"]))) == []  # internal
 
 
 def test_module_is_the_folded_graph_until_it_trains_and_the_first_batch_changes_nothing(

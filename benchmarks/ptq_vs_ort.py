@@ -1056,7 +1056,9 @@ def render(doc: dict[str, Any]) -> str:
              "have shared the cores: quantization jobs are interleaved with the FP32 passes "
              "they are compared with, and latencies are measured round-robin in one process, "
              "so load hits both sides alike; absolute times are noisier than on an idle "
-             "machine (each job's load average is in the JSON).", "",
+             "machine (each job's load average is in the JSON)."
+             + "".join(f" Models {', '.join(r['models'])} rerun {r['started']} -> "
+                       f"{r['finished']}: {r['why']}" for r in doc.get("reruns", [])), "",
              f"Latency: onnxruntime CPU, {s['threads']} intra-op thread(s), ORT_ENABLE_ALL, "
              f"median of >= {s['runs']} interleaved round-robin runs (more for small nets: "
              "at least ~3 s of rounds) on the first held-out batch. "
@@ -1335,6 +1337,10 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmark may share the machine)")
     p.add_argument("--work", default=None, help="work folder (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the quantized models")
+    p.add_argument("--merge", default=None,
+                   help="a results JSON of a run of some models: put its models into the "
+                        "--out JSON (recorded as a rerun, with --why) and render")
+    p.add_argument("--why", default="", help="with --merge: why those models were rerun")
     p.add_argument("--render", action="store_true",
                    help="only rewrite ptq_vs_ort.md/.png from the ptq_vs_ort.json in --out")
     # child side
@@ -1349,9 +1355,16 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args)
     if args.runs < 20:
         p.error("--runs must be >= 20")
-    if args.render:
+    if args.render or args.merge:
         out = Path(args.out)
         doc = json.loads((out / "ptq_vs_ort.json").read_text())
+        if args.merge:
+            part = json.loads(Path(args.merge).read_text())
+            doc["models"].update(part["models"])
+            doc.setdefault("reruns", []).append({
+                "models": list(part["models"]), "started": part["started"],
+                "finished": part["finished"], "why": args.why})
+            (out / "ptq_vs_ort.json").write_text(json.dumps(doc, indent=1))
         (out / "ptq_vs_ort.md").write_text(render(doc))
         note = plot(doc, out / "ptq_vs_ort.png")
         print(f"wrote {out / 'ptq_vs_ort.md'}" + (f" ({note})" if note else " and .png"))

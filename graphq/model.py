@@ -302,3 +302,10 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)
     return a.resolve() == b.resolve()
+
+
+def drop_metadata(model: onnx.ModelProto, key: str) -> None:
+    """Remove ``key`` from ``model``'s metadata_props (in place)."""
+    kept = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import onnx
 
+from graphq import model as model_io
 from graphq.errors import PassError
 
 METADATA_KEY = "graphq.quant_table"
@@ -105,6 +106,4 @@ class QuantTable:
     @staticmethod
     def detach(model: onnx.ModelProto) -> None:
         """Remove the table from a model's metadata (deploy graphs need not carry it)."""
-        kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
-        del model.metadata_props[:]
-        model.metadata_props.extend(kept)
+        model_io.drop_metadata(model, METADATA_KEY)

@@ -79,7 +79,7 @@ class Emit(Pass):
         if self.options.format == "qoperator":
             deploy, counts["qlinear_ops"] = qoperator.convert(deploy)
         QuantTable.detach(deploy)
-        _drop_metadata(deploy, FOLDED_KEY)  # for the QAT bridge, which reads the fake-quant
+        model_io.drop_metadata(deploy, FOLDED_KEY)  # for the QAT bridge, which reads the fake-quant
         stem = ctx.stem
         ctx.artifacts[f"{stem}.fakequant.onnx"] = model
         ctx.artifacts[f"{stem}.deploy.onnx"] = deploy
@@ -277,8 +277,3 @@ def render_markdown(report: dict[str, Any]) -> str:
               "every decision and its reason is in quant_record.json.", ""]
     return "\n".join(lines)
 
-
-def _drop_metadata(model: onnx.ModelProto, key: str) -> None:
-    kept = [p for p in model.metadata_props if p.key != key]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)

@@ -28,6 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphq import graph as G
+from graphq import model as model_io
 from graphq.kernels import bn as K
 from graphq.registry import Pass, PassContext, PassResult, register
 
@@ -147,9 +148,7 @@ def folded_convs(model: onnx.ModelProto) -> list[str]:
 def record_folded(model: onnx.ModelProto, names: list[str]) -> None:
     """Add ``names`` to the folded Conv nodes recorded in ``model``'s metadata."""
     merged = list(dict.fromkeys(folded_convs(model) + list(names)))
-    kept = [p for p in model.metadata_props if p.key != FOLDED_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
+    model_io.drop_metadata(model, FOLDED_KEY)
     prop = model.metadata_props.add()
     prop.key, prop.value = FOLDED_KEY, json.dumps(merged)
 

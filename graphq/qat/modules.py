@@ -288,11 +288,6 @@ class ConvBatchNorm(nn.Module):
     def _bias_value(self) -> torch.Tensor:
         return self.bias.bias if isinstance(self.bias, Bias) else self.bias.value
 
-    def _shape(self, v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
-        shape = [1] * ndim
-        shape[axis] = -1
-        return v.reshape(shape)
-
     def scale(self) -> torch.Tensor:
         """``s = gamma / sqrt(running_var + eps)`` per output channel."""
         return self.gamma / torch.sqrt(self.running_var + self.eps)
@@ -304,11 +299,11 @@ class ConvBatchNorm(nn.Module):
             self._start(x)
         w = self.weight.weight
         s = self.scale()
-        z = self.conv(x, self.weight.quant(w * self._shape(s, w.ndim, 0)))
-        s_out = self._shape(s, z.ndim, 1)
+        z = self.conv(x, self.weight.quant(w * _broadcast(s, w.ndim, 0)))
+        s_out = _broadcast(s, z.ndim, 1)
         if not self.training or self.frozen:
             shift = self.beta - s * self.running_mean
-            return z + self._shape(shift, z.ndim, 1)
+            return z + _broadcast(shift, z.ndim, 1)
         # torch's fused batch norm: batch statistics, running ones updated (unbiased var)
         return F.batch_norm(z / s_out, self.running_mean, self.running_var, self.gamma,
                             self.beta, True, self.momentum, self.eps)
@@ -340,7 +335,7 @@ class ConvBatchNorm(nn.Module):
             return
         s = self.scale()
         w = self.weight.weight
-        w.mul_(self._shape(s, w.ndim, 0))
+        w.mul_(_broadcast(s, w.ndim, 0))
         self._bias_value().copy_((self.beta - s * self.running_mean).reshape(
             self._bias_value().shape))
         self.started.fill_(0)

@@ -445,7 +445,7 @@ def run_graphq_qat(qat: Any, fakequant: str, stem: str, method: str, work: Path,
     prepare_s = time.perf_counter() - start
     module = bridge.module
     before = torch_top1(module, data["x_test"], data["y_test"])
-    freeze_at = max(1, math.ceil(0.75 * trainer.epochs)) if trainer.epochs > 1 else None
+    freeze_at = freeze_epoch(trainer.epochs)
 
     def on_epoch(epoch: int) -> None:  # torch.ao's schedule: BN statistics frozen at the end
         if batch_norm and epoch == freeze_at:
@@ -512,6 +512,12 @@ def float_bridge(qat: Any, onnx_path: Path, work: Path, data: dict[str, Any],
     return out
 
 
+def freeze_epoch(epochs: int) -> int | None:
+    """The epoch from which BN statistics (and torch.ao's observers) freeze: the last quarter,
+    as torch's QAT tutorial does; None for a single epoch."""
+    return max(1, math.ceil(0.75 * epochs)) if epochs > 1 else None
+
+
 def torchao_qconfig(bits: int) -> Any:
     import torch
     from torch.ao import quantization as tq
@@ -536,7 +542,7 @@ def run_torchao(fp32: Any, bits: int, trainer: Trainer, lr: float, data: dict[st
     model = tq.fuse_modules_qat(model, model.fuse_groups())
     model.qconfig = torchao_qconfig(bits)
     tq.prepare_qat(model, inplace=True)
-    freeze_at = max(1, math.ceil(0.75 * trainer.epochs)) if trainer.epochs > 1 else None
+    freeze_at = freeze_epoch(trainer.epochs)
 
     def on_epoch(epoch: int) -> None:
         if freeze_at is not None and epoch == freeze_at:

@@ -427,8 +427,7 @@ class PercentileObserver(HistogramObserver):
         return self.percentile(self.p, self.symmetric)
 
     def options(self) -> dict[str, Any]:
-        return {"percentile": self.p, "symmetric": self.symmetric, "bins": self.bins,
-                "sample": self.sample}
+        return {"percentile": self.p, "symmetric": self.symmetric, **super().options()}
 
 
 class EntropyObserver(HistogramObserver):
@@ -451,8 +450,7 @@ class EntropyObserver(HistogramObserver):
         return self.entropy(self.qtype, self.symmetric)
 
     def options(self) -> dict[str, Any]:
-        return {"qtype": self.qtype, "symmetric": self.symmetric, "bins": self.bins,
-                "sample": self.sample}
+        return {"qtype": self.qtype, "symmetric": self.symmetric, **super().options()}
 
 
 class MSEObserver(HistogramObserver):
@@ -470,8 +468,7 @@ class MSEObserver(HistogramObserver):
         return self.mse(self.qtype, self.symmetric)
 
     def options(self) -> dict[str, Any]:
-        return {"qtype": self.qtype, "symmetric": self.symmetric, "bins": self.bins,
-                "sample": self.sample}
+        return {"qtype": self.qtype, "symmetric": self.symmetric, **super().options()}
 
 
 OBSERVERS: dict[str, type[Observer]] = {

@@ -260,15 +260,14 @@ class Calibrate(Pass):
         o = self.options
         if o.method == "minmax":
             return O.make_observer("minmax")
-        bins: dict[str, int | None] = {"sample": o.sample or None}
-        if o.bins is not None:
-            bins["bins"] = o.bins
+        sample = o.sample or None  # 0: every value
         if o.method == "auto":  # every method's range from one histogram (entropy's bins)
-            return O.HistogramObserver(o.bins or O.EntropyObserver.DEFAULT_BINS, o.sample or None)
+            return O.HistogramObserver(o.bins or O.EntropyObserver.DEFAULT_BINS, sample)
+        hist = {"sample": sample, **({"bins": o.bins} if o.bins is not None else {})}
         if o.method == "percentile":
             return O.make_observer("percentile", percentile=o.percentile,
-                                   symmetric=entry.symmetric, **bins)
-        return O.make_observer(o.method, qtype=entry.dtype, symmetric=entry.symmetric, **bins)
+                                   symmetric=entry.symmetric, **hist)
+        return O.make_observer(o.method, qtype=entry.dtype, symmetric=entry.symmetric, **hist)
 
     def _set_qparams(self, table: QuantTable, observers: dict[str, O.Observer],
                      graph: gs.Graph, method: str | None = None) -> list[str]:

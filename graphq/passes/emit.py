@@ -276,4 +276,3 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"{t['quantized']} tensors quantized, {t['kept_float']} kept float; "
               "every decision and its reason is in quant_record.json.", ""]
     return "\n".join(lines)
-

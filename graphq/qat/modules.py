@@ -274,12 +274,12 @@ class ConvBatchNorm(nn.Module):
         self.conv, self.weight, self.bias = conv, weight, bias
         channels = weight.weight.shape[0]
         self.momentum, self.eps = momentum, eps
-        bias_value = bias.bias if isinstance(bias, Bias) else bias.value
         self.gamma = nn.Parameter(torch.ones(channels), requires_grad=weight.weight.requires_grad)
         # beta learns in the bias's place (which no training forward reads: DDP needs every
         # parameter that requires grad to get one); fold() writes the bias
-        self.beta = nn.Parameter(torch.zeros(channels), requires_grad=bias_value.requires_grad)
-        bias_value.requires_grad_(False)
+        self.beta = nn.Parameter(torch.zeros(channels),
+                                 requires_grad=self._bias_value().requires_grad)
+        self._bias_value().requires_grad_(False)
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
         self.register_buffer("started", torch.zeros((), dtype=torch.uint8))  # gloo: no bool
@@ -300,13 +300,12 @@ class ConvBatchNorm(nn.Module):
         w = self.weight.weight
         s = self.scale()
         z = self.conv(x, self.weight.quant(w * _broadcast(s, w.ndim, 0)))
-        s_out = _broadcast(s, z.ndim, 1)
         if not self.training or self.frozen:
             shift = self.beta - s * self.running_mean
             return z + _broadcast(shift, z.ndim, 1)
         # torch's fused batch norm: batch statistics, running ones updated (unbiased var)
-        return F.batch_norm(z / s_out, self.running_mean, self.running_var, self.gamma,
-                            self.beta, True, self.momentum, self.eps)
+        return F.batch_norm(z / _broadcast(s, z.ndim, 1), self.running_mean, self.running_var,
+                            self.gamma, self.beta, True, self.momentum, self.eps)
 
     @torch.no_grad()
     def _start(self, x: torch.Tensor) -> None:

@@ -450,3 +450,29 @@ def test_sample_option():
     assert obs.counts.sum() == 4096 and obs.zeros == 1
     assert obs.state()["options"]["sample"] == 4096
     assert O._prime_at_least(1) == 2 and O._prime_at_least(8) == 11
+
+
+def test_sampled_batch_counts_extremes_and_non_finite_values_exactly():
+    """A sampled batch takes its min, max and non-finite values from the one mask that splits
+    off the tails (the bulk cannot hold them): a new minimum below the grid, a new maximum,
+    NaN and +-inf are counted as an unsampled batch counts them, and every value lands."""
+    rng = np.random.default_rng(5)
+    first = rng.normal(0, 1, 50_000).astype(np.float32)
+    second = rng.normal(0, 1, 50_000).astype(np.float32)
+    second[[10, 20, 30, 40]] = [np.nan, np.inf, -np.inf, np.nan]
+    second[123], second[456] = -9.0, 11.0            # beyond everything seen so far
+    exact = O.make_observer("percentile", percentile=99.99)
+    sampled = O.make_observer("percentile", percentile=99.99, sample=4096)
+    for obs in (exact, sampled):
+        obs.observe(first)
+        obs.observe(second)
+    assert sampled.nonfinite == exact.nonfinite == 4
+    assert sampled.count == exact.count == 100_000 - 4
+    assert (sampled.min, sampled.max) == (exact.min, exact.max) == (-9.0, 11.0)
+    # the bulk's count is an estimate from ~4096 of the second batch's 50000 values
+    assert sampled.counts.sum() == pytest.approx(exact.counts.sum(), rel=5e-3)
+    # the new extremes' cells (far beyond the first batch's tails): counted one by one
+    for value in (-9.0, 11.0):
+        cell = np.searchsorted(exact.edges, value, side="right") - 1
+        assert sampled.counts[cell] == exact.counts[cell] >= 1
+    assert sampled.range() == pytest.approx(exact.range(), rel=1e-3)

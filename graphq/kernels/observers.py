@@ -269,8 +269,8 @@ class HistogramObserver(Observer):
         share = TAIL * cum[-1]
         first = int(np.searchsorted(cum, share, side="right"))
         last = int(np.searchsorted(cum, cum[-1] - share, side="left"))
-        edges = self.edges
-        return float(edges[min(first, self.bins - 1)]), float(edges[min(last, self.bins - 1) + 1])
+        first, last = min(first, self.bins - 1), min(last, self.bins - 1) + 1
+        return (self.offset + first) * self.width, (self.offset + last) * self.width
 
     def _bounds(self) -> Range:
         assert self.min is not None and self.max is not None

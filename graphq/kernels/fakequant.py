@@ -486,6 +486,27 @@ class FakeQuantize(nn.Module):
             return _pact_scale(self.alpha.detach().float(), self._pact_n)
         return self.scale.detach().float().clamp_min(MIN_SCALE)
 
+    @torch.no_grad()
+    def rescale(self, factor: Scalar) -> None:
+        """Multiply the step by ``factor`` (one value, or one per slice along ``axis``; finite,
+        ``>= 0``): the grid of ``x * factor``. With the zero point kept,
+        ``fq(x * c; step * c) == c * fq(x; step)`` for ``c > 0`` (but for float rounding), so
+        a caller that fake-quantizes ``x`` and multiplies by ``c`` afterwards can store
+        ``x * c`` and this grid instead. The clamped step is rescaled: ``scale`` (a buffer for
+        ``ste``, a parameter for ``lsq``) or PACT's ``alpha`` (``alpha = step * n``); the
+        zero point, learned or not, is unchanged."""
+        store = self.alpha if self.method == "pact" else self.scale
+        f = torch.as_tensor(factor).detach().to(device=store.device, dtype=torch.float32)
+        if f.numel() not in (1, store.numel()):
+            raise ValueError(f"rescale: need one factor or {store.numel()} (one per step), "
+                             f"got shape {tuple(f.shape)}")
+        if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+            raise ValueError("rescale: the factor must be finite and >= 0")
+        low = MIN_SCALE * self._pact_n if self.method == "pact" else MIN_SCALE
+        value = store.float().clamp_min(low) * f.reshape(-1).reshape(
+            store.shape if f.numel() > 1 else [1] * store.ndim)
+        store.copy_(value.to(store.dtype))
+
     def extra_repr(self) -> str:
         return (f"{self.qtype.name}, method={self.method}, symmetric={self.symmetric}, "
                 f"axis={self.axis}, enabled={self.enabled}")

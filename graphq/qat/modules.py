@@ -98,12 +98,18 @@ class Bias(nn.Module):
         return s
 
     def forward(self) -> torch.Tensor:
-        b = self.bias.detach()
-        s = self.grid().to(b.device)  # detached: step() and the buffer carry no gradient
-        # int32 in float64 (exact), then onnxruntime's DequantizeLinear: float32(q) * s
-        q = torch.div(b.double(), s.double()).round_().clamp_(_INT32.min, _INT32.max)
-        delta = q.float().mul_(s).sub_(b)
-        return self.bias + delta  # the grid's value, straight-through gradient
+        # detached grid: step() and the buffer carry no gradient
+        return on_int32_grid(self.bias, self.grid().to(self.bias.device))
+
+
+def on_int32_grid(value: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``value`` requantized to int32 at ``step`` (a constant) and dequantized, with a
+    straight-through gradient: what write-back's int32 bias holds."""
+    b = value.detach()
+    # int32 in float64 (exact), then onnxruntime's DequantizeLinear: float32(q) * s
+    q = torch.div(b.double(), step.double()).round_().clamp_(_INT32.min, _INT32.max)
+    delta = q.float().mul_(step).sub_(b)
+    return value + delta  # the grid's value, straight-through gradient
 
 
 def _broadcast(value: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
@@ -250,22 +256,32 @@ class ConvBatchNorm(nn.Module):
     the loop again (the fold simulated as torch.ao's ``ConvBn2d`` and Jacob et al. 2018 do).
 
     ``gamma``, ``beta`` and the running statistics belong to a BatchNormalization on the
-    Conv's bias-free output ``u``; the weight that is fake-quantized, and written back, is the
-    folded ``W * s`` with ``s = gamma / sqrt(running_var + eps)``. Training forward::
+    Conv's bias-free output ``u``; the weight written back is the folded ``W * s`` with
+    ``s = gamma / sqrt(running_var + eps)`` per output channel. Training forward::
 
-        z = conv(x, fq(W * s));  u = z / s
+        z = conv(x, fqs(W, s));  u = z / s
         y = gamma * (u - mean_B(u)) / sqrt(var_B(u) + eps) + beta
 
     with the batch's statistics per channel (the running ones follow them, ``momentum``).
-    Evaluation, and training after :meth:`freeze`: ``y = conv(x, fq(W * s)) + beta - s *
-    running_mean``, the folded graph.
+    Evaluation, and training after :meth:`freeze`: ``y = conv(x, fqs(W, s)) + beta - s *
+    running_mean``, the folded graph (an int32 bias on the grid write-back will use).
+
+    ``fqs(W, s)``, the fake-quantized folded weight: a per-channel weight quantizer (one step
+    per output channel, axis 0) quantizes the *unfolded* weight and the fold comes after,
+    ``fq(W * sign(s); step) * |s|``. With the zero point kept, fake quantization is
+    scale-equivariant, ``fq(W * s; step * |s|) == |s| * fq(W * sign(s); step)``, so this is the
+    folded weight on the grid ``step * |s|``: a learned step keeps fitting the folded weight as
+    gamma and the running variance move (a fixed step on ``W * s`` would not). ``gamma`` may
+    learn to a negative value: the sign goes into the weight, ``|s|`` into the step. A
+    per-tensor quantizer (one step cannot follow a scale per channel) reads ``fq(W * s)``.
 
     The first training batch sets the statistics so that nothing changes yet: running mean and
     variance are that batch's, ``gamma = sqrt(var + eps)`` (so ``s = 1``), ``beta = bias +
     mean``. ``gamma`` learns when the weight does, ``beta`` when the bias did (the bias itself
-    stops requiring grad: no training forward reads it). :meth:`fold` writes ``W * s`` and
-    the folded bias into the weight and bias modules (write-back calls it); the next training
-    batch starts over from them. Under DDP the statistics start as rank 0's.
+    stops requiring grad: no training forward reads it). :meth:`fold` writes ``W * s``, the
+    grid ``step * |s|`` and the folded bias into the weight and bias modules (write-back calls
+    it); the next training batch starts over from them. Under DDP the statistics start as
+    rank 0's.
     """
 
     def __init__(self, conv: Conv, weight: WeightFakeQuant, bias: Bias | Param,
@@ -284,6 +300,10 @@ class ConvBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(channels))
         self.register_buffer("started", torch.zeros((), dtype=torch.uint8))  # gloo: no bool
         self.register_buffer("frozen", torch.zeros((), dtype=torch.uint8))
+        q = weight.quant
+        #: the weight step follows the fold: one step per output channel (see the class doc)
+        self.step_follows = (q.axis is not None and q.axis % weight.weight.ndim == 0
+                             and q.step().numel() == channels)
 
     def _bias_value(self) -> torch.Tensor:
         return self.bias.bias if isinstance(self.bias, Bias) else self.bias.value
@@ -297,15 +317,34 @@ class ConvBatchNorm(nn.Module):
             if not self.training:  # never trained: the folded graph as it is
                 return self.conv(x, self.weight(), self.bias())
             self._start(x)
-        w = self.weight.weight
         s = self.scale()
-        z = self.conv(x, self.weight.quant(w * _broadcast(s, w.ndim, 0)))
+        z = self.conv(x, self.folded_weight(s))
         if not self.training or self.frozen:
-            shift = self.beta - s * self.running_mean
-            return z + _broadcast(shift, z.ndim, 1)
+            return z + _broadcast(self._shift(s), z.ndim, 1)
         # torch's fused batch norm: batch statistics, running ones updated (unbiased var)
         return F.batch_norm(z / _broadcast(s, z.ndim, 1), self.running_mean, self.running_var,
                             self.gamma, self.beta, True, self.momentum, self.eps)
+
+    def _shift(self, s: torch.Tensor) -> torch.Tensor:
+        """The folded bias ``beta - s * running_mean``, on the int32 grid that write-back
+        will put it on (an int32 bias: input step x weight step, the weight step ``step *
+        |s|`` when it follows the fold); straight-through gradient."""
+        shift = self.beta - s * self.running_mean
+        if not isinstance(self.bias, Bias):
+            return shift
+        grid = self.bias.grid().to(shift.device)
+        operands = self.bias.operands
+        if self.step_follows and operands is not None and operands[1] is self.weight.quant:
+            grid = grid * s.detach().abs()
+        return on_int32_grid(shift, grid)
+
+    def folded_weight(self, s: torch.Tensor) -> torch.Tensor:
+        """``fqs(W, s)``: the fake-quantized folded weight (class doc)."""
+        w = self.weight.weight
+        if not self.step_follows:
+            return self.weight.quant(w * _broadcast(s, w.ndim, 0))
+        sign = torch.where(s < 0, -1.0, 1.0).to(w.dtype)
+        return self.weight.quant(w * _broadcast(sign, w.ndim, 0)) * _broadcast(s.abs(), w.ndim, 0)
 
     @torch.no_grad()
     def _start(self, x: torch.Tensor) -> None:
@@ -328,11 +367,16 @@ class ConvBatchNorm(nn.Module):
 
     @torch.no_grad()
     def fold(self) -> None:
-        """Write the folded weight ``W * s`` and bias ``beta - s * running_mean`` into the
-        weight and bias modules; the statistics start over at the next training batch."""
+        """Write the folded weight ``W * s``, its grid ``step * |s|`` (when the step follows the
+        fold) and bias ``beta - s * running_mean`` into the weight and bias modules: the module
+        then computes the folded graph, which is what it computed before (but for float
+        rounding and the bias's int32 grid). The statistics start over at the next training
+        batch."""
         if not self.started:
             return
         s = self.scale()
+        if self.step_follows:
+            self.weight.quant.rescale(s.abs())
         w = self.weight.weight
         w.mul_(_broadcast(s, w.ndim, 0))
         self._bias_value().copy_((self.beta - s * self.running_mean).reshape(

@@ -87,7 +87,7 @@ class CalibrateOptions:
         "help": "method auto keeps percentile unless another method's score beats it by "
                 "more than this (dB): differences within the scoring noise of a few batches "
                 "do not carry over to new data", "min": 0.0})
-    sample: int = field(default=16384, metadata={
+    sample: int = field(default=65536, metadata={
         "help": "histogram methods: a batch of a tensor with more values than this is "
                 "histogrammed from a strided sample of this many (min/max stay exact; 0: "
                 "every value); large activations then cost a fraction of a pass", "min": 0})

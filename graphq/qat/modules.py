@@ -343,6 +343,8 @@ class ConvBatchNorm(nn.Module):
         w = self.weight.weight
         if not self.step_follows:
             return self.weight.quant(w * _broadcast(s, w.ndim, 0))
+        if not bool((s < 0).any()):  # the usual case: no sign to move, one op fewer each way
+            return self.weight.quant(w) * _broadcast(s, w.ndim, 0)
         sign = torch.where(s < 0, -1.0, 1.0).to(w.dtype)
         return self.weight.quant(w * _broadcast(sign, w.ndim, 0)) * _broadcast(s.abs(), w.ndim, 0)
 

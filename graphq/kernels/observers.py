@@ -238,9 +238,7 @@ class HistogramObserver(Observer):
         assert self.min is not None and self.max is not None
         lo, hi = self._tail_bounds()
         lo, hi = max(lo, self.min), min(hi, self.max)
-        outside = np.greater_equal(values, lo)
-        outside &= np.less(values, hi)
-        np.logical_not(outside, out=outside)
+        outside = np.logical_not(_inside(values, lo, hi))  # the tails, and NaN
         tail = values[outside]
         dropped = 0
         if tail.size:
@@ -253,7 +251,7 @@ class HistogramObserver(Observer):
         self.nonfinite += dropped
         self.count += values.size - dropped
         view, weight = _sampled(values, self.sample, self.batches)
-        bulk = view[(view >= lo) & (view < hi)]
+        bulk = view[_inside(view, lo, hi)]
         if lo <= 0.0 < hi:
             self.zeros += weight * int(np.count_nonzero(bulk == 0))
         else:
@@ -564,6 +562,13 @@ def _sampled(values: np.ndarray, sample: int | None, batch: int) -> tuple[np.nda
     # slower than the gather itself
     view = np.ascontiguousarray(values[batch % step::step])
     return view, values.size / view.size
+
+
+def _inside(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``lo <= values < hi`` as one boolean array (NaN: False), built in place."""
+    mask = np.greater_equal(values, lo)
+    mask &= np.less(values, hi)
+    return mask
 
 
 def _prime_at_least(n: int) -> int:

@@ -27,6 +27,9 @@ A type the model's opset cannot quantize to raises the opset (onnx.version_conve
 ``canonicalize`` does) to the first that can: 21 for int16 / uint16 and for 4-bit weights
 (``int4`` / ``uint4``, W4A8 with 8-bit activations), whose zero points are ONNX INT4 / UINT4
 tensors; IR version 10. The note says so.
+A weight's range is its min and max per channel; ``weights.clip = "mse"`` shrinks each
+channel's range where that lowers its squared quantization error (a few large weights clip,
+the rest get finer steps: worth it at 4 bits).
 ``reduce_range`` is for 8-bit weights only. 4-bit activations are refused: onnxruntime has no
 integer kernel that reads them (QLinearConv, QLinearMatMul, ConvInteger and MatMulInteger take
 8-bit inputs only); its 4-bit QuantizeLinear / DequantizeLinear run, but only as a float
@@ -93,8 +96,19 @@ class WeightSpec:
         "help": "7-bit weights, so x86 CPUs without VNNI do not saturate uint8 x int8 sums; "
                 "default: on when this machine's CPU lacks VNNI and activations are uint8 "
                 "(int8 weights only)"})
+    clip: Literal["minmax", "mse"] = field(default="minmax", metadata={
+        "help": "each channel's range: minmax holds every weight; mse shrinks it (to 30% "
+                "at most) where that lowers the channel's squared quantization error, "
+                "clipping a few large weights so the rest get finer steps: for 4-bit "
+                "weights (measured at int4: worst output SQNR +0.8 to +6.0 dB on MTCNN's nets "
+                "and MiniLM, -1.0 dB on the digits CNN, whose top-1 rose 98.89 -> 99.17%); "
+                "not with reduce_range, whose 7 bits saturate at 8"})
 
     def validate(self) -> None:
+        if self.reduce_range and self.clip == "mse":
+            raise ValueError("weights.clip = 'mse' with reduce_range = true: clipped weights "
+                             "saturate at the 8-bit ends, not the 7-bit ones; set one of them "
+                             "off")
         if self.reduce_range and self.dtype != "int8":
             raise ValueError(f"reduce_range applies to int8 weights only, not {self.dtype}: "
                              "it keeps uint8 x int8 integer kernels from saturating, and "
@@ -233,7 +247,12 @@ class _Planner:
             reduce = (options.activations.dtype == "uint8" and options.weights.dtype == "int8"
                       and runtime.cpu_saturates_u8s8())
         self.reduce_range = reduce
-        if reduce and options.weights.reduce_range is None:
+        if reduce and options.weights.clip == "mse":
+            self.notes.append("weights.clip = 'mse' not applied to the int8 weights: they use "
+                              "7 bits (reduce_range: this CPU has no VNNI), and clipped "
+                              "weights would saturate at the 8-bit ends; set "
+                              "weights.reduce_range = false to clip them")
+        elif reduce and options.weights.reduce_range is None:
             self.notes.append("weights use 7 bits (reduce_range): this CPU has no VNNI, and "
                               "its uint8 x int8 kernels saturate with 8-bit weights; set "
                               "weights.reduce_range = false for a VNNI or ARM target")
@@ -381,10 +400,16 @@ class _Planner:
             return
         values = G.constant_values(tensor)
         axis = _channel_axis(node, index, values.ndim) if self.o.weights.per_channel else None
-        lo, hi = Q.weight_range(values, axis)
+        reduce = self.reduce_range and entry.dtype == "int8"
+        if self.o.weights.clip == "mse" and not reduce:
+            lo, hi = Q.weight_range_mse(values, axis, entry.dtype, entry.symmetric)
+            entry.method = "weight-mse"
+        else:
+            lo, hi = Q.weight_range(values, axis)
+            entry.method = "weight"
         scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric,
-                                reduce_range=self.reduce_range and entry.dtype == "int8")
-        entry.axis, entry.method = axis, "weight"
+                                reduce_range=reduce)
+        entry.axis = axis
         entry.scale = np.atleast_1d(scale).astype(float).tolist()
         entry.zero_point = np.atleast_1d(zero).astype(int).tolist()
         entry.range = [float(np.min(lo)), float(np.max(hi))]

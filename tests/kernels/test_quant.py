@@ -218,6 +218,37 @@ def test_weight_range():
     np.testing.assert_array_equal(hi, [10, 11, 12, 13])
 
 
+@pytest.mark.parametrize("qtype,symmetric", [("int4", True), ("uint8", False), ("int8", True)])
+def test_weight_range_mse_is_never_worse_than_minmax_and_keeps_an_exact_grid(qtype, symmetric):
+    """Per channel: the squared error of fake_quantize at the searched range is at most the
+    full range's, every range lies within [min, max]; a channel already on the full range's
+    grid (error 0) keeps its full range (ties keep the wider); at 4 bits the heavy-tailed
+    channels are clipped; per tensor (axis None) gives scalars."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_t(3, size=(6, 200)).astype(np.float32)
+    lo_full, hi_full = Q.weight_range(w, axis=0)
+    scale, zero = Q.qparams(lo_full[1], hi_full[1], qtype, symmetric)
+    qt = Q.qtype(qtype)
+    levels = np.arange(qt.qmin + symmetric, qt.qmax + 1)  # symmetric: -7..7, not -8
+    w[1] = ((rng.choice(levels, 200) - zero.astype(int)) * scale).astype(np.float32)
+    w[1, :2] = (levels[[0, -1]] - zero.astype(int)) * scale  # spans the grid
+    lo_full, hi_full = Q.weight_range(w, axis=0)
+    lo, hi = Q.weight_range_mse(w, 0, qtype, symmetric)
+
+    def error(lo_: np.ndarray, hi_: np.ndarray) -> np.ndarray:
+        s, z = Q.qparams(lo_, hi_, qtype, symmetric)
+        return ((Q.fake_quantize(w, s, z, qtype, axis=0) - w) ** 2).sum(axis=1)
+
+    assert np.all(error(lo, hi) <= error(lo_full, hi_full) * (1 + 1e-6))
+    assert np.all(lo >= lo_full) and np.all(hi <= hi_full)
+    assert error(lo_full, hi_full)[1] == 0 and (lo[1], hi[1]) == (lo_full[1], hi_full[1])
+    if qt.bits == 4:  # 16 levels: t-distributed channels clip (8 bits keep their tails)
+        assert np.all(hi[[0, *range(2, 6)]] < 0.9 * hi_full[[0, *range(2, 6)]])
+    lo_t, hi_t = Q.weight_range_mse(w, None, qtype, symmetric)
+    assert isinstance(lo_t, float) and isinstance(hi_t, float)
+    assert Q.weight_range(w)[0] <= lo_t <= 0 <= hi_t <= Q.weight_range(w)[1]
+
+
 def test_qtype_of_storage_is_the_full_width_type():
     assert Q.qtype_of_storage(np.int8).name == "int8"
     assert Q.qtype_of_storage(np.uint8).name == "uint8"

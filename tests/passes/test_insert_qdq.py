@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from graphq import runtime
 from graphq.data import DataSource
 from graphq.errors import ConfigError, PassError
 from graphq.passes.calibrate import Calibrate
@@ -642,3 +643,63 @@ def test_bias_add_after_a_matmul_stays_integer():
     assert table.get("hb").reason == "output of Add 'bias'"
     assert table.get("b1").method == "constant"
     assert not [n for n in result.notes if "by a constant" in n]
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+def test_weight_clip_mse_clips_outliers_and_matches_a_numpy_fake_quant(dtype):
+    """weights.clip = "mse": channel 0 holds the 144 quantiles of a Laplace distribution (a
+    long-tailed weight), so at 4 bits its range shrinks (measured: to 0.82 of max|w|) and its
+    largest weights saturate; every channel's squared weight error is at most minmax's; the
+    graph computes the op on the weight fake-quantized in numpy with the recorded scales
+    (symmetric, saturated to the type's ends), within 1e-5."""
+    rng = np.random.default_rng(40)
+    w = (rng.normal(0, 1, (6, 16, 3, 3)) * np.exp(rng.uniform(-3, 1, (6, 1, 1, 1))))
+    p = (np.arange(144) + 0.5) / 144
+    w[0] = rng.permutation(-0.01 * np.sign(p - 0.5) * np.log(1 - 2 * np.abs(p - 0.5))
+                           ).reshape(16, 3, 3)
+    w = w.astype(np.float32)
+    model = build([helper.make_node("Conv", ["x", "w"], ["y"], name="op")],
+                  [tensor("x", [2, 16, 5, 5])], [tensor("y", None)], {"w": w})
+    x = rng.normal(0, 1, (2, 16, 5, 5)).astype(np.float32)
+    options = {"dtype": dtype, "reduce_range": False}
+    result, table = insert(model, weights={**options, "clip": "mse"},
+                           overrides={"x": {"quantize": False}})
+    _, plain = insert(model, weights=options, overrides={"x": {"quantize": False}})
+    entry = table.get("w")
+    assert entry.method == "weight-mse" and plain.get("w").method == "weight"
+    scale, full = np.array(entry.scale), np.array(plain.get("w").scale)
+    assert np.all(scale <= full * (1 + 1e-6))
+    top = 7 if dtype == "int4" else 127
+    shape = (-1, 1, 1, 1)
+
+    def fq(s: np.ndarray) -> np.ndarray:
+        s32 = s.astype(np.float32).reshape(shape)
+        return (np.clip(np.rint(w / s32), -top - 1, top) * s32).astype(np.float32)
+
+    clipped, minmax = fq(scale), fq(full)
+    if dtype == "int4":
+        assert scale[0] < 0.9 * full[0]
+        # the largest saturated: more than the half step rounding could explain
+        assert np.abs(clipped[0]).max() < np.abs(w[0]).max() - 0.5 * scale[0]
+    err = ((clipped - w) ** 2).reshape(len(scale), -1).sum(1)
+    assert np.all(err <= ((minmax - w) ** 2).reshape(len(scale), -1).sum(1) * (1 + 1e-6))
+    ref_model = onnx.ModelProto()
+    ref_model.CopyFrom(model)
+    ref_model.graph.initializer[0].CopyFrom(numpy_helper.from_array(clipped, "w"))
+    assert_close(run(ref_model, {"x": x}), run(result.model, {"x": x}), RTOL)
+
+
+def test_weight_clip_mse_with_reduce_range_is_refused_or_noted():
+    """7-bit weights saturate at the 8-bit ends, so clipping them is no clip: asking for both is
+    a config error; reduce_range by default (a CPU without VNNI) keeps minmax, with a note."""
+    with pytest.raises(ConfigError, match="clip = 'mse' with reduce_range = true"):
+        InsertQDQ(weights={"clip": "mse", "reduce_range": True})
+    p = InsertQDQ(weights={"clip": "mse"})
+    result = p.run(conv_net(np.random.default_rng(41)), PassContext())
+    table = QuantTable.of(result.model)
+    methods = {e.method for e in table.quantized("weight")}
+    if runtime.cpu_saturates_u8s8():
+        assert methods == {"weight"}
+        assert any("clip = 'mse' not applied" in n for n in result.notes)
+    else:
+        assert methods == {"weight-mse"}

@@ -55,8 +55,9 @@ def test_minilm_sentence_embeddings(tmp_path):
     assert np.mean(sims) >= 0.98, f"mean held-out sentence cosine {np.mean(sims):.4f}"
     notes = [e for e in result.report["passes"] if e["name"] == "calibrate"][0]["notes"]
     assert notes[0].startswith("method auto: ")  # the preset tries every clip method
-    kept = notes[1:]
+    kept = [n for n in notes[1:] if not n.startswith("bias correction: ")]
     assert kept and all("kept float" in note for note in kept)  # outliers stay exact
+    assert any(n.startswith("bias correction: ") for n in notes)  # the preset corrects biases
 
 
 @pytest.mark.parametrize("name", R.MTCNN_NETS)

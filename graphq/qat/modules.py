@@ -259,7 +259,7 @@ class ConvBatchNorm(nn.Module):
     Conv's bias-free output ``u``; the weight written back is the folded ``W * s`` with
     ``s = gamma / sqrt(running_var + eps)`` per output channel. Training forward::
 
-        z = conv(x, fqs(W, s));  u = z / s
+        z = conv(x, fqs(W, s));  u = z / s    (= conv(x, fq(W)) when the step follows, s > 0)
         y = gamma * (u - mean_B(u)) / sqrt(var_B(u) + eps) + beta
 
     with the batch's statistics per channel (the running ones follow them, ``momentum``).
@@ -318,12 +318,20 @@ class ConvBatchNorm(nn.Module):
                 return self.conv(x, self.weight(), self.bias())
             self._start(x)
         s = self.scale()
-        z = self.conv(x, self.folded_weight(s))
         if not self.training or self.frozen:
+            z = self.conv(x, self.folded_weight(s))
             return z + _broadcast(self._shift(s), z.ndim, 1)
+        if self.step_follows and not bool((s < 0).any()):
+            # conv(x, fq(W) * s) / s: the Conv is linear in each output channel's weight, so
+            # the fold's scale cancels, in the values and in every gradient (gamma's reaches it
+            # through the batch norm alone either way); one pass over the output fewer each way
+            u = self.conv(x, self.weight.quant(self.weight.weight))
+        else:
+            z = self.conv(x, self.folded_weight(s))
+            u = z / _broadcast(s, z.ndim, 1)
         # torch's fused batch norm: batch statistics, running ones updated (unbiased var)
-        return F.batch_norm(z / _broadcast(s, z.ndim, 1), self.running_mean, self.running_var,
-                            self.gamma, self.beta, True, self.momentum, self.eps)
+        return F.batch_norm(u, self.running_mean, self.running_var, self.gamma, self.beta, True,
+                            self.momentum, self.eps)
 
     def _shift(self, s: torch.Tensor) -> torch.Tensor:
         """The folded bias ``beta - s * running_mean``, on the int32 grid that write-back

@@ -119,8 +119,20 @@ def test_training_forward_is_batch_norm_of_the_unfolded_output(calibrated, image
     torch.testing.assert_close(bn.running_mean, 0.9 * mean0 + 0.1 * u.mean((0, 2, 3)))
     torch.testing.assert_close(
         bn.running_var, 0.9 * var0 + 0.1 * u.var((0, 2, 3), unbiased=False) * n / (n - 1))
-    y.sum().backward()
-    assert bn.gamma.grad is not None and bn.weight.weight.grad is not None
+    # the module's gradients are the formula's (the fold's scale cancels in u, not dropped)
+    target = torch.randn_like(y)
+    (y * target).sum().backward()
+    got = {n: p.grad.clone() for n, p in bn.named_parameters() if p.grad is not None}
+    assert {"gamma", "beta", "weight.weight"} <= set(got)
+    bn.zero_grad()
+    s = bn.gamma / torch.sqrt(var0 + bn.eps)
+    u = bn.conv(x2, bn.weight.quant(bn.weight.weight) * s.reshape(-1, 1, 1, 1))
+    u = u / s.reshape(1, -1, 1, 1)
+    (F.batch_norm(u, mean0.clone(), var0.clone(), bn.gamma, bn.beta, training=True,
+                  momentum=0.1, eps=bn.eps) * target).sum().backward()
+    for name, grad in got.items():
+        ref = dict(bn.named_parameters())[name].grad
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_trained_module_written_back_matches_onnxruntime(calibrated, images):

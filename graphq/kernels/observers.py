@@ -513,13 +513,18 @@ class ChannelMean:
         self.count: np.ndarray | None = None
 
     def observe(self, x: np.ndarray) -> None:
-        a = np.asarray(x, np.float64)
+        a = np.asarray(x)
         if a.ndim < 2:
             return
-        axis = 1 if a.ndim > 2 else a.ndim - 1
-        a = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
-        finite = np.isfinite(a)
-        s, c = np.where(finite, a, 0.0).sum(axis=1), finite.sum(axis=1)
+        # one summing pass in float64, no copy; a non-finite sum means non-finite values, which
+        # the masked pass below leaves out
+        rows = a.reshape(a.shape[0], a.shape[1], -1) if a.ndim > 2 else a[..., None]
+        s = rows.sum(axis=(0, 2), dtype=np.float64)
+        c = np.full(s.shape, rows.shape[0] * rows.shape[2], np.int64)
+        if not np.isfinite(s).all():
+            a = np.moveaxis(rows, 1, 0).reshape(rows.shape[1], -1).astype(np.float64)
+            finite = np.isfinite(a)
+            s, c = np.where(finite, a, 0.0).sum(axis=1), finite.sum(axis=1)
         if self.sum is None or self.sum.shape != s.shape:
             self.sum, self.count = s, c
         else:

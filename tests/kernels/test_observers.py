@@ -476,3 +476,28 @@ def test_sampled_batch_counts_extremes_and_non_finite_values_exactly():
         cell = np.searchsorted(exact.edges, value, side="right") - 1
         assert sampled.counts[cell] == exact.counts[cell] >= 1
     assert sampled.range() == pytest.approx(exact.range(), rel=1e-3)
+
+
+def test_channel_mean_is_the_finite_values_mean_per_channel():
+    """Axis 1 of NCHW batches (of different spatial sizes) and the last axis of 2-D ones, in
+    float64; non-finite values are left out of both the sum and the count of their channel."""
+    rng = np.random.default_rng(5)
+    batches = [rng.normal(1.0, 2.0, (2, 3, 5, 5)).astype(np.float32),
+               rng.normal(1.0, 2.0, (1, 3, 7, 4)).astype(np.float32)]
+    mean = O.ChannelMean()
+    for b in batches:
+        mean.observe(b)
+    flat = np.concatenate([np.moveaxis(b, 1, 0).reshape(3, -1) for b in batches], axis=1)
+    np.testing.assert_allclose(mean.mean(), flat.astype(np.float64).mean(axis=1), rtol=1e-12)
+    bad = batches[0].copy()
+    bad[0, 1, 0, 0], bad[1, 2, 3, 3], bad[1, 2, 0, 1] = np.inf, np.nan, -np.inf
+    mean = O.ChannelMean()
+    mean.observe(bad)
+    keep = np.isfinite(bad)
+    want = [bad[:, c][keep[:, c]].astype(np.float64).mean() for c in range(3)]
+    np.testing.assert_allclose(mean.mean(), want, rtol=1e-12)
+    np.testing.assert_array_equal(mean.count, [50, 49, 48])
+    gemm = O.ChannelMean()
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    gemm.observe(x)
+    np.testing.assert_allclose(gemm.mean(), x.astype(np.float64).mean(axis=0), rtol=1e-12)

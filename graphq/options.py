@@ -144,15 +144,24 @@ def default_of(field: dataclasses.Field) -> Any:
 
 
 def to_table(obj: Any) -> dict[str, Any]:
-    """The options as a TOML-ready table (nested dataclasses become tables; None is left out)."""
+    """The options as a TOML-ready table (nested dataclasses become tables, also inside dicts
+    and lists, such as insert-qdq's ``overrides``; None is left out)."""
     table = {}
     for field in fields(type(obj)):
-        value = getattr(obj, field.name)
-        if dataclasses.is_dataclass(value):
-            value = to_table(value)
+        value = _plain(getattr(obj, field.name))
         if value is not None:
             table[field.name] = value
     return table
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_table(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def describe(cls: type) -> list[tuple[str, str, Any, str]]:

@@ -377,6 +377,22 @@ def test_to_toml_round_trip_with_non_default_options():
     assert back.data == pm.data
 
 
+def test_to_toml_round_trip_with_per_tensor_overrides():
+    """insert-qdq's overrides are a table of tables (dataclasses inside a dict): the written
+    pipeline (every run writes one) reads back to the same options."""
+    from graphq.passes.insert_qdq import InsertQDQ
+
+    p = InsertQDQ(overrides={"input/x": {"quantize": False}, "w": {"dtype": "int4"}},
+                  weights={"clip": "mse", "reduce_range": False})
+    text = PassManager([p]).to_toml()
+    doc = tomllib.loads(text)
+    assert doc["passes"][0]["overrides"] == {"input/x": {"quantize": False},
+                                             "w": {"quantize": True, "dtype": "int4"}}
+    back = PassManager.from_text(text)
+    assert back.passes[0].options == p.options
+    assert back.to_toml() == text
+
+
 def test_to_toml_of_defaults_round_trips():
     pm = PassManager.from_text(PREPARE)
     assert PassManager.from_text(pm.to_toml()).to_toml() == pm.to_toml()

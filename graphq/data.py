@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from graphq.errors import DataError, did_you_mean
-from graphq.runtime import input_spec, true_inputs
+from graphq.runtime import batch_axes, input_spec, true_inputs
 
 log = logging.getLogger(__name__)
 
@@ -114,22 +114,23 @@ class DataSource:
         """Like :meth:`feeds`, with each batch's labels when the data carries an array
         named ``labels`` that is not a model input (else None)."""
         inputs = {v.name: v for v in true_inputs(model)}
+        axes = batch_axes(list(inputs.values()))
         key = self.labels if self.labels not in inputs else None
         left = self.limit
         count = 0
-        for raw in self._raw(list(inputs)):
+        for raw in self._raw(list(inputs), axes):
             raw = dict(raw)
             labels = raw.pop(key, None) if key else None
             feed = check_feed(raw, inputs, where=self._where(count))
             if labels is not None:
                 feed[key] = np.asarray(labels)
-            for part in _fit_batch(feed, inputs):
+            for part in _fit_batch(feed, inputs, axes):
                 if left is not None and left <= 0:
                     return
                 if left is not None:
-                    n = _batch_len(part)
+                    n = _batch_len(part, axes)
                     if n > left:
-                        part = {k: v[:left] for k, v in part.items()}
+                        part = _take(part, axes, 0, left)
                     left -= min(n, left)
                 count += 1
                 label = part.pop(key, None) if key else None
@@ -141,7 +142,7 @@ class DataSource:
         return f"data {self.source}, batch {index}" if isinstance(self.source, Path) else \
             f"data batch {index}"
 
-    def _raw(self, names: list[str]) -> Iterator[dict[str, Any]]:
+    def _raw(self, names: list[str], axes: dict[str, int | None]) -> Iterator[dict[str, Any]]:
         source = self.source
         if not isinstance(source, Path):
             yield from source
@@ -157,20 +158,36 @@ class DataSource:
                 yield _read_file(path, names)
         else:
             arrays = _read_file(source, names)
-            total = _batch_len(arrays)
+            total = _batch_len(arrays, axes)
             for start in range(0, total, self.batch_size):
-                yield {k: v[start:start + self.batch_size] for k, v in arrays.items()}
+                yield _take(arrays, axes, start, start + self.batch_size)
 
 
-def _fit_batch(feed: Feed, inputs: dict[str, onnx.ValueInfoProto]) -> Iterator[Feed]:
+def _fit_batch(feed: Feed, inputs: dict[str, onnx.ValueInfoProto],
+               axes: dict[str, int | None]) -> Iterator[Feed]:
     """Split a batch into single samples when the model's batch dim is fixed to 1."""
-    fixed_one = any(input_spec(v)[1][:1] == [1] for v in inputs.values())
-    n = _batch_len(feed)
+    fixed_one = any(axes[k] is not None and input_spec(v)[1][axes[k]] == 1
+                    for k, v in inputs.items())
+    n = _batch_len(feed, axes)
     if not fixed_one or n <= 1:
         yield feed
         return
     for i in range(n):
-        yield {k: v[i:i + 1] for k, v in feed.items()}
+        yield _take(feed, axes, i, i + 1)
+
+
+def _take(feed: dict[str, np.ndarray], axes: dict[str, int | None], start: int,
+          stop: int) -> dict[str, np.ndarray]:
+    """Samples ``start:stop`` of every array on its batch axis (axis 0 for arrays that are
+    not model inputs, such as labels); an input without a batch axis is shared whole."""
+    out = {}
+    for k, v in feed.items():
+        axis = axes.get(k, 0)
+        if axis is None or np.ndim(v) <= axis:
+            out[k] = v
+        else:
+            out[k] = v[(slice(None),) * axis + (slice(start, stop),)]
+    return out
 
 
 def _image_batches(paths: list[Path], names: list[str], options: ImageOptions | None,
@@ -228,11 +245,25 @@ def _read_file(path: Path, names: list[str]) -> dict[str, np.ndarray]:
         raise DataError(f"cannot read data file {path}: {exc}") from exc
 
 
-def _batch_len(feed: dict[str, np.ndarray]) -> int:
-    lengths = {v.shape[0] if v.ndim else 1 for v in feed.values()}
-    if len(lengths) > 1:
-        raise DataError(f"the inputs hold different numbers of samples: {sorted(lengths)}")
-    return lengths.pop() if lengths else 0
+def samples_in(feed: Feed, model: onnx.ModelProto) -> int:
+    """The samples in one feed of ``model``, counted on each input's batch axis."""
+    return _batch_len(feed, batch_axes(true_inputs(model)))
+
+
+def _batch_len(feed: dict[str, np.ndarray], axes: dict[str, int | None]) -> int:
+    """The samples in a batch, counted on each input's batch axis (:func:`batch_axes`)."""
+    lengths = {}
+    for k, v in feed.items():
+        axis = axes.get(k, 0)
+        if axis is not None and np.ndim(v) > axis:
+            lengths[k] = v.shape[axis]
+    if len(set(lengths.values())) > 1:
+        where = ", ".join(f"'{k}' {n} (axis {axes.get(k, 0)})" for k, n in lengths.items())
+        raise DataError(f"the inputs hold different numbers of samples: {where}; every "
+                        "input needs the same number of samples on its batch axis")
+    if not lengths:
+        return 1 if feed else 0
+    return next(iter(lengths.values()))
 
 
 def check_feed(raw: dict[str, Any], inputs: dict[str, onnx.ValueInfoProto], where: str) -> Feed:

@@ -129,8 +129,34 @@ def input_spec(value: onnx.ValueInfoProto) -> tuple[np.dtype, list[int | str | N
     return dtype, model_io.dims(value) or []
 
 
+def batch_axes(inputs: list[onnx.ValueInfoProto]) -> dict[str, int | None]:
+    """The axis of each input that counts samples (None: the input has none, e.g. a scalar
+    sample rate, which every sample of a batch shares).
+
+    Where the inputs name their batch dim (the symbolic name most of them carry on axis 0),
+    it is the axis of that name: a recurrent state ``[2, batch, 128]`` batches on axis 1.
+    Otherwise axis 0, unless axis 0 is fixed to a size other than 1; then the first axis of
+    unknown size (none: the input is not batched).
+    """
+    dims = {v.name: input_spec(v)[1] for v in inputs}
+    firsts = [d[0] for d in dims.values() if d and isinstance(d[0], str) and d[0]]
+    name = max(set(firsts), key=firsts.count) if firsts else None
+    axes: dict[str, int | None] = {}
+    for key, d in dims.items():
+        if not d:
+            axes[key] = None
+        elif name is not None and name in d:
+            axes[key] = d.index(name)
+        elif not isinstance(d[0], int) or d[0] == 1:
+            axes[key] = 0
+        else:
+            axes[key] = next((i for i, x in enumerate(d) if not isinstance(x, int)), None)
+    return axes
+
+
 def sample_feeds(model: onnx.ModelProto, n: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Random inputs of the model's shapes: unknown dims are 1 on axis 0 and 32 elsewhere.
+    """Random inputs of the model's shapes: unknown dims are 1 on the batch axis
+    (:func:`batch_axes`) and 32 elsewhere.
 
     Floats are standard normal; integers and booleans are 0 or 1, so that indices and masks
     stay valid. Symbolic dims of the same name get the same size.
@@ -140,14 +166,16 @@ def sample_feeds(model: onnx.ModelProto, n: int = 1, seed: int = 0) -> list[dict
     for _ in range(n):
         sizes: dict[str, int] = {}
         feed = {}
-        for value in true_inputs(model):
+        inputs = true_inputs(model)
+        batch = batch_axes(inputs)
+        for value in inputs:
             dtype, dims = input_spec(value)
             shape = []
             for axis, d in enumerate(dims):
                 if isinstance(d, int):
                     shape.append(d)
                 else:
-                    size = 1 if axis == 0 else 32
+                    size = 1 if axis == batch[value.name] else 32
                     shape.append(sizes.setdefault(d, size) if d else size)
             if dtype.kind == "f":
                 feed[value.name] = rng.standard_normal(shape).astype(dtype)

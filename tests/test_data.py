@@ -1,0 +1,74 @@
+"""Data readers: each input is batched on its own axis (a recurrent state [2, batch, 128]
+on axis 1, a scalar sample rate on none), as silero VAD's inputs are."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from graphq.data import DataSource, samples_in
+from graphq.errors import DataError
+from graphq.runtime import batch_axes, sample_feeds, true_inputs
+from tests.helpers import make_model, tensor
+
+
+def stateful_model(named: bool) -> onnx.ModelProto:
+    """x [B, 4], state [2, B, 3], sr [] -> y = x, s = state (the inputs are what matters)."""
+    b = "batch" if named else None
+    nodes = [helper.make_node("Identity", ["x"], ["y"]),
+             helper.make_node("Identity", ["state"], ["s"]),
+             helper.make_node("Identity", ["sr"], ["r"])]
+    return make_model(nodes, [tensor("x", [b, 4]), tensor("state", [2, b, 3]),
+                              tensor("sr", [], TensorProto.INT64)],
+                      [tensor("y", [b, 4]), tensor("s", [2, b, 3]),
+                       tensor("r", [], TensorProto.INT64)])
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named-dims", "unnamed-dims"])
+def test_batch_axes(named):
+    axes = batch_axes(true_inputs(stateful_model(named)))
+    assert axes == {"x": 0, "state": 1, "sr": None}
+
+
+def test_batch_axes_follow_the_batch_name():
+    """A named batch dim wins over position: here the state's batch is on axis 0 of a
+    [batch, 2, 3] tensor, and an input whose first dim is fixed to 1 batches on axis 0."""
+    nodes = [helper.make_node("Identity", [n], [f"{n}_out"]) for n in ("x", "state", "one")]
+    model = make_model(nodes, [tensor("x", ["batch", 4]), tensor("state", ["batch", 2, 3]),
+                               tensor("one", [1, "time"])],
+                       [tensor(f"{n}_out", None) for n in ("x", "state", "one")])
+    assert batch_axes(true_inputs(model)) == {"x": 0, "state": 0, "one": 0}
+
+
+def test_npz_batches_slice_each_input_on_its_own_axis(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 4)).astype(np.float32)
+    state = rng.normal(size=(2, 10, 3)).astype(np.float32)
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=x, state=state, sr=np.array(8000, np.int64))
+    model = stateful_model(named=False)
+    feeds = list(DataSource(path, batch_size=4).feeds(model))
+    assert [f["x"].shape[0] for f in feeds] == [4, 4, 2]
+    assert [f["state"].shape for f in feeds] == [(2, 4, 3), (2, 4, 3), (2, 2, 3)]
+    np.testing.assert_array_equal(np.concatenate([f["state"] for f in feeds], axis=1), state)
+    assert all(f["sr"].shape == () and int(f["sr"]) == 8000 for f in feeds)
+    assert [samples_in(f, model) for f in feeds] == [4, 4, 2]
+    limited = list(DataSource(path, batch_size=4, limit=5).feeds(model))
+    assert [f["state"].shape[1] for f in limited] == [4, 1]
+    np.testing.assert_array_equal(limited[1]["x"], x[4:5])
+
+
+def test_different_sample_counts_name_the_inputs_and_axes(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=np.zeros((4, 4), np.float32), state=np.zeros((2, 3, 3), np.float32),
+             sr=np.array(8000, np.int64))
+    with pytest.raises(DataError, match=r"'x' 4 \(axis 0\), 'state' 3 \(axis 1\)"):
+        list(DataSource(path, batch_size=2).feeds(stateful_model(named=True)))
+
+
+def test_sample_feeds_agree_on_the_batch():
+    (feed,) = sample_feeds(stateful_model(named=False))
+    assert feed["x"].shape == (1, 4) and feed["state"].shape == (2, 1, 3)
+    assert feed["sr"].shape == ()

@@ -14,7 +14,7 @@ which the INT4 format refuses, so :func:`export` packs them first (:func:`_pack_
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -57,7 +57,7 @@ def _pack_4bit(graph: gs.Graph) -> None:
     numpy_helper packs (two values a byte), which graphsurgeon then writes as it is. Constants
     never read keep the TensorProto they were imported from (graphsurgeon's ``_values`` is
     still a LazyValues then: reading ``values`` would unpack them only to pack them again)."""
-    for tensor in graph.tensors().values():
+    for tensor in {id(t): t for g in graphs(graph) for t in g.tensors().values()}.values():
         if not isinstance(tensor, gs.Constant) or np.dtype(tensor.dtype) not in FOUR_BIT:
             continue
         if isinstance(getattr(tensor, "_values", None), LazyValues):
@@ -138,10 +138,47 @@ def dequantized_constant(graph: gs.Graph, base: str, ints: np.ndarray, scale: np
     return restored
 
 
-def qdq_pairs(graph: gs.Graph) -> dict[str, tuple[gs.Node, gs.Node]]:
-    """Float tensor name -> the (QuantizeLinear, DequantizeLinear) pair that follows it."""
+def subgraphs(node: gs.Node) -> list[gs.Graph]:
+    """The graphs a node holds as attributes (an If's branches, a Loop's or Scan's body)."""
+    return [a for a in node.attrs.values() if isinstance(a, gs.Graph)]
+
+
+def graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """``graph`` and every graph nested in its nodes, outermost first."""
+    yield graph
+    for node in graph.nodes:
+        for sub in subgraphs(node):
+            yield from graphs(sub)
+
+
+def nodes(graph: gs.Graph) -> list[gs.Node]:
+    """The nodes of ``graph`` and of every graph nested in it."""
+    return [n for g in graphs(graph) for n in g.nodes]
+
+
+def owner(graph: gs.Graph, tensor: gs.Tensor, where: dict[int, gs.Graph]) -> gs.Graph:
+    """The graph (``graph`` or one nested in it) a Q/DQ pair on ``tensor`` belongs in, where
+    every reader of ``tensor`` sees it: the graph of its producer; for a constant, the one
+    graph all its readers are in; else ``graph``. ``where``: :func:`node_graphs`."""
+    if tensor.inputs:
+        return where.get(id(tensor.inputs[0]), graph)
+    if isinstance(tensor, gs.Constant):
+        homes = {id(where[id(r)]): where[id(r)] for r in tensor.outputs if id(r) in where}
+        if len(homes) == 1:
+            return next(iter(homes.values()))
+    return graph
+
+
+def node_graphs(graph: gs.Graph) -> dict[int, gs.Graph]:
+    """``id(node)`` -> the graph that holds it, for every node of :func:`graphs`."""
+    return {id(n): g for g in graphs(graph) for n in g.nodes}
+
+
+def qdq_pairs(graph: gs.Graph, nested: bool = False) -> dict[str, tuple[gs.Node, gs.Node]]:
+    """Float tensor name -> the (QuantizeLinear, DequantizeLinear) pair that follows it
+    (``nested``: in the graphs nested in If branches too)."""
     pairs = {}
-    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+    for q in [n for n in (nodes(graph) if nested else graph.nodes) if n.op == "QuantizeLinear"]:
         readers = q.outputs[0].outputs
         if len(readers) == 1 and readers[0].op == "DequantizeLinear":
             pairs[q.inputs[0].name] = (q, readers[0])
@@ -157,19 +194,77 @@ def float_source(tensor: gs.Tensor) -> gs.Tensor:
     return tensor
 
 
-def with_outputs(model: onnx.ModelProto, names: list[str], float_view: bool = False
-                 ) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, names: list[str], float_view: bool = False,
+                 renamed: dict[str, str] | None = None) -> onnx.ModelProto:
     """A copy of the model with the tensors ``names`` made graph outputs too; with
-    ``float_view`` every Q/DQ pair is bypassed first (the graph as it was before them)."""
+    ``float_view`` every Q/DQ pair is bypassed first (the graph as it was before them).
+
+    A tensor inside an If branch leaves through new outputs of the branch and its If node
+    (the other branch gives an empty tensor: a batch that took it yields zero values), up
+    to a graph output of a new name, which ``renamed`` (when given) maps the name to."""
     graph = import_graph(model)
     if float_view:
-        for q, dq in qdq_pairs(graph).values():
+        for q, dq in qdq_pairs(graph, nested=True).values():
             replace_uses(graph, dq.outputs[0], q.inputs[0])
     tensors = graph.tensors()
     present = {t.name for t in graph.outputs}
-    graph.outputs.extend(tensors[name] for name in names if name not in present)
+    inner = [n for n in names if n not in tensors]
+    graph.outputs.extend(tensors[name] for name in names
+                         if name in tensors and name not in present)
+    if inner:
+        paths = _branch_paths(graph)
+        taken = used_names(graph)
+        for name in inner:
+            if name not in paths:
+                raise KeyError(f"tensor '{name}' is in no graph of the model, or in a Loop/Scan "
+                               "body, whose values cannot be read out")
+            tensor, path = paths[name]
+            out = _lift(tensor, path, taken)
+            graph.outputs.append(out)
+            if renamed is not None:
+                renamed[name] = out.name
     graph.cleanup()
     return export(graph, like=model)
+
+
+def _branch_paths(graph: gs.Graph, path: tuple = ()
+                  ) -> dict[str, tuple[gs.Tensor, tuple[tuple[gs.Node, gs.Graph], ...]]]:
+    """Each tensor produced inside an If branch (at any depth) -> the tensor and the
+    (If node, branch) steps from the outermost graph to it."""
+    found = {}
+    for node in graph.nodes:
+        if node.op != "If":
+            continue
+        for branch in subgraphs(node):
+            steps = (*path, (node, branch))
+            for inner in branch.nodes:
+                for t in inner.outputs:
+                    found.setdefault(t.name, (t, steps))
+            found.update(_branch_paths(branch, steps))
+    return found
+
+
+def _lift(tensor: gs.Tensor, path: tuple[tuple[gs.Node, gs.Graph], ...],
+          taken: set[str]) -> gs.Tensor:
+    """Make ``tensor`` an output of each branch on ``path`` and of its If node, innermost
+    first; the If's other branch outputs an empty tensor of the same type and rank."""
+    dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+    rank = len(tensor.shape) if tensor.shape is not None else 1
+    current = tensor
+    for node, branch in reversed(path):
+        branch.outputs.append(current)
+        for other in subgraphs(node):
+            if other is branch:
+                continue
+            empty = gs.Variable(fresh_name(f"{tensor.name}_untaken", taken), dtype)
+            value = gs.Constant(fresh_name(f"{tensor.name}_untaken_value", taken),
+                                np.zeros([0] * max(rank, 1), dtype))
+            other.nodes.append(gs.Node("Constant", fresh_name(f"{tensor.name}_untaken", taken),
+                                       {"value": value}, [], [empty]))
+            other.outputs.append(empty)
+        current = gs.Variable(fresh_name(f"{tensor.name}_lifted", taken), dtype)
+        node.outputs.append(current)
+    return current
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
@@ -192,8 +287,11 @@ def fresh_name(base: str, taken: set[str]) -> str:
 
 
 def used_names(graph: gs.Graph) -> set[str]:
-    names = set(graph.tensors().keys())
-    names.update(node.name for node in graph.nodes)
+    """Every tensor and node name of ``graph`` and of the graphs nested in it."""
+    names: set[str] = set()
+    for g in graphs(graph):
+        names.update(g.tensors().keys())
+        names.update(node.name for node in g.nodes)
     return names
 
 

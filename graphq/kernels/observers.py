@@ -514,7 +514,7 @@ class ChannelMean:
 
     def observe(self, x: np.ndarray) -> None:
         a = np.asarray(x)
-        if a.ndim < 2:
+        if a.ndim < 2 or a.size == 0:  # an empty tensor: an If branch this batch did not take
             return
         # one summing pass in float64, no copy; a non-finite sum means non-finite values, which
         # the masked pass below leaves out

@@ -347,22 +347,87 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     removed go, the constants it computed become initializers, unused initializers go.
     (Exporting graphsurgeon's graph instead would copy every weight, twice.)"""
     graph = G.import_graph(model)
-    before = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
-    graph.fold_constants(error_ok=True).cleanup()
+    before = {name for name, t in _tensors(graph).items() if isinstance(t, gs.Constant)}
+    # flatten_subgraphs off: graphsurgeon 0.6's inlining of an If whose condition folds
+    # leaves readers of the If's second output dangling (silero VAD's LSTM state)
+    graph.fold_constants(error_ok=True, recurse_subgraphs=False, flatten_subgraphs=False).cleanup()
     produced = {t.name for node in graph.nodes for t in node.outputs}
-    folded = {name: t for name, t in graph.tensors().items()
+    folded = {name: t for name, t in _tensors(graph).items()
               if isinstance(t, gs.Constant) and name not in before}
     proto = model.graph
     for i in reversed(range(len(proto.node))):
         if not any(out in produced for out in proto.node[i].output if out):
             del proto.node[i]
+    # a folded tensor that only a subgraph reads (an If branch's outer-scope input) too;
+    # the subgraphs' own nodes are left as they are
+    read, made = _names_read(proto), _names_made(proto)
     for name, tensor in folded.items():
-        proto.initializer.append(numpy_helper.from_array(np.asarray(tensor.values), name))
+        if name in read and name not in made:
+            proto.initializer.append(numpy_helper.from_array(np.asarray(tensor.values), name))
     used = {o.name for o in proto.output} | _names_read(proto)
     for i in reversed(range(len(proto.initializer))):
         if proto.initializer[i].name not in used:
             del proto.initializer[i]
+    for node in proto.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _constants_to_initializers(sub)
     return model
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """In a subgraph (an If branch, a Loop body) and the graphs nested in it, each Constant
+    node holding a tensor becomes an initializer of its graph, as graphsurgeon's folding makes
+    them in the main graph: weights and biases there are then constants to quantize. A
+    constant that graphs nested deeper read stays a node (graphsurgeon would copy an
+    initializer into each of them)."""
+    deeper = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                deeper |= _names_read(sub)
+    keep = []
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) \
+            if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if value is not None and node.output[0] not in deeper:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            continue
+        keep.append(node)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _constants_to_initializers(sub)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
+def _tensors(graph: gs.Graph) -> dict[str, gs.Tensor]:
+    """The tensors of ``graph`` and of the subgraphs of its nodes (If/Loop bodies)."""
+    tensors = dict(graph.tensors())
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                for name, t in _tensors(attr).items():
+                    tensors.setdefault(name, t)
+    return tensors
+
+
+def _names_made(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name the graph's nodes write, inside subgraphs too (with the
+    subgraphs' inputs)."""
+    names = set()
+    for node in graph.node:
+        names.update(node.output)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _names_made(sub)
+                names.update(i.name for i in sub.input)
+                names.update(t.name for t in sub.initializer)
+    return names
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:

@@ -154,7 +154,7 @@ def deploy_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Replace each ``constant -> QuantizeLinear`` by the integers it computes."""
     graph = G.import_graph(model)
     folded = 0
-    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+    for q in [n for n in G.nodes(graph) if n.op == "QuantizeLinear"]:
         values = G.constant_values(q.inputs[0])
         if values is None:
             continue

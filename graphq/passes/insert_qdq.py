@@ -193,8 +193,10 @@ class InsertQDQ(Pass):
                             f"{'/'.join(COMPUTE)} with float inputs was selected; "
                             "check the ops, include and exclude options")
         names = G.used_names(graph)
+        where = G.node_graphs(graph)
         for entry in table.quantized():
-            _insert_pair(graph, planner.tensors[entry.tensor], entry, names)
+            tensor = planner.tensors[entry.tensor]
+            _insert_pair(G.owner(graph, tensor, where), tensor, entry, names)
         graph.cleanup().toposort()
         out = G.export(graph, like=model)
         table.attach(out)
@@ -240,7 +242,8 @@ class _Planner:
         self.table = QuantTable()
         self.tensors: dict[str, gs.Tensor] = {}
         self.notes: list[str] = []
-        self.outputs = {t.name for t in graph.outputs}
+        # graph outputs, and the outputs of If branches (they leave to the outer graph)
+        self.outputs = {t.name for g in G.graphs(graph) for t in g.outputs}
         self.affine_float: list[str] = []  # Mul / Add by a constant left float
         reduce = options.weights.reduce_range
         if reduce is None:
@@ -259,17 +262,7 @@ class _Planner:
 
     def plan(self) -> QuantTable:
         self.graph.toposort()
-        for node in self.graph.nodes:
-            if node.op in ("If", "Loop", "Scan"):
-                self.notes.append(f"{node.op} '{node.name}': the nodes of its subgraphs are "
-                                  "not quantized (kept float)")
-            kind = self._selected(node)
-            if kind == "compute":
-                self._compute(node)
-            elif kind == "joining":
-                self._joining(node)
-            elif kind == "pass-through":
-                self._pass_through(node)
+        self._walk(self.graph)
         if self.affine_float:
             self.notes.append(
                 f"{len(self.affine_float)} Mul/Add by a constant after a quantized tensor kept "
@@ -277,6 +270,26 @@ class _Planner:
                 + ", ".join(f"'{n}'" for n in self.affine_float[:5])
                 + (" ..." if len(self.affine_float) > 5 else ""))
         return self.table
+
+    def _walk(self, graph: gs.Graph) -> None:
+        """Decide for the nodes of ``graph`` in order, and inside each If's branches (their
+        tensors are calibrated through outputs the calibration view adds); a Loop's or
+        Scan's body stays float."""
+        for node in graph.nodes:
+            if node.op == "If":
+                for branch in G.subgraphs(node):
+                    self._walk(branch)
+            elif node.op in ("Loop", "Scan"):
+                self.notes.append(f"{node.op} '{node.name}': the nodes of its body are not "
+                                  "quantized (kept float): its values cannot be read out per "
+                                  "iteration for calibration")
+            kind = self._selected(node)
+            if kind == "compute":
+                self._compute(node)
+            elif kind == "joining":
+                self._joining(node)
+            elif kind == "pass-through":
+                self._pass_through(node)
 
     def _selected(self, node: gs.Node) -> str | None:
         if node.op not in self.o.ops or node.op in self.o.exclude_ops:

@@ -395,19 +395,25 @@ def test_concat_of_mixed_ranges_stays_float(gain, concat_quantized):
         assert "cat" not in pairs(result.model)
 
 
-def test_subgraphs_are_reported_as_not_quantized():
+def test_loop_bodies_are_reported_as_not_quantized():
+    """If branches are quantized (tests/passes/test_control_flow.py); a Loop's body is not:
+    its values cannot be read out per iteration for calibration."""
     from graphq.passes.insert_qdq import InsertQDQ as Insert
 
     rng = np.random.default_rng(41)
-    branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "b", [],
-                               [tensor("z", [1, 2, 6, 6])])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["c_out"]),
+         helper.make_node("Relu", ["v"], ["v_out"])],
+        "body", [tensor("i", [], onnx.TensorProto.INT64), tensor("c", [], onnx.TensorProto.BOOL),
+                 tensor("v", [1, 2, 6, 6])],
+        [tensor("c_out", [], onnx.TensorProto.BOOL), tensor("v_out", [1, 2, 6, 6])])
     model = concat_model(rng, 2.0)
-    model.graph.node.append(helper.make_node("If", ["cond"], ["out"], name="branchy",
-                                             then_branch=branch, else_branch=branch))
-    model.graph.input.append(tensor("cond", [], onnx.TensorProto.BOOL))
+    model.graph.node.append(helper.make_node("Loop", ["trips", "", "y"], ["out"], name="loopy",
+                                             body=body))
+    model.graph.initializer.append(numpy_helper.from_array(np.array(2, np.int64), "trips"))
     model.graph.output.append(tensor("out", [1, 2, 6, 6]))
     result = Insert().run(model, PassContext())
-    assert any("If 'branchy'" in note and "not quantized" in note for note in result.notes)
+    assert any("Loop 'loopy'" in note and "not quantized" in note for note in result.notes)
 
 
 # ---- streaming ----------------------------------------------------------------------------------
@@ -473,6 +479,32 @@ def test_bias_correction_cancels_the_weights_mean_error(op):
         assert table.get("b").quantized and table.get("b").dtype == "int32"
     assert errors[False].max() > 0.01
     assert errors[True].max() < errors[False].max() / 5, errors
+
+
+@pytest.mark.parametrize("kernel, kept", [(1, True), (3, False)])
+def test_auto_keeps_bias_correction_only_where_it_helps(kernel, kept):
+    """Under method auto the corrected biases are scored against the original ones on the
+    search batches. The correction takes every input position of a Conv to see the channel's
+    mean: right for a 1x1 kernel; for a 3x3 kernel padded over a 1x1 input, 8 of 9 taps see
+    zeros, the shift overshoots 9-fold, and the original biases come back."""
+    rng = np.random.default_rng(10)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="op",
+                            pads=[kernel // 2] * 4)
+    model = build([node], [tensor("x", ["N", 4, 1, 1])], [tensor("y", None)],
+                  {"w": f32(rng, 0.3, 6, 4, kernel, kernel), "b": f32(rng, 0.5, 6)})
+    feeds = [{"x": (np.abs(rng.normal(0, 1, (16, 4, 1, 1))) + 1).astype(np.float32)}
+             for _ in range(4)]
+    inserted = insert(model, weights={"dtype": "int4"})
+    result, table = calibrate(inserted, feeds, method="auto", bias_correction=True)
+    (note,) = [n for n in result.notes if n.startswith("bias correction ")]
+    assert note.startswith("bias correction kept" if kept else "bias correction undone"), note
+    bias = table.get("b")
+    original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b"))
+    restored = np.asarray(bias.scale) * next(
+        numpy_helper.to_array(t) for t in result.model.graph.initializer
+        if t.name.startswith("b_quantized"))
+    # the int32 bias holds the original values (undone) or shifted ones (kept)
+    assert np.allclose(restored, original, atol=np.max(bias.scale)) is not kept
 
 
 # ---- method auto --------------------------------------------------------------------------------

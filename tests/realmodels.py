@@ -556,6 +556,157 @@ def text_map_f1(ref: np.ndarray, out: np.ndarray, threshold: float = 0.3) -> flo
 
 
 # --------------------------------------------------------------------------
+# silero VAD, on speech from the captcha wheel
+# --------------------------------------------------------------------------
+
+#: samples per chunk and the context silero's own wrapper puts before each chunk, per rate
+VAD_CHUNK = {8000: 256, 16000: 512}
+VAD_CONTEXT = {8000: 32, 16000: 64}
+
+
+def silero_vad_onnx(name: str = "silero_vad.onnx") -> Path:
+    """silero VAD as the silero-vad wheel ships it (``pip install --no-deps silero-vad``).
+
+    ``silero_vad.onnx`` (opset 16) is one If on the sample rate input ``sr`` (8 or 16 kHz):
+    each branch an STFT convolution, four conv blocks and an LSTM decoder inside further Ifs.
+    Inputs ``input`` [batch, context + chunk], ``state`` [2, batch, 128], ``sr`` (int64
+    scalar); outputs ``output`` [batch, 1] (speech probability) and ``stateN``.
+    """
+    return _package_dir("silero_vad", "silero-vad") / "data" / name
+
+
+@functools.cache
+def _spoken_characters() -> tuple[np.ndarray, ...]:
+    """The 36 spoken letters and digits the captcha wheel ships for its audio CAPTCHAs
+    (``pip install --no-deps captcha``; one voice, 8 kHz 8-bit mono WAV) in [-1, 1]."""
+    import wave
+
+    root = _package_dir("captcha", "captcha") / "data"
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        with wave.open(str(folder / "default.wav")) as w:
+            raw = np.frombuffer(w.readframes(w.getnframes()), np.uint8)
+        out.append((raw.astype(np.float32) - 128.0) / 128.0)
+    return tuple(out)
+
+
+def speech(streams: int, seed: int = 0, sr: int = 8000, words: int = 6) -> np.ndarray:
+    """``streams`` recordings [streams, samples] at ``sr``: spoken characters at random
+    loudness with pauses of 0.06-0.5 s between them (about half speech), cut to a common
+    length; 16 kHz by linear interpolation of the 8 kHz voice."""
+    rng = np.random.default_rng(seed)
+    voice = _spoken_characters()
+    out = []
+    for _ in range(streams):
+        parts = []
+        for i in rng.integers(0, len(voice), words):
+            parts += [voice[i] * rng.uniform(0.3, 1.0),
+                      np.zeros(int(rng.integers(500, 4000)), np.float32)]
+        audio = np.concatenate(parts)
+        if sr == 16000:
+            audio = np.interp(np.arange(2 * len(audio)) / 2, np.arange(len(audio)), audio)
+        out.append(audio.astype(np.float32))
+    length = min(len(a) for a in out)
+    return np.stack([a[:length] for a in out])
+
+
+def vad_run(session: Any, audio: np.ndarray, sr: int = 8000) -> tuple[list[Feeds], np.ndarray]:
+    """Stream ``audio`` [batch, samples] through a VAD session chunk by chunk as silero's
+    wrapper does (each chunk after the previous chunk's last samples, the state carried from
+    one chunk to the next); the feeds it made and the speech probabilities [chunks, batch]."""
+    n, ctx = VAD_CHUNK[sr], VAD_CONTEXT[sr]
+    padded = np.concatenate([np.zeros((len(audio), ctx), np.float32), audio], axis=1)
+    state = np.zeros((2, len(audio), 128), np.float32)
+    feeds, probs = [], []
+    for start in range(ctx, padded.shape[1] - n + 1, n):
+        feed = {"input": np.ascontiguousarray(padded[:, start - ctx:start + n]),
+                "state": state, "sr": np.array(sr, np.int64)}
+        prob, state = session.run(None, feed)
+        feeds.append(feed)
+        probs.append(prob[:, 0])
+    return feeds, np.stack(probs)
+
+
+# --------------------------------------------------------------------------
+# a YOLOv8n detector, on faces in photos
+# --------------------------------------------------------------------------
+
+YOLO_INPUT = "images"
+YOLO_SIZE = 320
+
+
+def yolo_onnx() -> Path:
+    """The YOLOv8n detector the nudenet wheel ships (``pip install --no-deps nudenet``;
+    ``320n.onnx``, opset 17, used as shipped): input ``images`` [batch, 3, h, w] RGB in
+    [0, 1]; output ``output0`` [batch, 22, anchors], rows 0-3 the box centre and size in
+    pixels, rows 4-21 the 18 class scores (faces among them) in one concatenation."""
+    return _package_dir("nudenet", "nudenet") / "320n.onnx"
+
+
+def face_scenes(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` 320x320 scenes [n, 3, 320, 320] in [0, 1]: a crop of a scikit-image sample photo
+    with one or two faces of scikit-image's LFW subset pasted in at 70-140 pixels."""
+    import skimage.data
+
+    faces = skimage.data.lfw_subset()
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    out = np.empty((n, 3, YOLO_SIZE, YOLO_SIZE), np.float32)
+    for k in range(n):
+        img = _resize(_random_crop(photos[int(rng.integers(len(photos)))], rng, 0.5),
+                      YOLO_SIZE, YOLO_SIZE) / 255.0
+        for _ in range(int(rng.integers(1, 3))):
+            size = int(rng.integers(70, 140))
+            face = _resize(np.stack([faces[int(rng.integers(len(faces)))]] * 3, -1), size, size)
+            y, x = rng.integers(0, YOLO_SIZE - size, 2)
+            img[y:y + size, x:x + size] = face
+        out[k] = img.transpose(2, 0, 1)
+    return out
+
+
+def detections(output: np.ndarray, threshold: float = 0.25, iou: float = 0.45
+               ) -> list[tuple[int, np.ndarray, float]]:
+    """YOLOv8's decoding of one image's ``output0`` [22, anchors]: anchors whose best class
+    score passes ``threshold``, greedy non-maximum suppression per class; (class, box
+    [cx, cy, w, h], score) each."""
+    boxes, scores = output[:4].T, output[4:].T
+    cls, conf = scores.argmax(1), scores.max(1)
+    found = []
+    for c in np.unique(cls[conf > threshold]):
+        idx = np.where((cls == c) & (conf > threshold))[0]
+        idx = idx[np.argsort(-conf[idx])]
+        while len(idx):
+            best = idx[0]
+            found.append((int(c), boxes[best], float(conf[best])))
+            idx = np.array([j for j in idx[1:] if box_iou(boxes[best], boxes[j]) < iou], int)
+    return found
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two [cx, cy, w, h] boxes."""
+    w = min(a[0] + a[2] / 2, b[0] + b[2] / 2) - max(a[0] - a[2] / 2, b[0] - b[2] / 2)
+    h = min(a[1] + a[3] / 2, b[1] + b[3] / 2) - max(a[1] - a[3] / 2, b[1] - b[3] / 2)
+    inter = max(w, 0.0) * max(h, 0.0)
+    return float(inter / (a[2] * a[3] + b[2] * b[3] - inter + 1e-9))
+
+
+def detection_f1(ref: list[list], got: list[list], iou: float = 0.5) -> float:
+    """F1 of the detections ``got`` against ``ref`` (per image lists of :func:`detections`):
+    a match is the same class at IoU > ``iou``, each reference detection matched once."""
+    hits = total = 0
+    for want, have in zip(ref, got, strict=True):
+        free = list(range(len(have)))
+        for c, box, _ in want:
+            match = next((i for i in free if have[i][0] == c and box_iou(box, have[i][1]) > iou),
+                         None)
+            if match is not None:
+                free.remove(match)
+                hits += 1
+        total += len(want) + len(have)
+    return 2 * hits / max(total, 1)
+
+
+# --------------------------------------------------------------------------
 # onnx model-zoo "light" graphs
 # --------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from graphq.data import samples_in
 from graphq.errors import DataError
 from graphq.kernels import observers as O
 from graphq.kernels import quant as Q
+from graphq.passes.insert_qdq import COMPUTE, PASS_THROUGH
 from graphq.progress import Progress
 from graphq.quant import QuantTable, TensorQuant
 from graphq.registry import Pass, PassContext, PassResult, register
@@ -281,6 +282,7 @@ class Calibrate(Pass):
         for entry in table.quantized("activation"):
             if entry.tensor in observers:
                 self._from_observer(entry, observers[entry.tensor], notes, method)
+        _follow_sources(table)
         _keep_mixed_concats_float(graph, table, notes)
         _follow_sources(table)
         return notes
@@ -349,7 +351,8 @@ def _score(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
     _apply(view, table)
     _quantize_biases(view, copy.deepcopy(table))
     sess = runtime.session(G.export(view.cleanup().toposort(), like=model), providers)
-    return S.worst_sqnr(reference, [runtime.run(sess, feed) for feed in feeds])
+    outs = [runtime.run(sess, feed) for feed in feeds]
+    return S.worst_sqnr(reference, outs)
 
 
 def _check_correction(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
@@ -456,6 +459,18 @@ def _keep_mixed_concats_float(graph: gs.Graph, table: QuantTable, notes: list[st
         out = table.get(node.outputs[0].name)
         if out is None or not out.quantized:
             continue
+        floats = [t.name for t in node.inputs if G.constant_values(t) is None and not (
+            (e := table.get(G.float_source(t).name)) is not None and e.quantized)]
+        if floats and not _feeds_compute(node.outputs[0]):
+            out.quantized = False
+            out.scale = out.zero_point = None
+            out.reason = (f"Concat '{node.name}' has a float input ('{floats[0]}'): it runs in "
+                          "float, no integer op reads its output, and one scale over it would "
+                          "only round the float input's values (a detector's class logits "
+                          "beside its box terms)")
+            notes.append(f"'{out.tensor}' {out.reason}")
+            _follow_sources(table)  # what shares its scale is float now too
+            continue
         spans = []
         for t in node.inputs:
             entry = table.get(G.float_source(t).name)
@@ -471,6 +486,23 @@ def _keep_mixed_concats_float(graph: gs.Graph, table: QuantTable, notes: list[st
                           f"(more than {MIXED_RANGE_RATIO:g}x): one scale would erase the "
                           "narrow ones, so the concatenation stays float")
             notes.append(f"'{out.tensor}' {out.reason}")
+
+
+def _feeds_compute(tensor: gs.Tensor) -> bool:
+    """Whether a compute op (Conv, Gemm, MatMul, ...) reads ``tensor``, through Q/DQ pairs and
+    pass-through ops (Reshape, Split, ...)."""
+    seen, todo = set(), [tensor]
+    while todo:
+        t = todo.pop()
+        for reader in t.outputs:
+            if id(reader) in seen:
+                continue
+            seen.add(id(reader))
+            if reader.op in COMPUTE:
+                return True
+            if reader.op in (*PASS_THROUGH, "QuantizeLinear", "DequantizeLinear"):
+                todo.extend(reader.outputs)
+    return False
 
 
 def _follow_sources(table: QuantTable) -> None:

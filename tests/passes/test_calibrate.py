@@ -395,6 +395,47 @@ def test_concat_of_mixed_ranges_stays_float(gain, concat_quantized):
         assert "cat" not in pairs(result.model)
 
 
+@pytest.mark.parametrize("reader", ["Reshape", "Conv"])
+def test_concat_with_a_float_input_stays_float_unless_an_integer_op_reads_it(reader):
+    """Class logits beside box terms: ``rb`` is small but for one bright pixel a batch, so
+    min_sqnr_db keeps it float (about 17 dB), while the Concat's output, whose power the wide
+    ``ra`` holds, keeps about 40 dB and its own scale. That scale would only round the float
+    input's values when nothing integer reads the output (a Reshape to a graph output): it
+    stays float; a Conv reader keeps it quantized (the Conv's integer input)."""
+    rng = np.random.default_rng(42)
+    nodes = [
+        helper.make_node("Conv", ["x", "Wa"], ["a"], name="conv_a"),
+        helper.make_node("Relu", ["a"], ["ra"]),
+        helper.make_node("Conv", ["x2", "Wb"], ["b"], name="conv_b"),
+        helper.make_node("Relu", ["b"], ["rb"]),
+        helper.make_node("Concat", ["ra", "rb"], ["cat"], name="concat", axis=1),
+    ]
+    side = 64
+    if reader == "Reshape":
+        nodes.append(helper.make_node("Reshape", ["cat", "flat"], ["y"], name="reshape"))
+        out, inits = tensor("y", [1, 8 * side * side]), {"flat": np.array([1, -1], np.int64)}
+    else:
+        nodes.append(helper.make_node("Conv", ["cat", "Wc"], ["y"], name="conv_c"))
+        out, inits = tensor("y", [1, 2, side, side]), {"Wc": f32(rng, 0.3, 2, 8, 1, 1)}
+    inits |= {"Wa": f32(rng, 50.0, 4, 3, 1, 1), "Wb": np.abs(f32(rng, 1.0, 4, 3, 1, 1))}
+    shape = [1, 3, side, side]
+    model = build(nodes, [tensor("x", shape), tensor("x2", shape)], [out], inits)
+    data = []
+    for _ in range(4):
+        x2 = np.abs(rng.normal(0, 0.07, shape)).astype(np.float32)
+        x2[0, :, int(rng.integers(side)), int(rng.integers(side))] = 50.0  # one bright pixel
+        data.append({"x": rng.normal(0, 1, shape).astype(np.float32), "x2": x2})
+    result, table = calibrate(insert(model), data, method="percentile", percentile=100.0,
+                              min_sqnr_db=25.0)
+    assert table.get("ra").quantized and not table.get("rb").quantized
+    cat = table.get("cat")
+    if reader == "Reshape":
+        assert not cat.quantized and "has a float input ('rb" in cat.reason
+        assert "cat" not in pairs(result.model)
+    else:
+        assert cat.quantized and "cat" in pairs(result.model)
+
+
 def test_loop_bodies_are_reported_as_not_quantized():
     """If branches are quantized (tests/passes/test_control_flow.py); a Loop's body is not:
     its values cannot be read out per iteration for calibration."""

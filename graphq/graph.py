@@ -24,6 +24,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from graphq import model as model_io
+
 # graphsurgeon prints its own warnings to stdout; graphq logs what matters itself.
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 # onnxruntime's graph-optimizer notes (printed while folding constants) are noise here too.
@@ -265,6 +267,48 @@ def _lift(tensor: gs.Tensor, path: tuple[tuple[gs.Node, gs.Graph], ...],
         current = gs.Variable(fresh_name(f"{tensor.name}_lifted", taken), dtype)
         node.outputs.append(current)
     return current
+
+
+#: one part of a graph output: (label, axis, start, stop)
+Part = tuple[str, int, int, int]
+
+
+def output_parts(model: onnx.ModelProto) -> dict[str, list[Part]]:
+    """Graph outputs that a Concat makes from inputs of known sizes on its axis -> the part
+    each input fills, ``(label, axis, start, stop)``, the label as ``output[:, 4:22]``.
+
+    Fidelity is judged per part as well as whole: a detector whose one output holds box
+    coordinates (pixels) beside class scores (0..1) would otherwise be scored by its boxes
+    alone, whatever became of the scores."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    concats = {o.name: producers[o.name] for o in model.graph.output
+               if o.name in producers and producers[o.name].op_type == "Concat"}
+    if not concats:
+        return {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model_io.skeleton(model), data_prop=True)
+    except Exception:  # noqa: BLE001 - no shapes, no parts
+        return {}
+    g = inferred.graph
+    shapes = {v.name: model_io.dims(v) for v in [*g.value_info, *g.input, *g.output]}
+    shapes.update({t.name: list(t.dims) for t in g.initializer})
+    parts: dict[str, list[Part]] = {}
+    for name, node in concats.items():
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        rank = len(shapes.get(name) or [])
+        if not rank or len(node.input) < 2:
+            continue
+        axis %= rank
+        sizes = [(shapes.get(i) or [None] * rank)[axis] for i in node.input]
+        if not all(isinstance(n, int) for n in sizes):
+            continue
+        start, found = 0, []
+        for n in sizes:
+            label = f"{name}[{', '.join([':'] * axis + [f'{start}:{start + n}'])}]"
+            found.append((label, axis, start, start + n))
+            start += n
+        parts[name] = found
+    return parts
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:

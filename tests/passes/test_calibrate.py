@@ -599,6 +599,31 @@ def test_auto_keeps_the_method_with_the_best_output_on_the_first_batches():
                                   run(best_result.model, held_out)[0])
 
 
+def test_auto_places_activations_by_percentile_for_every_method():
+    """With min_sqnr_db, auto judges every activation at percentile's clip range and keeps
+    float the same ones whatever method it then keeps: a harder-clipping method alone keeps
+    more tensors float (here some method alone does), and would otherwise win the comparison
+    by quantizing less."""
+    rng = np.random.default_rng(12)
+    model = conv_net(rng)
+    inserted = insert(model, weights={"reduce_range": True})
+    feeds = [{"x": images(rng, 8) * rng.laplace(1.0, 0.6, (8, 1, 1, 1)).astype(np.float32)}
+             for _ in range(5)]
+    floats = {}
+    for method in ("percentile", "mse", "entropy", "minmax", "auto"):
+        result, table = calibrate(inserted, feeds, method=method, bins=4096,
+                                  min_sqnr_db=30.0, search_samples=1, auto_margin_db=0.0)
+        floats[method] = {e.tensor for e in table.entries.values()
+                          if e.role == "activation" and not e.quantized
+                          and "graph output" not in e.reason}
+        if method == "auto":
+            for name in floats[method]:
+                reason = table.get(name).reason
+                assert "percentile's clip range" in reason or "source" in reason, reason
+    assert any(floats[m] != floats["percentile"] for m in ("mse", "entropy")), floats
+    assert floats["auto"] == floats["percentile"], floats
+
+
 def auto_note(result) -> tuple[dict[str, float], str]:
     """auto's scores and kept method, read from its note."""
     (note,) = [n for n in result.notes if n.startswith("method auto")]

@@ -369,9 +369,8 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         if proto.initializer[i].name not in used:
             del proto.initializer[i]
     for node in proto.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                _constants_to_initializers(sub)
+        for sub in _subgraphs(node):
+            _constants_to_initializers(sub)
     return model
 
 
@@ -383,9 +382,8 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
     initializer into each of them)."""
     deeper = set()
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                deeper |= _names_read(sub)
+        for sub in _subgraphs(node):
+            deeper |= _names_read(sub)
     keep = []
     for node in graph.node:
         value = next((a.t for a in node.attribute if a.name == "value"), None) \
@@ -397,9 +395,8 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
             graph.initializer.append(tensor)
             continue
         keep.append(node)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                _constants_to_initializers(sub)
+        for sub in _subgraphs(node):
+            _constants_to_initializers(sub)
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
@@ -407,13 +404,17 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
 
 def _tensors(graph: gs.Graph) -> dict[str, gs.Tensor]:
     """The tensors of ``graph`` and of the subgraphs of its nodes (If/Loop bodies)."""
-    tensors = dict(graph.tensors())
-    for node in graph.nodes:
-        for attr in node.attrs.values():
-            if isinstance(attr, gs.Graph):
-                for name, t in _tensors(attr).items():
-                    tensors.setdefault(name, t)
+    tensors: dict[str, gs.Tensor] = {}
+    for g in G.graphs(graph):
+        for name, t in g.tensors().items():
+            tensors.setdefault(name, t)
     return tensors
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node holds as attributes (an If's branches, a Loop's body)."""
+    return [g for attr in node.attribute
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
 
 
 def _names_made(graph: onnx.GraphProto) -> set[str]:
@@ -422,11 +423,10 @@ def _names_made(graph: onnx.GraphProto) -> set[str]:
     names = set()
     for node in graph.node:
         names.update(node.output)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                names |= _names_made(sub)
-                names.update(i.name for i in sub.input)
-                names.update(t.name for t in sub.initializer)
+        for sub in _subgraphs(node):
+            names |= _names_made(sub)
+            names.update(i.name for i in sub.input)
+            names.update(t.name for t in sub.initializer)
     return names
 
 
@@ -435,10 +435,9 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
     names = set()
     for node in graph.node:
         names.update(node.input)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                names |= _names_read(sub)
-                names.update(o.name for o in sub.output)
+        for sub in _subgraphs(node):
+            names |= _names_read(sub)
+            names.update(o.name for o in sub.output)
     return names
 
 

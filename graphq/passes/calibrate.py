@@ -82,7 +82,7 @@ class CalibrateOptions:
         "help": "calibration batches method auto and the sensitivity search score on (at "
                 "least; more while they hold fewer than search_samples samples)", "min": 1})
     search_samples: int = field(default=16, metadata={
-        "help": "samples (axis 0 of the inputs) auto and the search score on at least, so "
+        "help": "samples (on the inputs' batch axis) auto and the search score on at least, so "
                 "that batches of one image do not leave the choice to a few images",
         "min": 1})
     auto_margin_db: float = field(default=0.5, metadata={

@@ -280,10 +280,15 @@ class Calibrate(Pass):
         notes: list[str] = []
         method = method or self.options.method
         best = self._placement_sqnr(table, observers) if self.options.method == "auto" else {}
+        fallbacks = 0
         for entry in table.quantized("activation"):
             if entry.tensor in observers:
                 self._from_observer(entry, observers[entry.tensor], notes, method,
                                     best.get(entry.tensor))
+                fallbacks += entry.quantized and entry.tensor in best and entry.method != method
+        if fallbacks:
+            notes.append(f"{fallbacks} activation(s) took {AUTO_METHODS[0]}'s clip range: "
+                         f"{method}'s would keep less than min_sqnr_db of them")
         _follow_sources(table)
         _keep_mixed_concats_float(graph, table, notes)
         _follow_sources(table)
@@ -344,6 +349,13 @@ class Calibrate(Pass):
                            f"method auto tries; min_sqnr_db {self.options.min_sqnr_db:g}): "
                            "kept float")
                 return
+            if method != best[1] and obs.sqnr_db(lo, hi, entry.dtype, entry.symmetric) < \
+                    self.options.min_sqnr_db:
+                # this method's clip loses what the reference's holds (entropy's KL threshold
+                # on a spike at zero): the reference's range
+                method = best[1]
+                lo, hi = self._clip_range(obs, entry, method)
+                entry.range = [float(lo), float(hi)]
         elif self.options.min_sqnr_db > 0 and isinstance(obs, O.HistogramObserver):
             sqnr = obs.sqnr_db(lo, hi, entry.dtype, entry.symmetric)
             if sqnr < self.options.min_sqnr_db:

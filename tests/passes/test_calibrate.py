@@ -624,6 +624,39 @@ def test_auto_places_activations_by_percentile_for_every_method():
     assert floats["auto"] == floats["percentile"], floats
 
 
+def test_auto_candidate_takes_percentiles_range_where_its_own_loses_the_tensor():
+    """A tensor of small values with rare large ones: entropy's KL threshold clips it to
+    +-1.25 (expected SQNR 1.8 dB), percentile's range holds 29 dB. Under auto's shared
+    placement the tensor is quantized, and the entropy candidate takes percentile's range for
+    it rather than destroying it (the digits CNN's entropy candidate scored -3.1 dB that way)."""
+    import onnx_graphsurgeon as gs
+
+    from graphq.kernels import observers as O
+    from graphq.quant import TensorQuant
+
+    rng = np.random.default_rng(13)
+    x = np.where(rng.random(200000) < 0.99, rng.normal(0, 0.01, 200000),
+                 rng.normal(0, 5, 200000)).astype(np.float32)
+    obs = O.HistogramObserver(4096, None)
+    obs.observe(x)
+    step = Calibrate(method="auto", min_sqnr_db=25.0)
+    picked = {}
+    for method in ("entropy", "mse"):
+        table = QuantTable()
+        table.add(TensorQuant("x", "activation", True, "input of Conv 'c'", dtype="uint8",
+                              symmetric=False))
+        notes = step._set_qparams(table, {"x": obs}, gs.Graph(), method)
+        entry = table.get("x")
+        assert entry.quantized
+        picked[method] = (entry.method, notes)
+    lo, hi = obs.percentile(99.999, False)
+    assert picked["entropy"][0] == "percentile"
+    assert any("took percentile's clip range: entropy's" in n for n in picked["entropy"][1])
+    assert picked["mse"][0] == "mse" and not picked["mse"][1]  # mse's own range holds it
+    assert obs.sqnr_db(*obs.entropy("uint8", False), "uint8", False) < 25 <= \
+        obs.sqnr_db(lo, hi, "uint8", False)
+
+
 def auto_note(result) -> tuple[dict[str, float], str]:
     """auto's scores and kept method, read from its note."""
     (note,) = [n for n in result.notes if n.startswith("method auto")]

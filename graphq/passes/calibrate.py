@@ -130,7 +130,7 @@ class Calibrate(Pass):
         graph = G.import_graph(model)
         observed = _observed(table)
         corrected = _correctable(graph, table) if self.options.bias_correction else []
-        stream = self._observe(model, observed, ctx,
+        stream = self._observe(model, graph, observed, ctx,
                                sorted({G.float_source(n.inputs[0]).name for n in corrected}))
         originals = {id(n): n.inputs[2].values for n in corrected}
         notes = _correct_biases(corrected, table, stream.means) if corrected else []
@@ -157,11 +157,14 @@ class Calibrate(Pass):
         return PassResult(out, True, counts, notes)
 
     # ---- statistics -------------------------------------------------------------------------
-    def _observe(self, model: onnx.ModelProto, observed: list[TensorQuant], ctx: PassContext,
-                 means: list[str]) -> _Stream:
+    def _observe(self, model: onnx.ModelProto, graph: gs.Graph, observed: list[TensorQuant],
+                 ctx: PassContext, means: list[str]) -> _Stream:
         """Stream the data: an observer per ``observed`` tensor, per-channel means of the
-        ``means`` tensors (bias correction); the first batches kept for the search."""
-        names = [e.tensor for e in observed]
+        ``means`` tensors (bias correction); the first batches kept for the search. A Concat
+        output whose inputs are all observed is not fetched: its statistics are its inputs'
+        merged (:func:`_derived_concats`)."""
+        derived = _derived_concats(graph, {e.tensor for e in observed}, set(means))
+        names = [e.tensor for e in observed if e.tensor not in derived]
         extra = [n for n in means if n not in set(names)]
         renamed: dict[str, str] = {}  # tensors inside If branches leave by new names
         view = G.with_outputs(model, names + extra, float_view=True, renamed=renamed)
@@ -194,6 +197,12 @@ class Calibrate(Pass):
             batches += 1
             progress.update(batches)
         progress.close()
+        for output, sources in derived.items():  # in graph order: a Concat of Concats works
+            for source in sources:
+                observers[output].merge(observers[source])
+        if derived:
+            log.info("%d Concat output(s): statistics merged from their inputs' (not fetched)",
+                     len(derived))
         return _Stream(observers, channel_means, kept, batches, time.perf_counter() - start)
 
     def _sensitivity(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
@@ -464,6 +473,26 @@ def _correct_biases(nodes: list[gs.Node], table: QuantTable,
             "weight's quantization error adds on the calibration data")
     log.info("%s", note)
     return [note]
+
+
+def _derived_concats(graph: gs.Graph, observed: set[str], fetched: set[str]
+                     ) -> dict[str, list[str]]:
+    """Observed Concat outputs (of the main graph) whose every input's float source is
+    observed too, each with those sources, in graph order. A Concat's values are its inputs'
+    values, so its statistics are theirs merged (min, max, counts exactly; a histogram up to
+    one cell of the coarser grid): the output need not leave the session, which saves
+    onnxruntime copying it out of its blocked layout and the observer a pass over it
+    (DenseNet's concatenations are its largest tensors). ``fetched``: tensors fetched anyway
+    (bias correction's means), observed directly."""
+    derived: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        out = node.outputs[0].name if node.op == "Concat" and node.outputs else None
+        if out not in observed or out in fetched:
+            continue
+        sources = [G.float_source(t).name for t in node.inputs]
+        if sources and all(s in observed and s != out for s in sources):
+            derived[out] = sources
+    return derived
 
 
 def _run_ahead(sess, names: list[str], feeds: Iterable[dict[str, np.ndarray]]

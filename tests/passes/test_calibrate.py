@@ -436,6 +436,54 @@ def test_concat_with_a_float_input_stays_float_unless_an_integer_op_reads_it(rea
         assert cat.quantized and "cat" in pairs(result.model)
 
 
+def nested_concat_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """Three Conv->Relu branches; ``cat1 = Concat(ra, rb)``, ``cat2 = Concat(cat1, rc, ra)``
+    (a Concat of a Concat, one input twice), then a Conv."""
+    nodes = [helper.make_node("Conv", ["x", f"W{k}"], [k], name=f"conv_{k}") for k in "abc"]
+    nodes += [helper.make_node("Relu", [k], [f"r{k}"]) for k in "abc"]
+    nodes += [helper.make_node("Concat", ["ra", "rb"], ["cat1"], name="cat1", axis=1),
+              helper.make_node("Concat", ["cat1", "rc", "ra"], ["cat2"], name="cat2", axis=1),
+              helper.make_node("Conv", ["cat2", "Wd"], ["y"], name="conv_d")]
+    inits = {"Wa": f32(rng, 1.0, 4, 3, 1, 1), "Wb": f32(rng, 2.0, 4, 3, 1, 1),
+             "Wc": f32(rng, 0.5, 4, 3, 1, 1), "Wd": f32(rng, 0.3, 2, 16, 1, 1)}
+    return build(nodes, [tensor("x", [1, 3, 6, 6])], [tensor("y", [1, 2, 6, 6])], inits)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_concat_statistics_come_from_its_inputs_without_fetching_it(method, monkeypatch):
+    """A Concat whose inputs are all observed is not fetched from the session; its range is
+    its inputs' merged: min/max exactly, a percentile within a cell or two of the one on its
+    own values observed directly (2048 cells over the range)."""
+    from graphq import graph as G
+    from graphq.kernels import observers as O
+    rng = np.random.default_rng(44)
+    model = nested_concat_model(rng)
+    data = [{"x": rng.normal(0, 1, (1, 3, 6, 6)).astype(np.float32)} for _ in range(6)]
+    fetched: list[str] = []
+    with_outputs = G.with_outputs
+
+    def spy(model, names, *args, **kwargs):
+        fetched.extend(names)
+        return with_outputs(model, names, *args, **kwargs)
+
+    monkeypatch.setattr(G, "with_outputs", spy)
+    _, table = calibrate(insert(model), data, method=method, percentile=99.0)
+    assert {"ra", "rb", "rc"} <= set(fetched) and not {"cat1", "cat2"} & set(fetched)
+    values = float_values(model, ["cat1", "cat2"], data)
+    for name in ("cat1", "cat2"):
+        entry, v = table.get(name), values[name]
+        assert entry.quantized and entry.method == method
+        if method == "minmax":
+            assert entry.range == pytest.approx([float(v.min()), float(v.max())], rel=1e-6)
+        else:
+            direct = O.make_observer("percentile", percentile=99.0, symmetric=False)
+            for batch in np.split(v, len(data)):
+                direct.observe(batch)
+            cell = float(v.max() - min(v.min(), 0.0)) / 2048
+            assert entry.range[0] == 0.0 == direct.range()[0]  # ReLU: the zeros
+            assert abs(entry.range[1] - direct.range()[1]) <= 2 * cell, name
+
+
 def test_loop_bodies_are_reported_as_not_quantized():
     """If branches are quantized (tests/passes/test_control_flow.py); a Loop's body is not:
     its values cannot be read out per iteration for calibration."""

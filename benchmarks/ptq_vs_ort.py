@@ -1141,7 +1141,7 @@ def targets(doc: dict[str, Any]) -> list[str]:
                  "for reference) and method auto (the int8 preset; int8-accurate for "
                  "reference). auto streams the data once into one histogram per tensor, then, "
                  "by design, builds and runs 4 quantized onnxruntime sessions (one per "
-                 "candidate method) on the first calibration batches (at least 4 and 16 samples): "
+                 "candidate method) on calibration batches spread over the data (at least 4 and 16 samples): "
                  "its calibrate time "
                  "includes them; `streaming alone` is the part comparable to the FP32 pass. "
                  "int8-accurate also collects bias-correction means.")

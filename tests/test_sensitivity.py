@@ -23,8 +23,8 @@ import pytest
 from graphq import graph as G
 from graphq import runtime
 from graphq import sensitivity as S
-from graphq.data import DataSource
-from graphq.passes.calibrate import Calibrate
+from graphq.data import DataSource, samples_in
+from graphq.passes.calibrate import Calibrate, _SpreadBatches
 from graphq.passes.insert_qdq import InsertQDQ
 from graphq.quant import QuantTable
 from graphq.registry import PassContext
@@ -122,15 +122,20 @@ def test_calibrate_keeps_float_what_the_search_picks(qdq_model):
               e.reason.startswith("kept float by the sensitivity search")]
     assert picked and all(not e.quantized and e.scale is None for e in picked)
     assert f"with {len(picked)} of" in note
-    # the note's numbers are what the graphs score on the first two batches
+    # the note's numbers are what the graphs score on the two batches calibrate kept
+    spread = _SpreadBatches(2, 16, lambda feed: samples_in(feed, qdq_model))
+    for feed in feeds:
+        spread.offer(feed)
+    search = spread.batches()
+    assert len(search) == 2
     floats = runtime.session(G.with_outputs(qdq_model, [], float_view=True))
-    ref = [runtime.run(floats, f) for f in feeds[:2]]
+    ref = [runtime.run(floats, f) for f in search]
     written = exact(model)
-    final = S.worst_sqnr(ref, [runtime.run(written, f) for f in feeds[:2]])
+    final = S.worst_sqnr(ref, [runtime.run(written, f) for f in search])
     baseline_model = Calibrate(method="minmax").run(
         qdq_model, PassContext(data=DataSource(feeds))).model
     plain = exact(baseline_model)
-    baseline = S.worst_sqnr(ref, [runtime.run(plain, f) for f in feeds[:2]])
+    baseline = S.worst_sqnr(ref, [runtime.run(plain, f) for f in search])
     # the search's session lets onnxruntime fuse float ops (rounding differences only)
     said = [float(w) for w in re.findall(r"([0-9.]+) dB with", note)]
     assert said == pytest.approx([baseline, final], abs=0.2), note

@@ -8,7 +8,7 @@
 3. Each observer's clip range (``minmax``, ``percentile``, ``entropy`` or ``mse``) gives the
    scale and zero point (:mod:`graphq.kernels.quant`); pass-through tensors take their
    source's. ``auto`` keeps one histogram per tensor, derives every method's ranges from it,
-   runs the quantized graph with each on the first calibration batches and keeps the method
+   runs the quantized graph with each on calibration batches spread over the data and keeps the method
    whose worst output is closest to the float model's (SQNR). A tensor that held non-finite
    values (an attention mask's -inf) or whose source was kept float is kept float, its Q/DQ
    pair removed, the reason in the table.
@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -55,8 +55,8 @@ class CalibrateOptions:
     method: Literal["minmax", "percentile", "entropy", "mse", "auto"] = field(
         default="percentile", metadata={
             "help": "how the clip range is chosen; auto: each of percentile, mse, entropy and "
-                    "minmax (from one histogram per tensor) is run on the first calibration "
-                    "batches (search_batches, search_samples) and the one whose worst output "
+                    "minmax (from one histogram per tensor) is run on calibration batches "
+                    "spread over the data (search_batches, search_samples) and the one whose worst output "
                     "SQNR against the float model is highest is kept, percentile unless "
                     "another beats it by more than auto_margin_db (one session per method)"})
     percentile: float = field(default=99.999, metadata={
@@ -73,14 +73,15 @@ class CalibrateOptions:
     target_sqnr_db: float = field(default=0.0, metadata={
         "help": "sensitivity search (0: off): keep float the activations whose quantization "
                 "costs the outputs most, fewest first, until every output's SQNR against the "
-                "float model on the first search_batches batches reaches this (dB); about one "
+                "float model on the search batches reaches this (dB); about one "
                 "run of those batches per activation", "min": 0.0})
     max_float: float = field(default=0.25, metadata={
         "help": "the share of activations the sensitivity search may keep float",
         "min": 0.0, "max": 1.0})
     search_batches: int = field(default=4, metadata={
         "help": "calibration batches method auto and the sensitivity search score on (at "
-                "least; more while they hold fewer than search_samples samples)", "min": 1})
+                "least; more while they hold fewer than search_samples samples), every "
+                "k-th batch of the data so that they spread over all of it", "min": 1})
     search_samples: int = field(default=16, metadata={
         "help": "samples (on the inputs' batch axis) auto and the search score on at least, so "
                 "that batches of one image do not leave the choice to a few images",
@@ -104,13 +105,66 @@ class CalibrateOptions:
                              "or >= 1024")
 
 
+class _SpreadBatches:
+    """The batches method auto, its bias-correction check and the sensitivity search score
+    on: at least ``batches`` batches holding at least ``samples`` samples, spread over a
+    stream of unknown length, so that data whose kinds come in runs (an image folder sorted
+    by class, one sample rate after another) is scored on all of them.
+
+    Jittered strata: the stream is cut into strata of ``stride`` consecutive batches and one
+    batch of each is kept, drawn uniformly (a reservoir of one, seeded: the same data keeps
+    the same batches). When the kept batches of every two neighbouring strata merged into
+    one (the draw between them weighted by the batches each stands for, so it stays uniform)
+    would still be enough, they are merged and the stride doubles. So the kept batches cover
+    the whole stream, at most about twice the need are held, a stream shorter than the need
+    is kept whole, and data that alternates (8 kHz, 16 kHz, ...) does not alias with the
+    stride as every k-th batch would."""
+
+    def __init__(self, batches: int, samples: int, count: Callable[[dict], int],
+                 seed: int = 0) -> None:
+        self.need_batches, self.need_samples, self.count = batches, samples, count
+        self.stride, self.seen = 1, 0
+        self.rng = np.random.default_rng(seed)
+        # per stratum: [feed, its samples, batches of the stream the stratum has seen]
+        self.kept: list[list] = []
+
+    def _enough(self, kept: list[list]) -> bool:
+        return (len(kept) >= self.need_batches
+                and sum(k[1] for k in kept) >= self.need_samples)
+
+    def offer(self, feed: dict[str, np.ndarray]) -> None:
+        if self.seen % self.stride == 0:
+            self.kept.append([feed, self.count(feed), 1])
+        else:  # the current stratum: this batch replaces its pick with probability 1/m
+            last = self.kept[-1]
+            last[2] += 1
+            if self.rng.random() * last[2] < 1.0:
+                last[0], last[1] = feed, self.count(feed)
+        self.seen += 1
+        while len(self.kept) > 1:
+            merged = [self._merge(self.kept[i:i + 2]) for i in range(0, len(self.kept), 2)]
+            if not self._enough(merged):
+                break
+            self.kept, self.stride = merged, self.stride * 2
+
+    def _merge(self, pair: list[list]) -> list:
+        if len(pair) == 1:
+            return list(pair[0])
+        (a, b), total = pair, pair[0][2] + pair[1][2]
+        pick = a if self.rng.random() * total < a[2] else b
+        return [pick[0], pick[1], total]
+
+    def batches(self) -> list[dict[str, np.ndarray]]:
+        return [k[0] for k in self.kept]
+
+
 @dataclass
 class _Stream:
     """What streaming the data through the float view gathered."""
 
     observers: dict[str, O.Observer]
     means: dict[str, O.ChannelMean]  # per-channel input means, for bias correction
-    kept: list[dict[str, np.ndarray]]  # the first batches, for the sensitivity search
+    kept: list[dict[str, np.ndarray]]  # batches spread over the data, for the search
     batches: int
     seconds: float
 
@@ -160,7 +214,8 @@ class Calibrate(Pass):
     def _observe(self, model: onnx.ModelProto, graph: gs.Graph, observed: list[TensorQuant],
                  ctx: PassContext, means: list[str]) -> _Stream:
         """Stream the data: an observer per ``observed`` tensor, per-channel means of the
-        ``means`` tensors (bias correction); the first batches kept for the search. A Concat
+        ``means`` tensors (bias correction); batches spread over the data kept for the
+        search. A Concat
         output whose inputs are all observed is not fetched: its statistics are its inputs'
         merged (:func:`_derived_concats`)."""
         derived = _derived_concats(graph, {e.tensor for e in observed}, set(means))
@@ -174,17 +229,14 @@ class Calibrate(Pass):
         start = time.perf_counter()
         batches = 0
         progress = Progress("calibrate", unit="batch")
-        kept: list[dict[str, np.ndarray]] = []  # the search's batches (auto, sensitivity)
         search = self.options.target_sqnr_db > 0 or self.options.method == "auto"
-        samples = 0
+        kept = _SpreadBatches(self.options.search_batches, self.options.search_samples,
+                              lambda feed: samples_in(feed, model))
 
         def feeds() -> Iterator[dict[str, np.ndarray]]:
-            nonlocal samples
             for feed in ctx.data.feeds(model):
-                if search and (len(kept) < self.options.search_batches
-                               or samples < self.options.search_samples):
-                    kept.append(feed)
-                    samples += samples_in(feed, model)
+                if search:
+                    kept.offer(feed)
                 yield feed
 
         fetch = [renamed.get(n, n) for n in names + extra]
@@ -203,7 +255,8 @@ class Calibrate(Pass):
         if derived:
             log.info("%d Concat output(s): statistics merged from their inputs' (not fetched)",
                      len(derived))
-        return _Stream(observers, channel_means, kept, batches, time.perf_counter() - start)
+        return _Stream(observers, channel_means, kept.batches(), batches,
+                       time.perf_counter() - start)
 
     def _sensitivity(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
                      feeds: list[dict[str, np.ndarray]], ctx: PassContext) -> list[str]:

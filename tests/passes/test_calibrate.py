@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 from graphq.data import DataSource
 from graphq.errors import DataError, PassError
 from graphq.kernels.quant import MIN_SCALE
-from graphq.passes.calibrate import Calibrate, _run_ahead
+from graphq.passes.calibrate import Calibrate, _run_ahead, _SpreadBatches
 from graphq.passes.insert_qdq import InsertQDQ
 from graphq.quant import QuantTable
 from graphq.registry import PassContext
@@ -519,6 +519,41 @@ class _CountingSession:
         return [feed["i"] * 10]
 
 
+@pytest.mark.parametrize("total, need, samples, size", [
+    (5, 3, 1, 1), (2, 4, 1, 1), (100, 4, 1, 1), (100, 4, 10, 3), (100, 1, 10, 2), (1000, 4, 16, 1),
+])
+def test_spread_batches_keep_one_batch_per_stratum_over_the_whole_stream(
+        total, need, samples, size):
+    """Kept: one batch drawn from each stratum of ``stride`` consecutive batches, strata
+    merging in pairs (the stride doubling) while that still leaves ``need`` batches holding
+    ``samples`` samples: at least the need, at most about twice it ever held, the strata
+    covering the whole stream; a stream shorter than the need kept whole."""
+    kept_by = _SpreadBatches(need, samples, lambda feed: size)
+    held = 0
+    for i in range(total):
+        kept_by.offer({"i": i})
+        held = max(held, len(kept_by.kept))
+    kept = [feed["i"] for feed in kept_by.batches()]
+    enough = max(need, -(-samples // size))
+    if total <= enough:
+        assert kept == list(range(total))
+        return
+    stride = kept_by.stride
+    assert [k // stride for k in kept] == list(range(len(kept)))  # one per stratum, in order
+    assert len(kept) == -(-total // stride)  # ... and the strata reach the stream's end
+    assert enough <= len(kept) <= 2 * enough and held <= 2 * enough, (kept, held)
+
+
+def test_spread_batches_do_not_alias_with_alternating_data():
+    """Data whose kinds alternate (8 kHz, 16 kHz, 8 kHz ...): every k-th batch for an even k
+    would score one kind only; the draw within each stratum scores both."""
+    for seed in range(5):
+        kept_by = _SpreadBatches(4, 1, lambda feed: 1, seed=seed)
+        for i in range(64):
+            kept_by.offer({"kind": i % 2})
+        assert {feed["kind"] for feed in kept_by.batches()} == {0, 1}, seed
+
+
 def test_run_ahead_keeps_order_and_runs_at_most_one_batch_ahead():
     sess = _CountingSession()
     got = []
@@ -597,6 +632,14 @@ def test_auto_keeps_bias_correction_only_where_it_helps(kernel, kept):
 
 
 # ---- method auto --------------------------------------------------------------------------------
+def spread(feeds: list[dict], batches: int, samples: int) -> list[dict]:
+    """The feeds calibrate keeps for auto (the same seeded draw as :class:`_SpreadBatches`)."""
+    kept = _SpreadBatches(batches, samples, lambda feed: len(next(iter(feed.values()))))
+    for feed in feeds:
+        kept.offer(feed)
+    return kept.batches()
+
+
 def worst_sqnr_db(model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: list[dict]) -> float:
     """Each float output's SQNR over all feeds together (numpy), the lowest; the quantized
     graph as onnxruntime runs it by default (fused integer kernels), as auto scores it."""
@@ -612,16 +655,17 @@ def worst_sqnr_db(model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: lis
     return float(worst)
 
 
-def test_auto_keeps_the_method_with_the_best_output_on_the_first_batches():
-    """auto's scores are the worst output SQNR of each method's graph on the first
-    ``search_batches`` batches (recomputed here with numpy from each method run alone with
+def test_auto_keeps_the_method_with_the_best_output_on_the_batches_it_kept():
+    """auto's scores are the worst output SQNR of each method's graph on ``search_batches``
+    batches spread over the data (recomputed here with numpy from each method run alone with
     auto's 4096-bin histogram), it keeps the best, and its table is that method's table."""
     rng = np.random.default_rng(11)
     model = conv_net(rng)
     # 7-bit weights: no uint8 x int8 saturation in the fused kernels of AVX2 CPUs
     inserted = insert(model, weights={"reduce_range": True})
     feeds = [{"x": images(rng, 8)} for _ in range(5)]
-    feeds[0]["x"][0, 0, 0, 0] = 4.0  # an outlier: the methods' clips differ
+    for feed in feeds:  # an outlier in every batch: the methods' clips differ
+        feed["x"][0, 0, 0, 0] = 4.0
     result, table = calibrate(inserted, feeds, method="auto", search_batches=3,
                               search_samples=1, auto_margin_db=0.0)
     (note,) = [n for n in result.notes if n.startswith("method auto")]
@@ -631,7 +675,8 @@ def test_auto_keeps_the_method_with_the_best_output_on_the_first_batches():
     alone, scores = {}, {}
     for method, text in found.items():
         alone[method] = calibrate(inserted, feeds, method=method, bins=4096)
-        scores[method] = worst_sqnr_db(model, alone[method][0].model, feeds[:3])
+        scores[method] = worst_sqnr_db(model, alone[method][0].model,
+                                       spread(feeds, 3, 1))
         assert float(text) == pytest.approx(scores[method], abs=0.051), (method, note)
     best = note.rsplit(": ", 1)[1].removesuffix(" kept")
     assert scores[best] >= max(scores.values()) - 1e-6, (scores, note)
@@ -738,7 +783,8 @@ def test_auto_keeps_percentile_unless_another_method_beats_it_by_the_margin():
 
 def test_auto_scores_on_at_least_search_samples_samples():
     """Batches of one image: auto keeps batches until search_samples samples (not only
-    search_batches batches), and its scores are those of exactly these batches."""
+    search_batches batches), spread over the data, and its scores are those of exactly
+    these batches."""
     rng = np.random.default_rng(5)
     model = conv_net(rng)
     inserted = insert(model, weights={"reduce_range": True})
@@ -749,5 +795,8 @@ def test_auto_scores_on_at_least_search_samples_samples():
     assert "on 6 calibration batch(es) (6 samples)" in note, note
     scores, best = auto_note(result)
     alone = calibrate(inserted, feeds, method=best, bins=4096)[0].model
-    assert scores[best] == pytest.approx(worst_sqnr_db(model, alone, feeds[:6]), abs=0.051)
+    kept = spread(feeds, 2, 6)
+    assert len(kept) == 6 and [id(f) for f in kept] != [id(f) for f in feeds[:6]]
+    assert scores[best] == pytest.approx(worst_sqnr_db(model, alone, kept), abs=0.051)
+    assert scores[best] != pytest.approx(worst_sqnr_db(model, alone, feeds[:6]), abs=0.051)
     assert scores[best] != pytest.approx(worst_sqnr_db(model, alone, feeds[:2]), abs=0.051)

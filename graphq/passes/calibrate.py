@@ -8,8 +8,8 @@
 3. Each observer's clip range (``minmax``, ``percentile``, ``entropy`` or ``mse``) gives the
    scale and zero point (:mod:`graphq.kernels.quant`); pass-through tensors take their
    source's. ``auto`` keeps one histogram per tensor, derives every method's ranges from it,
-   runs the quantized graph with each on calibration batches spread over the data and keeps the method
-   whose worst output is closest to the float model's (SQNR). A tensor that held non-finite
+   runs the quantized graph with each on calibration batches spread over the data and keeps
+   the method whose worst output is closest to the float model's (SQNR). A tensor that held non-finite
    values (an attention mask's -inf) or whose source was kept float is kept float, its Q/DQ
    pair removed, the reason in the table.
 4. Biases of Conv, ConvTranspose and Gemm whose input and weight are quantized become int32
@@ -56,8 +56,8 @@ class CalibrateOptions:
         default="percentile", metadata={
             "help": "how the clip range is chosen; auto: each of percentile, mse, entropy and "
                     "minmax (from one histogram per tensor) is run on calibration batches "
-                    "spread over the data (search_batches, search_samples) and the one whose worst output "
-                    "SQNR against the float model is highest is kept, percentile unless "
+                    "spread over the data (search_batches, search_samples) and the one whose "
+                    "worst output SQNR against the float model is highest is kept, percentile unless "
                     "another beats it by more than auto_margin_db (one session per method)"})
     percentile: float = field(default=99.999, metadata={
         "help": "for method = percentile: the share of values inside the range",
@@ -80,8 +80,9 @@ class CalibrateOptions:
         "min": 0.0, "max": 1.0})
     search_batches: int = field(default=4, metadata={
         "help": "calibration batches method auto and the sensitivity search score on (at "
-                "least; more while they hold fewer than search_samples samples), every "
-                "k-th batch of the data so that they spread over all of it", "min": 1})
+                "least; more while they hold fewer than search_samples samples), one drawn "
+                "from each stretch of consecutive batches, so that they cover all the data",
+        "min": 1})
     search_samples: int = field(default=16, metadata={
         "help": "samples (on the inputs' batch axis) auto and the search score on at least, so "
                 "that batches of one image do not leave the choice to a few images",
@@ -215,9 +216,8 @@ class Calibrate(Pass):
                  ctx: PassContext, means: list[str]) -> _Stream:
         """Stream the data: an observer per ``observed`` tensor, per-channel means of the
         ``means`` tensors (bias correction); batches spread over the data kept for the
-        search. A Concat
-        output whose inputs are all observed is not fetched: its statistics are its inputs'
-        merged (:func:`_derived_concats`)."""
+        search (:class:`_SpreadBatches`). A Concat output whose inputs are all observed is
+        not fetched: its statistics are its inputs' merged (:func:`_derived_concats`)."""
         derived = _derived_concats(graph, {e.tensor for e in observed}, set(means))
         names = [e.tensor for e in observed if e.tensor not in derived]
         extra = [n for n in means if n not in set(names)]

@@ -9,9 +9,9 @@
    scale and zero point (:mod:`graphq.kernels.quant`); pass-through tensors take their
    source's. ``auto`` keeps one histogram per tensor, derives every method's ranges from it,
    runs the quantized graph with each on calibration batches spread over the data and keeps
-   the method whose worst output is closest to the float model's (SQNR). A tensor that held non-finite
-   values (an attention mask's -inf) or whose source was kept float is kept float, its Q/DQ
-   pair removed, the reason in the table.
+   the method whose worst output is closest to the float model's (SQNR). A tensor that held
+   non-finite values (an attention mask's -inf) or whose source was kept float is kept float,
+   its Q/DQ pair removed, the reason in the table.
 4. Biases of Conv, ConvTranspose and Gemm whose input and weight are quantized become int32
    with ``scale = input scale x weight scale`` and zero point 0.
 """
@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 from graphq import graph as G
 from graphq import runtime
 from graphq import sensitivity as S
+from graphq.biases import quantize_biases
 from graphq.data import samples_in
 from graphq.errors import DataError
 from graphq.kernels import observers as O
@@ -45,7 +46,6 @@ from graphq.registry import Pass, PassContext, PassResult, register
 
 log = logging.getLogger(__name__)
 
-BIASED = ("Conv", "ConvTranspose", "Gemm")
 #: the methods ``auto`` tries, in the order that breaks ties.
 AUTO_METHODS = ("percentile", "mse", "entropy", "minmax")
 
@@ -57,8 +57,8 @@ class CalibrateOptions:
             "help": "how the clip range is chosen; auto: each of percentile, mse, entropy and "
                     "minmax (from one histogram per tensor) is run on calibration batches "
                     "spread over the data (search_batches, search_samples) and the one whose "
-                    "worst output SQNR against the float model is highest is kept, percentile unless "
-                    "another beats it by more than auto_margin_db (one session per method)"})
+                    "worst output SQNR against the float model is highest is kept, percentile "
+                    "unless another beats it by more than auto_margin_db (one session per method)"})
     percentile: float = field(default=99.999, metadata={
         "help": "for method = percentile: the share of values inside the range",
         "min": 50.0, "max": 100.0})
@@ -200,7 +200,7 @@ class Calibrate(Pass):
         if self.options.target_sqnr_db > 0:
             notes += self._sensitivity(model, graph, table, stream.kept, ctx)
         _apply(graph, table)
-        biases = _quantize_biases(graph, table)
+        biases = quantize_biases(graph, table)
         graph.cleanup().toposort()
         out = G.export(graph, like=model)
         table.attach(out)
@@ -452,7 +452,7 @@ def _score(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
     the float ``reference`` outputs on ``feeds``."""
     view = graph.copy()
     _apply(view, table)
-    _quantize_biases(view, copy.deepcopy(table))
+    quantize_biases(view, copy.deepcopy(table))
     sess = runtime.session(G.export(view.cleanup().toposort(), like=model), providers)
     outs = [runtime.run(sess, feed) for feed in feeds]
     return S.worst_sqnr(reference, outs, G.output_parts(model))
@@ -666,47 +666,3 @@ def _apply(graph: gs.Graph, table: QuantTable) -> None:
         qt = Q.qtype(entry.dtype)
         q.inputs[1].values = np.asarray(entry.scale[0], np.float32)
         q.inputs[2].values = np.asarray(entry.zero_point[0]).astype(qt.storage)
-
-
-def _dq_scale(tensor: gs.Tensor) -> np.ndarray | None:
-    """The scale of the DequantizeLinear that produces ``tensor``, if one does."""
-    if not tensor.inputs or tensor.inputs[0].op != "DequantizeLinear":
-        return None
-    return G.constant_values(tensor.inputs[0].inputs[1])
-
-
-def _quantize_biases(graph: gs.Graph, table: QuantTable) -> int:
-    count = 0
-    names = G.used_names(graph)
-    where = G.node_graphs(graph)
-    for node in [n for n in G.nodes(graph) if n.op in BIASED]:
-        if len(node.inputs) < 3 or not node.inputs[2].name:
-            continue
-        bias = G.constant_values(node.inputs[2])
-        s_in, s_w = _dq_scale(node.inputs[0]), _dq_scale(node.inputs[1])
-        if bias is None or s_in is None or s_w is None or bias.ndim != 1:
-            continue
-        if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
-            continue
-        s_w = np.atleast_1d(s_w)
-        if node.op == "ConvTranspose" and s_w.size * int(node.attrs.get("group", 1)) == bias.size:
-            s_w = np.tile(s_w, int(node.attrs.get("group", 1)))  # weight axis 1 is per group
-        name = node.inputs[2].name
-        if not Q.bias_fits_int32(bias, s_in, s_w):
-            table.add(TensorQuant(name, "bias", False, f"bias of {node.op} '{node.name}' kept "
-                                  "float: at scale = input scale x weight scale it would "
-                                  "overflow int32 (the input's range is near zero)",
-                                  consumers=[node.name]))
-            continue
-        ints, scale = Q.bias_int32(bias, s_in, s_w)
-        scale = np.broadcast_to(np.asarray(scale, np.float32), bias.shape).copy()
-        table.add(TensorQuant(name, "bias", True, f"bias of {node.op} '{node.name}': "
-                              "scale = input scale x weight scale", dtype="int32",
-                              symmetric=True, axis=0, method="derived",
-                              scale=scale.astype(float).tolist(),
-                              zero_point=[0] * len(scale), consumers=[node.name]))
-        node.inputs[2] = G.dequantized_constant(
-            where[id(node)], name, np.asarray(ints, np.int32), scale,
-            np.zeros(scale.shape, np.int32), 0, bias.dtype, names)
-        count += 1
-    return count

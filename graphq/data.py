@@ -110,6 +110,13 @@ class DataSource:
         for feed, _ in self.labeled_feeds(model):
             yield feed
 
+    def first(self, model: onnx.ModelProto) -> Feed | None:
+        """The first checked feed, or None when there is none or the source is a one-shot
+        iterator (reading from it would take that batch from the passes after)."""
+        if not isinstance(self.source, Path) and iter(self.source) is self.source:
+            return None
+        return next(self.feeds(model), None)
+
     def labeled_feeds(self, model: onnx.ModelProto) -> Iterator[tuple[Feed, np.ndarray | None]]:
         """Like :meth:`feeds`, with each batch's labels when the data carries an array
         named ``labels`` that is not a model input (else None)."""

@@ -49,8 +49,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphq import graph as G
+from graphq import latency, runtime
 from graphq import model as model_io
-from graphq import runtime
 from graphq.errors import PassError, did_you_mean
 from graphq.kernels import quant as Q
 from graphq.passes.canonicalize import upgrade_opset
@@ -84,6 +84,10 @@ NO_4BIT_ACTIVATIONS = (
 #: the inputs of joining ops that carry data (the others are parameters such as Resize's).
 DATA_INPUTS = {"Resize": (0,), "AveragePool": (0,), "GlobalAveragePool": (0,)}
 FLOATS = (np.float32, np.float16)
+#: how much faster (a fraction) a float prefix must run than all quantized to be kept
+PREFIX_MARGIN = 0.05
+#: larger models skip float_prefix_search (one session per candidate holds its weights)
+PREFIX_MAX_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -156,8 +160,17 @@ class InsertQDQOptions:
                 "requantization less each; a compute op that reads one still quantizes its "
                 "input), except right after a compute op (a MatMul's bias Add stays "
                 "integer); true makes them all integer ops of their own"})
+    float_prefix_search: int = field(default=0, metadata={
+        "help": "time in onnxruntime (the pipeline's providers, the data's first batch) the "
+                "graph with its first 0, 1, ... N quantized compute ops kept float and keep the "
+                "fastest when it beats all quantized by more than 5%: a network's first "
+                "layers (few channels, large images) can run slower as integer kernels than "
+                "as float ones; 0 turns the search off"})
 
     def validate(self) -> None:
+        if not isinstance(self.float_prefix_search, int) or self.float_prefix_search < 0:
+            raise ValueError("option 'float_prefix_search' must be an integer >= 0, got "
+                             f"{self.float_prefix_search!r}")
         known = set(COMPUTE) | set(JOINING) | set(PASS_THROUGH)
         for op in self.ops:
             if op not in known:
@@ -184,14 +197,31 @@ class InsertQDQ(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         model, upgraded = self._fit_opset(model)
         model, _ = model_io.infer_shapes(model)  # the types decide what is float
-        graph = G.import_graph(model)
-        self._check_overrides(graph)
-        planner = _Planner(graph, self.options)
-        table = planner.plan()
+        self._check_overrides(G.import_graph(model))
+        out, table, planner = self._place(model, [])
         if not table.quantized():
             raise PassError("nothing in this model can be quantized: no "
                             f"{'/'.join(COMPUTE)} with float inputs was selected; "
                             "check the ops, include and exclude options")
+        notes = upgraded + planner.notes
+        if self.options.float_prefix_search and len(planner.computes) > 1:
+            out, table, planner, note = self._prefix_search(model, ctx, out, table, planner)
+            notes = upgraded + planner.notes + [note]
+        counts = {
+            "activations": len(table.quantized("activation")),
+            "weights": len(table.quantized("weight")),
+            "float": sum(not e.quantized for e in table.entries.values()),
+        }
+        return PassResult(out, True, counts, notes)
+
+    def _place(self, model: onnx.ModelProto, floats: list[int], reason: str = ""
+               ) -> tuple[onnx.ModelProto, QuantTable, _Planner]:
+        """The graph with its Q/DQ pairs, its table and planner; the main graph's nodes at
+        the indices ``floats`` (after toposort) are kept float (``reason`` in the table)."""
+        graph = G.import_graph(model)
+        graph.toposort()
+        planner = _Planner(graph, self.options, {id(graph.nodes[i]): reason for i in floats})
+        table = planner.plan()
         names = G.used_names(graph)
         where = G.node_graphs(graph)
         for entry in table.quantized():
@@ -200,12 +230,45 @@ class InsertQDQ(Pass):
         graph.cleanup().toposort()
         out = G.export(graph, like=model)
         table.attach(out)
-        counts = {
-            "activations": len(table.quantized("activation")),
-            "weights": len(table.quantized("weight")),
-            "float": sum(not e.quantized for e in table.entries.values()),
-        }
-        return PassResult(out, True, counts, upgraded + planner.notes)
+        return out, table, planner
+
+    def _prefix_search(self, model: onnx.ModelProto, ctx: PassContext, out: onnx.ModelProto,
+                       table: QuantTable, planner: _Planner
+                       ) -> tuple[onnx.ModelProto, QuantTable, _Planner, str]:
+        """Option ``float_prefix_search``: time the placements with the first 0..N compute
+        ops float side by side (:mod:`graphq.latency`) and keep the fastest."""
+        n = min(self.options.float_prefix_search, len(planner.computes) - 1)
+        if model.ByteSize() > PREFIX_MAX_BYTES:
+            note = (f"float_prefix_search skipped: the model is over "
+                    f"{PREFIX_MAX_BYTES // 2**20} MiB (each timed placement is a session of "
+                    "its own); exclude the first compute ops by name to keep them float")
+            log.info("%s", note)
+            return out, table, planner, note
+        feed = ctx.data.first(model) if ctx.data is not None else None
+        if feed is None:
+            feed = runtime.sample_feeds(model)[0]
+        first = [i for i, _ in planner.computes]
+        candidates = [out] + [self._place(model, first[:k])[0] for k in range(1, n + 1)]
+        log.info("float_prefix_search: timing %d placements in onnxruntime", len(candidates))
+        seconds = latency.medians([latency.timing_model(m) for m in candidates], feed,
+                                  ctx.providers)
+        k = latency.fastest(seconds, PREFIX_MARGIN)
+        timings = ", ".join(f"{i} float {t * 1e3:.3g} ms" for i, t in enumerate(seconds))
+        names = [f"'{name}'" for _, name in planner.computes[:k]]
+        if k == 0:
+            note = (f"float_prefix_search: the first compute ops stay quantized (latency in "
+                    f"onnxruntime with the first k of them float: {timings})")
+            log.info("%s", note)
+            return out, table, planner, note
+        reason = (f"kept float with the first {k} compute op(s): the graph ran fastest so "
+                  f"({seconds[k] * 1e3:.3g} ms against {seconds[0] * 1e3:.3g} ms all "
+                  "quantized; float_prefix_search)")
+        out, table, planner = self._place(model, first[:k], reason)
+        note = (f"float_prefix_search: {', '.join(names)} kept float, "
+                f"{seconds[0] / seconds[k]:.2f}x faster than all quantized (latency in "
+                f"onnxruntime with the first k compute ops float: {timings})")
+        log.info("%s", note)
+        return out, table, planner, note
 
     def _check_overrides(self, graph: gs.Graph) -> None:
         tensors = graph.tensors()
@@ -236,9 +299,16 @@ class InsertQDQ(Pass):
 class _Planner:
     """Walks the graph in order and fills the table."""
 
-    def __init__(self, graph: gs.Graph, options: InsertQDQOptions) -> None:
+    def __init__(self, graph: gs.Graph, options: InsertQDQOptions,
+                 floats: dict[int, str] | None = None) -> None:
         self.graph = graph
         self.o = options
+        #: compute nodes kept float whatever the options say (by id), with the reason
+        self.floats = floats or {}
+        #: index in ``graph.nodes`` and name of the main graph's compute nodes it quantizes,
+        #: in order
+        self.computes: list[tuple[int, str]] = []
+        self._index: dict[int, int] = {}
         self.table = QuantTable()
         self.tensors: dict[str, gs.Tensor] = {}
         self.notes: list[str] = []
@@ -262,6 +332,7 @@ class _Planner:
 
     def plan(self) -> QuantTable:
         self.graph.toposort()
+        self._index = {id(n): i for i, n in enumerate(self.graph.nodes)}
         self._walk(self.graph)
         if self.affine_float:
             self.notes.append(
@@ -299,6 +370,12 @@ class _Planner:
         if any(re.search(p, node.name) for p in self.o.exclude):
             self.notes.append(f"{node.op} '{node.name}' kept float: excluded by name")
             return None
+        if id(node) in self.floats:
+            index = _weight_index(node)
+            if index is not None:
+                self.table.add(TensorQuant(node.inputs[index].name, "weight", False,
+                                           self.floats[id(node)], consumers=[node.name]))
+            return None
         if node.op in COMPUTE:
             return "compute"
         return "joining" if node.op in JOINING else "pass-through"
@@ -319,6 +396,8 @@ class _Planner:
         if weight_index is not None:
             self._weight(node, weight_index)
         self._output(node)
+        if id(node) in self._index:
+            self.computes.append((self._index[id(node)], node.name))
 
     def _joining(self, node: gs.Node) -> None:
         data = [node.inputs[i] for i in DATA_INPUTS.get(node.op, range(len(node.inputs)))

@@ -10,13 +10,15 @@ equal the float graph whose weights were fake-quantized here in numpy (symmetric
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphq import runtime
+from graphq import latency, runtime
 from graphq.data import DataSource
 from graphq.errors import ConfigError, PassError
 from graphq.passes.calibrate import Calibrate
@@ -84,6 +86,17 @@ def elem_types(model: onnx.ModelProto) -> dict[str, int]:
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
     types.update({t.name: t.data_type for t in g.initializer})
     return types
+
+
+def assert_calibrated_close(model: onnx.ModelProto, placed: onnx.ModelProto,
+                            feeds: list[dict[str, np.ndarray]]) -> None:
+    """``placed`` calibrated (minmax on the data it is judged on) passes the checker and keeps
+    the float ``model``'s first output above 30 dB SQNR."""
+    calibrated = Calibrate(method="minmax").run(placed, PassContext(data=DataSource(feeds))).model
+    onnx.checker.check_model(calibrated, full_check=True)
+    ref = np.concatenate([run(model, f)[0] for f in feeds])
+    got = np.concatenate([run(calibrated, f)[0] for f in feeds])
+    assert 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)) > 30.0
 
 
 def conv_net(rng: np.random.Generator, infer: bool = True) -> onnx.ModelProto:
@@ -618,12 +631,7 @@ def test_mul_add_by_a_constant_stay_float_unless_asked(quantize_affine):
         assert table.get("r").reason == "input of Conv 'c3'"  # the Add after it is float
     # calibrated (minmax on the data it is judged on), it stays close to the float graph
     feeds = [{"x": rng.normal(0, 1, (2, 3, 6, 6)).astype(np.float32)} for _ in range(3)]
-    calibrated = Calibrate(method="minmax").run(result.model, PassContext(
-        data=DataSource(feeds))).model
-    onnx.checker.check_model(calibrated, full_check=True)
-    ref = np.concatenate([run(model, f)[0] for f in feeds])
-    got = np.concatenate([run(calibrated, f)[0] for f in feeds])
-    assert 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)) > 30.0
+    assert_calibrated_close(model, result.model, feeds)
 
 
 def test_bias_add_after_a_matmul_stays_integer():
@@ -703,3 +711,100 @@ def test_weight_clip_mse_with_reduce_range_is_refused_or_noted():
         assert any("clip = 'mse' not applied" in n for n in result.notes)
     else:
         assert methods == {"weight-mse"}
+
+
+# ---- float_prefix_search: the integer region starts where it runs faster ----------------------
+def conv_inputs(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+    """Conv / Gemm name -> the op types that make its input and its weight (or 'const' /
+    'input' for an initializer / a graph input)."""
+    made = {o: n.op_type for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+
+    def maker(name: str) -> str:
+        return "const" if name in inits else made.get(name, "input")
+    return {n.name: (maker(n.input[0]), maker(n.input[1])) for n in model.graph.node
+            if n.op_type in ("Conv", "Gemm")}
+
+
+@pytest.mark.parametrize("timings_ms, kept", [
+    ((1.0, 0.7, 0.9), 1),      # one float conv is fastest
+    ((1.0, 0.9, 0.6), 2),      # both
+    ((1.0, 0.97, 0.96), 0),    # within the 5% margin: all stay quantized
+    ((1.0, 0.61, 0.60), 1),    # within half the margin of the fastest: the shorter prefix
+])
+def test_float_prefix_search_keeps_the_fastest_prefix_float(monkeypatch, timings_ms, kept):
+    """The search times the placements with the first 0, 1, 2 compute ops float (as deploy
+    graphs: integer weights, int32 biases) and keeps the fastest; the float convs read float
+    inputs and float weights, the reason is in the table, and calibrated the graph stays
+    close to the float model."""
+    rng = np.random.default_rng(40)
+    model = conv_net(rng)
+    timed: list[list[dict[str, tuple[str, str]]]] = []
+
+    def medians(models, feed, providers, **_):
+        assert feed["x"].shape == (2, 3, 8, 8) and providers == ["CPUExecutionProvider"]
+        timed.append([conv_inputs(m) for m in models])
+        return [t / 1e3 for t in timings_ms]
+
+    monkeypatch.setattr(latency, "medians", medians)
+    feeds = [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    result = InsertQDQ(float_prefix_search=2, weights={"reduce_range": False}).run(
+        model, PassContext(data=DataSource(feeds)))
+    onnx.checker.check_model(result.model, full_check=True)
+    table = QuantTable.of(result.model)
+    check_pairs(result.model, table)
+    # the timed candidates: deploy graphs (integer weights behind DequantizeLinear) with the
+    # first k convs float: those read float inputs and float weights
+    (candidates,) = timed
+    dq = "DequantizeLinear"
+    assert [c["conv1"] for c in candidates] == [(dq, dq), ("input", "const"), ("input", "const")]
+    assert [c["conv2"] for c in candidates] == [(dq, dq), (dq, dq), ("Relu", "const")]
+    assert all(c["fc"] == (dq, dq) for c in candidates)
+    # the kept placement
+    floats = ["conv1", "conv2"][:kept]
+    for conv, weight in (("conv1", "w1"), ("conv2", "w2")):
+        entry = table.get(weight)
+        assert entry.quantized == (conv not in floats)
+        if conv in floats:
+            assert "float_prefix_search" in entry.reason and f"first {kept}" in entry.reason
+    assert table.get("wg").quantized
+    assert ("x" in quantized(table, "activation")) == (kept == 0)
+    (note,) = [n for n in result.notes if n.startswith("float_prefix_search")]
+    assert "0 float 1 ms" in note and "2 float" in note
+    assert ("kept float" in note) == (kept > 0)
+    if kept:
+        assert f"{1 / timings_ms[kept]:.2f}x faster" in note
+    assert_calibrated_close(model, result.model, feeds)
+
+
+def test_float_prefix_search_times_in_onnxruntime_without_data():
+    """Without data the search times sample inputs; whichever prefix wins, the note lists the
+    latency of each candidate and the graph is valid."""
+    model = conv_net(np.random.default_rng(41))
+    result, table = insert(model, float_prefix_search=1)
+    (note,) = [n for n in result.notes if n.startswith("float_prefix_search")]
+    assert re.search(r"0 float [0-9.e-]+ ms, 1 float [0-9.e-]+ ms\)$", note), note
+    assert table.get("w1").quantized == ("kept float" not in note)
+    assert table.get("w2").quantized and table.get("wg").quantized
+
+
+def test_fastest_prefix_choice():
+    assert latency.fastest([1.0], 0.05) == 0
+    assert latency.fastest([1.0, 0.96], 0.05) == 0
+    assert latency.fastest([1.0, 0.94], 0.05) == 1
+    assert latency.fastest([1.0, 0.8, 0.79, 0.5], 0.05) == 3
+    assert latency.fastest([1.0, 0.80, 0.79], 0.05) == 1
+
+
+def test_float_prefix_search_option_is_checked():
+    with pytest.raises(ConfigError, match="'float_prefix_search' must be an integer >= 0"):
+        InsertQDQ(float_prefix_search=-1)
+
+
+def test_float_prefix_search_skips_large_models(monkeypatch):
+    from graphq.passes import insert_qdq
+    monkeypatch.setattr(insert_qdq, "PREFIX_MAX_BYTES", 1024)
+    monkeypatch.setattr(latency, "medians", lambda *a, **k: pytest.fail("timed a large model"))
+    result, table = insert(conv_net(np.random.default_rng(42)), float_prefix_search=2)
+    assert any(n.startswith("float_prefix_search skipped: the model is over") for n in result.notes)
+    assert {"w1", "w2", "wg"} <= quantized(table, "weight")

@@ -1,0 +1,69 @@
+"""Latency of candidate graphs in onnxruntime, measured side by side.
+
+``insert-qdq``'s ``float_prefix_search`` times the graph with its first compute ops kept
+float against the graph with all of them quantized: where an integer kernel pays off depends
+on the execution provider, the CPU and the shapes around it (onnxruntime's int8 convolutions
+over 1-3 input channels run 1.3-2.6x slower than its float ones on an AVX-512 VNNI CPU, and
+an integer region changes the layout of the float ops inside it), which no fixed rule
+captures. Timing needs no calibration: Q/DQ pairs with placeholder scales run as fast as
+calibrated ones, so the candidates are timed as the deploy graph they would become (biases
+int32, weights folded to integers), before ``calibrate``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from graphq import graph as G
+from graphq import runtime
+from graphq.biases import quantize_biases
+from graphq.passes.emit import deploy_graph
+from graphq.quant import QuantTable
+
+Feed = dict[str, np.ndarray]
+
+
+def timing_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (a Q/DQ graph, scales final or placeholders) as the deploy graph runs it:
+    biases int32 at the scales in the graph, weights folded to integers."""
+    graph = G.import_graph(model)
+    quantize_biases(graph, QuantTable())
+    graph.cleanup().toposort()
+    return deploy_graph(G.export(graph, like=model))[0]
+
+
+def medians(models: Sequence[onnx.ModelProto], feed: Feed, providers: list[str],
+            budget_s: float = 2.0, min_rounds: int = 7, max_rounds: int = 60) -> list[float]:
+    """Median seconds per run of each model on ``feed``: one session each, warmed up, then
+    rounds that run every model once, the order rotated each round (load hits all alike),
+    until ``budget_s`` is spent (at least ``min_rounds``, at most ``max_rounds``)."""
+    sessions = [runtime.session(m, providers) for m in models]
+    for sess in sessions:
+        for _ in range(2):
+            sess.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or
+                                   time.perf_counter() - start < budget_s):
+        order = list(range(len(sessions)))
+        shift = rounds % len(order)
+        for i in order[shift:] + order[:shift]:
+            t = time.perf_counter()
+            sessions[i].run(None, feed)
+            times[i].append(time.perf_counter() - t)
+        rounds += 1
+    return [float(np.median(t)) for t in times]
+
+
+def fastest(seconds: Sequence[float], margin: float) -> int:
+    """The index of the fastest candidate when it beats candidate 0 by more than ``margin``
+    (a fraction), else 0; among candidates within ``margin / 2`` of the fastest, the first."""
+    best = min(range(len(seconds)), key=lambda i: seconds[i])
+    if seconds[best] >= seconds[0] * (1.0 - margin):
+        return 0
+    return next(i for i, s in enumerate(seconds) if s <= seconds[best] * (1.0 + margin / 2))

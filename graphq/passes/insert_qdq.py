@@ -51,7 +51,7 @@ import onnx_graphsurgeon as gs
 from graphq import graph as G
 from graphq import latency, runtime
 from graphq import model as model_io
-from graphq.errors import PassError, did_you_mean
+from graphq.errors import ModelError, PassError, did_you_mean
 from graphq.kernels import quant as Q
 from graphq.passes.canonicalize import upgrade_opset
 from graphq.quant import QuantTable, Role, TensorQuant
@@ -66,8 +66,14 @@ PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "MaxPool", "Squeeze", "Unsque
 #: joining ops that, with one constant operand, are an elementwise scale or shift.
 AFFINE = ("Add", "Mul")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
-#: readers that amplify a quantization error of their input (logits): it is kept float.
-SENSITIVE_READERS = ("Softmax", "LogSoftmax")
+#: readers that amplify a quantization error of their input (logits, or values whose
+#: logarithm is taken): it is kept float.
+SENSITIVE_READERS = ("Softmax", "LogSoftmax", "Log")
+#: readers for which the relative error of small values matters: a compute op that feeds
+#: only them (through a Relu/Clip) stays float altogether, its input too (a spectrogram's
+#: power spans 10 decades: one 8-bit scale over it zeroes all but its top, and the Log
+#: after the mel projection turns that into errors as large as the output).
+LOG_READERS = ("Log",)
 DEFAULT_OPS = [*COMPUTE, *JOINING, *PASS_THROUGH]
 
 DTypeName = Literal["int8", "uint8", "int16", "uint16", "int4", "uint4"]
@@ -197,7 +203,9 @@ class InsertQDQ(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         model, upgraded = self._fit_opset(model)
         model, _ = model_io.infer_shapes(model)  # the types decide what is float
-        self._check_overrides(G.import_graph(model))
+        graph = G.import_graph(model)
+        _refuse_quantized(graph)
+        self._check_overrides(graph)
         out, table, planner = self._place(model, [])
         if not table.quantized():
             raise PassError("nothing in this model can be quantized: no "
@@ -391,6 +399,16 @@ class _Planner:
         if not all(self._is_float(node.inputs[i]) for i in activations):
             self.notes.append(f"{node.op} '{node.name}' kept float: an input is not float")
             return
+        log_reader = _only_log_readers(node.outputs[0])
+        if log_reader is not None:
+            reason = (f"{node.op} '{node.name}' kept float: its output feeds only "
+                      f"{log_reader}, where the quantization error of small values becomes "
+                      "large (the relative precision of every value counts)")
+            self.notes.append(reason)
+            if weight_index is not None:
+                self.table.add(TensorQuant(node.inputs[weight_index].name, "weight", False,
+                                           reason, consumers=[node.name]))
+            return
         for i in activations:
             self._activation(node.inputs[i], f"input of {node.op} '{node.name}'")
         if weight_index is not None:
@@ -528,6 +546,36 @@ def _computed(tensor: gs.Tensor) -> bool:
     if node is not None and node.op in FUSED_ACTIVATIONS and node.inputs and node.inputs[0].inputs:
         node = node.inputs[0].inputs[0]
     return node is not None and node.op in COMPUTE
+
+
+#: ops that only a quantized model has (the ``QLinear*`` family besides)
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger",
+                 "MatMulInteger", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul",
+                 "MatMulIntegerToFloat", "QGemm", "QAttention")
+
+
+def _refuse_quantized(graph: gs.Graph) -> None:
+    """A model that is quantized already (by graphq, onnxruntime's quantizer or an exporter's
+    QAT) cannot be quantized again: the float values it was made from are gone."""
+    found: dict[str, int] = {}
+    for node in G.nodes(graph):
+        if node.op in QUANTIZED_OPS or node.op.startswith("QLinear"):
+            found[node.op] = found.get(node.op, 0) + 1
+    if found:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(found.items(), key=lambda x: -x[1]))
+        raise ModelError(f"the model is quantized already (it has {ops}): quantize the float "
+                         "model it was made from instead")
+
+
+def _only_log_readers(tensor: gs.Tensor) -> str | None:
+    """``"Log 'name'"`` when every reader of ``tensor`` (or of the one Relu/Clip that alone
+    reads it) is one of :data:`LOG_READERS`, else None."""
+    readers = list(tensor.outputs)
+    if len(readers) == 1 and readers[0].op in FUSED_ACTIVATIONS and readers[0].outputs:
+        readers = list(readers[0].outputs[0].outputs)
+    if readers and all(r.op in LOG_READERS for r in readers):
+        return f"{readers[0].op} '{readers[0].name}'"
+    return None
 
 
 def _weight_index(node: gs.Node) -> int | None:

@@ -18,9 +18,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphq import latency, runtime
+from graphq import cli, latency, runtime
 from graphq.data import DataSource
-from graphq.errors import ConfigError, PassError
+from graphq.errors import ConfigError, ModelError, PassError
 from graphq.passes.calibrate import Calibrate
 from graphq.passes.insert_qdq import InsertQDQ
 from graphq.quant import QuantTable
@@ -808,3 +808,81 @@ def test_float_prefix_search_skips_large_models(monkeypatch):
     result, table = insert(conv_net(np.random.default_rng(42)), float_prefix_search=2)
     assert any(n.startswith("float_prefix_search skipped: the model is over") for n in result.notes)
     assert {"w1", "w2", "wg"} <= quantized(table, "weight")
+
+
+def log_spectrum_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> Conv (a filter bank) -> Pow 2 (power) -> Transpose -> Slice -> MatMul (mel
+    projection) -> Clip -> Log -> y: a spectrogram front end (openwakeword's melspectrogram
+    has this shape), whose power spans many decades."""
+    inits = {"wf": rng.normal(0, 0.5, (8, 1, 16)).astype(np.float32),
+             "mel": np.abs(rng.normal(0, 0.3, (6, 5))).astype(np.float32),
+             "lo": np.array(1e-10, np.float32), "hi": np.array(1e10, np.float32),
+             "two": np.array(2.0, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "wf"], ["f"], name="stft", strides=[8]),
+             helper.make_node("Pow", ["f", "two"], ["pw"], name="power"),
+             helper.make_node("Transpose", ["pw"], ["pt"], name="frames", perm=[0, 2, 1]),
+             helper.make_node("Slice", ["pt", "s0", "s1", "s2"], ["ps"], name="bins"),
+             helper.make_node("MatMul", ["ps", "mel"], ["m"], name="melmm"),
+             helper.make_node("Clip", ["m", "lo", "hi"], ["mc"], name="floor"),
+             helper.make_node("Log", ["mc"], ["y"], name="log")]
+    inits.update({"s0": np.array([0], np.int64), "s1": np.array([6], np.int64),
+                  "s2": np.array([2], np.int64)})
+    return build(nodes, [tensor("x", ["N", 1, 64])], [tensor("y", None)], inits)
+
+
+def test_a_compute_op_that_feeds_only_a_log_stays_float():
+    """The mel projection before a Log stays float with its input (the power spectrum): one
+    8-bit scale over values spanning decades zeroes the small ones, which the Log turns into
+    errors as large as the output; the filter bank before it stays quantized."""
+    rng = np.random.default_rng(43)
+    model = log_spectrum_net(rng)
+    result, table = insert(model)
+    assert "mel" in table.entries and not table.get("mel").quantized
+    assert "feeds only Log 'log'" in table.get("mel").reason
+    assert not {"ps", "m", "mc"} & quantized(table)
+    assert {"x", "f"} <= quantized(table, "activation") and table.get("wf").quantized
+    assert any(n.startswith("MatMul 'melmm' kept float: its output feeds only Log") for n in
+               result.notes)
+    # the power of noise spans decades: the log spectrum stays close after calibration
+    feeds = [{"x": (rng.normal(0, 1, (2, 1, 64)) * 10.0 ** rng.uniform(-0.5, 0, (2, 1, 1))
+                    ).astype(np.float32)} for _ in range(3)]
+    assert_calibrated_close(model, result.model, feeds)
+
+
+@pytest.mark.parametrize("op", ["QuantizeLinear", "ConvInteger", "QLinearConv"])
+def test_a_quantized_model_is_refused_with_the_ops_it_has(tmp_path, op):
+    """A model quantized already (here: a graph with a Q/DQ pair, ConvInteger or QLinearConv,
+    as onnxruntime's quantizer writes them) gets a clear error naming what it has, exit 2."""
+    rng = np.random.default_rng(44)
+    w = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    s, z = np.array(0.02, np.float32), np.array(128, np.uint8)
+    wq = np.round(w / 0.01).astype(np.int8)
+    inits = {"w": w, "s": s, "z": z, "wq": wq, "ws": np.array(0.01, np.float32),
+             "wz": np.array(0, np.int8), "wzu": np.array(0, np.uint8)}
+    if op == "QuantizeLinear":
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+                 helper.make_node("Conv", ["xd", "w"], ["y"])]
+        outputs = [tensor("y", None)]
+    elif op == "ConvInteger":
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+                 helper.make_node("ConvInteger", ["xq", "wq", "z", "wz"], ["y"])]
+        outputs = [tensor("y", None, TensorProto.INT32)]
+    else:
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+                 helper.make_node("QLinearConv", ["xq", "s", "z", "wq", "ws", "wz", "s",
+                                                  "wzu"], ["yq"]),
+                 helper.make_node("DequantizeLinear", ["yq", "s", "wzu"], ["y"])]
+        outputs = [tensor("y", None)]
+    model = build(nodes, [tensor("x", ["N", 3, 8, 8])], outputs, inits)
+    path = tmp_path / "q.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    with pytest.raises(ModelError, match=f"the model is quantized already \\(it has [^)]*{op}"):
+        InsertQDQ().run(model, PassContext())
+    # from the command line: exit 2, the input untouched, nothing written
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "out"
+    assert cli.main(["-q", "run", "int8", str(path), "--data", str(tmp_path / "d.npz"),
+                     "-o", str(out)]) == 2
+    assert path.read_bytes() == before and not out.exists()

@@ -57,6 +57,12 @@ class EmitOptions:
     worst: int = field(default=20, metadata={"help": "tensors listed by worst SQNR", "min": 0})
     latency_runs: int = field(default=20, metadata={
         "help": "interleaved runs timing float vs deploy (0: no timing)", "min": 0})
+    warn_sqnr_db: float = field(default=15.0, metadata={
+        "help": "warn (log, report, notes) when an output, or a part of a concatenated "
+                "output, keeps less SQNR than this against the float model on the eval data"})
+    require_sqnr_db: float = field(default=0.0, metadata={
+        "help": "fail (exit 1, nothing written) when an output or output part keeps less "
+                "SQNR than this; 0: never"})
 
 
 @register
@@ -85,11 +91,11 @@ class Emit(Pass):
         ctx.artifacts[f"{stem}.deploy.onnx"] = deploy
         ctx.artifacts["quant_record.json"] = table.to_json()
         report = self._report(model, deploy, table, ctx)
-        ctx.report["quantization"] = report
-        ctx.artifacts["report.md"] = render_markdown(report)
         for line in summary_lines(report):
             log.info("%s", line)
-        notes = []
+        notes = self._judge(report)
+        ctx.report["quantization"] = report
+        ctx.artifacts["report.md"] = render_markdown(report)
         if any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight")):
             notes.append("4-bit weights: onnxruntime's CPU EP has no integer kernel for them, so "
                          "the deploy graph dequantizes them and runs Conv/Gemm/MatMul in float "
@@ -124,6 +130,28 @@ class Emit(Pass):
             report["latency_ms"] = _latency(float_sess, deploy_sess, feeds[0],
                                             self.options.latency_runs)
         return report
+
+    def _judge(self, report: dict[str, Any]) -> list[str]:
+        """Outputs below ``warn_sqnr_db``: a warning each (log, report, note); below
+        ``require_sqnr_db``: a PassError."""
+        low = {k: f["sqnr_db"] for k, f in (report.get("outputs") or {}).items()
+               if f["sqnr_db"] < max(self.options.warn_sqnr_db, self.options.require_sqnr_db)}
+        if not low:
+            return []
+        where = report.get("eval_data", "the eval data")
+        shown = ", ".join(f"'{k}' {v:.1f} dB" for k, v in low.items())
+        failed = {k: v for k, v in low.items() if v < self.options.require_sqnr_db}
+        advice = ("calibrate's target_sqnr_db = 20 keeps float the activations that cost the "
+                  "outputs most; method = \"mse\" or QAT (the qat pass) may also recover it")
+        if failed:
+            raise PassError(f"output SQNR against the float model below require_sqnr_db "
+                            f"{self.options.require_sqnr_db:g} dB on {where}: {shown}; {advice}")
+        warning = (f"low fidelity: output SQNR against the float model on {where}: {shown} "
+                   f"(below warn_sqnr_db {self.options.warn_sqnr_db:g} dB): the int8 graph may "
+                   f"not be usable; {advice}")
+        log.warning("%s", warning)
+        report.setdefault("warnings", []).append(warning)
+        return [warning]
 
     def _eval_feeds(self, model: onnx.ModelProto, ctx: PassContext
                     ) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None, str]:
@@ -272,6 +300,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             rng = row["range"]
             shown = f"[{rng[0]:.4g}, {rng[1]:.4g}]" if rng else "-"
             lines.append(f"| `{row['tensor']}` | {row['sqnr_db']:.1f} | {shown} |")
+    for warning in report.get("warnings") or []:
+        lines += ["", f"**Warning**: {warning}"]
     t = report["tensors"]
     lines += ["", f"{t['quantized']} tensors quantized, {t['kept_float']} kept float; "
               "every decision and its reason is in quant_record.json.", ""]

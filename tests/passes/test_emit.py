@@ -445,3 +445,38 @@ def test_shipped_digits_cnn_at_w4a8_keeps_top1_near_float(tmp_path):
     onnx.checker.check_model(deploy, full_check=True)
     assert sum(t.data_type == TensorProto.INT4 for t in
                dequantized_initializers(deploy).values()) == 5
+
+
+# ---- low fidelity: a warning, or a refusal --------------------------------------------------------
+def test_a_faithful_graph_has_no_warning(emitted):
+    q = emitted["result"].report["quantization"]
+    assert min(f["sqnr_db"] for f in q["outputs"].values()) > 15 and "warnings" not in q
+
+
+def test_an_output_below_warn_sqnr_db_is_warned_in_log_report_and_notes(tmp_path, caplog):
+    """Calibrated on inputs 100x smaller than the eval data, every activation saturates: the
+    report says so (log warning, report.json, report.md, emit's notes) and still writes."""
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "eval.npz", x=inputs(rng, 16))
+    with caplog.at_level("WARNING", logger="graphq"):
+        result = PassManager(passes(eval_data=str(tmp_path / "eval.npz"))).run(
+            heavy_net(rng), tmp_path / "out", data=[{"x": inputs(rng, 16) * 0.01}])
+    q = result.report["quantization"]
+    assert q["outputs"]["y"]["sqnr_db"] < 15
+    (warning,) = q["warnings"]
+    assert warning.startswith("low fidelity: output SQNR against the float model on "
+                              f"{tmp_path / 'eval.npz'}: 'y' ")
+    assert "below warn_sqnr_db 15 dB" in warning and "target_sqnr_db" in warning
+    assert warning in result.records[-1].notes
+    assert any(r.levelname == "WARNING" and "low fidelity" in r.getMessage()
+               for r in caplog.records)
+    assert f"**Warning**: {warning}" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_an_output_below_require_sqnr_db_fails_and_writes_nothing(tmp_path):
+    rng = np.random.default_rng(6)
+    with pytest.raises(PassError, match=r"below require_sqnr_db 90 dB on the calibration "
+                                        r"data .*: 'y' [0-9.]+ dB; calibrate's target_sqnr_db"):
+        PassManager(passes(require_sqnr_db=90.0)).run(
+            heavy_net(rng), tmp_path / "out", data=[{"x": inputs(rng, 16)}])
+    assert not (tmp_path / "out").exists()

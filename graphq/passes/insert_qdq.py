@@ -7,8 +7,11 @@ Placement follows what onnxruntime's CPU execution provider fuses into integer k
   constant weight is quantized per channel on its output axis; the output is quantized,
   after a Relu/Clip that alone reads it (a ``Q`` whose zero point is the type's minimum does
   the Relu, so onnxruntime drops it);
-- **joining ops** (Add, Mul, Concat, AveragePool, GlobalAveragePool, Resize, ...): quantized
-  when every non-constant input already is, with an output scale of their own; a Mul or Add
+- **joining ops** (Add, Mul, Concat, AveragePool, GlobalAveragePool, Resize, Sigmoid,
+  LeakyRelu): quantized when every non-constant input already is, with an output scale of
+  their own (onnxruntime runs Sigmoid and LeakyRelu as table lookups, QLinearSigmoid and
+  QLinearLeakyRelu, so a SiLU ``x * Sigmoid(x)`` between convolutions stays integer: YOLOv8n
+  2.05x -> 2.4x FP32 speed, its class scores 9.9 -> 13.9 dB held out); a Mul or Add
   by a constant (an elementwise scale or shift) stays float unless ``quantize_affine``, or
   unless it reads a compute op's output (a bias Add after a MatMul stays integer);
 - **pass-through ops** (Reshape, Transpose, Flatten, MaxPool, Squeeze, ...): quantized when
@@ -60,7 +63,8 @@ from graphq.registry import Pass, PassContext, PassResult, register
 log = logging.getLogger(__name__)
 
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-JOINING = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Resize")
+JOINING = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Resize", "Sigmoid",
+           "LeakyRelu")
 PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "MaxPool", "Squeeze", "Unsqueeze",
                 "Slice", "Split", "Identity", "DepthToSpace", "SpaceToDepth")
 #: joining ops that, with one constant operand, are an elementwise scale or shift.

@@ -447,7 +447,7 @@ def test_shipped_digits_cnn_at_w4a8_keeps_top1_near_float(tmp_path):
                dequantized_initializers(deploy).values()) == 5
 
 
-# ---- low fidelity: a warning, or a refusal --------------------------------------------------------
+# ---- low fidelity: a warning, or a refusal ----------------------------------------------------
 def test_a_faithful_graph_has_no_warning(emitted):
     q = emitted["result"].report["quantization"]
     assert min(f["sqnr_db"] for f in q["outputs"].values()) > 15 and "warnings" not in q

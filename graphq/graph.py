@@ -272,18 +272,40 @@ def _lift(tensor: gs.Tensor, path: tuple[tuple[gs.Node, gs.Graph], ...],
 #: one part of a graph output: (label, axis, start, stop)
 Part = tuple[str, int, int, int]
 
+#: parts of a tensor while they are traced: the axis and the (start, stop) of each part on it
+_Cut = tuple[int, tuple[tuple[int, int], ...]]
+
+#: ops that keep each value where it was: the parts of their input are those of their output
+_IN_PLACE = ("Identity", "QuantizeLinear", "DequantizeLinear")
+#: ops that keep the values in order in another shape: the part axis maps through by the shapes
+_RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+#: the ops :func:`output_parts` follows back from a graph output to the Concat that makes it
+#: (an Add only as the sensitivity search's blend of a Q/DQ pair, see :func:`_cut_through`)
+_CARRIERS = ("Transpose", *_RESHAPES, *_IN_PLACE, "Add")
+
 
 def output_parts(model: onnx.ModelProto) -> dict[str, list[Part]]:
     """Graph outputs that a Concat makes from inputs of known sizes on its axis -> the part
-    each input fills, ``(label, axis, start, stop)``, the label as ``output[:, 4:22]``.
+    each input fills, ``(label, axis, start, stop)`` on the output's own axes, the label as
+    ``output[:, 4:22]``.
 
     Fidelity is judged per part as well as whole: a detector whose one output holds box
     coordinates (pixels) beside class scores (0..1) would otherwise be scored by its boxes
-    alone, whatever became of the scores."""
+    alone, whatever became of the scores.
+
+    The Concat need not make the output itself: the parts are followed through ops that only
+    move values, Transpose (the part axis permuted), Reshape / Flatten / Squeeze / Unsqueeze
+    where the part axis stays whole (dims merged or split before it or after it; merged with
+    the dims after it, a part spans ``k`` times the indices), Q/DQ pairs (and the sensitivity
+    search's blend of one, :func:`graphq.sensitivity.masked_model`); and through a
+    Concat on another axis of inputs that all have the same parts (a YOLOX head: each level
+    concatenates [box, obj, cls] on the channel axis, the levels are concatenated on the
+    anchor axis, then transposed: the parts are the last axis' columns). Where the mapping is
+    not certain (a shape not known, a Reshape that splits the part axis or merges it with a
+    dim before it), the output has no parts."""
     producers = {o: n for n in model.graph.node for o in n.output}
-    concats = {o.name: producers[o.name] for o in model.graph.output
-               if o.name in producers and producers[o.name].op_type == "Concat"}
-    if not concats:
+    names = [o.name for o in model.graph.output if _reaches_concat(o.name, producers)]
+    if not names:
         return {}
     try:
         inferred = onnx.shape_inference.infer_shapes(model_io.skeleton(model), data_prop=True)
@@ -293,22 +315,127 @@ def output_parts(model: onnx.ModelProto) -> dict[str, list[Part]]:
     shapes = {v.name: model_io.dims(v) for v in [*g.value_info, *g.input, *g.output]}
     shapes.update({t.name: list(t.dims) for t in g.initializer})
     parts: dict[str, list[Part]] = {}
-    for name, node in concats.items():
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        rank = len(shapes.get(name) or [])
-        if not rank or len(node.input) < 2:
+    memo: dict[str, _Cut | None] = {}
+    for name in names:
+        cut = _cut(name, producers, shapes, memo)
+        if cut is None:
             continue
-        axis %= rank
-        sizes = [(shapes.get(i) or [None] * rank)[axis] for i in node.input]
-        if not all(isinstance(n, int) for n in sizes):
-            continue
-        start, found = 0, []
-        for n in sizes:
-            label = f"{name}[{', '.join([':'] * axis + [f'{start}:{start + n}'])}]"
-            found.append((label, axis, start, start + n))
-            start += n
-        parts[name] = found
+        axis, spans = cut
+        parts[name] = [(f"{name}[{', '.join([':'] * axis + [f'{start}:{stop}'])}]", axis,
+                        start, stop) for start, stop in spans]
     return parts
+
+
+def _reaches_concat(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether a Concat makes ``name`` through :data:`_CARRIERS` (first inputs): whether
+    :func:`output_parts` needs shapes for it."""
+    node = producers.get(name)
+    while node is not None and node.op_type in _CARRIERS and node.input:
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type == "Concat"
+
+
+def _cut(name: str, producers: dict[str, onnx.NodeProto],
+         shapes: dict[str, list | None], memo: dict[str, _Cut | None]) -> _Cut | None:
+    """The parts of tensor ``name`` (see :func:`output_parts`), or None."""
+    if name not in memo:
+        memo[name] = None  # a graph has no cycles; this only guards against a malformed one
+        node = producers.get(name)
+        memo[name] = _cut_through(node, producers, shapes, memo) if node is not None else None
+    return memo[name]
+
+
+def _cut_through(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
+                 shapes: dict[str, list | None], memo: dict[str, _Cut | None]) -> _Cut | None:
+    """The parts of the output of ``node`` (one of :data:`_CARRIERS` or a Concat)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Concat":
+        return _concat_cut(node, attrs.get("axis", 0), producers, shapes, memo)
+    if node.op_type == "Add" and len(node.input) == 2:
+        # the sensitivity search's blend ``x + m * (DQ(Q(x)) - x)``: x's values, in place
+        x, mixed = node.input
+        mul = producers.get(mixed)
+        subs = [producers.get(i) for i in (mul.input if mul and mul.op_type == "Mul" else [])]
+        if any(s is not None and s.op_type == "Sub" and list(s.input[1:]) == [x]
+               and _dequantizes(s.input[0], x, producers) for s in subs):
+            return _cut(x, producers, shapes, memo)
+        return None
+    if node.op_type not in _CARRIERS or not node.input:
+        return None
+    inner = _cut(node.input[0], producers, shapes, memo)
+    if inner is None or node.op_type in _IN_PLACE:
+        return inner
+    axis, spans = inner
+    if node.op_type == "Transpose":
+        perm = list(attrs.get("perm") or [])
+        if not perm:
+            rank = len(shapes.get(node.output[0]) or [])
+            perm = list(range(rank))[::-1]
+        return (perm.index(axis), spans) if axis in perm else None
+    moved = _regrouped(shapes.get(node.input[0]), shapes.get(node.output[0]), axis)
+    if moved is None:
+        return None
+    to, k = moved
+    return to, tuple((start * k, stop * k) for start, stop in spans)
+
+
+def _concat_cut(node: onnx.NodeProto, axis: int, producers: dict[str, onnx.NodeProto],
+                shapes: dict[str, list | None], memo: dict[str, _Cut | None]) -> _Cut | None:
+    """The parts of a Concat's output: the parts its inputs all have on another axis, or else
+    the slice each input fills on its axis."""
+    rank = len(shapes.get(node.output[0]) or [])
+    if not rank or len(node.input) < 2:
+        return None
+    axis %= rank
+    inner = [_cut(i, producers, shapes, memo) for i in node.input]
+    if inner[0] is not None and inner[0][0] != axis and all(c == inner[0] for c in inner):
+        return inner[0]
+    sizes = [(shapes.get(i) or [None] * rank)[axis] for i in node.input]
+    if not all(isinstance(n, int) for n in sizes):
+        return None
+    bounds = np.cumsum([0, *sizes]).tolist()
+    return axis, tuple(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _dequantizes(name: str, source: str, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether ``name`` is ``DequantizeLinear(QuantizeLinear(source))``."""
+    dq = producers.get(name)
+    q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    return q is not None and q.op_type == "QuantizeLinear" and q.input[0] == source
+
+
+def _regrouped(src: list | None, dst: list | None, axis: int) -> tuple[int, int] | None:
+    """Where ``axis`` of a tensor of shape ``src`` goes when its values, in order, take shape
+    ``dst``: ``(axis of dst, k)``, index ``i`` of ``axis`` becoming indices ``i*k`` to
+    ``i*k + k - 1`` of that axis (k > 1: ``axis`` merged with dims after it); None where it
+    does not stay whole (split, merged with a dim before it) or the dims are not known."""
+    if not src or not dst or axis >= len(src):
+        return None
+    lead = 0  # dims both shapes begin with (a symbolic batch dim among them) index the same
+    while lead < min(axis, len(dst)) and src[lead] is not None and src[lead] == dst[lead]:
+        lead += 1
+    size, before = src[axis], src[lead:axis]
+    if not isinstance(size, int) or size < 2 or not all(isinstance(d, int) for d in before):
+        return None
+    prefix, run = int(np.prod(before)), 1
+    for to in range(lead, len(dst)):
+        d = dst[to]
+        if d == 1:
+            continue
+        if not isinstance(d, int):
+            return None
+        if run == prefix:  # dst[to] begins where ``axis`` does
+            if d % size:
+                return None
+            k, after, rest = d // size, src[axis + 1:], dst[to + 1:]
+            if k == 1:
+                return to, 1
+            known = all(isinstance(n, int) for n in [*after, *rest])
+            return (to, k) if known and np.prod(after) == k * np.prod(rest) else None
+        run *= d
+        if run > prefix:
+            return None
+    return None
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:

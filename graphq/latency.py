@@ -5,43 +5,36 @@ float against the graph with all of them quantized: where an integer kernel pays
 on the execution provider, the CPU and the shapes around it (onnxruntime's int8 convolutions
 over 1-3 input channels run 1.3-2.6x slower than its float ones on an AVX-512 VNNI CPU, and
 an integer region changes the layout of the float ops inside it), which no fixed rule
-captures. Timing needs no calibration: Q/DQ pairs with placeholder scales run as fast as
-calibrated ones, so the candidates are timed as the deploy graph they would become (biases
-int32, weights folded to integers), before ``calibrate``.
+captures. ``emit`` times the float and deploy graphs for the report the same way.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 
-from graphq import graph as G
 from graphq import runtime
-from graphq.biases import quantize_biases
-from graphq.passes.emit import deploy_graph
-from graphq.quant import QuantTable
 
 Feed = dict[str, np.ndarray]
 
 
-def timing_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` (a Q/DQ graph, scales final or placeholders) as the deploy graph runs it:
-    biases int32 at the scales in the graph, weights folded to integers."""
-    graph = G.import_graph(model)
-    quantize_biases(graph, QuantTable())
-    graph.cleanup().toposort()
-    return deploy_graph(G.export(graph, like=model))[0]
-
-
 def medians(models: Sequence[onnx.ModelProto], feed: Feed, providers: list[str],
             budget_s: float = 2.0, min_rounds: int = 7, max_rounds: int = 60) -> list[float]:
-    """Median seconds per run of each model on ``feed``: one session each, warmed up, then
-    rounds that run every model once, the order rotated each round (load hits all alike),
-    until ``budget_s`` is spent (at least ``min_rounds``, at most ``max_rounds``)."""
+    """Median seconds per run of each model on ``feed``, one session each
+    (:func:`session_medians`)."""
     sessions = [runtime.session(m, providers) for m in models]
+    return session_medians(sessions, feed, budget_s, min_rounds, max_rounds)
+
+
+def session_medians(sessions: Sequence[Any], feed: Feed, budget_s: float = 2.0,
+                    min_rounds: int = 7, max_rounds: int = 60) -> list[float]:
+    """Median seconds per run of each session on ``feed``: warmed up, then rounds that run
+    every session once, the order rotated each round (load hits all alike), until
+    ``budget_s`` is spent (at least ``min_rounds``, at most ``max_rounds``)."""
     for sess in sessions:
         for _ in range(2):
             sess.run(None, feed)

@@ -21,7 +21,6 @@ The files are handed to the pass manager, which writes them once every pass has 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,8 +29,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphq import graph as G
+from graphq import latency, qoperator, runtime
 from graphq import model as model_io
-from graphq import qoperator, runtime
 from graphq.data import DataSource
 from graphq.errors import DataError, PassError
 from graphq.kernels import quant as Q
@@ -255,17 +254,9 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
 def _latency(float_sess: Any, deploy_sess: Any, feed: dict[str, np.ndarray],
              runs: int) -> dict[str, float]:
     """Median milliseconds per run, float and deploy interleaved so that load is shared."""
-    times: dict[str, list[float]] = {"float": [], "deploy": []}
-    for sess in (float_sess, deploy_sess):
-        sess.run(None, feed)  # warm up
-    for _ in range(runs):
-        for key, sess in (("float", float_sess), ("deploy", deploy_sess)):
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times[key].append((time.perf_counter() - start) * 1e3)
-    out = {k: float(np.median(v)) for k, v in times.items()}
-    out["speedup"] = out["float"] / out["deploy"] if out["deploy"] > 0 else float("nan")
-    return out
+    f, d = (1e3 * t for t in latency.session_medians(
+        [float_sess, deploy_sess], feed, budget_s=0.0, min_rounds=runs, max_rounds=runs))
+    return {"float": f, "deploy": d, "speedup": f / d if d > 0 else float("nan")}
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,9 +55,11 @@ import onnx_graphsurgeon as gs
 from graphq import graph as G
 from graphq import latency, runtime
 from graphq import model as model_io
+from graphq.biases import quantize_biases
 from graphq.errors import ModelError, PassError, did_you_mean
 from graphq.kernels import quant as Q
 from graphq.passes.canonicalize import upgrade_opset
+from graphq.passes.emit import deploy_graph
 from graphq.quant import QuantTable, Role, TensorQuant
 from graphq.registry import Pass, PassContext, PassResult, register
 
@@ -98,6 +101,8 @@ FLOATS = (np.float32, np.float16)
 PREFIX_MARGIN = 0.05
 #: larger models skip float_prefix_search (one session per candidate holds its weights)
 PREFIX_MAX_BYTES = 512 * 2**20
+#: the table reason of a prefix kept float until the timings that chose it are known
+_PENDING = "kept float by float_prefix_search (pending)"
 
 
 @dataclass
@@ -260,27 +265,31 @@ class InsertQDQ(Pass):
         if feed is None:
             feed = runtime.sample_feeds(model)[0]
         first = [i for i, _ in planner.computes]
-        candidates = [out] + [self._place(model, first[:k])[0] for k in range(1, n + 1)]
-        log.info("float_prefix_search: timing %d placements in onnxruntime", len(candidates))
-        seconds = latency.medians([latency.timing_model(m) for m in candidates], feed,
-                                  ctx.providers)
+        placed = [(out, table, planner)] + [self._place(model, first[:k], _PENDING)
+                                            for k in range(1, n + 1)]
+        log.info("float_prefix_search: timing %d placements in onnxruntime", len(placed))
+        seconds = latency.medians([_timing_model(m) for m, _, _ in placed], feed, ctx.providers)
         k = latency.fastest(seconds, PREFIX_MARGIN)
         timings = ", ".join(f"{i} float {t * 1e3:.3g} ms" for i, t in enumerate(seconds))
-        names = [f"'{name}'" for _, name in planner.computes[:k]]
         if k == 0:
             note = (f"float_prefix_search: the first compute ops stay quantized (latency in "
                     f"onnxruntime with the first k of them float: {timings})")
             log.info("%s", note)
             return out, table, planner, note
+        out, table, chosen = placed[k]
         reason = (f"kept float with the first {k} compute op(s): the graph ran fastest so "
                   f"({seconds[k] * 1e3:.3g} ms against {seconds[0] * 1e3:.3g} ms all "
                   "quantized; float_prefix_search)")
-        out, table, planner = self._place(model, first[:k], reason)
-        note = (f"float_prefix_search: {', '.join(names)} kept float, "
-                f"{seconds[0] / seconds[k]:.2f}x faster than all quantized (latency in "
-                f"onnxruntime with the first k compute ops float: {timings})")
+        for entry in table.entries.values():
+            if entry.reason == _PENDING:
+                entry.reason = reason
+        table.attach(out)
+        names = ", ".join(f"'{name}'" for _, name in planner.computes[:k])
+        note = (f"float_prefix_search: {names} kept float, {seconds[0] / seconds[k]:.2f}x "
+                f"faster than all quantized (latency in onnxruntime with the first k compute "
+                f"ops float: {timings})")
         log.info("%s", note)
-        return out, table, planner, note
+        return out, table, chosen, note
 
     def _check_overrides(self, graph: gs.Graph) -> None:
         tensors = graph.tensors()
@@ -383,10 +392,7 @@ class _Planner:
             self.notes.append(f"{node.op} '{node.name}' kept float: excluded by name")
             return None
         if id(node) in self.floats:
-            index = _weight_index(node)
-            if index is not None:
-                self.table.add(TensorQuant(node.inputs[index].name, "weight", False,
-                                           self.floats[id(node)], consumers=[node.name]))
+            self._float_weight(node, _weight_index(node), self.floats[id(node)])
             return None
         if node.op in COMPUTE:
             return "compute"
@@ -409,9 +415,7 @@ class _Planner:
                       f"{log_reader}, where the quantization error of small values becomes "
                       "large (the relative precision of every value counts)")
             self.notes.append(reason)
-            if weight_index is not None:
-                self.table.add(TensorQuant(node.inputs[weight_index].name, "weight", False,
-                                           reason, consumers=[node.name]))
+            self._float_weight(node, weight_index, reason)
             return
         for i in activations:
             self._activation(node.inputs[i], f"input of {node.op} '{node.name}'")
@@ -420,6 +424,12 @@ class _Planner:
         self._output(node)
         if id(node) in self._index:
             self.computes.append((self._index[id(node)], node.name))
+
+    def _float_weight(self, node: gs.Node, index: int | None, reason: str) -> None:
+        """The constant weight of a compute op kept float (if it has one), with the reason."""
+        if index is not None:
+            self.table.add(TensorQuant(node.inputs[index].name, "weight", False, reason,
+                                       consumers=[node.name]))
 
     def _joining(self, node: gs.Node) -> None:
         data = [node.inputs[i] for i in DATA_INPUTS.get(node.op, range(len(node.inputs)))
@@ -561,14 +571,22 @@ QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
 def _refuse_quantized(graph: gs.Graph) -> None:
     """A model that is quantized already (by graphq, onnxruntime's quantizer or an exporter's
     QAT) cannot be quantized again: the float values it was made from are gone."""
-    found: dict[str, int] = {}
-    for node in G.nodes(graph):
-        if node.op in QUANTIZED_OPS or node.op.startswith("QLinear"):
-            found[node.op] = found.get(node.op, 0) + 1
+    found = Counter(n.op for n in G.nodes(graph)
+                    if n.op in QUANTIZED_OPS or n.op.startswith("QLinear"))
     if found:
-        ops = ", ".join(f"{n} {op}" for op, n in sorted(found.items(), key=lambda x: -x[1]))
+        ops = ", ".join(f"{n} {op}" for op, n in found.most_common())
         raise ModelError(f"the model is quantized already (it has {ops}): quantize the float "
                          "model it was made from instead")
+
+
+def _timing_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A placement as its deploy graph runs: biases int32 and weights folded to integers at
+    the scales in the graph. Timing needs no calibration: Q/DQ pairs with placeholder scales
+    run as fast as calibrated ones."""
+    graph = G.import_graph(model)
+    quantize_biases(graph, QuantTable())
+    graph.cleanup().toposort()
+    return deploy_graph(G.export(graph, like=model))[0]
 
 
 def _only_log_readers(tensor: gs.Tensor) -> str | None:

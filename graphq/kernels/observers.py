@@ -29,10 +29,12 @@ Histogram
     cell edges that hold all but ``TAIL`` (0.5%) of the counts so far on each side: the values
     beyond them (the tails, where clip ranges are decided) one by one, and the bulk between
     them from a strided view of about ``sample`` values (a prime stride whose start moves from
-    batch to batch), each counted ``size / view size`` times. ``count``, ``min``, ``max`` and
-    the non-finite count stay exact (they come from the tails: the bulk cannot move them, so a
-    sampled batch is not also reduced for its min and max). The tails cost two comparisons per
-    value; the bulk's counts are an estimate.
+    batch to batch; after ``FULL_SAMPLE_BATCHES`` (8) batches a quarter of ``sample``, the bulk
+    then holding 8 samples' worth), each counted ``size / view size`` times. ``count``,
+    ``min``, ``max`` and the non-finite count stay exact. The batch's min and max (vectorized
+    reductions) say which tails it reaches; each reached side costs one comparison per value
+    and a gather (a ReLU output never reaches below its zeros); the bulk's counts are an
+    estimate.
 
     Methods on the histogram (``N`` values, ``c_k`` counts):
 
@@ -88,6 +90,11 @@ Range = tuple[float, float]
 
 #: The share of values on each side that a sampled histogram counts exactly (``sample``).
 TAIL = 0.005
+
+#: Batches whose bulk a sampled histogram counts from ``sample`` values; later batches from
+#: ``sample // LATER_SAMPLE_SHARE`` (``HistogramObserver``).
+FULL_SAMPLE_BATCHES = 8
+LATER_SAMPLE_SHARE = 4
 
 #: Coordinate-descent rounds (lower end, then upper end) of the asymmetric MSE search.
 _MSE_ROUNDS = 2
@@ -230,27 +237,44 @@ class HistogramObserver(Observer):
         """The bulk between the histogram's ``TAIL`` quantiles (so far, inside ``[min, max]``)
         from a strided sample, weighted; the tails beyond them from every value (module doc).
 
-        One mask splits the batch: the bulk's values cannot move ``min`` or ``max``, so the
-        range, the non-finite values (NaN fails both comparisons) and the exact counts all
-        come from the tail, and the whole batch is read twice (the two comparisons) and
-        gathered once, not also reduced for its min and max."""
+        The batch's own min and max (two vectorized reductions, which also see NaN) say which
+        tails it has: a side the batch does not reach costs nothing (a ReLU output's lower
+        tail is its zeros, already at the observed min), a side it reaches one comparison and
+        a gather. A batch holding non-finite values takes the masked path."""
         self.batches += 1
         assert self.min is not None and self.max is not None
         lo, hi = self._tail_bounds()
         lo, hi = max(lo, self.min), min(hi, self.max)
-        outside = np.logical_not(_inside(values, lo, hi))  # the tails, and NaN
-        tail = values[outside]
-        dropped = 0
-        if tail.size:
-            low, high = tail.min(), tail.max()
-            if not (np.isfinite(low) and np.isfinite(high)):
-                finite = tail[np.isfinite(tail)]
-                dropped, tail = tail.size - finite.size, finite
-            if tail.size:
-                self._update_minmax(float(tail.min()), float(tail.max()))
-        self.nonfinite += dropped
-        self.count += values.size - dropped
-        view, weight = _sampled(values, self.sample, self.batches)
+        low, high = values.min(), values.max()
+        if not (np.isfinite(low) and np.isfinite(high)):
+            self._observe_sampled_nonfinite(values, lo, hi)
+            return
+        parts = []
+        if low < lo:
+            parts.append(values[np.less(values, lo)])
+        if high >= hi:
+            parts.append(values[np.greater_equal(values, hi)])
+        tail = parts[0] if len(parts) == 1 else (
+            np.concatenate(parts) if parts else values[:0])
+        self.count += values.size
+        self._update_minmax(float(low), float(high))
+        self._add_sampled(values, tail, lo, hi)
+
+    def _observe_sampled_nonfinite(self, values: np.ndarray, lo: float, hi: float) -> None:
+        """:meth:`_observe_sampled` for a batch with inf or NaN: one mask splits it (NaN
+        fails both comparisons, so it falls in the tail, where it is dropped and counted)."""
+        tail = values[np.logical_not(_inside(values, lo, hi))]
+        finite = tail[np.isfinite(tail)]
+        self.nonfinite += tail.size - finite.size
+        self.count += values.size - (tail.size - finite.size)
+        if finite.size:
+            self._update_minmax(float(finite.min()), float(finite.max()))
+        self._add_sampled(values, finite, lo, hi)
+
+    def _add_sampled(self, values: np.ndarray, tail: np.ndarray, lo: float, hi: float) -> None:
+        """Counts of the finite ``tail`` (every value) and of the bulk in ``[lo, hi)`` (a
+        weighted strided sample of ``values``)."""
+        view, weight = _sampled(values, self._batch_sample(), self.batches)
         bulk = view[_inside(view, lo, hi)]
         if lo <= 0.0 < hi:
             self.zeros += weight * int(np.count_nonzero(bulk == 0))
@@ -259,6 +283,15 @@ class HistogramObserver(Observer):
         self._cover()
         self._counts += weight * _cell_counts(bulk, self.width, self.offset, self.bins)
         self._counts += _cell_counts(tail, self.width, self.offset, self.bins)
+
+    def _batch_sample(self) -> int | None:
+        """This batch's bulk sample: ``sample`` for the first ``FULL_SAMPLE_BATCHES`` batches,
+        then a ``LATER_SAMPLE_SHARE`` of it (at least 1024): the bulk then already holds
+        ``FULL_SAMPLE_BATCHES * sample`` values, and a long calibration set keeps adding
+        to it at a quarter of the cost."""
+        if self.sample is None or self.batches <= FULL_SAMPLE_BATCHES:
+            return self.sample
+        return max(1024, self.sample // LATER_SAMPLE_SHARE)
 
     def _tail_bounds(self) -> Range:
         """Cell edges holding all but about ``TAIL`` of the counts on each side."""

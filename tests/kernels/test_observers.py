@@ -478,6 +478,53 @@ def test_sampled_batch_counts_extremes_and_non_finite_values_exactly():
     assert sampled.range() == pytest.approx(exact.range(), rel=1e-3)
 
 
+
+@pytest.mark.parametrize("shift", [0.0, -2.0])
+def test_sampled_batch_with_finite_values_takes_only_the_tails_it_reaches(shift: float):
+    """Finite batches take the fast path (the batch's min and max say which tails it has): a
+    ReLU-like batch (shift 0: no value below the zeros at the observed min) and a signed one
+    (shift -2) with a new minimum and maximum are counted as the unsampled histogram counts
+    them in the tails, with min, max and count exact."""
+    rng = np.random.default_rng(11)
+    batches = [np.maximum(rng.normal(0, 1, 60_000), 0).astype(np.float32) + shift
+               for _ in range(3)]
+    batches[2][[7, 70]] = [shift - 5.0, 9.0]
+    exact = O.make_observer("percentile", percentile=99.99)
+    sampled = O.make_observer("percentile", percentile=99.99, sample=4096)
+    for b in batches:
+        exact.observe(b)
+        sampled.observe(b)
+    assert sampled.count == exact.count == 180_000
+    assert (sampled.min, sampled.max) == (exact.min, exact.max) == (shift - 5.0, 9.0)
+    top = np.cumsum(exact.counts[::-1])[::-1] <= 0.001 * exact.counts.sum()
+    np.testing.assert_allclose(sampled.counts[top], exact.counts[top], rtol=1e-12)
+    low = np.cumsum(exact.counts) <= 0.001 * exact.counts.sum()
+    np.testing.assert_allclose(sampled.counts[low], exact.counts[low], rtol=1e-12)
+    assert sampled.range() == pytest.approx(exact.range(), rel=1e-3)
+
+
+def test_later_batches_sample_a_quarter(monkeypatch):
+    """The first FULL_SAMPLE_BATCHES batches' bulk comes from ``sample`` values, later ones'
+    from a quarter of it (at least 1024); the first batch is counted in full (no sample)."""
+    asked = []
+    real = O._sampled
+
+    def spy(values, sample, batch):
+        asked.append(sample)
+        return real(values, sample, batch)
+
+    monkeypatch.setattr(O, "_sampled", spy)
+    obs = O.make_observer("entropy", qtype="uint8", sample=8192)
+    rng = np.random.default_rng(2)
+    for _ in range(12):
+        obs.observe(rng.random(50_000).astype(np.float32))
+    assert asked == [8192] * (O.FULL_SAMPLE_BATCHES - 1) + [2048] * (12 - O.FULL_SAMPLE_BATCHES)
+    assert obs.counts.sum() == pytest.approx(12 * 50_000, rel=5e-3)
+    assert O.HistogramObserver(sample=2048)._batch_sample() == 2048
+    late = O.HistogramObserver(sample=2048)
+    late.batches = O.FULL_SAMPLE_BATCHES + 1
+    assert late._batch_sample() == 1024
+
 def test_channel_mean_is_the_finite_values_mean_per_channel():
     """Axis 1 of NCHW batches (of different spatial sizes) and the last axis of 2-D ones, in
     float64; non-finite values are left out of both the sum and the count of their channel."""

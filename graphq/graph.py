@@ -53,6 +53,10 @@ def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
 
 FOUR_BIT = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
 
+#: Ops with weights whose inputs quantization is placed around (insert-qdq quantizes them;
+#: a segment of graphq.segments ends at one).
+COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
 
 def _pack_4bit(graph: gs.Graph) -> None:
     """Give every 4-bit constant held as a numpy array the INT4 / UINT4 TensorProto that

@@ -65,7 +65,7 @@ from graphq.registry import Pass, PassContext, PassResult, register
 
 log = logging.getLogger(__name__)
 
-COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+COMPUTE = G.COMPUTE
 JOINING = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Resize", "Sigmoid",
            "LeakyRelu")
 PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "MaxPool", "Squeeze", "Unsqueeze",

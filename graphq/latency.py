@@ -53,10 +53,9 @@ def session_medians(sessions: Sequence[Any], feed: Feed, budget_s: float = 2.0,
     return [float(np.median(t)) for t in times]
 
 
-def fastest(seconds: Sequence[float], margin: float) -> int:
-    """The index of the fastest candidate when it beats candidate 0 by more than ``margin``
-    (a fraction), else 0; among candidates within ``margin / 2`` of the fastest, the first."""
-    best = min(range(len(seconds)), key=lambda i: seconds[i])
-    if seconds[best] >= seconds[0] * (1.0 - margin):
-        return 0
-    return next(i for i, s in enumerate(seconds) if s <= seconds[best] * (1.0 + margin / 2))
+def longest_within(seconds: Sequence[float], margin: float) -> int:
+    """The highest index whose time is within ``margin`` (a fraction) of the fastest's: with
+    the candidates ordered by how much they keep float, the most kept float (the most
+    precision) for at most that much speed."""
+    best = min(seconds)
+    return max(i for i, s in enumerate(seconds) if s <= best * (1.0 + margin))

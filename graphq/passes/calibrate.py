@@ -107,8 +107,9 @@ class CalibrateOptions:
                 "do not carry over to new data", "min": 0.0})
     sample: int = field(default=65536, metadata={
         "help": "histogram methods: a batch of a tensor with more values than this is "
-                "histogrammed from a strided sample of this many (min/max stay exact; 0: "
-                "every value); large activations then cost a fraction of a pass", "min": 0})
+                "histogrammed from a strided sample of this many, a quarter of it after 8 "
+                "batches (the tails, min and max stay exact; 0: every value); large "
+                "activations then cost a fraction of a pass", "min": 0})
     bins: int | None = field(default=None, metadata={
         "help": "histogram bins (percentile, entropy, mse); default: the method's own "
                 "(2048, entropy 4096)", "min": 128})

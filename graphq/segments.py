@@ -26,7 +26,6 @@ output to a target (doubling, then bisecting the count, with whole-graph runs).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from onnx import helper
 from graphq import graph as G
 from graphq import runtime
 from graphq import sensitivity as S
+from graphq.kernels import quant as Q
 
 log = logging.getLogger(__name__)
 
@@ -171,15 +171,7 @@ def local_scores(masked: onnx.ModelProto, mask: str, count: int, segments: list[
             noise[i] = noise.get(i, 0.0) + float(np.sum((ref[finite] - got[finite]) ** 2))
     log.info("segments: %d of %d scored on %d batch(es) in %.1f s", len(sessions),
              len(segments), len(feeds), time.perf_counter() - start)
-    scores = {}
-    for i in sessions:
-        if noise[i] == 0.0:
-            scores[i] = math.inf
-        elif signal[i] == 0.0:
-            scores[i] = -math.inf
-        else:
-            scores[i] = 10.0 * math.log10(signal[i] / noise[i])
-    return scores
+    return {i: Q.sqnr_db_of_sums(signal[i], noise[i]) for i in sessions}
 
 
 def search_groups(score: Callable[[np.ndarray], float], count: int,
@@ -193,32 +185,20 @@ def search_groups(score: Callable[[np.ndarray], float], count: int,
     already known (not run again, not counted in ``runs``)."""
     order: list[int] = []
     ends: list[int] = [0]  # ends[k]: how many units the first k groups hold
+    seen: set[int] = set()
     for group in groups:
-        new = [u for u in group if u not in set(order)]
+        new = [u for u in group if u not in seen]
         if new and len(order) + len(new) <= limit:
             order.extend(new)
+            seen.update(new)
             ends.append(len(order))
-    known = baseline
-    scores: dict[int, float] = {} if known is None else {0: known}
 
-    def at(k: int) -> float:  # the score with the first k groups float
-        if k not in scores:
-            mask = np.ones(count, np.float32)
-            mask[order[:ends[k]]] = 0.0
-            scores[k] = score(mask)
-        return scores[k]
+    def score_of(k: int) -> float:  # the score with the first k groups float
+        mask = np.ones(count, np.float32)
+        mask[order[:ends[k]]] = 0.0
+        return score(mask)
 
-    baseline, top = at(0), len(ends) - 1
-    if baseline < target_db and top > 0:
-        k = 1
-        while k < top and at(k) < target_db:
-            k *= 2
-        k = min(k, top)
-        lo, hi = k // 2, k
-        while at(k) >= target_db and hi - lo > 1:  # bisect down to the fewest that reach it
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if at(mid) >= target_db else (mid, hi)
-    reached = [k for k in scores if scores[k] >= target_db]
-    best = min(reached) if reached else max(scores, key=lambda c: (scores[c], -c))
-    return S.Result(baseline, scores[best], order[:ends[best]],
-                    runs=len(scores) - (0 if known is None else 1))
+    known = {} if baseline is None else {0: baseline}
+    best, scores = S.fewest_reaching(score_of, len(ends) - 1, target_db, dict(known))
+    return S.Result(scores[0], scores[best], order[:ends[best]],
+                    runs=len(scores) - len(known))

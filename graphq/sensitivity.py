@@ -116,26 +116,39 @@ def search(score: Callable[[np.ndarray], float], count: int, target_db: float, l
     order = [i for i in sorted(gains, key=lambda i: -gains[i]) if gains[i] > 0][:limit]
     if not order:
         return Result(baseline, baseline, [], gains, runs)
-    scores: dict[int, float] = {0: baseline}
+    best, scores = fewest_reaching(lambda k: run(order[:k]), len(order), target_db,
+                                   {0: baseline})
+    return Result(baseline, scores[best], order[:best], gains, runs)
+
+
+def fewest_reaching(score_of: Callable[[int], float], top: int, target_db: float,
+                    scores: dict[int, float] | None = None) -> tuple[int, dict[int, float]]:
+    """The fewest ``k`` in ``0..top`` whose ``score_of(k)`` (the score with the first ``k``
+    of an ordered list kept float, as a rule growing with ``k``) reaches ``target_db``, found
+    by doubling, then bisecting; when none evaluated reaches it, the best evaluated (the
+    fewest among ties). ``scores``: scores already known (``k -> dB``); returned with every
+    score evaluated."""
+    scores = {} if scores is None else scores
 
     def at(k: int) -> float:
         if k not in scores:
-            scores[k] = run(order[:k])
+            scores[k] = score_of(k)
         return scores[k]
 
-    k = 1
-    while k < len(order) and at(k) < target_db:
-        k *= 2
-    k = min(k, len(order))
-    if at(k) >= target_db:   # bisect down to the fewest that reach the target
-        lo, hi = k // 2, k
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if at(mid) >= target_db else (mid, hi)
-        best = hi
-    else:                    # the target is out of reach: the best count evaluated
-        best = max(scores, key=lambda c: (scores[c], -c))
-    return Result(baseline, scores[best], order[:best], gains, runs)
+    if at(0) >= target_db:
+        return 0, scores
+    if top > 0:
+        k = 1
+        while k < top and at(k) < target_db:
+            k *= 2
+        k = min(k, top)
+        if at(k) >= target_db:   # bisect down to the fewest that reach the target
+            lo, hi = k // 2, k
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if at(mid) >= target_db else (mid, hi)
+            return hi, scores
+    return max(scores, key=lambda c: (scores[c], -c)), scores
 
 
 def session_score(model: onnx.ModelProto, feeds: Sequence[Feed],

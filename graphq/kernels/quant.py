@@ -36,6 +36,7 @@ arithmetic is numpy's own. A graph stores them as ONNX INT4 / UINT4, packed two 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -244,12 +245,17 @@ def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
     inf when ``approx == ref``."""
     r = np.asarray(ref, np.float64)
     noise = float(np.sum((r - np.asarray(approx, np.float64)) ** 2))
-    signal = float(np.sum(r**2))
+    return sqnr_db_of_sums(float(np.sum(r**2)), noise)
+
+
+def sqnr_db_of_sums(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)`` in dB from the summed squares (accumulated over batches):
+    inf without noise, -inf without signal."""
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
         return float("-inf")
-    return 10.0 * float(np.log10(signal / noise))
+    return 10.0 * math.log10(signal / noise)
 
 
 def cosine(ref: np.ndarray, approx: np.ndarray) -> float:

@@ -254,8 +254,7 @@ class HistogramObserver(Observer):
             parts.append(values[np.less(values, lo)])
         if high >= hi:
             parts.append(values[np.greater_equal(values, hi)])
-        tail = parts[0] if len(parts) == 1 else (
-            np.concatenate(parts) if parts else values[:0])
+        tail = np.concatenate(parts) if parts else values[:0]
         self.count += values.size
         self._update_minmax(float(low), float(high))
         self._add_sampled(values, tail, lo, hi)

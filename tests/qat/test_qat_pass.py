@@ -282,6 +282,12 @@ def test_label_free_qat_recovers_paddleocr_detector(tmp_path):
     preset = preset.replace('verify = "each"', 'verify = "off"')
     preset = preset.replace('name = "insert-qdq"', 'name = "insert-qdq"\nquantize_affine = true')
     preset = preset.replace("symmetric = true }", "symmetric = true, reduce_range = true }", 1)
+    # the placement pinned by name (float_prefix_search reads timings): the first conv float.
+    # With every conv quantized PTQ scores 0.63 and this QAT 0.63; with the first three float
+    # 0.74 and 0.75: QAT's gain depends on the placement, an open problem (README)
+    preset = preset.replace("float_prefix_search = 3",
+                            "float_prefix_search = 0\nexclude = ['^p2o[.]Conv[.]0$']")
+    assert "float_prefix_search = 0" in preset
     ptq = PassManager.from_text(preset.replace('method = "auto"', 'method = "percentile"')).run(
         path, tmp_path / "ptq", data=calib)
     qat_toml = ('[[passes]]\nname = "qat"\nepochs = 3\nlr = 1e-6\nbatch_size = 1\n'

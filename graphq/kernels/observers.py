@@ -68,7 +68,10 @@ Histogram
         zeros, quantized exactly, left out). The search scales the range down: 100
         candidates ``f * range`` for ``f = 1/100 .. 1``, then 100 more within one step of the
         best. Asymmetric: first both ends together, then each end with the other fixed,
-        twice.
+        twice (an end whose other end has not moved since its last search is not searched
+        again; for data on one side of 0 the first search is the only one). The error of
+        a candidate is summed over the grid's quantization intervals from prefix sums of
+        the cells' moments (255 points for 8 bits, not one per cell).
 
 :func:`make_observer` builds one by method name: ``minmax``, ``percentile``, ``entropy``,
 ``mse``.
@@ -459,11 +462,14 @@ class HistogramObserver(Observer):
             return -t, t
         f = _search(lambda f: err(f * lo0, f * hi0), 1.0)
         lo, hi = f * lo0, f * hi0
+        if lo0 >= 0.0 or hi0 <= 0.0:  # one end at 0: the joint search searched the other
+            return lo, hi
+        lo_at = hi_at = None          # the other end at each end's last search
         for _ in range(_MSE_ROUNDS):
-            if lo0 < 0.0:
-                lo = -_search(lambda u, hi=hi: err(-u, np.full_like(u, hi)), -lo0)
-            if hi0 > 0.0:
-                hi = _search(lambda t, lo=lo: err(np.full_like(t, lo), t), hi0)
+            if lo_at != hi:           # else the same search again: the same end
+                lo, lo_at = -_search(lambda u, hi=hi: err(-u, np.full_like(u, hi)), -lo0), hi
+            if hi_at != lo:
+                hi, hi_at = _search(lambda t, lo=lo: err(np.full_like(t, lo), t), hi0), lo
         return lo, hi
 
 
@@ -738,21 +744,81 @@ def _sq_error_integral(x: np.ndarray, grid_lo: np.ndarray, grid_hi: np.ndarray,
 
 def _expected_sq_error(counts: np.ndarray, edges: np.ndarray, lo: np.ndarray, hi: np.ndarray,
                        qt: QType, symmetric: bool) -> np.ndarray:
-    """Sum of squared fake-quantization errors of the histogram, one per candidate range."""
+    """Sum of squared fake-quantization errors of the histogram, one per candidate range.
+
+    Summed over the grid's quantization intervals (:func:`_sq_error_by_levels`, 255 points
+    a candidate for 8 bits) where the grid has fewer steps than the histogram has cells,
+    else over the cells (:func:`_sq_error_by_cells`, int16): the same integral either way."""
     lo, hi = np.atleast_1d(lo), np.atleast_1d(hi)
     scale, zp = qparams(lo, hi, qt, symmetric)
-    s = np.broadcast_to(np.asarray(scale, np.float64), lo.shape)[:, None]
-    z = np.broadcast_to(np.asarray(zp, np.float64), lo.shape)[:, None]
+    s = np.broadcast_to(np.asarray(scale, np.float64), lo.shape)
+    z = np.broadcast_to(np.asarray(zp, np.float64), lo.shape)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if qt.qmax - qt.qmin < edges.size - 1:
+            err = _sq_error_by_levels(counts, edges, s, z, qt)
+        else:
+            err = _sq_error_by_cells(counts, edges, s, z, qt)
+    return np.where(np.isfinite(err), err, np.inf)
+
+
+def _sq_error_by_levels(counts: np.ndarray, edges: np.ndarray, s: np.ndarray, z: np.ndarray,
+                        qt: QType) -> np.ndarray:
+    """:func:`_expected_sq_error` by quantization interval. Level ``g_k = s (k - z)`` takes
+    the values between the midpoints ``x_k`` to its neighbours (the lowest from -inf, the
+    highest to +inf: the clipped values), so with ``C_p(x) = integral up to x of d(t) t^p
+    dt`` the error is ``sum_k integral over interval k of d(t) (t - g_k)^2 dt``, which
+    summed by parts (``g_k+1 - g_k = s``, ``g_k+1 + g_k = 2 x_k``) is::
+
+        E = integral of d(t) (t - g_top)^2 dt + 2 s sum_k (C_1(x_k) - x_k C_0(x_k))
+
+    For a density ``d`` uniform inside each cell, ``C_p`` is a prefix sum over the whole
+    cells below ``x`` plus the part of ``x``'s own cell: a gather and a few products per
+    midpoint. Rounding differs from the cell-by-cell sum by about 1e-10 of the result."""
+    a, b = edges[:-1], edges[1:]
+    d = counts / (b - a)
+    zeroth = d * (b - a)
+    t0 = float(zeroth.sum())
+    # moments about the mean c (t' = t - c): the prefix sums stay small, so their differences
+    # keep their precision for data far from 0 (a BatchNorm output centred at 100)
+    c = float((zeroth * (a + b)).sum() / (2.0 * t0)) if t0 > 0 else 0.0
+    ac, bc = a - c, b - c
+    first = zeroth * (ac + bc) / 2.0
+    second = zeroth * (ac * ac + ac * bc + bc * bc) / 3.0
+    p0 = np.concatenate([[0.0], np.cumsum(zeroth)])
+    p1 = np.concatenate([[0.0], np.cumsum(first)])
+    t1, t2 = float(first.sum()), float(second.sum())
+    steps = qt.qmax - qt.qmin
+    top = s * (qt.qmax - z) - c
+    # candidates in groups whose (group x steps) temporaries stay small
+    group = max(1, _ERROR_BLOCK // steps)
+    mid = np.arange(steps, dtype=np.float64) + (qt.qmin + 0.5)
+    err = np.empty(s.size)
+    for i in range(0, s.size, group):
+        si, zi = s[i:i + group, None], z[i:i + group, None]
+        x = si * (mid - zi)                                      # midpoints, (group, steps)
+        xc = np.clip(x, edges[0], edges[-1])
+        j = np.clip(((xc - edges[0]) / (b[0] - a[0])).astype(np.intp), 0, a.size - 1)
+        e = a[j]
+        # C_1(x) - x C_0(x) about c: whole cells, then the part of x's cell up to xc
+        partial = p1[j] - (x - c) * p0[j] + d[j] * (xc - e) * ((xc + e) / 2.0 - x)
+        g = top[i:i + group]
+        err[i:i + group] = t2 - 2.0 * g * t1 + g * g * t0 + 2.0 * si[:, 0] * partial.sum(1)
+    return err
+
+
+def _sq_error_by_cells(counts: np.ndarray, edges: np.ndarray, s: np.ndarray, z: np.ndarray,
+                       qt: QType) -> np.ndarray:
+    """:func:`_expected_sq_error` cell by cell: ``sum_k c_k / w (Phi(e_k+1) - Phi(e_k))``
+    (:func:`_sq_error_integral`), ``edges.size`` points a candidate."""
     density = counts / (edges[1] - edges[0])
     # candidates in groups whose (group x edges) temporaries stay small (cache, no page faults)
     group = max(1, _ERROR_BLOCK // edges.size)
-    err = np.empty(lo.size)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for i in range(0, lo.size, group):
-            si, zi = s[i:i + group], z[i:i + group]
-            phi = _sq_error_integral(edges[None, :], si * (qt.qmin - zi), si * (qt.qmax - zi), si)
-            err[i:i + group] = np.diff(phi, axis=1) @ density
-    return np.where(np.isfinite(err), err, np.inf)
+    err = np.empty(s.size)
+    for i in range(0, s.size, group):
+        si, zi = s[i:i + group, None], z[i:i + group, None]
+        phi = _sq_error_integral(edges[None, :], si * (qt.qmin - zi), si * (qt.qmax - zi), si)
+        err[i:i + group] = np.diff(phi, axis=1) @ density
+    return err
 
 
 #: candidate x edge values per block of :func:`_expected_sq_error`.

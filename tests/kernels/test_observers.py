@@ -242,6 +242,53 @@ def test_expected_error_matches_measured_error(normal: np.ndarray):
         assert est == pytest.approx(fq_mse(normal, clip, "int8", False), rel=0.02)
 
 
+@pytest.mark.parametrize("name,symmetric", [("int8", True), ("uint8", False), ("int4", False),
+                                            ("uint8", True)])
+@pytest.mark.parametrize("data", ["normal", "relu_outlier", "student", "offset"])
+def test_expected_error_by_levels_equals_the_cell_by_cell_sum(data: str, name: str,
+                                                             symmetric: bool):
+    """The error summed over quantization intervals (8-bit: 255 midpoints a candidate) is the
+    cell-by-cell integral, to rounding, on every kind of range (clipping, rounding, data far
+    from 0), and picks the same best candidate."""
+    rng = np.random.default_rng(11)
+    x = {"normal": rng.normal(size=N),
+         "relu_outlier": np.concatenate([np.maximum(rng.normal(size=N), 0), [40.0]]),
+         "student": rng.standard_t(2, size=N),
+         "offset": 100.0 + 0.5 * rng.normal(size=N)}[data].astype(np.float32)
+    obs = observed(O.HistogramObserver(bins=4096), x)
+    counts = obs._nonzero_counts()
+    occupied = np.flatnonzero(counts)
+    first, last = occupied[0], occupied[-1] + 1
+    counts, edges = counts[first:last], obs.edges[first:last + 1]
+    qt = Q.qtype(name)
+    lo0, hi0 = obs._bounds()
+    f = np.linspace(0.01, 1.0, 100)
+    top = max(-lo0, hi0)
+    lo, hi = (-f * top, f * top) if symmetric else (f * lo0, f * hi0)
+    scale, zp = Q.qparams(lo, hi, qt, symmetric)
+    s = np.broadcast_to(np.asarray(scale, np.float64), lo.shape)
+    z = np.broadcast_to(np.asarray(zp, np.float64), lo.shape)
+    by_levels = O._sq_error_by_levels(counts, edges, s, z, qt)
+    by_cells = O._sq_error_by_cells(counts, edges, s, z, qt)
+    np.testing.assert_allclose(by_levels, by_cells, rtol=1e-8)
+    assert np.argmin(by_levels) == np.argmin(by_cells)
+
+
+def test_mse_searches_one_sided_data_once(monkeypatch):
+    """Data on one side of 0 (a ReLU output): the joint search of both ends is the search of
+    the far end, so it is the only one; signed data: an end is searched again only after the
+    other end moved."""
+    calls = []
+    search = O._search
+    monkeypatch.setattr(O, "_search", lambda *a, **k: calls.append(1) or search(*a, **k))
+    rng = np.random.default_rng(12)
+    observed(O.MSEObserver("uint8"), np.maximum(rng.normal(size=N), 0).astype(np.float32)).range()
+    assert len(calls) == 1
+    calls.clear()
+    observed(O.MSEObserver("uint8"), rng.normal(size=N).astype(np.float32)).range()
+    assert 3 <= len(calls) <= 1 + 2 * O._MSE_ROUNDS
+
+
 def test_sq_error_integral_matches_numeric_integration():
     """Phi(x) = integral of (t - fq(t))^2 from the grid's low end, inside and outside."""
     scale, zp = Q.qparams(-1.0, 2.0, "uint4", symmetric=False)

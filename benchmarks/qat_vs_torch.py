@@ -47,7 +47,9 @@ Variants per net:
   calibrate (percentile 99.999), emit. Top-1 of ``<stem>.deploy.onnx`` in onnxruntime on the
   test split.
 * ``qat-{ste,lsq,pact}-w{8,4}a8``: ``graphq.qat.prepare(<stem>.fakequant.onnx of the PTQ run,
-  method=...)``, the same training loop on ``bridge.module`` (cross-entropy on labels),
+  method=...)``, the same training loop on ``bridge.module`` (cross-entropy on labels; the
+  optimizer gets ``bridge.param_groups(lr)``: weights and biases at the loop's lr, each learned
+  scale or PACT clip at lr times its size, as the ``qat`` pass trains them),
   ``bridge.write_back()``, ``graphq.qat.emit(proto, out, eval_data=test.npz)``; top-1 of the
   emitted deploy graph in onnxruntime.
 * ``qat-{ste,lsq,pact}-bn-w{8,4}a8`` (``--batch-norm on|both``): the same with
@@ -431,7 +433,11 @@ def qat_api() -> tuple[Any, str | None]:
     return qat, None
 
 
-def bridge_params(bridge: Any) -> Any:
+def bridge_params(bridge: Any, lr: float) -> Any:
+    """What the optimizer trains: ``bridge.param_groups(lr)`` (each learned scale at a step
+    relative to its size) where the bridge has it, else its parameters at ``lr``."""
+    if hasattr(bridge, "param_groups"):
+        return bridge.param_groups(lr)
     params = bridge.parameters()
     return list(params) if not isinstance(params, list) else params
 
@@ -451,7 +457,7 @@ def run_graphq_qat(qat: Any, fakequant: str, stem: str, method: str, work: Path,
         if batch_norm and epoch == freeze_at:
             bridge.freeze_batch_norm()
 
-    stats = trainer.train(module, bridge_params(bridge), lr, on_epoch)
+    stats = trainer.train(module, bridge_params(bridge, lr), lr, on_epoch)
     torch_after = torch_top1(module, data["x_test"], data["y_test"])
     start = time.perf_counter()
     proto = bridge.write_back()
@@ -465,7 +471,7 @@ def run_graphq_qat(qat: Any, fakequant: str, stem: str, method: str, work: Path,
     files = {k: str(v) for k, v in dict(files).items()}
     deploy = _find(files, ".deploy.onnx")
     top1 = ort_top1(deploy, data["x_test"], data["y_test"], threads)
-    keep[key] = {"module": module, "params": bridge_params(bridge)}
+    keep[key] = {"module": module, "params": bridge_params(bridge, lr)}
     return {"top1": top1, "torch_top1_before": before, "torch_top1_after": torch_after,
             "prepare_s": prepare_s, "write_back_emit_s": emit_s, "deploy": deploy,
             "inputs": list(getattr(bridge, "input_names", [])),
@@ -503,7 +509,7 @@ def float_bridge(qat: Any, onnx_path: Path, work: Path, data: dict[str, Any],
         result = PassManager.from_text(FOLD_TOML).run(onnx_path, work / "float-folded")
         folded = str(result.files["model"])
         bridge = qat.prepare(folded, method="ste")
-        keep["graphq-float"] = {"module": bridge.module, "params": bridge_params(bridge)}
+        keep["graphq-float"] = {"module": bridge.module, "params": bridge_params(bridge, 0.0)}
         out.update({"ok": True, "model": folded,
                     "top1": torch_top1(bridge.module, data["x_test"], data["y_test"])})
     except Exception as exc:  # noqa: BLE001
@@ -579,6 +585,8 @@ def time_steps(keep: dict[str, Any], data: dict[str, Any], batch: int, rounds: i
     for key, item in keep.items():
         module = item["module"]
         params = item["params"] if item["params"] is not None else list(module.parameters())
+        if params and isinstance(params[0], dict):  # param groups: the same groups at lr 0
+            params = [{**g, "lr": 0.0} for g in params]
         opt = torch.optim.SGD(params, lr=0.0, momentum=0.9, nesterov=True)  # lr 0: no change
         runners[key] = (module, opt)
 

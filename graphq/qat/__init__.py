@@ -5,7 +5,7 @@
     from graphq import qat
 
     bridge = qat.prepare("out/model.fakequant.onnx", method="lsq")
-    opt = torch.optim.Adam(bridge.parameters(), 1e-4)
+    opt = torch.optim.Adam(bridge.param_groups(1e-4))  # scales: steps relative to their size
     for x, y in loader:                       # the user's own loop
         loss = loss_fn(bridge.module(x), y)
         opt.zero_grad(); loss.backward(); opt.step()
@@ -128,6 +128,16 @@ class Bridge:
 
     def named_parameters(self) -> Iterator[tuple[str, Any]]:
         return ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
+
+    def param_groups(self, lr: float, scale_lr: float = 1.0) -> list[dict[str, Any]]:
+        """The parameters that train as groups for a torch optimizer: weights and biases at
+        ``lr``; each learned scale or PACT clip at ``lr * scale_lr * mean|value|`` (a step
+        relative to its size, as the ``qat`` pass trains them) and without weight decay.
+        ``parameters()`` at one ``lr`` moves a weight scale hundreds of times faster than
+        its weights (see :func:`graphq.qat.train.param_groups`)."""
+        from graphq.qat.train import param_groups
+
+        return param_groups(self.module, lr, scale_lr)
 
     def to(self, device: Any) -> Bridge:
         import torch

@@ -641,6 +641,43 @@ def test_gradients_reach_weights_biases_and_scales(fakequant_net, method):
         assert len(scales) == 22 and sum(bool(torch.count_nonzero(p.grad)) for p in scales) > 15
 
 
+@pytest.mark.parametrize("method", ["lsq", "pact"])
+def test_param_groups_step_each_scale_by_its_size(fakequant_net, method):
+    """``param_groups(lr)``: weights and biases in one group at ``lr``, every learned scale or
+    clip in its own at ``lr * scale_lr * mean|value|`` without weight decay; each trainable
+    parameter exactly once. One SGD step then moves a weight scale by a small share of
+    itself where the same step over ``parameters()`` moves it by a large one."""
+    bridge = qat.prepare(fakequant_net, method=method)
+    named = dict(bridge.named_parameters())
+    groups = bridge.param_groups(0.01, scale_lr=0.5)
+    grouped = [p for g in groups for p in g["params"]]
+    assert sorted(map(id, grouped)) == sorted(map(id, named.values()))
+    (rest, *quant) = groups
+    assert rest["lr"] == 0.01 and all(n.endswith((".weight", ".bias")) for n, p in named.items()
+                                      if any(p is q for q in rest["params"]))
+    scales = {id(p) for n, p in named.items() if n.endswith((".scale", ".alpha"))}
+    assert len(quant) == len(scales) and all(
+        len(g["params"]) == 1 and id(g["params"][0]) in scales and g["weight_decay"] == 0.0
+        and g["lr"] == pytest.approx(0.01 * 0.5 * float(g["params"][0].detach().abs().mean()))
+        for g in quant)
+
+    def moved(params) -> float:
+        """The largest relative change of a weight scale after one SGD step on a loss that
+        pushes every output up."""
+        b = qat.prepare(fakequant_net, method=method)
+        named = dict(b.named_parameters())
+        scale = {n: p.detach().clone() for n, p in named.items()
+                 if n.endswith(".quant.scale") and n[:-len("quant.scale")] + "weight" in named}
+        assert scale
+        opt = torch.optim.SGD(params(b), lr=0.05)
+        (-sum(o.sum() for o in b(HELD_OUT))).backward()
+        opt.step()
+        now = dict(b.named_parameters())
+        return max(float(((now[n].detach() - v).abs() / v).max()) for n, v in scale.items())
+
+    assert moved(lambda b: b.param_groups(0.05)) < 0.05 < moved(lambda b: b.parameters())
+
+
 def test_batchnorm_and_foreign_parameters_stay_as_the_graph_has_them():
     """Write-back writes weights, biases and scales only: a BatchNormalization left in the
     graph normalizes with the graph's statistics in training mode too, and its scale and

@@ -26,6 +26,8 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
 import logging
 import math
 import time
@@ -44,7 +46,7 @@ from graphq import segments as SEG
 from graphq import sensitivity as S
 from graphq.biases import quantize_biases
 from graphq.data import samples_in
-from graphq.errors import DataError
+from graphq.errors import ConfigError, DataError, PassError
 from graphq.kernels import observers as O
 from graphq.kernels import quant as Q
 from graphq.passes.insert_qdq import COMPUTE, PASS_THROUGH
@@ -101,6 +103,14 @@ class CalibrateOptions:
         "help": "samples (on the inputs' batch axis) auto and the search score on at least, so "
                 "that batches of one image do not leave the choice to a few images",
         "min": 1})
+    auto_metric: str = field(default="", metadata={
+        "help": "method auto: score the candidates with this function instead of the worst "
+                "output SQNR: 'module:function' (importable) or 'file.py:function' (relative "
+                "to the pipeline file); it is called as "
+                "function(reference, quantized), two lists with one dict of output name -> "
+                "array per scoring batch (the float model's outputs, the candidate's), and "
+                "returns a number, higher is better; auto keeps the best (ties: the order "
+                "percentile, mse, entropy, minmax), auto_margin_db does not apply"})
     auto_margin_db: float = field(default=0.5, metadata={
         "help": "method auto keeps percentile unless another method's score beats it by "
                 "more than this (dB): differences within the scoring noise of a few batches "
@@ -119,6 +129,9 @@ class CalibrateOptions:
         if 0 < self.sample < 1024:
             raise ValueError(f"option 'sample' is {self.sample}; it must be 0 (every value) "
                              "or >= 1024")
+        if self.auto_metric and self.method != "auto":
+            raise ValueError(f"option 'auto_metric' scores method auto's candidates; method "
+                             f"is '{self.method}': set method = \"auto\" or drop auto_metric")
 
 
 class _SpreadBatches:
@@ -205,11 +218,13 @@ class Calibrate(Pass):
         originals = {id(n): n.inputs[2].values for n in corrected}
         notes = _correct_biases(corrected, table, stream.means) if corrected else []
         if self.options.method == "auto":
-            table, chosen, reference, score = self._auto(model, graph, table, stream, ctx)
+            metric = _metric(self.options.auto_metric, ctx)
+            table, chosen, reference, score = self._auto(model, graph, table, stream, ctx,
+                                                         metric)
             notes = chosen + notes
             if corrected and reference:
                 notes += _check_correction(model, graph, table, stream.kept, reference, score,
-                                           corrected, originals, ctx.providers)
+                                           corrected, originals, ctx.providers, metric)
         else:
             notes = self._set_qparams(table, stream.observers, graph) + notes
         if self.options.target_sqnr_db > 0:
@@ -321,10 +336,12 @@ class Calibrate(Pass):
         return [note]
 
     def _auto(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
-              stream: _Stream, ctx: PassContext) -> tuple[QuantTable, list[str]]:
+              stream: _Stream, ctx: PassContext, metric: _Metric | None = None
+              ) -> tuple[QuantTable, list[str]]:
         """Method ``auto``: the table set by each of :data:`AUTO_METHODS`, scored by the worst
         output SQNR of the quantized ``graph`` against the float ``model`` on the kept
-        batches; returns the best table and the notes (the scores first)."""
+        batches (or by ``metric``); returns the best table and the notes (the scores
+        first)."""
         if not stream.observers or not stream.kept:
             notes = self._set_qparams(table, stream.observers, graph, AUTO_METHODS[0])
             return table, [f"method auto: nothing to compare (no observed activation or no "
@@ -335,14 +352,21 @@ class Calibrate(Pass):
         for i, method in enumerate(AUTO_METHODS):
             candidate = copy.deepcopy(table)
             notes = self._set_qparams(candidate, stream.observers, graph, method)
-            score = _score(model, graph, candidate, stream.kept, reference, ctx.providers)
+            score = _score(model, graph, candidate, stream.kept, reference, ctx.providers,
+                           metric, method)
             tried[method] = (score, candidate, notes)
             progress.update(i + 1)
         progress.close()
-        best = _auto_choice({m: tried[m][0] for m in AUTO_METHODS}, self.options.auto_margin_db)
-        scores = ", ".join(f"{m} {tried[m][0]:.1f} dB" for m in AUTO_METHODS)
+        best = _auto_choice({m: tried[m][0] for m in AUTO_METHODS},
+                            0.0 if metric else self.options.auto_margin_db)
+        if metric:
+            scores = ", ".join(f"{m} {tried[m][0]:.6g}" for m in AUTO_METHODS)
+            what = f"auto_metric {metric.name}"
+        else:
+            scores = ", ".join(f"{m} {tried[m][0]:.1f} dB" for m in AUTO_METHODS)
+            what = "worst output SQNR"
         samples = sum(samples_in(feed, model) for feed in stream.kept)
-        note = (f"method auto: worst output SQNR on {len(stream.kept)} calibration batch(es) "
+        note = (f"method auto: {what} on {len(stream.kept)} calibration batch(es) "
                 f"({samples} samples) {scores}: {best} kept")
         log.info("%s", note)
         return tried[best][1], [note, *tried[best][2]], reference, tried[best][0]
@@ -501,21 +525,83 @@ def _float_outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
 
 def _score(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
            feeds: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]],
-           providers: list[str]) -> float:
+           providers: list[str], metric: _Metric | None = None, what: str = "") -> float:
     """The worst output SQNR (dB) of ``graph`` (not changed) quantized by ``table`` against
-    the float ``reference`` outputs on ``feeds``."""
+    the float ``reference`` outputs on ``feeds``; or ``metric`` of them (``what``: the
+    candidate, for its error messages)."""
     view = graph.copy()
     _apply(view, table)
     quantize_biases(view, copy.deepcopy(table))
     sess = runtime.session(G.export(view.cleanup().toposort(), like=model), providers)
     outs = [runtime.run(sess, feed) for feed in feeds]
+    if metric is not None:
+        return metric(reference, outs, what)
     return S.worst_sqnr(reference, outs, G.output_parts(model))
+
+
+class _Metric:
+    """The user's ``auto_metric``: ``function(reference, quantized) -> number``."""
+
+    def __init__(self, function: Callable[..., object], name: str) -> None:
+        self.function, self.name = function, name
+
+    def __call__(self, reference: list[dict[str, np.ndarray]],
+                 outs: list[dict[str, np.ndarray]], what: str) -> float:
+        try:
+            value = self.function(reference, outs)
+        except Exception as exc:  # noqa: BLE001 -- the user's code: name it, keep the cause
+            raise PassError(f"calibrate auto_metric {self.name} failed on {what}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise PassError(f"calibrate auto_metric {self.name} returned {value!r} on {what}: "
+                            "it must return a finite number, higher meaning better")
+        return number
+
+
+def _metric(spec: str, ctx: PassContext) -> _Metric | None:
+    """``auto_metric`` as a callable: ``'module:function'`` by import, ``'file.py:function'``
+    from that file (relative to the pipeline file). A name, not a Python callable, so that
+    the pipeline file a run writes reproduces the run."""
+    if not spec:
+        return None
+    where, sep, name = spec.rpartition(":")
+    fix = ("give 'module:function' (an importable module) or 'path/to/file.py:function' "
+           "(relative to the pipeline file)")
+    if not sep or not where or not name.isidentifier():
+        raise ConfigError(f"calibrate auto_metric '{spec}' is not 'module:function' or "
+                          f"'file.py:function'; {fix}")
+    try:
+        if where.endswith(".py"):
+            path = ctx.path(where)
+            if not path.is_file():
+                raise ConfigError(f"calibrate auto_metric '{spec}': no file {path}; {fix}")
+            loaded = importlib.util.spec_from_file_location(f"graphq_auto_metric_{path.stem}",
+                                                            path)
+            assert loaded is not None and loaded.loader is not None
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- an import error of the user's module
+        raise ConfigError(f"calibrate auto_metric '{spec}': loading '{where}' failed: "
+                          f"{type(exc).__name__}: {exc}; {fix}") from exc
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"calibrate auto_metric '{spec}': '{where}' has no function "
+                          f"'{name}'; {fix}")
+    return _Metric(function, f"'{spec}'")
 
 
 def _check_correction(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
                       feeds: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]],
                       score: float, nodes: list[gs.Node], originals: dict[int, np.ndarray],
-                      providers: list[str]) -> list[str]:
+                      providers: list[str], metric: _Metric | None = None) -> list[str]:
     """Keep the corrected biases only if the graph scores at least as well with them as with
     the original ones (``score``: with them). The correction takes every input position of a
     Conv to see the channel's mean; on short sequences, where zero padding covers much of the
@@ -523,15 +609,20 @@ def _check_correction(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable
     corrected = {id(n): n.inputs[2].values for n in nodes}
     for n in nodes:
         n.inputs[2].values = originals[id(n)]
-    without = _score(model, graph, table, feeds, reference, providers)
+    without = _score(model, graph, table, feeds, reference, providers, metric,
+                     "the graph without bias correction")
+    if metric:
+        what, now, other = f"auto_metric {metric.name}", f"{score:.6g}", f"{without:.6g}"
+    else:
+        what, now, other = "the worst output SQNR", f"{score:.1f} dB", f"{without:.1f} dB"
     if without > score:
-        note = (f"bias correction undone: the worst output SQNR on the search batches is "
-                f"{without:.1f} dB without it, {score:.1f} dB with it")
+        note = (f"bias correction undone: {what} on the search batches is {other} without "
+                f"it, {now} with it")
     else:
         for n in nodes:
             n.inputs[2].values = corrected[id(n)]
-        note = (f"bias correction kept: worst output SQNR on the search batches {score:.1f} dB "
-                f"with it, {without:.1f} dB without")
+        note = (f"bias correction kept: {what.removeprefix('the ')} on the search batches "
+                f"{now} with it, {other} without")
     log.info("%s", note)
     return [note]
 

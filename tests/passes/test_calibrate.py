@@ -20,8 +20,10 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
+import graphq
+from graphq import graph as G
 from graphq.data import DataSource
-from graphq.errors import DataError, PassError
+from graphq.errors import ConfigError, DataError, PassError
 from graphq.kernels.quant import MIN_SCALE
 from graphq.passes.calibrate import Calibrate, _run_ahead, _SpreadBatches
 from graphq.passes.insert_qdq import InsertQDQ
@@ -800,3 +802,102 @@ def test_auto_scores_on_at_least_search_samples_samples():
     assert scores[best] == pytest.approx(worst_sqnr_db(model, alone, kept), abs=0.051)
     assert scores[best] != pytest.approx(worst_sqnr_db(model, alone, feeds[:6]), abs=0.051)
     assert scores[best] != pytest.approx(worst_sqnr_db(model, alone, feeds[:2]), abs=0.051)
+
+
+# ---- auto_metric: the user's own score ------------------------------------------------------
+
+
+METRICS = """
+import numpy as np
+
+calls = []
+
+
+def max_abs_error(reference, quantized):
+    return -max(float(np.abs(r[k] - q[k]).max()) for r, q in zip(reference, quantized)
+                for k in r)
+
+
+def prefer_third(reference, quantized):
+    assert len(reference) == len(quantized) == 3, (len(reference), len(quantized))
+    assert sorted(reference[0]) == sorted(quantized[0]) == ["y"]
+    calls.append(1)
+    return [0.0, 0.0, 0.1, 0.0][len(calls) - 1]
+"""
+
+
+def test_auto_metric_decides_which_method_auto_keeps(tmp_path):
+    """auto_metric ('file.py:function', relative to the pipeline file) scores each candidate
+    on the kept batches' float and quantized outputs; auto keeps the best without
+    auto_margin_db (0.1 over percentile's 0.0 wins), the note names the metric and its
+    scores, and the pipeline file the run writes names it again."""
+    rng = np.random.default_rng(11)
+    inserted = insert(conv_net(rng), weights={"reduce_range": True})
+    feeds = [{"x": images(rng, 8)} for _ in range(5)]
+    (tmp_path / "metrics.py").write_text(METRICS)
+    auto = {"method": "auto", "search_batches": 3, "search_samples": 1}
+    result, table = calibrate(inserted, feeds, auto_metric=f"{tmp_path}/metrics.py:prefer_third",
+                              **auto)
+    (note,) = [n for n in result.notes if n.startswith("method auto")]
+    assert note.startswith("method auto: auto_metric '") and "on 3 calibration batch(es)" in note
+    assert note.endswith("percentile 0, mse 0, entropy 0.1, minmax 0: entropy kept"), note
+    own = {e.method for e in table.quantized("activation")
+           if e.method != "constant" and not e.method.startswith("shared:")}
+    assert own == {"entropy"}
+
+    onnx.save(inserted, tmp_path / "in.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([f["x"] for f in feeds]))
+    (tmp_path / "p.toml").write_text(
+        '[data]\nsource = "calib.npz"\nbatch_size = 8\n\n[[passes]]\nname = "calibrate"\n'
+        'method = "auto"\nsearch_batches = 3\nsearch_samples = 1\n'
+        'auto_metric = "metrics.py:max_abs_error"\n')
+    run = graphq.PassManager.from_toml(tmp_path / "p.toml").run(tmp_path / "in.onnx",
+                                                                tmp_path / "out")
+    (note,) = [n for r in run.records for n in r.notes if n.startswith("method auto")]
+    assert "auto_metric 'metrics.py:max_abs_error'" in note
+    scores = dict(re.findall(r"(percentile|mse|entropy|minmax) (-[\d.e-]+)", note))
+    assert len(scores) == 4
+    best = max(scores, key=lambda m: float(scores[m]))
+    assert note.endswith(f"{best} kept")
+    alone = calibrate(inserted, feeds, method=best, bins=4096)[0].model
+    kept = spread(feeds, 3, 1)
+    float_view = G.with_outputs(inserted, [], float_view=True)
+    reference = [run_model(float_view, f) for f in kept]
+    quantized = [run_model(alone, f) for f in kept]
+    error = -max(float(np.abs(r[k] - q[k]).max())
+                 for r, q in zip(reference, quantized, strict=True) for k in r)
+    assert float(scores[best]) == pytest.approx(error, rel=1e-4)
+    assert 'auto_metric = "metrics.py:max_abs_error"' in (tmp_path / "out/pipeline.toml"
+                                                          ).read_text()
+
+
+def run_model(model: onnx.ModelProto, feed: dict) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nocolon", "is not 'module:function' or 'file.py:function'"),
+    ("missing.py:f", "no file"),
+    ("graphq_no_such_module:f", "loading 'graphq_no_such_module' failed: ModuleNotFoundError"),
+    ("math:no_such_function", "'math' has no function 'no_such_function'"),
+])
+def test_auto_metric_that_cannot_be_loaded_is_a_config_error(spec, message):
+    rng = np.random.default_rng(3)
+    inserted = insert(conv_net(rng))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        calibrate(inserted, [{"x": images(rng, 4)}], method="auto", auto_metric=spec)
+
+
+def test_auto_metric_needs_method_auto_and_a_finite_number(tmp_path):
+    rng = np.random.default_rng(3)
+    inserted = insert(conv_net(rng))
+    feeds = [{"x": images(rng, 4)}]
+    with pytest.raises(ConfigError, match="'auto_metric' scores method auto's candidates"):
+        Calibrate(method="percentile", auto_metric="math:sqrt")
+    (tmp_path / "bad.py").write_text("def nan(r, q):\n    return float('nan')\n\n"
+                                     "def boom(r, q):\n    return 1 / 0\n")
+    with pytest.raises(PassError, match=r"returned nan on percentile: it must return a finite"):
+        calibrate(inserted, feeds, method="auto", auto_metric=f"{tmp_path}/bad.py:nan")
+    with pytest.raises(PassError, match=r"failed on percentile: ZeroDivisionError"):
+        calibrate(inserted, feeds, method="auto", auto_metric=f"{tmp_path}/bad.py:boom")

@@ -210,6 +210,7 @@ class Calibrate(Pass):
         if ctx.data is None:
             raise DataError("calibrate needs data: give --data PATH or [data] source "
                             "(an .npz keyed by input name, or a folder of .npz/.npy files)")
+        metric = _metric(self.options.auto_metric, ctx)  # a wrong name fails before streaming
         graph = G.import_graph(model)
         observed = _observed(table)
         corrected = _correctable(graph, table) if self.options.bias_correction else []
@@ -218,7 +219,6 @@ class Calibrate(Pass):
         originals = {id(n): n.inputs[2].values for n in corrected}
         notes = _correct_biases(corrected, table, stream.means) if corrected else []
         if self.options.method == "auto":
-            metric = _metric(self.options.auto_metric, ctx)
             table, chosen, reference, score = self._auto(model, graph, table, stream, ctx,
                                                          metric)
             notes = chosen + notes

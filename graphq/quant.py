@@ -65,6 +65,13 @@ class QuantTable:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def copy(self) -> QuantTable:
+        """An independent copy (its entries and their lists copied): what copy.deepcopy
+        gives, at a fraction of the cost (YOLOv8n's 224 entries, 4 candidates: 0.7 s)."""
+        return QuantTable({name: TensorQuant(**{k: list(v) if isinstance(v, list) else v
+                                                for k, v in vars(e).items()})
+                           for name, e in self.entries.items()})
+
     def to_json(self) -> dict[str, Any]:
         # a shallow copy per entry: dataclasses.asdict recurses into every list and took
         # 0.5 s on all-MiniLM-L6-v2's 233 entries

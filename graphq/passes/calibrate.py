@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib
 import importlib.util
 import logging
@@ -350,7 +349,7 @@ class Calibrate(Pass):
         tried: dict[str, tuple[float, QuantTable, list[str]]] = {}
         progress = Progress("calibrate auto", total=len(AUTO_METHODS), unit="method")
         for i, method in enumerate(AUTO_METHODS):
-            candidate = copy.deepcopy(table)
+            candidate = table.copy()
             notes = self._set_qparams(candidate, stream.observers, graph, method)
             score = _score(model, graph, candidate, stream.kept, reference, ctx.providers,
                            metric, method)
@@ -531,7 +530,7 @@ def _score(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
     candidate, for its error messages)."""
     view = graph.copy()
     _apply(view, table)
-    quantize_biases(view, copy.deepcopy(table))
+    quantize_biases(view, table.copy())
     sess = runtime.session(G.export(view.cleanup().toposort(), like=model), providers)
     outs = [runtime.run(sess, feed) for feed in feeds]
     if metric is not None:

@@ -480,3 +480,24 @@ def test_an_output_below_require_sqnr_db_fails_and_writes_nothing(tmp_path):
         PassManager(passes(require_sqnr_db=90.0)).run(
             heavy_net(rng), tmp_path / "out", data=[{"x": inputs(rng, 16)}])
     assert not (tmp_path / "out").exists()
+
+
+def test_quant_table_copy_is_independent_and_equal():
+    """QuantTable.copy (what calibrate's auto copies per candidate): equal entries, and a
+    change to the copy's flags or lists leaves the original as it was."""
+    import copy
+
+    from graphq.quant import TensorQuant
+
+    table = QuantTable()
+    table.add(TensorQuant("a", "activation", True, "output of Conv", dtype="uint8",
+                          scale=[0.5], zero_point=[3], range=[-1.5, 126.0], consumers=["c1"]))
+    table.add(TensorQuant("w", "weight", True, "weight of Conv", dtype="int8", axis=0,
+                          scale=[0.1, 0.2], zero_point=[0, 0], consumers=["c1"]))
+    twin = table.copy()
+    assert twin.to_json() == copy.deepcopy(table).to_json() == table.to_json()
+    a = twin.get("a")
+    a.quantized, a.scale[0], a.consumers[0] = False, 9.0, "other"
+    twin.get("w").zero_point.append(1)
+    assert table.get("a").quantized and table.get("a").scale == [0.5]
+    assert table.get("a").consumers == ["c1"] and table.get("w").zero_point == [0, 0]

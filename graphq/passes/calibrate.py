@@ -30,6 +30,7 @@ import importlib.util
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -153,21 +154,23 @@ class _SpreadBatches:
         self.need_batches, self.need_samples, self.count = batches, samples, count
         self.stride, self.seen = 1, 0
         self.rng = np.random.default_rng(seed)
-        # per stratum: [feed, its samples, batches of the stream the stratum has seen]
+        # per stratum: [feed, its samples, batches of the stream the stratum has seen,
+        # what the caller keeps with the feed]
         self.kept: list[list] = []
 
     def _enough(self, kept: list[list]) -> bool:
         return (len(kept) >= self.need_batches
                 and sum(k[1] for k in kept) >= self.need_samples)
 
-    def offer(self, feed: dict[str, np.ndarray]) -> None:
+    def offer(self, feed: dict[str, np.ndarray], payload: object = None) -> None:
+        """The next batch of the stream, with what to keep beside it while it is kept."""
         if self.seen % self.stride == 0:
-            self.kept.append([feed, self.count(feed), 1])
+            self.kept.append([feed, self.count(feed), 1, payload])
         else:  # the current stratum: this batch replaces its pick with probability 1/m
             last = self.kept[-1]
             last[2] += 1
             if self.rng.random() * last[2] < 1.0:
-                last[0], last[1] = feed, self.count(feed)
+                last[0], last[1], last[3] = feed, self.count(feed), payload
         self.seen += 1
         while len(self.kept) > 1:
             merged = [self._merge(self.kept[i:i + 2]) for i in range(0, len(self.kept), 2)]
@@ -180,10 +183,13 @@ class _SpreadBatches:
             return list(pair[0])
         (a, b), total = pair, pair[0][2] + pair[1][2]
         pick = a if self.rng.random() * total < a[2] else b
-        return [pick[0], pick[1], total]
+        return [pick[0], pick[1], total, pick[3]]
 
     def batches(self) -> list[dict[str, np.ndarray]]:
         return [k[0] for k in self.kept]
+
+    def payloads(self) -> list[object]:
+        return [k[3] for k in self.kept]
 
 
 @dataclass
@@ -195,6 +201,8 @@ class _Stream:
     kept: list[dict[str, np.ndarray]]  # batches spread over the data, for the search
     batches: int
     seconds: float
+    #: the float graph's outputs on each kept batch (from the streaming session)
+    reference: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 @register
@@ -227,7 +235,7 @@ class Calibrate(Pass):
         else:
             notes = self._set_qparams(table, stream.observers, graph) + notes
         if self.options.target_sqnr_db > 0:
-            notes += self._sensitivity(model, graph, table, stream.kept, ctx)
+            notes += self._sensitivity(model, graph, table, stream.kept, ctx, stream.reference)
         _apply(graph, table)
         biases = quantize_biases(graph, table)
         graph.cleanup().toposort()
@@ -262,19 +270,27 @@ class Calibrate(Pass):
         kept = _SpreadBatches(self.options.search_batches, self.options.search_samples,
                               lambda feed: samples_in(feed, model))
 
+        order: deque[dict[str, np.ndarray]] = deque()  # the feeds in flight, in order
+
         def feeds() -> Iterator[dict[str, np.ndarray]]:
             for feed in ctx.data.feeds(model):
-                if search:
-                    kept.offer(feed)
+                order.append(feed)
                 yield feed
 
-        fetch = [renamed.get(n, n) for n in names + extra]
+        # the model's outputs too: the kept batches' float outputs are the search's reference
+        outputs = [o.name for o in model.graph.output] if search else []
+        fetched = names + extra + [o for o in outputs if o not in set(names + extra)]
+        fetch = [renamed.get(n, n) for n in fetched]
         for values in _run_ahead(sess, fetch, feeds()):
-            for name, value in zip(names + extra, values, strict=True):
+            feed = order.popleft()
+            for name, value in zip(fetched, values, strict=True):
                 if name in observers:
                     observers[name].observe(value)
                 if name in channel_means:
                     channel_means[name].observe(value)
+            if search:
+                got = dict(zip(fetched, values, strict=True))
+                kept.offer(feed, {o: got[o] for o in outputs})
             batches += 1
             progress.update(batches)
         progress.close()
@@ -285,10 +301,11 @@ class Calibrate(Pass):
             log.info("%d Concat output(s): statistics merged from their inputs' (not fetched)",
                      len(derived))
         return _Stream(observers, channel_means, kept.batches(), batches,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, kept.payloads())
 
     def _sensitivity(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
-                     feeds: list[dict[str, np.ndarray]], ctx: PassContext) -> list[str]:
+                     feeds: list[dict[str, np.ndarray]], ctx: PassContext,
+                     reference: list[dict[str, np.ndarray]] | None = None) -> list[str]:
         """Keep float the activations the search picks (module :mod:`graphq.sensitivity`) in
         ``graph`` (with its corrected biases; not changed) against the float ``model``;
         pass-through tensors that share a scale follow their source."""
@@ -304,7 +321,7 @@ class Calibrate(Pass):
         _apply(view, table)
         masked, mask_name = S.masked_model(G.export(view.cleanup().toposort(), like=model), pairs,
                                            len(units))
-        reference = _float_outputs(model, feeds, ctx.providers)
+        reference = reference or _float_outputs(model, feeds, ctx.providers)
         score = S.session_score(masked, feeds, reference, mask_name, ctx.providers)
         limit = math.floor(o.max_float * len(units))
         if o.search_by == "segment":
@@ -345,7 +362,7 @@ class Calibrate(Pass):
             notes = self._set_qparams(table, stream.observers, graph, AUTO_METHODS[0])
             return table, [f"method auto: nothing to compare (no observed activation or no "
                            f"batch), {AUTO_METHODS[0]} used"] + notes, [], 0.0
-        reference = _float_outputs(model, stream.kept, ctx.providers)
+        reference = stream.reference or _float_outputs(model, stream.kept, ctx.providers)
         tried: dict[str, tuple[float, QuantTable, list[str]]] = {}
         progress = Progress("calibrate auto", total=len(AUTO_METHODS), unit="method")
         for i, method in enumerate(AUTO_METHODS):

@@ -901,3 +901,34 @@ def test_auto_metric_needs_method_auto_and_a_finite_number(tmp_path):
         calibrate(inserted, feeds, method="auto", auto_metric=f"{tmp_path}/bad.py:nan")
     with pytest.raises(PassError, match=r"failed on percentile: ZeroDivisionError"):
         calibrate(inserted, feeds, method="auto", auto_metric=f"{tmp_path}/bad.py:boom")
+
+
+def test_auto_and_the_search_score_against_outputs_the_stream_kept(monkeypatch):
+    """The kept batches' float outputs come from the streaming session (fetched beside the
+    observed tensors): method auto, its bias-correction check and the sensitivity search run
+    no float session of their own, and those outputs are the float graph's."""
+    import graphq.passes.calibrate as C
+
+    rng = np.random.default_rng(21)
+    inserted = insert(conv_net(rng), weights={"reduce_range": True})
+    feeds = [{"x": images(rng, 4)} for _ in range(6)]
+    seen = {}
+    observe = C.Calibrate._observe
+
+    def spy(self, *args, **kwargs):
+        seen["stream"] = observe(self, *args, **kwargs)
+        return seen["stream"]
+
+    monkeypatch.setattr(C.Calibrate, "_observe", spy)
+    monkeypatch.setattr(C, "_float_outputs", lambda *a, **k: pytest.fail("a float session"))
+    result, _ = calibrate(inserted, feeds, method="auto", search_batches=3, search_samples=1,
+                          bias_correction=True, target_sqnr_db=60.0, max_float=0.5)
+    assert any(n.startswith("method auto") for n in result.notes)
+    assert any(n.startswith("sensitivity search") for n in result.notes)
+    stream = seen["stream"]
+    assert len(stream.reference) == len(stream.kept) == 3
+    float_view = G.with_outputs(inserted, [], float_view=True)
+    for feed, got in zip(stream.kept, stream.reference, strict=True):
+        want = run_model(float_view, feed)
+        assert sorted(got) == sorted(want) == ["y"]
+        np.testing.assert_allclose(got["y"], want["y"], rtol=1e-5, atol=1e-6)

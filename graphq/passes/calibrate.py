@@ -199,10 +199,9 @@ class _Stream:
     observers: dict[str, O.Observer]
     means: dict[str, O.ChannelMean]  # per-channel input means, for bias correction
     kept: list[dict[str, np.ndarray]]  # batches spread over the data, for the search
+    reference: list[dict[str, np.ndarray]]  # the float graph's outputs on each kept batch
     batches: int
     seconds: float
-    #: the float graph's outputs on each kept batch (from the streaming session)
-    reference: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 @register
@@ -217,7 +216,7 @@ class Calibrate(Pass):
         if ctx.data is None:
             raise DataError("calibrate needs data: give --data PATH or [data] source "
                             "(an .npz keyed by input name, or a folder of .npz/.npy files)")
-        metric = _metric(self.options.auto_metric, ctx)  # a wrong name fails before streaming
+        scorer = _scorer(model, self.options, ctx)  # a wrong auto_metric fails before streaming
         graph = G.import_graph(model)
         observed = _observed(table)
         corrected = _correctable(graph, table) if self.options.bias_correction else []
@@ -226,16 +225,15 @@ class Calibrate(Pass):
         originals = {id(n): n.inputs[2].values for n in corrected}
         notes = _correct_biases(corrected, table, stream.means) if corrected else []
         if self.options.method == "auto":
-            table, chosen, reference, score = self._auto(model, graph, table, stream, ctx,
-                                                         metric)
+            table, chosen, score = self._auto(model, graph, table, stream, ctx, scorer)
             notes = chosen + notes
-            if corrected and reference:
-                notes += _check_correction(model, graph, table, stream.kept, reference, score,
-                                           corrected, originals, ctx.providers, metric)
+            if corrected and stream.kept:
+                notes += _check_correction(model, graph, table, stream, score, corrected,
+                                           originals, ctx.providers, scorer)
         else:
             notes = self._set_qparams(table, stream.observers, graph) + notes
         if self.options.target_sqnr_db > 0:
-            notes += self._sensitivity(model, graph, table, stream.kept, ctx, stream.reference)
+            notes += self._sensitivity(model, graph, table, stream, ctx)
         _apply(graph, table)
         biases = quantize_biases(graph, table)
         graph.cleanup().toposort()
@@ -279,7 +277,7 @@ class Calibrate(Pass):
 
         # the model's outputs too: the kept batches' float outputs are the search's reference
         outputs = [o.name for o in model.graph.output] if search else []
-        fetched = names + extra + [o for o in outputs if o not in set(names + extra)]
+        fetched = list(dict.fromkeys(names + extra + outputs))
         fetch = [renamed.get(n, n) for n in fetched]
         for values in _run_ahead(sess, fetch, feeds()):
             feed = order.popleft()
@@ -300,12 +298,11 @@ class Calibrate(Pass):
         if derived:
             log.info("%d Concat output(s): statistics merged from their inputs' (not fetched)",
                      len(derived))
-        return _Stream(observers, channel_means, kept.batches(), batches,
-                       time.perf_counter() - start, kept.payloads())
+        return _Stream(observers, channel_means, kept.batches(), kept.payloads(), batches,
+                       time.perf_counter() - start)
 
     def _sensitivity(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
-                     feeds: list[dict[str, np.ndarray]], ctx: PassContext,
-                     reference: list[dict[str, np.ndarray]] | None = None) -> list[str]:
+                     stream: _Stream, ctx: PassContext) -> list[str]:
         """Keep float the activations the search picks (module :mod:`graphq.sensitivity`) in
         ``graph`` (with its corrected biases; not changed) against the float ``model``;
         pass-through tensors that share a scale follow their source."""
@@ -321,8 +318,8 @@ class Calibrate(Pass):
         _apply(view, table)
         masked, mask_name = S.masked_model(G.export(view.cleanup().toposort(), like=model), pairs,
                                            len(units))
-        reference = reference or _float_outputs(model, feeds, ctx.providers)
-        score = S.session_score(masked, feeds, reference, mask_name, ctx.providers)
+        feeds = stream.kept
+        score = S.session_score(masked, feeds, stream.reference, mask_name, ctx.providers)
         limit = math.floor(o.max_float * len(units))
         if o.search_by == "segment":
             result, reasons, scored = _segment_search(masked, mask_name, pairs, len(units),
@@ -352,40 +349,32 @@ class Calibrate(Pass):
         return [note]
 
     def _auto(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
-              stream: _Stream, ctx: PassContext, metric: _Metric | None = None
-              ) -> tuple[QuantTable, list[str]]:
-        """Method ``auto``: the table set by each of :data:`AUTO_METHODS`, scored by the worst
-        output SQNR of the quantized ``graph`` against the float ``model`` on the kept
-        batches (or by ``metric``); returns the best table and the notes (the scores
-        first)."""
+              stream: _Stream, ctx: PassContext, scorer: _Scorer
+              ) -> tuple[QuantTable, list[str], float]:
+        """Method ``auto``: the table set by each of :data:`AUTO_METHODS`, scored by
+        ``scorer`` (the worst output SQNR of the quantized ``graph`` against the float
+        ``model``, or the user's auto_metric) on the kept batches; returns the best table,
+        the notes (the scores first) and its score."""
         if not stream.observers or not stream.kept:
             notes = self._set_qparams(table, stream.observers, graph, AUTO_METHODS[0])
             return table, [f"method auto: nothing to compare (no observed activation or no "
-                           f"batch), {AUTO_METHODS[0]} used"] + notes, [], 0.0
-        reference = stream.reference or _float_outputs(model, stream.kept, ctx.providers)
+                           f"batch), {AUTO_METHODS[0]} used"] + notes, 0.0
         tried: dict[str, tuple[float, QuantTable, list[str]]] = {}
         progress = Progress("calibrate auto", total=len(AUTO_METHODS), unit="method")
         for i, method in enumerate(AUTO_METHODS):
             candidate = table.copy()
             notes = self._set_qparams(candidate, stream.observers, graph, method)
-            score = _score(model, graph, candidate, stream.kept, reference, ctx.providers,
-                           metric, method)
+            score = _score(model, graph, candidate, stream, ctx.providers, scorer, method)
             tried[method] = (score, candidate, notes)
             progress.update(i + 1)
         progress.close()
-        best = _auto_choice({m: tried[m][0] for m in AUTO_METHODS},
-                            0.0 if metric else self.options.auto_margin_db)
-        if metric:
-            scores = ", ".join(f"{m} {tried[m][0]:.6g}" for m in AUTO_METHODS)
-            what = f"auto_metric {metric.name}"
-        else:
-            scores = ", ".join(f"{m} {tried[m][0]:.1f} dB" for m in AUTO_METHODS)
-            what = "worst output SQNR"
+        best = _auto_choice({m: tried[m][0] for m in AUTO_METHODS}, scorer.margin)
+        scores = ", ".join(f"{m} {scorer.show(tried[m][0])}" for m in AUTO_METHODS)
         samples = sum(samples_in(feed, model) for feed in stream.kept)
-        note = (f"method auto: {what} on {len(stream.kept)} calibration batch(es) "
+        note = (f"method auto: {scorer.label} on {len(stream.kept)} calibration batch(es) "
                 f"({samples} samples) {scores}: {best} kept")
         log.info("%s", note)
-        return tried[best][1], [note, *tried[best][2]], reference, tried[best][0]
+        return tried[best][1], [note, *tried[best][2]], tried[best][0]
 
     def _observer(self, entry: TensorQuant) -> O.Observer:
         o = self.options
@@ -532,58 +521,60 @@ def _auto_choice(scores: dict[str, float], margin_db: float) -> str:
     return best if scores[best] > scores[first] + margin_db else first
 
 
-def _float_outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                   providers: list[str]) -> list[dict[str, np.ndarray]]:
-    """The outputs of ``model`` with its Q/DQ pairs bypassed (the float graph) per feed."""
-    sess = runtime.session(G.with_outputs(model, [], float_view=True), providers)
-    return [runtime.run(sess, feed) for feed in feeds]
-
-
-def _score(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
-           feeds: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]],
-           providers: list[str], metric: _Metric | None = None, what: str = "") -> float:
-    """The worst output SQNR (dB) of ``graph`` (not changed) quantized by ``table`` against
-    the float ``reference`` outputs on ``feeds``; or ``metric`` of them (``what``: the
-    candidate, for its error messages)."""
+def _score(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable, stream: _Stream,
+           providers: list[str], scorer: _Scorer, what: str) -> float:
+    """``scorer``'s score of ``graph`` (not changed) quantized by ``table`` against the
+    float outputs the stream kept (``what``: the candidate, for error messages)."""
     view = graph.copy()
     _apply(view, table)
     quantize_biases(view, table.copy())
     sess = runtime.session(G.export(view.cleanup().toposort(), like=model), providers)
-    outs = [runtime.run(sess, feed) for feed in feeds]
-    if metric is not None:
-        return metric(reference, outs, what)
-    return S.worst_sqnr(reference, outs, G.output_parts(model))
+    outs = [runtime.run(sess, feed) for feed in stream.kept]
+    return scorer(stream.reference, outs, what)
 
 
-class _Metric:
-    """The user's ``auto_metric``: ``function(reference, quantized) -> number``."""
+class _Scorer:
+    """How method auto and its bias-correction check rank a quantized graph on the kept
+    batches: by default the worst output SQNR against the float graph (dB; auto keeps
+    percentile unless another beats it by ``margin`` dB), or the user's ``auto_metric``
+    ``function(reference, quantized) -> number`` (higher better, no margin)."""
 
-    def __init__(self, function: Callable[..., object], name: str) -> None:
-        self.function, self.name = function, name
+    def __init__(self, model: onnx.ModelProto, margin_db: float,
+                 function: Callable[..., object] | None = None, name: str = "") -> None:
+        self.parts = G.output_parts(model)
+        self.function = function
+        self.label = f"auto_metric {name}" if function else "worst output SQNR"
+        self.margin = 0.0 if function else margin_db
+
+    def show(self, value: float) -> str:
+        return f"{value:.6g}" if self.function else f"{value:.1f} dB"
 
     def __call__(self, reference: list[dict[str, np.ndarray]],
                  outs: list[dict[str, np.ndarray]], what: str) -> float:
+        if self.function is None:
+            return S.worst_sqnr(reference, outs, self.parts)
         try:
             value = self.function(reference, outs)
         except Exception as exc:  # noqa: BLE001 -- the user's code: name it, keep the cause
-            raise PassError(f"calibrate auto_metric {self.name} failed on {what}: "
+            raise PassError(f"calibrate {self.label} failed on {what}: "
                             f"{type(exc).__name__}: {exc}") from exc
         try:
             number = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             number = math.nan
         if not math.isfinite(number):
-            raise PassError(f"calibrate auto_metric {self.name} returned {value!r} on {what}: "
-                            "it must return a finite number, higher meaning better")
+            raise PassError(f"calibrate {self.label} returned {value!r} on {what}: it must "
+                            "return a finite number, higher meaning better")
         return number
 
 
-def _metric(spec: str, ctx: PassContext) -> _Metric | None:
-    """``auto_metric`` as a callable: ``'module:function'`` by import, ``'file.py:function'``
-    from that file (relative to the pipeline file). A name, not a Python callable, so that
-    the pipeline file a run writes reproduces the run."""
+def _scorer(model: onnx.ModelProto, options: CalibrateOptions, ctx: PassContext) -> _Scorer:
+    """The :class:`_Scorer` of the options: ``auto_metric`` loaded, ``'module:function'`` by
+    import, ``'file.py:function'`` from that file (relative to the pipeline file). A name,
+    not a Python callable, so that the pipeline file a run writes reproduces the run."""
+    spec = options.auto_metric
     if not spec:
-        return None
+        return _Scorer(model, options.auto_margin_db)
     where, sep, name = spec.rpartition(":")
     fix = ("give 'module:function' (an importable module) or 'path/to/file.py:function' "
            "(relative to the pipeline file)")
@@ -611,13 +602,13 @@ def _metric(spec: str, ctx: PassContext) -> _Metric | None:
     if not callable(function):
         raise ConfigError(f"calibrate auto_metric '{spec}': '{where}' has no function "
                           f"'{name}'; {fix}")
-    return _Metric(function, f"'{spec}'")
+    return _Scorer(model, options.auto_margin_db, function, f"'{spec}'")
 
 
 def _check_correction(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
-                      feeds: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]],
-                      score: float, nodes: list[gs.Node], originals: dict[int, np.ndarray],
-                      providers: list[str], metric: _Metric | None = None) -> list[str]:
+                      stream: _Stream, score: float, nodes: list[gs.Node],
+                      originals: dict[int, np.ndarray], providers: list[str],
+                      scorer: _Scorer) -> list[str]:
     """Keep the corrected biases only if the graph scores at least as well with them as with
     the original ones (``score``: with them). The correction takes every input position of a
     Conv to see the channel's mean; on short sequences, where zero padding covers much of the
@@ -625,20 +616,17 @@ def _check_correction(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable
     corrected = {id(n): n.inputs[2].values for n in nodes}
     for n in nodes:
         n.inputs[2].values = originals[id(n)]
-    without = _score(model, graph, table, feeds, reference, providers, metric,
+    without = _score(model, graph, table, stream, providers, scorer,
                      "the graph without bias correction")
-    if metric:
-        what, now, other = f"auto_metric {metric.name}", f"{score:.6g}", f"{without:.6g}"
-    else:
-        what, now, other = "the worst output SQNR", f"{score:.1f} dB", f"{without:.1f} dB"
+    now, other = scorer.show(score), scorer.show(without)
     if without > score:
-        note = (f"bias correction undone: {what} on the search batches is {other} without "
-                f"it, {now} with it")
+        note = (f"bias correction undone: the {scorer.label} on the search batches is {other} "
+                f"without it, {now} with it")
     else:
         for n in nodes:
             n.inputs[2].values = corrected[id(n)]
-        note = (f"bias correction kept: {what.removeprefix('the ')} on the search batches "
-                f"{now} with it, {other} without")
+        note = (f"bias correction kept: {scorer.label} on the search batches {now} with it, "
+                f"{other} without")
     log.info("%s", note)
     return [note]
 

@@ -920,14 +920,20 @@ def test_auto_and_the_search_score_against_outputs_the_stream_kept(monkeypatch):
         return seen["stream"]
 
     monkeypatch.setattr(C.Calibrate, "_observe", spy)
-    monkeypatch.setattr(C, "_float_outputs", lambda *a, **k: pytest.fail("a float session"))
+    with_outputs = G.with_outputs
+
+    def no_bare_float_view(model, names, *args, **kwargs):  # a float session of their own
+        assert names, "a float view without observed outputs: a second float session"
+        return with_outputs(model, names, *args, **kwargs)
+
+    monkeypatch.setattr(C.G, "with_outputs", no_bare_float_view)
     result, _ = calibrate(inserted, feeds, method="auto", search_batches=3, search_samples=1,
                           bias_correction=True, target_sqnr_db=60.0, max_float=0.5)
     assert any(n.startswith("method auto") for n in result.notes)
     assert any(n.startswith("sensitivity search") for n in result.notes)
     stream = seen["stream"]
     assert len(stream.reference) == len(stream.kept) == 3
-    float_view = G.with_outputs(inserted, [], float_view=True)
+    float_view = with_outputs(inserted, [], float_view=True)
     for feed, got in zip(stream.kept, stream.reference, strict=True):
         want = run_model(float_view, feed)
         assert sorted(got) == sorted(want) == ["y"]

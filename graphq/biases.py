@@ -4,6 +4,8 @@ onnxruntime's QDQ fusion needs to run the op as an integer kernel."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -21,12 +23,22 @@ def dq_scale(tensor: gs.Tensor) -> np.ndarray | None:
     return G.constant_values(tensor.inputs[0].inputs[1])
 
 
-def quantize_biases(graph: gs.Graph, table: QuantTable) -> int:
-    """Quantize every bias whose op reads a dequantized input and weight (in place, the
-    decision in ``table``; a bias that would overflow int32 stays float); returns how many."""
-    count = 0
-    names = G.used_names(graph)
-    where = G.node_graphs(graph)
+class BiasSite(NamedTuple):
+    """A bias that can be held as int32: its op, the float bias, the scales of the op's
+    dequantized input and weight (a ConvTranspose's per-group weight scale tiled per output
+    channel), and the float tensor whose Q/DQ pair makes the input."""
+
+    node: gs.Node
+    bias: np.ndarray
+    input_scale: np.ndarray
+    weight_scale: np.ndarray
+    source: str
+
+
+def bias_sites(graph: gs.Graph) -> list[BiasSite]:
+    """Every Conv / ConvTranspose / Gemm whose constant 1-D bias :func:`quantize_biases` can
+    hold as int32: it reads a dequantized input and weight (Gemm: with ``beta`` 1)."""
+    sites = []
     for node in [n for n in G.nodes(graph) if n.op in BIASED]:
         if len(node.inputs) < 3 or not node.inputs[2].name:
             continue
@@ -39,6 +51,17 @@ def quantize_biases(graph: gs.Graph, table: QuantTable) -> int:
         s_w = np.atleast_1d(s_w)
         if node.op == "ConvTranspose" and s_w.size * int(node.attrs.get("group", 1)) == bias.size:
             s_w = np.tile(s_w, int(node.attrs.get("group", 1)))  # weight axis 1 is per group
+        sites.append(BiasSite(node, bias, s_in, s_w, G.float_source(node.inputs[0]).name))
+    return sites
+
+
+def quantize_biases(graph: gs.Graph, table: QuantTable) -> int:
+    """Quantize every bias whose op reads a dequantized input and weight (in place, the
+    decision in ``table``; a bias that would overflow int32 stays float); returns how many."""
+    count = 0
+    names = G.used_names(graph)
+    where = G.node_graphs(graph)
+    for node, bias, s_in, s_w, _ in bias_sites(graph):
         name = node.inputs[2].name
         if not Q.bias_fits_int32(bias, s_in, s_w):
             table.add(TensorQuant(name, "bias", False, f"bias of {node.op} '{node.name}' kept "

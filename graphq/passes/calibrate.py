@@ -44,7 +44,7 @@ from graphq import graph as G
 from graphq import runtime
 from graphq import segments as SEG
 from graphq import sensitivity as S
-from graphq.biases import quantize_biases
+from graphq.biases import bias_sites, quantize_biases
 from graphq.data import samples_in
 from graphq.errors import ConfigError, DataError, PassError
 from graphq.kernels import observers as O
@@ -225,11 +225,13 @@ class Calibrate(Pass):
         originals = {id(n): n.inputs[2].values for n in corrected}
         notes = _correct_biases(corrected, table, stream.means) if corrected else []
         if self.options.method == "auto":
-            table, chosen, score = self._auto(model, graph, table, stream, ctx, scorer)
+            table, chosen, score, scoring = self._auto(model, graph, table, stream, ctx,
+                                                       scorer)
             notes = chosen + notes
             if corrected and stream.kept:
-                notes += _check_correction(model, graph, table, stream, score, corrected,
-                                           originals, ctx.providers, scorer)
+                notes += _check_correction(scoring or _ScoringGraph(model, graph, table),
+                                           table, stream, score, corrected, originals,
+                                           ctx.providers, scorer)
         else:
             notes = self._set_qparams(table, stream.observers, graph) + notes
         if self.options.target_sqnr_db > 0:
@@ -350,21 +352,25 @@ class Calibrate(Pass):
 
     def _auto(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
               stream: _Stream, ctx: PassContext, scorer: _Scorer
-              ) -> tuple[QuantTable, list[str], float]:
+              ) -> tuple[QuantTable, list[str], float, _ScoringGraph | None]:
         """Method ``auto``: the table set by each of :data:`AUTO_METHODS`, scored by
         ``scorer`` (the worst output SQNR of the quantized ``graph`` against the float
         ``model``, or the user's auto_metric) on the kept batches; returns the best table,
-        the notes (the scores first) and its score."""
+        the notes (the scores first), its score and the graph the candidates were scored
+        on (None when there was nothing to compare)."""
         if not stream.observers or not stream.kept:
             notes = self._set_qparams(table, stream.observers, graph, AUTO_METHODS[0])
             return table, [f"method auto: nothing to compare (no observed activation or no "
-                           f"batch), {AUTO_METHODS[0]} used"] + notes, 0.0
+                           f"batch), {AUTO_METHODS[0]} used"] + notes, 0.0, None
+        scoring: _ScoringGraph | None = None
+        placement = self._placement_sqnr(table, stream.observers)
         tried: dict[str, tuple[float, QuantTable, list[str]]] = {}
         progress = Progress("calibrate auto", total=len(AUTO_METHODS), unit="method")
         for i, method in enumerate(AUTO_METHODS):
             candidate = table.copy()
-            notes = self._set_qparams(candidate, stream.observers, graph, method)
-            score = _score(model, graph, candidate, stream, ctx.providers, scorer, method)
+            notes = self._set_qparams(candidate, stream.observers, graph, method, placement)
+            scoring = scoring or _ScoringGraph(model, graph, candidate)
+            score = _score(scoring, candidate, stream, ctx.providers, scorer, method)
             tried[method] = (score, candidate, notes)
             progress.update(i + 1)
         progress.close()
@@ -374,7 +380,7 @@ class Calibrate(Pass):
         note = (f"method auto: {scorer.label} on {len(stream.kept)} calibration batch(es) "
                 f"({samples} samples) {scores}: {best} kept")
         log.info("%s", note)
-        return tried[best][1], [note, *tried[best][2]], tried[best][0]
+        return tried[best][1], [note, *tried[best][2]], tried[best][0], scoring
 
     def _observer(self, entry: TensorQuant) -> O.Observer:
         o = self.options
@@ -390,12 +396,15 @@ class Calibrate(Pass):
         return O.make_observer(o.method, qtype=entry.dtype, symmetric=entry.symmetric, **hist)
 
     def _set_qparams(self, table: QuantTable, observers: dict[str, O.Observer],
-                     graph: gs.Graph, method: str | None = None) -> list[str]:
+                     graph: gs.Graph, method: str | None = None,
+                     best: dict[str, tuple[float, str]] | None = None) -> list[str]:
         """Scales and zero points from the observers' clip ranges by ``method`` (default: the
-        option's; ``auto`` passes each of its candidates)."""
+        option's; ``auto`` passes each of its candidates, with ``best``, the
+        :meth:`_placement_sqnr` they share)."""
         notes: list[str] = []
         method = method or self.options.method
-        best = self._placement_sqnr(table, observers) if self.options.method == "auto" else {}
+        if best is None:
+            best = self._placement_sqnr(table, observers) if self.options.method == "auto" else {}
         fallbacks = 0
         for entry in table.quantized("activation"):
             if entry.tensor in observers:
@@ -521,16 +530,102 @@ def _auto_choice(scores: dict[str, float], margin_db: float) -> str:
     return best if scores[best] > scores[first] + margin_db else first
 
 
-def _score(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable, stream: _Stream,
+def _score(scoring: _ScoringGraph, table: QuantTable, stream: _Stream,
            providers: list[str], scorer: _Scorer, what: str) -> float:
-    """``scorer``'s score of ``graph`` (not changed) quantized by ``table`` against the
-    float outputs the stream kept (``what``: the candidate, for error messages)."""
-    view = graph.copy()
-    _apply(view, table)
-    quantize_biases(view, table.copy())
-    sess = runtime.session(G.export(view.cleanup().toposort(), like=model), providers)
+    """``scorer``'s score of the graph quantized by ``table`` (``scoring``'s graph, patched)
+    against the float outputs the stream kept (``what``: the candidate, for error messages)."""
+    sess = runtime.session(scoring.model(table), providers)
     outs = [runtime.run(sess, feed) for feed in stream.kept]
     return scorer(stream.reference, outs, what)
+
+
+class _ScoringGraph:
+    """The quantized graph that method auto scores each candidate table on: built once
+    (graph copy, Q/DQ pairs kept float removed, int32 biases, export: half of a scoring run
+    on YOLOv8n), then each table's activation scales and zero points and the int32 biases
+    they imply are written into its initializers. A table that places the pairs otherwise
+    (another set of quantized activations, a bias that no longer fits int32) or a graph
+    whose initializers cannot be found by name is built again.
+
+    The float biases are read from ``graph`` at each call (bias correction changes them)."""
+
+    def __init__(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable) -> None:
+        self.source, self.graph = model, graph
+        self.nodes = {n.name: n for n in G.nodes(graph)}
+        self._build(table)
+
+    @staticmethod
+    def _placement(table: QuantTable) -> frozenset[str]:
+        return frozenset(e.tensor for e in table.quantized("activation"))
+
+    def _build(self, table: QuantTable) -> None:
+        view = self.graph.copy()
+        _apply(view, table)
+        self.pairs = {t: (q.inputs[1].name, q.inputs[2].name, Q.qtype(table.entries[t].dtype))
+                      for t, (q, _) in G.qdq_pairs(view, nested=True).items()
+                      if t in table.entries and table.entries[t].role == "activation"}
+        sites = bias_sites(view)
+        quantize_biases(view, table.copy())
+        self.sites = []  # (op name, its input's float tensor, weight scale, int32, scale names)
+        for site in sites:
+            dq = site.node.inputs[2].inputs[0] if site.node.inputs[2].inputs else None
+            if dq is not None and dq.op == "DequantizeLinear":
+                self.sites.append((site.node.name, site.source, site.weight_scale,
+                                   dq.inputs[0].name, dq.inputs[1].name))
+        self.key = (self._placement(table), self._fits(table))
+        self.proto = G.export(view.cleanup().toposort(), like=self.source)
+        inits = {t.name: t for g in _graph_protos(self.proto.graph) for t in g.initializer}
+        wanted = [n for s, z, _ in self.pairs.values() for n in (s, z)]
+        wanted += [n for *_, ints, scale in self.sites for n in (ints, scale)]
+        self.patchable = (len(self.nodes) == len(G.nodes(self.graph))  # names unique
+                          and all(n in inits for n in wanted)
+                          and len(sites) == len(self.sites)
+                          and not any(qt.bits == 4 for *_, qt in self.pairs.values()))
+        self.inits = inits
+
+    def _bias(self, name: str) -> np.ndarray | None:
+        node = self.nodes.get(name)
+        return None if node is None else G.constant_values(node.inputs[2])
+
+    def _input_scale(self, table: QuantTable, source: str) -> float | None:
+        entry = table.entries.get(source)
+        return None if entry is None or not entry.quantized else entry.scale[0]
+
+    def _fits(self, table: QuantTable) -> tuple[bool, ...]:
+        """For each bias site whose input is still quantized: whether it fits int32."""
+        fits = []
+        for name, source, s_w, *_ in self.sites:
+            bias, s_in = self._bias(name), self._input_scale(table, source)
+            fits.append(bias is not None and s_in is not None and
+                        Q.bias_fits_int32(bias, s_in, s_w))
+        return tuple(fits)
+
+    def model(self, table: QuantTable) -> onnx.ModelProto:
+        """The graph quantized by ``table``."""
+        if not self.patchable or (self._placement(table), self._fits(table)) != self.key:
+            self._build(table)
+            return self.proto
+        for tensor, (scale, zero, qt) in self.pairs.items():
+            entry = table.entries[tensor]
+            self._write(scale, np.asarray(entry.scale[0], np.float32))
+            self._write(zero, np.asarray(entry.zero_point[0]).astype(qt.storage))
+        for name, source, s_w, ints, scale in self.sites:
+            q, s = Q.bias_int32(self._bias(name), self._input_scale(table, source), s_w)
+            self._write(ints, np.asarray(q, np.int32))
+            self._write(scale, np.broadcast_to(np.asarray(s, np.float32), q.shape).copy())
+        return self.proto
+
+    def _write(self, name: str, values: np.ndarray) -> None:
+        self.inits[name].CopyFrom(onnx.numpy_helper.from_array(values, name))
+
+
+def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and the graphs nested in its nodes' attributes."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _graph_protos(sub)
 
 
 class _Scorer:
@@ -605,7 +700,7 @@ def _scorer(model: onnx.ModelProto, options: CalibrateOptions, ctx: PassContext)
     return _Scorer(model, options.auto_margin_db, function, f"'{spec}'")
 
 
-def _check_correction(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
+def _check_correction(scoring: _ScoringGraph, table: QuantTable,
                       stream: _Stream, score: float, nodes: list[gs.Node],
                       originals: dict[int, np.ndarray], providers: list[str],
                       scorer: _Scorer) -> list[str]:
@@ -616,7 +711,7 @@ def _check_correction(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable
     corrected = {id(n): n.inputs[2].values for n in nodes}
     for n in nodes:
         n.inputs[2].values = originals[id(n)]
-    without = _score(model, graph, table, stream, providers, scorer,
+    without = _score(scoring, table, stream, providers, scorer,
                      "the graph without bias correction")
     now, other = scorer.show(score), scorer.show(without)
     if without > score:

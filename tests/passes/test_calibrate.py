@@ -25,7 +25,13 @@ from graphq import graph as G
 from graphq.data import DataSource
 from graphq.errors import ConfigError, DataError, PassError
 from graphq.kernels.quant import MIN_SCALE
-from graphq.passes.calibrate import Calibrate, _run_ahead, _SpreadBatches
+from graphq.passes.calibrate import (
+    Calibrate,
+    _follow_sources,
+    _run_ahead,
+    _ScoringGraph,
+    _SpreadBatches,
+)
 from graphq.passes.insert_qdq import InsertQDQ
 from graphq.quant import QuantTable
 from graphq.registry import PassContext
@@ -605,6 +611,69 @@ def test_bias_correction_cancels_the_weights_mean_error(op):
         assert table.get("b").quantized and table.get("b").dtype == "int32"
     assert errors[False].max() > 0.01
     assert errors[True].max() < errors[False].max() / 5, errors
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    def walk(graph):
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                yield from (walk(attr.g) if attr.HasField("g") else
+                            (g for sub in attr.graphs for g in walk(sub)))
+    return {t.name: numpy_helper.to_array(t) for g in walk(model.graph) for t in g.initializer}
+
+
+def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    assert [(n.op_type, list(n.input)) for n in a.graph.node] == \
+        [(n.op_type, list(n.input)) for n in b.graph.node]
+    ia, ib = _initializers(a), _initializers(b)
+    assert set(ia) == set(ib)
+    for name, values in ia.items():
+        assert values.dtype == ib[name].dtype and values.shape == ib[name].shape, name
+        np.testing.assert_array_equal(values, ib[name], err_msg=name)
+
+
+@pytest.mark.parametrize("net", ["residual", "if-branches"])
+def test_auto_scores_each_candidate_on_one_graph_patched_as_built_anew(net):
+    """auto builds its scoring graph once and writes each candidate's scales, zero points and
+    int32 biases into it: the same initializers, bit for bit, as building it for that
+    candidate; a bias changed in the graph (bias correction) reaches the int32 bias; a table
+    that keeps another tensor float builds the graph again."""
+    from tests.passes.test_control_flow import feeds as if_feeds
+    from tests.passes.test_control_flow import if_model
+
+    rng = np.random.default_rng(5)
+    if net == "residual":
+        model, data = conv_net(rng), [{"x": images(rng, 4)} for _ in range(4)]
+    else:
+        model, data = if_model(), if_feeds(rng, [True, False, True])
+        model = graphq.passes.canonicalize.Canonicalize().run(model, PassContext()).model
+    inserted = insert(model)
+    tables = {m: calibrate(inserted, data, method=m)[1] for m in ("minmax", "percentile", "mse")}
+    graph = G.import_graph(inserted)
+    scoring = _ScoringGraph(inserted, graph, tables["minmax"])
+    assert scoring.patchable and scoring.pairs and scoring.sites
+    built = scoring.proto
+    for method in ("percentile", "mse", "minmax"):
+        patched = scoring.model(tables[method])
+        assert patched is built  # patched, not built again
+        _same_graph(patched, _ScoringGraph(inserted, G.import_graph(inserted),
+                                           tables[method]).proto)
+    # a bias moved in the graph (as bias correction moves it) is requantized
+    name = scoring.sites[0][0]
+    node = next(n for n in G.nodes(graph) if n.name == name)
+    node.inputs[2].values = node.inputs[2].values + np.float32(0.01)
+    fresh = _ScoringGraph(inserted, graph, tables["mse"]).proto
+    _same_graph(scoring.model(tables["mse"]), fresh)
+    assert scoring.proto is built
+    # another placement: built again, equal to a fresh build
+    other = tables["mse"].copy()
+    entry = next(e for e in other.quantized("activation") if not e.method.startswith("shared:"))
+    entry.quantized, entry.scale, entry.zero_point = False, None, None
+    _follow_sources(other)
+    rebuilt = scoring.model(other)
+    assert rebuilt is not built
+    _same_graph(rebuilt, _ScoringGraph(inserted, graph, other).proto)
 
 
 @pytest.mark.parametrize("kernel, kept", [(1, True), (3, False)])

@@ -194,8 +194,62 @@ def deploy_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         G.replace_uses(graph, q.outputs[0], const)
         q.outputs.clear()
         folded += 1
+    gathered_tables(graph)
     graph.cleanup().toposort()
     return G.export(graph, like=model), folded
+
+
+def gathered_tables(graph: gs.Graph) -> int:
+    """Each ``DequantizeLinear(int8 table, per-row scale, axis 0)`` that only Gathers on
+    axis 0 read (an embedding table insert-qdq quantized) becomes, for each Gather:
+    ``Mul(Cast(Gather(int8 table, indices)), Gather(row scales, indices))``: a run
+    dequantizes the rows it reads, where onnxruntime would keep the DequantizeLinear of the
+    constant and dequantize the whole table on every run (all-MiniLM-L6-v2's 30522 x 384
+    word embeddings: 3.4 ms a run). The values are the same (``q * s`` in the scale's type);
+    the int8 Gather keeps the node's name. Returns how many tables."""
+    count = 0
+    names = G.used_names(graph)
+    where = G.node_graphs(graph)
+    outputs = {t.name for g in G.graphs(graph) for t in g.outputs}
+    for dq in [n for n in G.nodes(graph) if n.op == "DequantizeLinear"]:
+        ints = G.constant_values(dq.inputs[0])
+        scale = G.constant_values(dq.inputs[1])
+        zero = G.constant_values(dq.inputs[2]) if len(dq.inputs) > 2 else None
+        table = dq.outputs[0]
+        readers = list(table.outputs)
+        if (ints is None or scale is None or ints.ndim != 2 or np.ndim(scale) != 1
+                or np.dtype(ints.dtype) != np.int8 or scale.size != ints.shape[0]
+                or int(dq.attrs.get("axis", 1)) not in (0, -2)
+                or (zero is not None and np.any(zero != 0)) or table.name in outputs
+                or not readers or any(r.op != "Gather" or r.inputs[0] is not table
+                                      or r.inputs[1] is table
+                                      or int(r.attrs.get("axis", 0)) not in (0, -2)
+                                      for r in readers)):
+            continue
+        home = where[id(dq)]
+        rows_scale = gs.Constant(G.unique_name(home, f"{table.name}_row_scale", names),
+                                 np.ascontiguousarray(scale.reshape(-1, 1)))
+        to = onnx.helper.np_dtype_to_tensor_dtype(scale.dtype)
+        for gather in readers:
+            g_home, indices, out = where[id(gather)], gather.inputs[1], gather.outputs[0]
+
+            def var(base: str, dtype: Any, graph: gs.Graph = g_home) -> gs.Variable:
+                return gs.Variable(G.unique_name(graph, base, names), dtype=dtype)
+
+            rows, cast, row_scale = (var(f"{out.name}_int8", np.int8),
+                                     var(f"{out.name}_rows", scale.dtype),
+                                     var(f"{out.name}_row_scale", scale.dtype))
+            gather.inputs[0], gather.outputs[0] = dq.inputs[0], rows
+            g_home.nodes += [
+                gs.Node("Cast", G.unique_name(g_home, f"{gather.name}_Cast", names),
+                        attrs={"to": to}, inputs=[rows], outputs=[cast]),
+                gs.Node("Gather", G.unique_name(g_home, f"{gather.name}_scale", names),
+                        attrs={"axis": 0}, inputs=[rows_scale, indices], outputs=[row_scale]),
+                gs.Node("Mul", G.unique_name(g_home, f"{gather.name}_Mul", names),
+                        inputs=[cast, row_scale], outputs=[out])]
+        dq.outputs.clear()
+        count += 1
+    return count
 
 
 def _check_qoperator(table: QuantTable) -> None:

@@ -15,7 +15,12 @@ Placement follows what onnxruntime's CPU execution provider fuses into integer k
   by a constant (an elementwise scale or shift) stays float unless ``quantize_affine``, or
   unless it reads a compute op's output (a bias Add after a MatMul stays integer);
 - **pass-through ops** (Reshape, Transpose, Flatten, MaxPool, Squeeze, ...): quantized when
-  their input is; the output shares the input's scale and zero point.
+  their input is; the output shares the input's scale and zero point;
+- **tables**: the constant float table a Gather reads on axis 0 by computed indices (an
+  embedding, at least ``MIN_TABLE_SIZE`` values, no other op reading it) is int8 per row,
+  symmetric, whatever the weights spec (no integer kernel reads it); emit's deploy graph
+  stores it as int8, gathers the int8 rows and scales them (all-MiniLM-L6-v2: 60 -> 24 MB).
+  The Gather's output is not quantized by this (its readers decide).
 
 Kept float, with the reason in the table: tensors that are not float (indices, shapes,
 masks of integers), graph inputs feeding nothing quantized, the inputs of an op whose other
@@ -81,7 +86,12 @@ SENSITIVE_READERS = ("Softmax", "LogSoftmax", "Log")
 #: power spans 10 decades: one 8-bit scale over it zeroes all but its top, and the Log
 #: after the mel projection turns that into errors as large as the output).
 LOG_READERS = ("Log",)
-DEFAULT_OPS = [*COMPUTE, *JOINING, *PASS_THROUGH]
+#: ops whose constant table (input 0) is quantized per row: an embedding lookup.
+TABLES = ("Gather",)
+#: a Gather's constant table smaller than this (values) stays float (a 2-row token-type
+#: table saves nothing worth a Cast and a Mul)
+MIN_TABLE_SIZE = 4096
+DEFAULT_OPS = [*COMPUTE, *JOINING, *PASS_THROUGH, *TABLES]
 
 DTypeName = Literal["int8", "uint8", "int16", "uint16", "int4", "uint4"]
 FOUR_BIT = ("int4", "uint4")
@@ -160,7 +170,8 @@ class InsertQDQOptions:
     activations: ActivationSpec = field(default_factory=ActivationSpec, metadata={
         "help": "how activations are quantized (uint8 is what CPU integer kernels fuse)"})
     ops: list[str] = field(default_factory=lambda: list(DEFAULT_OPS), metadata={
-        "help": "op types that are quantized"})
+        "help": "op types that are quantized (Gather: its constant embedding table, int8 "
+                "per row)"})
     include: list[str] = field(default_factory=list, metadata={
         "help": "node-name regexes: when given, only matching nodes are quantized"})
     exclude: list[str] = field(default_factory=list, metadata={
@@ -188,7 +199,7 @@ class InsertQDQOptions:
         if not isinstance(self.float_prefix_search, int) or self.float_prefix_search < 0:
             raise ValueError("option 'float_prefix_search' must be an integer >= 0, got "
                              f"{self.float_prefix_search!r}")
-        known = set(COMPUTE) | set(JOINING) | set(PASS_THROUGH)
+        known = set(COMPUTE) | set(JOINING) | set(PASS_THROUGH) | set(TABLES)
         for op in self.ops:
             if op not in known:
                 raise ValueError(f"option 'ops' has '{op}'{did_you_mean(op, known)}; "
@@ -390,6 +401,8 @@ class _Planner:
                 self._joining(node)
             elif kind == "pass-through":
                 self._pass_through(node)
+            elif kind == "table":
+                self._table(node)
 
     def _selected(self, node: gs.Node) -> str | None:
         if node.op not in self.o.ops or node.op in self.o.exclude_ops:
@@ -404,6 +417,8 @@ class _Planner:
             return None
         if node.op in COMPUTE:
             return "compute"
+        if node.op in TABLES:
+            return "table"
         return "joining" if node.op in JOINING else "pass-through"
 
     # ---- decisions -----------------------------------------------------------------------
@@ -542,6 +557,40 @@ class _Planner:
         scale, zero = Q.qparams(lo, hi, Q.qtype(entry.dtype), entry.symmetric,
                                 reduce_range=reduce)
         entry.axis = axis
+        entry.scale = np.atleast_1d(scale).astype(float).tolist()
+        entry.zero_point = np.atleast_1d(zero).astype(int).tolist()
+        entry.range = [float(np.min(lo)), float(np.max(hi))]
+
+    def _table(self, node: gs.Node) -> None:
+        """A Gather on axis 0 of a constant float table of rows (an embedding) by computed
+        indices: the table int8 per row (symmetric; whatever the weights spec says, since no
+        integer kernel reads it), if no other op reads it. emit's deploy graph gathers the
+        int8 rows and scales them (:func:`graphq.passes.emit.gathered_tables`)."""
+        table = node.inputs[0]
+        values = G.constant_values(table)
+        if (values is None or values.ndim != 2 or values.size < MIN_TABLE_SIZE
+                or not self._is_float(table) or int(node.attrs.get("axis", 0)) not in (0, -2)
+                or len(node.inputs) < 2 or G.constant_values(node.inputs[1]) is not None
+                or table.name in self.table.entries):
+            return
+        if any(r.op not in TABLES or r.inputs[0] is not table or r.inputs[1] is table
+               for r in table.outputs):
+            return
+        override = self.o.overrides.get(table.name)
+        if override is not None and override.quantize and (
+                override.dtype not in (None, "int8") or override.symmetric is False):
+            raise PassError(f"option 'overrides' gives the Gather table '{table.name}' "
+                            f"dtype {override.dtype or 'int8'}, symmetric "
+                            f"{override.symmetric}: tables are int8, symmetric, per row; "
+                            "use { quantize = false } to keep it float")
+        entry = self._decide(table, "weight", WeightSpec(),
+                             f"table of Gather '{node.name}' (an embedding): int8 per row; "
+                             "the deploy graph gathers the int8 rows, then scales them")
+        if not entry.quantized:
+            return
+        entry.dtype, entry.symmetric, entry.axis, entry.method = "int8", True, 0, "weight"
+        lo, hi = Q.weight_range(values, 0)
+        scale, zero = Q.qparams(lo, hi, Q.qtype("int8"), True)
         entry.scale = np.atleast_1d(scale).astype(float).tolist()
         entry.zero_point = np.atleast_1d(zero).astype(int).tolist()
         entry.range = [float(np.min(lo)), float(np.max(hi))]

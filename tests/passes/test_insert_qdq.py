@@ -921,3 +921,109 @@ def test_sigmoid_and_leaky_relu_between_convs_stay_integer(act, tmp_path):
     want = {"QLinearSigmoid", "QLinearMul"} if act == "silu" else {"QLinearLeakyRelu"}
     assert want <= set(ops) and not {"Sigmoid", "Mul", "LeakyRelu"} & set(ops), ops
     assert_calibrated_close(model, result.model, feeds)
+
+
+def embedding_net(rng: np.random.Generator, rows: int = 300, extra_reader: str | None = None
+                  ) -> onnx.ModelProto:
+    """ids -> Gather(word table) + Gather(small table) -> MatMul: an embedding lookup."""
+    inits = {"words": rng.normal(0, 0.3, (rows, 32)).astype(np.float32),
+             "kinds": rng.normal(0, 0.3, (2, 32)).astype(np.float32),
+             "w": rng.normal(0, 0.2, (32, 8)).astype(np.float32)}
+    nodes = [helper.make_node("Gather", ["words", "ids"], ["e"], name="embed"),
+             helper.make_node("Gather", ["kinds", "kind"], ["k"], name="embed_kind"),
+             helper.make_node("Add", ["e", "k"], ["s"], name="sum"),
+             helper.make_node("MatMul", ["s", "w"], ["y"], name="proj")]
+    outputs = [tensor("y", ["B", 6, 8])]
+    if extra_reader == "matmul":  # tied weights: the table is also a MatMul's weight
+        nodes.append(helper.make_node("MatMul", ["y", "w_t"], ["z"], name="tied"))
+        inits["w_t"] = rng.normal(0, 0.2, (8, rows)).astype(np.float32)
+        nodes.append(helper.make_node("Gemm", ["s2", "words"], ["t"], name="tied_gemm",
+                                      transB=1))
+        nodes.insert(1, helper.make_node("ReduceMean", ["e"], ["s2"], name="pool", axes=[1],
+                                         keepdims=0))
+        outputs += [tensor("z", ["B", 6, rows]), tensor("t", ["B", rows])]
+    return build(nodes, [tensor("ids", ["B", 6], TensorProto.INT64),
+                         tensor("kind", ["B", 6], TensorProto.INT64)], outputs, inits)
+
+
+def embedding_feeds(rng: np.random.Generator, rows: int = 300, n: int = 3) -> list[dict]:
+    return [{"ids": rng.integers(0, rows, (4, 6)).astype(np.int64),
+             "kind": rng.integers(0, 2, (4, 6)).astype(np.int64)} for _ in range(n)]
+
+
+def test_gather_table_is_int8_per_row_and_the_deploy_graph_gathers_int8_rows():
+    """A Gather's constant table (an embedding) is quantized int8, symmetric, one scale per
+    row; a table under MIN_TABLE_SIZE values stays float. The fake-quant graph equals a numpy
+    per-row fake quant of the table (tolerance 1e-6 relative); the deploy graph stores the
+    table as int8, gathers the int8 rows, then scales them (no DequantizeLinear of the whole
+    table left), and its outputs equal the fake-quant graph's exactly."""
+    from graphq.passes.emit import deploy_graph
+
+    rng = np.random.default_rng(60)
+    model = embedding_net(rng)
+    result, table = insert(model)
+    words = table.get("words")
+    assert words.quantized and words.role == "weight" and words.dtype == "int8"
+    assert words.axis == 0 and words.symmetric and len(words.scale) == 300
+    assert "Gather 'embed'" in words.reason
+    assert table.get("kinds") is None and "kinds" not in pairs(result.model)
+    table_values = initializer(model, "words")
+    np.testing.assert_allclose(words.scale, np.abs(table_values).max(1) / 127, rtol=1e-6)
+    feeds = embedding_feeds(rng)
+    calibrated = Calibrate(method="minmax").run(result.model, PassContext(
+        data=DataSource(feeds))).model
+    # the fake-quant embedding is the numpy per-row fake quant of the table
+    s = np.asarray(words.scale, np.float32)[:, None]
+    fq_table = np.clip(np.rint(table_values / s), -127, 127) * s
+    probe = onnx.ModelProto()
+    probe.CopyFrom(calibrated)
+    probe.graph.output.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, None))
+    for feed in feeds:
+        assert_close(run(probe, feed)[-1], fq_table[feed["ids"]], 1e-6)
+    deploy, _ = deploy_graph(calibrated)
+    onnx.checker.check_model(deploy, full_check=True)
+    embed = next(n for n in deploy.graph.node if n.name == "embed")
+    assert embed.op_type == "Gather" and embed.input[1] == "ids"
+    ints = initializer(deploy, embed.input[0])
+    assert ints.dtype == np.int8 and ints.shape == (300, 32)
+    assert not any(t.data_type == TensorProto.FLOAT and list(t.dims) == [300, 32]
+                   for t in deploy.graph.initializer)  # no float copy of the table
+    dq_reads = [n for n in deploy.graph.node if n.op_type == "DequantizeLinear"
+                and n.input[0] == embed.input[0]]
+    assert not dq_reads
+    assert {"Cast", "Mul"} <= {n.op_type for n in deploy.graph.node}
+    for feed in feeds:
+        np.testing.assert_array_equal(run(deploy, feed)[0], run(calibrated, feed)[0])
+
+
+def test_gather_table_read_by_another_op_is_left_to_that_op():
+    """A table a Gemm reads too (tied input and output embeddings) is that Gemm's weight
+    (per output channel), and the Gather reads the same dequantized table; the deploy
+    graph keeps its DequantizeLinear (the Gemm needs the whole table)."""
+    from graphq.passes.emit import deploy_graph
+
+    rng = np.random.default_rng(61)
+    model = embedding_net(rng, extra_reader="matmul")
+    result, table = insert(model)
+    words = table.get("words")
+    assert words.quantized and "weight of Gemm 'tied_gemm'" in words.reason
+    feeds = embedding_feeds(rng)
+    calibrated = Calibrate(method="minmax").run(result.model, PassContext(
+        data=DataSource(feeds))).model
+    deploy, _ = deploy_graph(calibrated)
+    onnx.checker.check_model(deploy, full_check=True)
+    assert not any(n.op_type == "Cast" for n in deploy.graph.node)
+    for feed in feeds:
+        for a, b in zip(run(deploy, feed), run(calibrated, feed), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_gather_tables_stay_float_by_exclude_ops_or_override():
+    rng = np.random.default_rng(62)
+    model = embedding_net(rng)
+    _, table = insert(model, exclude_ops=["Gather"])
+    assert table.get("words") is None
+    _, table = insert(model, overrides={"words": {"quantize": False}})
+    assert not table.get("words").quantized
+    with pytest.raises(PassError, match="tables are int8, symmetric, per row"):
+        insert(model, overrides={"words": {"dtype": "uint8"}})

@@ -20,7 +20,8 @@ accuracy row of every net for each further seed s: the split and calibration sam
 after ``torch.manual_seed(s)`` (no timing, no float bridge). The JSON keeps each seed's top-1
 of every row (``nets.<net>.seeds.<seed>.<row>``), the .md adds a "Seeds" table (per seed,
 mean, standard deviation, mean delta vs each seed's own FP32; the paired difference graphq
-W8A8 QAT minus torch.ao W8A8 per seed), and the accuracy targets are judged on the means over
+W8A8 QAT minus torch.ao W8A8 per seed; torch.ao's fake-quant module's top-1 before convert per
+seed too, as ``torchao-w8a8-fq``), and the accuracy targets are judged on the means over
 seeds (the step-time target stays on the first seed's timing). Seed 0 is the single run.
 
 Nets (both with BatchNorm, both written so torch.ao's eager mode can fuse and convert them):
@@ -748,7 +749,9 @@ def bench_net(net: str, args: argparse.Namespace, data: dict[str, Any], work: Pa
 # =============================================================================================
 ROW_ORDER = ["fp32", "fp32-ft", "ptq-w8a8", "ptq-w4a8",
              *[f"qat-{m}{bn}-w{b}a8" for b in BITS for bn in ("", "-bn") for m in METHODS],
-             "torchao-w8a8", "torchao-w4a8"]
+             "torchao-w8a8", "torchao-w4a8", "torchao-w8a8-fq", "torchao-w4a8-fq"]
+#: the seeds' key of torch.ao's fake-quant module (before ``convert``) beside its int8 one
+FQ_SUFFIX = "-fq"
 
 
 def ordered(rows: dict[str, Any]) -> list[str]:
@@ -766,9 +769,11 @@ def fmt(value: Any, spec: str, suffix: str = "") -> str:
 # =============================================================================================
 def record_seed(res: dict[str, Any], seed: int, rows: dict[str, Any]) -> None:
     """Keep one seed's top-1 of every row (None where the row failed) and its failures."""
-    res.setdefault("seeds", {})[str(seed)] = {
-        k: (r["top1"] if r.get("ok") and r.get("top1") is not None else None)
-        for k, r in rows.items()}
+    kept = {k: (r["top1"] if r.get("ok") and r.get("top1") is not None else None)
+            for k, r in rows.items()}
+    kept.update({k + FQ_SUFFIX: (r["fakequant_top1"] if r.get("ok") else None)
+                 for k, r in rows.items() if "fakequant_top1" in r})
+    res.setdefault("seeds", {})[str(seed)] = kept
     errors = {k: str(r.get("error")) for k, r in rows.items() if not r.get("ok")}
     if errors:
         res.setdefault("seed_errors", {})[str(seed)] = errors
@@ -833,20 +838,26 @@ def render_seeds(doc: dict[str, Any]) -> list[str]:
             d, _, _ = mean_sd(per_seed(per, key, "fp32", seeds))
             out.append(f"| {net} | {key} | {' | '.join(cells)} | {fmt(m, '.2f')} | "
                        f"{fmt(sd, '.2f')} | {'-' if key == 'fp32' else fmt(d, '+.2f')} |")
-    out += ["", "Paired difference per seed (pt): graphq W8A8 QAT minus torch.ao W8A8, both "
-            "trained and scored on the same split, batches and initialization.", "",
+    out += ["", "`torchao-*-fq`: torch.ao's fake-quant module after the same training, before "
+            "`convert` (what its training reached); graphq's deploy graph scores what its "
+            "fake-quant module scores.", "",
+            "Paired difference per seed (pt): graphq W8A8 QAT minus torch.ao W8A8, both "
+            "trained and scored on the same split, batches and initialization; against "
+            "torch.ao's converted int8 module, and against its fake-quant module.", "",
             f"| net | difference | {cols} | mean | sd |", line[:-5]]
     for net, res in doc["nets"].items():
         per = res.get("seeds") or {}
-        keys = [k for k in ordered({k: None for s in seeds for k in (per.get(s) or {})})
-                if k.startswith("qat-") and k.endswith("-w8a8")]
-        for key in keys:
-            vals = per_seed(per, key, "torchao-w8a8", seeds)
-            cells = [fmt(v, "+.2f") if s in per else "-"
-                     for s, v in zip(seeds, vals, strict=True)]
-            m, sd, _ = mean_sd(vals)
-            out.append(f"| {net} | {key} - torchao-w8a8 | {' | '.join(cells)} | "
-                       f"{fmt(m, '+.2f')} | {fmt(sd, '.2f')} |")
+        present = ordered({k: None for s in seeds for k in (per.get(s) or {})})
+        keys = [k for k in present if k.startswith("qat-") and k.endswith("-w8a8")]
+        refs = [r for r in ("torchao-w8a8", "torchao-w8a8" + FQ_SUFFIX) if r in present]
+        for ref in refs:
+            for key in keys:
+                vals = per_seed(per, key, ref, seeds)
+                cells = [fmt(v, "+.2f") if s in per else "-"
+                         for s, v in zip(seeds, vals, strict=True)]
+                m, sd, _ = mean_sd(vals)
+                out.append(f"| {net} | {key} - {ref} | {' | '.join(cells)} | "
+                           f"{fmt(m, '+.2f')} | {fmt(sd, '.2f')} |")
     return [*out, ""]
 
 
@@ -918,10 +929,23 @@ def targets(doc: dict[str, Any]) -> list[str]:
                 parts.append(f"{k} n/a")
         if multi:
             aom, _, _ = mean_sd(per_seed(per, "torchao-w8a8", None, ran))
+            fq_key = "torchao-w8a8" + FQ_SUFFIX
+            fqm, _, _ = mean_sd(per_seed(per, fq_key, None, ran))
+            against_fq = []
+            for k in [k for k, r in rows.items() if k.startswith("qat-") and
+                      r.get("w_bits") == 8]:
+                d, sd, n = mean_sd(per_seed(per, k, fq_key, ran))
+                if d is not None:
+                    se = f" +- {sd / math.sqrt(n):.2f}" if sd is not None else ""
+                    against_fq.append(f"{k} {d:+.2f}{se} pt")
             lines.append(f"- **{net}**, graphq W8A8 QAT >= torch.ao W8A8, judged on the mean "
                          f"over {ns} seeds (torch.ao mean {fmt(aom, '.2f')}%, seed {first} "
                          + (f"{100 * ao['top1']:.2f}%" if ao.get("ok") else "n/a") + "): "
-                         + ("; ".join(parts) or "not run"))
+                         + ("; ".join(parts) or "not run")
+                         + (f". For reference, against torch.ao's fake-quant module (mean "
+                            f"{fqm:.2f}%: its training, before convert), mean paired "
+                            "difference (+- standard error): " + "; ".join(against_fq)
+                            if fqm is not None and against_fq else ""))
         else:
             lines.append(f"- **{net}**, graphq W8A8 QAT >= torch.ao W8A8 ("
                          + (f"{100 * ao['top1']:.2f}%" if ao.get("ok") else "n/a") + "): "

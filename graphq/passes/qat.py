@@ -9,13 +9,16 @@ on the same batch (the pipeline's input model when it has those tensors, else th
 graph with its Q/DQ pairs bypassed, whose biases bias correction has changed); with labels in
 the data, ``loss = "cross_entropy"`` or ``"mse"`` trains on them. Needs torch and onnx2torch
 (the core does not); runs under ``torchrun`` with
-DistributedDataParallel.
+DistributedDataParallel. With ``eval_data`` (held-out data), the graph is scored before and
+after finetuning and the finetuned values are kept only if they score at least as well:
+finetuning that overfits its data does not replace a better calibrated graph.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,9 +29,13 @@ import onnx
 
 from graphq import graph as G
 from graphq import runtime
+from graphq import sensitivity as S
+from graphq.data import DataSource, samples_in
 from graphq.errors import QAT_INSTALL, ConfigError, DataError, GraphqError, PassError
 from graphq.quant import QuantTable
 from graphq.registry import Pass, PassContext, PassResult, register
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +74,14 @@ class QatOptions:
     resume: bool = field(default=False, metadata={
         "help": "continue from the checkpoint when it exists"})
     seed: int = field(default=0, metadata={"help": "torch random seed"})
+    eval_data: str | None = field(default=None, metadata={
+        "help": "held-out data (an .npz or a folder, as --data) the graph is scored on before "
+                "and after finetuning (worst output SQNR against the float model in "
+                "onnxruntime): the finetuned values are kept only if they score at least as "
+                "well, else the calibrated graph goes on unchanged, with a note; default: "
+                "none, the finetuned values are always kept"})
+    eval_limit: int = field(default=256, metadata={
+        "help": "with eval_data: at most this many samples are scored", "min": 1})
     batch_norm: bool = field(default=False, metadata={
         "help": "train the Convs that fold-bn folded a BatchNormalization into with batch "
                 "normalization in the loop again (batch statistics, running statistics "
@@ -128,12 +143,16 @@ class Qat(Pass):
             checkpoint=ctx.path(o.checkpoint) if o.checkpoint else None, resume=o.resume,
             freeze_batch_norm=math.ceil(o.batch_norm_freeze * o.epochs)
             if o.batch_norm and o.epochs > 1 and o.batch_norm_freeze < 1 else None)
+        held_out = self._held_out(model, ctx)  # a bad path fails before training
         result = T.finetune(bridge, lambda: data.labeled_feeds(model), teacher, config,
                             device)
         bridge.to("cpu")
         out = bridge.write_back()
         counts = {"epochs": result.epochs, "steps": result.steps,
                   "world_size": result.world_size, **bridge.module.graphq_counts}
+        check = _check(model, out, held_out, ctx) if held_out else None
+        if check is not None:
+            counts["kept"] = check["kept"]
         ctx.report["qat"] = {"method": o.method, "loss": o.loss, "device": str(device),
                              "epoch_loss": result.losses,
                              "epoch_seconds": result.epoch_seconds,
@@ -142,7 +161,69 @@ class Qat(Pass):
                  + " -> ".join(f"{v:.4g}" for v in result.losses)]
         if result.resumed_from is not None:
             notes.append(f"resumed after epoch {result.resumed_from}")
+        if check is not None:
+            ctx.report["qat"]["eval"] = check
+            before, after = check["before_db"], check["after_db"]
+            if check["kept"] == "calibrated":
+                why = (f"onnxruntime cannot run the finetuned graph ({check['error']})"
+                       if "error" in check else f"the worst output SQNR is {after:.2f} dB "
+                       "after finetuning")
+                notes.append(f"finetuned values NOT kept: on eval_data ({check['samples']} "
+                             f"samples) {why}, {before:.2f} dB before; the calibrated graph "
+                             "goes on unchanged (try a lower lr, fewer epochs or more data)")
+                log.warning("%s", notes[-1])
+                return PassResult(model, False, counts, notes)
+            notes.append(f"eval_data ({check['samples']} samples): worst output SQNR "
+                         f"{before:.2f} -> {after:.2f} dB; finetuned values kept")
         return PassResult(out, True, counts, notes)
+
+    def _held_out(self, model: onnx.ModelProto, ctx: PassContext
+                  ) -> list[dict[str, np.ndarray]]:
+        """The eval_data feeds (at most eval_limit samples); none without eval_data."""
+        if self.options.eval_data is None:
+            return []
+        path = ctx.path(self.options.eval_data)
+        if not path.exists():
+            raise DataError(f"qat eval_data not found: {path}; give an .npz keyed by input "
+                            "name or a folder of .npz/.npy files, held out from the training "
+                            "data")
+        feeds, total = [], 0
+        for feed in DataSource(path, batch_size=ctx.data.batch_size).feeds(model):
+            feeds.append(feed)
+            total += samples_in(feed, model)
+            if total >= self.options.eval_limit:
+                break
+        if not feeds:
+            raise DataError(f"qat eval_data {path} holds no samples")
+        return feeds
+
+
+def _check(model: onnx.ModelProto, tuned: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+           ctx: PassContext) -> dict[str, object]:
+    """Worst output SQNR (dB; outputs a Concat makes scored per part too) of the calibrated
+    ``model`` and the finetuned ``tuned`` graph against the float model on ``feeds``, and
+    which is kept (``tuned`` on a tie)."""
+    names = [o.name for o in model.graph.output]
+    float_run = _teacher(model, names, ctx)
+    reference = [dict(zip(names, float_run(feed), strict=True)) for feed in feeds]
+    parts = G.output_parts(model)
+
+    def score(graph: onnx.ModelProto) -> float:
+        sess = runtime.session(graph, ctx.providers)
+        return S.worst_sqnr(reference, [runtime.run(sess, f) for f in feeds], parts)
+
+    before, error = score(model), None
+    try:
+        after = score(tuned)
+    except Exception as exc:  # noqa: BLE001 -- onnxruntime refuses what training made
+        after, error = -math.inf, f"{type(exc).__name__}: {exc}"
+    check: dict[str, object] = {
+        "before_db": before, "after_db": after if error is None else None,
+        "samples": sum(samples_in(f, model) for f in feeds),
+        "kept": "finetuned" if after >= before else "calibrated"}
+    if error is not None:
+        check["error"] = error
+    return check
 
 
 def _installed(module: str) -> bool:

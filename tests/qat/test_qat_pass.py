@@ -118,6 +118,46 @@ def test_label_free_qat_raises_fidelity_and_keeps_the_graph(calibrated, held_out
     assert len(moved) == len(acts) - 1
 
 
+
+def test_eval_data_keeps_finetuning_only_when_it_scores_better(calibrated, held_out, tmp_path):
+    """With eval_data, the pass scores the graph before and after finetuning on it (worst
+    output SQNR against the float model, recomputed here with numpy): a sound finetune is
+    kept; one that wrecks the graph (lr 1: the weights thrown far off) is not, and the
+    calibrated graph goes on unchanged with a note naming both scores. A missing eval_data
+    fails before training."""
+    feed, _ = held_out
+    path = tmp_path / "held_out.npz"
+    np.savez(path, image=feed["image"][:128])
+    ref = runtime.session(onnx.load(MODEL)).run(None, {"image": feed["image"][:128]})[0]
+    before = _sqnr(calibrated, ref, {"image": feed["image"][:128]})
+    good = _run(calibrated, f'[[passes]]\nname = "qat"\nepochs = 2\nlr = 1e-4\n'
+                            f'eval_data = "{path}"\n')
+    check = good.report["qat"]["eval"]
+    assert check["kept"] == "finetuned" and check["samples"] == 128
+    # the pass's reference is the calibrated graph's float view (BN folded, in batches of
+    # 32): 0.02 dB off the original model's at 37 dB
+    assert check["before_db"] == pytest.approx(before, abs=0.1)
+    assert check["after_db"] == pytest.approx(
+        _sqnr(good.model, ref, {"image": feed["image"][:128]}), abs=0.1)
+    assert check["after_db"] > check["before_db"]
+    bad = _run(calibrated, f'[[passes]]\nname = "qat"\nmax_steps = 4\nlr = 1.0\n'
+                           f'optimizer = "sgd"\neval_data = "{path}"\n')
+    check = bad.report["qat"]["eval"]
+    assert check["kept"] == "calibrated"
+    assert check["after_db"] is None if "error" in check else \
+        check["after_db"] < check["before_db"]
+    assert _structure(bad.model) == _structure(calibrated)
+    assert bad.model.graph.SerializeToString() == calibrated.graph.SerializeToString()
+    (note,) = [n for e in bad.report["passes"] if e["name"] == "qat" for n in e["notes"]
+               if "NOT kept" in n]
+    # lr 1 moves the scales so far that onnxruntime refuses the graph (a QLinear op's scale
+    # ratio out of range), which scores as the worst possible and is named in the note
+    assert (f"{check['after_db']:.2f} dB after" in note if "error" not in check
+            else "onnxruntime cannot run the finetuned graph" in note), note
+    with pytest.raises(DataError, match="qat eval_data not found"):
+        _run(calibrated, '[[passes]]\nname = "qat"\nmax_steps = 1\n'
+                         f'eval_data = "{tmp_path / "missing.npz"}"\n')
+
 def test_ste_keeps_scales_and_requantizes_biases(calibrated):
     result = _run(calibrated, '[[passes]]\nname = "qat"\nmethod = "ste"\nmax_steps = 4\n'
                               'lr = 1e-3\n')

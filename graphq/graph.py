@@ -191,6 +191,17 @@ def qdq_pairs(graph: gs.Graph, nested: bool = False) -> dict[str, tuple[gs.Node,
     return pairs
 
 
+def row_gathers(table: gs.Tensor) -> list[gs.Node]:
+    """The Gathers that read ``table`` as rows (data input, axis 0, computed indices), when
+    those are all its readers; else ``[]`` (an embedding table only lookups read)."""
+    readers = list(table.outputs)
+    if readers and all(r.op == "Gather" and r.inputs[0] is table and len(r.inputs) > 1
+                       and r.inputs[1] is not table and constant_values(r.inputs[1]) is None
+                       and int(r.attrs.get("axis", 0)) in (0, -2) for r in readers):
+        return readers
+    return []
+
+
 def float_source(tensor: gs.Tensor) -> gs.Tensor:
     """The float tensor a ``Q -> DQ`` pair stands for (``tensor`` itself when it is none)."""
     if tensor.inputs and tensor.inputs[0].op == "DequantizeLinear":

@@ -216,15 +216,12 @@ def gathered_tables(graph: gs.Graph) -> int:
         scale = G.constant_values(dq.inputs[1])
         zero = G.constant_values(dq.inputs[2]) if len(dq.inputs) > 2 else None
         table = dq.outputs[0]
-        readers = list(table.outputs)
+        readers = G.row_gathers(table)
         if (ints is None or scale is None or ints.ndim != 2 or np.ndim(scale) != 1
                 or np.dtype(ints.dtype) != np.int8 or scale.size != ints.shape[0]
                 or int(dq.attrs.get("axis", 1)) not in (0, -2)
                 or (zero is not None and np.any(zero != 0)) or table.name in outputs
-                or not readers or any(r.op != "Gather" or r.inputs[0] is not table
-                                      or r.inputs[1] is table
-                                      or int(r.attrs.get("axis", 0)) not in (0, -2)
-                                      for r in readers)):
+                or not readers):
             continue
         home = where[id(dq)]
         rows_scale = gs.Constant(G.unique_name(home, f"{table.name}_row_scale", names),

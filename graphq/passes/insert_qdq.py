@@ -569,12 +569,8 @@ class _Planner:
         table = node.inputs[0]
         values = G.constant_values(table)
         if (values is None or values.ndim != 2 or values.size < MIN_TABLE_SIZE
-                or not self._is_float(table) or int(node.attrs.get("axis", 0)) not in (0, -2)
-                or len(node.inputs) < 2 or G.constant_values(node.inputs[1]) is not None
-                or table.name in self.table.entries):
-            return
-        if any(r.op not in TABLES or r.inputs[0] is not table or r.inputs[1] is table
-               for r in table.outputs):
+                or not self._is_float(table) or table.name in self.table.entries
+                or not G.row_gathers(table)):
             return
         override = self.o.overrides.get(table.name)
         if override is not None and override.quantize and (

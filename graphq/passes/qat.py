@@ -187,12 +187,8 @@ class Qat(Pass):
             raise DataError(f"qat eval_data not found: {path}; give an .npz keyed by input "
                             "name or a folder of .npz/.npy files, held out from the training "
                             "data")
-        feeds, total = [], 0
-        for feed in DataSource(path, batch_size=ctx.data.batch_size).feeds(model):
-            feeds.append(feed)
-            total += samples_in(feed, model)
-            if total >= self.options.eval_limit:
-                break
+        feeds = list(DataSource(path, batch_size=ctx.data.batch_size,
+                                limit=self.options.eval_limit).feeds(model))
         if not feeds:
             raise DataError(f"qat eval_data {path} holds no samples")
         return feeds

@@ -29,6 +29,9 @@ New converters (:data:`_CONVERTERS`), where the change has semantics:
 - ``Dropout`` 10, 12, 13 (replaced): onnx2torch's returns only ``output`` when the node also
   has its ``mask`` output, so consumers of ``output`` get the first row of the batch
   (alexnet, vgg19 and squeezenet from onnx's model zoo).
+- ``Gather`` 1, 11, 13 (replaced): onnx2torch's indexes with a tensor, whose CPU backward
+  sums repeated indices in a nondeterministic order; this one uses ``index_select``, whose
+  backward is deterministic, so a trainable embedding table finetunes the same every run.
 - ``IsInf`` 10, 20: ``detect_positive`` / ``detect_negative``, which onnx2torch's IsInf-10
   ignores, so it is replaced.
 - ``ScatterND`` 16, 18: ``reduction`` add/mul (16), max/min (18); onnx2torch's ScatterND-16
@@ -480,6 +483,39 @@ def _is_inf(node: Any, graph: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# Gather 1 / 11 / 13: a deterministic gradient
+# ---------------------------------------------------------------------------------------------
+
+
+class OnnxGather(nn.Module):
+    """ONNX ``Gather`` (numpy's ``take`` along ``axis``) through ``torch.index_select``.
+
+    onnx2torch's Gather indexes with a tensor (``data[:, indices]``), whose CPU backward
+    accumulates repeated indices in a nondeterministic order: a trainable embedding table
+    (an int8 Gather table in QAT) then learns different values run to run. index_select's
+    backward adds the rows in index order. Negative indices count from the end, and indices of
+    any rank (a scalar drops the axis) are flattened and the result reshaped.
+    """
+
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, data: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        axis = self.axis % data.dim()
+        size = data.shape[axis]
+        flat = indices.reshape(-1).long()
+        flat = torch.where(flat < 0, flat + size, flat)
+        taken = torch.index_select(data, axis, flat)
+        shape = (*data.shape[:axis], *indices.shape, *data.shape[axis + 1:])
+        return taken.reshape(shape)
+
+
+def _gather(node: Any, graph: Any) -> Any:
+    return converter_result(OnnxGather(node.attributes.get("axis", 0)), node)
+
+
+# ---------------------------------------------------------------------------------------------
 # ScatterND 16 / 18, ScatterElements 11-18: reduction
 # ---------------------------------------------------------------------------------------------
 
@@ -751,6 +787,7 @@ _CONVERTERS: tuple[tuple[str, tuple[int, ...], Converter], ...] = (
     ("AveragePool", (7, 10, 11, 19), _average_pool),
     ("Dropout", (10, 12, 13), _dropout),
     ("IsInf", (10, 20), _is_inf),
+    ("Gather", (1, 11, 13), _gather),
     ("ScatterND", (16, 18), _scatter_nd),
     ("Cast", (13, 19, 21), _cast),
     ("CastLike", (15, 19, 21), _cast_like),
@@ -768,7 +805,8 @@ _CONVERTERS: tuple[tuple[str, tuple[int, ...], Converter], ...] = (
 
 _REPLACED = {
     ("AveragePool", 7), ("AveragePool", 10), ("AveragePool", 11), ("Cast", 13), ("Dropout", 10),
-    ("Dropout", 12), ("Dropout", 13), ("IsInf", 10), ("Reshape", 14), ("ScatterND", 16),
+    ("Dropout", 12), ("Dropout", 13), ("Gather", 1), ("Gather", 11), ("Gather", 13),
+    ("IsInf", 10), ("Reshape", 14), ("ScatterND", 16),
     ("Shape", 1), ("Shape", 13), ("Shape", 15),
 }
 """onnx2torch registrations replaced (it refuses or ignores part of that version's spec)."""

@@ -64,7 +64,9 @@ def assert_matches(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list
     expected = session.run(None, feeds)
     module = O2T.convert(model).eval()
     with torch.no_grad():
-        got = module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in feeds.values()))
+        # ascontiguousarray makes a 0-d array 1-d: reshape back
+        got = module(*(torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
+                       for a in feeds.values()))
     got = [t.numpy() for t in (got if isinstance(got, (tuple, list)) else [got])]
     assert len(got) == len(expected)
     for out, ref in zip(got, expected, strict=True):
@@ -332,6 +334,53 @@ def test_dropout_10_mask_output():
 # ---------------------------------------------------------------------------------------------
 # IsInf, ScatterND, ScatterElements, Cast, CastLike
 # ---------------------------------------------------------------------------------------------
+
+
+GATHER_INDICES = {"scalar": np.array(2, np.int64), "repeated": ints(0, 3, 2, 0),
+                  "negative": ints(0, -1, 2, -4),
+                  "2-D-int32": np.array([[1, -3], [0, 1]], np.int32)}
+
+
+@pytest.mark.parametrize("opset, indices", [
+    (opset, name) for opset in (1, 11, 13) for name in GATHER_INDICES
+    if opset >= 11 or (GATHER_INDICES[name] >= 0).all()])  # negatives: from Gather-11 on
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_gather(opset, indices, axis):
+    check(helper.make_node("Gather", ["data", "indices"], ["y"], axis=axis),
+          {"data": floats(4, 4, 5), "indices": GATHER_INDICES[indices]}, opset)
+
+
+def test_gather_of_a_shape_is_int64():
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i"], ["y"], axis=0)]
+    feeds = {"x": floats(2, 3, 4), "i": np.array(-1, np.int64)}
+    got = assert_matches(make_model(nodes, feeds, 13), feeds)
+    assert got[0].tolist() == 4
+
+
+def test_gather_gradient_is_deterministic():
+    """A trainable table read at repeated rows gets the same gradient, bit for bit, each
+    backward (onnx2torch's advanced-indexing Gather sums repeats in varying order on CPU),
+    and the gradient is the rows' summed upstream gradient."""
+    table = floats(6000, 64)
+    node = helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)
+    model = make_model([node], {"ids": np.zeros((32, 64), np.int64)}, 13, {"table": table})
+    module = O2T.convert(model)
+    (leaf,) = [t for t in (*module.parameters(), *module.buffers()) if t.shape == table.shape]
+    leaf.requires_grad_(True)
+    ids = torch.from_numpy(RNG.integers(0, 40, (32, 64)))
+    upstream = torch.from_numpy(floats(32, 64, 64))
+    grads = []
+    for _ in range(6):
+        leaf.grad = None
+        module(ids).backward(upstream)
+        grads.append(leaf.grad.clone())
+    for grad in grads[1:]:
+        assert torch.equal(grad, grads[0])
+    expected = np.zeros_like(table)
+    np.add.at(expected, ids.numpy().reshape(-1), upstream.numpy().reshape(-1, 64))
+    np.testing.assert_allclose(grads[0].numpy(), expected, rtol=1e-5, atol=1e-5)
+
 
 
 @pytest.mark.parametrize("opset", [10, 20])

@@ -75,6 +75,9 @@ JOINING = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Resize",
            "LeakyRelu")
 PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "MaxPool", "Squeeze", "Unsqueeze",
                 "Slice", "Split", "Identity", "DepthToSpace", "SpaceToDepth")
+#: ops that only rearrange their input's values: a compute op's output that reaches a graph
+#: output through them alone keeps its float value, as a graph output does.
+RESHAPING = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 #: joining ops that, with one constant operand, are an elementwise scale or shift.
 AFFINE = ("Add", "Mul")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
@@ -483,6 +486,20 @@ class _Planner:
                 if entry is not None and entry.quantized:
                     entry.method = f"shared:{source.name}"
 
+    def _moved_to_output(self, tensor: gs.Tensor) -> list[str]:
+        """The ops and the graph output when ``tensor`` reaches a graph output through
+        :data:`RESHAPING` ops alone (a classifier's logits reshaped to ``[T, 1, classes]``):
+        the output is then the compute op's values rearranged, and quantizing them would
+        round logits that an argmax or a threshold reads; else []."""
+        ops: list[str] = []
+        while len(tensor.outputs) == 1 and tensor.outputs[0].op in RESHAPING \
+                and tensor.name not in self.outputs:
+            reader = tensor.outputs[0]
+            ops.append(f"{reader.op} '{reader.name}'")
+            tensor = reader.outputs[0]
+        return [*ops, tensor.name] if ops and tensor.name in self.outputs \
+            and not tensor.outputs else []
+
     def _output(self, node: gs.Node) -> None:
         out = node.outputs[0]
         readers = out.outputs
@@ -495,6 +512,12 @@ class _Planner:
         if out.name in self.outputs:
             self.table.add(TensorQuant(out.name, "activation", False,
                                        "a graph output: keeps its float value"))
+            return
+        moved = self._moved_to_output(out)
+        if moved:
+            self.table.add(TensorQuant(out.name, "activation", False, f"becomes graph output "
+                                       f"'{moved[-1]}' through {', '.join(moved[:-1])} only: "
+                                       "keeps its float value"))
             return
         if out.outputs and all(r.op in SENSITIVE_READERS for r in out.outputs):
             self.table.add(TensorQuant(out.name, "activation", False, "read only by "

@@ -331,6 +331,37 @@ def test_graph_outputs_keep_their_names_and_stay_float():
     assert [o.dtype for o in outs] == [np.float32, np.float32]
 
 
+@pytest.mark.parametrize("second_reader", [False, True])
+def test_logits_reshaped_into_a_graph_output_stay_float(second_reader):
+    """A classifier's logits that reach the graph output only through Reshape/Transpose (a
+    CTC recognizer's ``[T, 1, classes]``) keep their float value, as a graph output does: an
+    argmax reads them. Read by anything else on the way, they are quantized as before."""
+    rng = np.random.default_rng(44)
+    inits = {"W": rng.normal(0, 0.3, (16, 12)).astype(np.float32),
+             "b": rng.normal(0, 0.1, (12,)).astype(np.float32),
+             "shape": np.array([-1, 1, 12], np.int64)}
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["logits"], name="classes"),
+             helper.make_node("Reshape", ["logits", "shape"], ["r"], name="to_steps"),
+             helper.make_node("Transpose", ["r"], ["y"], name="swap", perm=[1, 0, 2])]
+    outputs = [tensor("y", [1, "T", 12])]
+    if second_reader:
+        nodes.append(helper.make_node("Relu", ["r"], ["z"], name="other"))
+        outputs.append(tensor("z", ["T", 1, 12]))
+    model = build(nodes, [tensor("x", ["T", 16])], outputs, inits)
+    result, table = insert(model)
+    assert {"x", "W"} <= quantized(table)
+    if second_reader:
+        assert "logits" in quantized(table)
+    else:
+        entry = table.get("logits")
+        assert not entry.quantized and "logits" not in pairs(result.model)
+        assert entry.reason == ("becomes graph output 'y' through Reshape 'to_steps', "
+                                "Transpose 'swap' only: keeps its float value")
+        assert not {"r", "y"} & quantized(table)
+    feeds = [{"x": rng.normal(0, 1, (5, 16)).astype(np.float32)} for _ in range(3)]
+    assert_calibrated_close(model, result.model, feeds)
+
+
 def test_integer_tensors_are_never_quantized():
     rng = np.random.default_rng(10)
     inits = {"E": rng.normal(0, 1, (20, 8)).astype(np.float32),

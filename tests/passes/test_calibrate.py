@@ -790,6 +790,44 @@ def test_auto_places_activations_by_percentile_for_every_method():
     assert floats["auto"] == floats["percentile"], floats
 
 
+def test_auto_quantizes_what_min_sqnr_db_gates_unless_float_scores_better():
+    """check_min_sqnr (default on): the activations min_sqnr_db keeps float stay float only if
+    the outputs score better that way by more than auto_margin_db. With a margin no score
+    difference reaches, they are quantized (their reason says so) and the outputs are the
+    ones the percentile table of the same placement gives; with the check off, or a margin of
+    0 (float scores higher here), they stay float."""
+    rng = np.random.default_rng(12)
+    model = conv_net(rng)
+    inserted = insert(model, weights={"reduce_range": True})
+    feeds = [{"x": images(rng, 8) * rng.laplace(1.0, 0.6, (8, 1, 1, 1)).astype(np.float32)}
+             for _ in range(5)]
+
+    def floats(table):
+        return {e.tensor for e in table.entries.values() if e.role == "activation"
+                and not e.quantized and "graph output" not in e.reason}
+
+    common = {"method": "auto", "bins": 4096, "min_sqnr_db": 40.0, "search_samples": 1}
+    _, unchecked = calibrate(inserted, feeds, check_min_sqnr=False, auto_margin_db=0.0,
+                             **common)
+    gated = floats(unchecked)
+    assert gated and all("percentile's clip range" in unchecked.get(t).reason
+                         or "source" in unchecked.get(t).reason for t in gated)
+    strict, strict_table = calibrate(inserted, feeds, auto_margin_db=0.0, **common)
+    assert floats(strict_table) == gated
+    assert any(n.startswith("min_sqnr_db keeps") for n in strict.notes), strict.notes
+    loose, table = calibrate(inserted, feeds, auto_margin_db=1000.0, **common)
+    assert not floats(table), floats(table)
+    (note,) = [n for n in loose.notes if n.startswith("min_sqnr_db would keep")]
+    assert f"{len([t for t in gated if 'source' not in unchecked.get(t).reason])}" in note
+    for t in gated:
+        if "source" not in unchecked.get(t).reason:
+            assert "but quantizing it scores" in table.get(t).reason, table.get(t).reason
+    plain, _ = calibrate(inserted, feeds, method="percentile", bins=4096)
+    held_out = {"x": images(rng, 16)}
+    np.testing.assert_allclose(run(loose.model, held_out)[0], run(plain.model, held_out)[0],
+                               rtol=0, atol=1e-5)
+
+
 def test_auto_candidate_takes_percentiles_range_where_its_own_loses_the_tensor():
     """A tensor of small values with rare large ones: entropy's KL threshold clips it to
     +-1.25 (expected SQNR 1.8 dB), percentile's range holds 29 dB. Under auto's shared

@@ -41,7 +41,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphq import graph as G
-from graphq import runtime
+from graphq import latency, runtime
 from graphq import segments as SEG
 from graphq import sensitivity as S
 from graphq.biases import bias_sites, quantize_biases
@@ -49,6 +49,7 @@ from graphq.data import samples_in
 from graphq.errors import ConfigError, DataError, PassError
 from graphq.kernels import observers as O
 from graphq.kernels import quant as Q
+from graphq.passes.emit import deploy_graph
 from graphq.passes.insert_qdq import COMPUTE, PASS_THROUGH
 from graphq.progress import Progress
 from graphq.quant import QuantTable, TensorQuant
@@ -82,6 +83,14 @@ class CalibrateOptions:
                 "them quantized too (one more session on the scoring batches); a tensor's "
                 "own SQNR does not say what its error does to the outputs, and a float "
                 "island costs speed (its compute ops run in float)"})
+    auto_speed_db: float = field(default=0.0, metadata={
+        "help": "check_min_sqnr's exchange rate of fidelity for speed: the dB of worst output "
+                "SQNR a 2x speedup is worth. When the float activations win on score, the two "
+                "graphs are timed side by side in onnxruntime (first scoring batch) and the "
+                "activations are quantized anyway if that runs faster and scores within "
+                "auto_margin_db + auto_speed_db x log2(speedup) of keeping them float "
+                "(0: fidelity only; not with auto_metric, whose units are the user's)",
+        "min": 0.0})
     bias_correction: bool = field(default=False, metadata={
         "help": "subtract from each Conv / Gemm bias the mean its weight's quantization error "
                 "adds on the calibration data, (W_q - W) . E[x]; the graph's float view then "
@@ -415,24 +424,49 @@ class Calibrate(Pass):
         names = ", ".join(f"'{t}'" for t in sorted(gated)[:3]) + (
             f" and {len(gated) - 3} more" if len(gated) > 3 else "")
         quantized = sum(table_all.get(t).quantized for t in gated)
+        traded = ""
         if score > all_score + scorer.margin:
-            note = (f"min_sqnr_db keeps {len(gated)} activation(s) float ({names}): "
-                    f"{scorer.show(score)} against {scorer.show(all_score)} with them "
-                    f"quantized too; kept float")
-            log.info("%s", note)
-            return score, chosen, [*notes, note]
+            speedup = self._speedup(scoring, chosen, table_all, stream, ctx, scorer)
+            credit = self.options.auto_speed_db * math.log2(speedup) if speedup > 1 else 0.0
+            timed = (f"; quantized it runs {speedup:.2f}x the speed" if speedup else "")
+            if score > all_score + scorer.margin + credit:
+                note = (f"min_sqnr_db keeps {len(gated)} activation(s) float ({names}): "
+                        f"{scorer.show(score)} against {scorer.show(all_score)} with them "
+                        f"quantized too{timed}; kept float")
+                log.info("%s", note)
+                return score, chosen, [*notes, note]
+            traded = (f", {scorer.show(score - all_score)} less for {speedup:.2f}x the speed "
+                      f"(auto_speed_db {self.options.auto_speed_db:g} per 2x)")
         for t in gated:
             entry = table_all.get(t)
             if entry.quantized:
                 entry.reason += (f"; below min_sqnr_db {self.options.min_sqnr_db:g} alone "
                                  f"({placement[t][0]:.1f} dB), but quantizing it scores "
                                  f"{scorer.show(all_score)} against {scorer.show(score)} "
-                                 f"float: quantized")
+                                 f"float{traded}: quantized")
         note = (f"min_sqnr_db would keep {len(gated)} activation(s) float ({names}), but "
                 f"with them quantized too {method} scores {scorer.show(all_score)} against "
-                f"{scorer.show(score)} (margin {scorer.margin:g}): {quantized} quantized")
+                f"{scorer.show(score)} (margin {scorer.margin:g}{traded}): {quantized} "
+                f"quantized")
         log.info("%s", note)
         return all_score, table_all, [*all_notes, note]
+
+    def _speedup(self, scoring: _ScoringGraph, chosen: QuantTable, table_all: QuantTable,
+                 stream: _Stream, ctx: PassContext, scorer: _Scorer) -> float:
+        """How many times faster the graph runs with the min_sqnr_db activations quantized
+        (``table_all``) than float (``chosen``): their deploy graphs timed side by side in
+        onnxruntime on the first scoring batch (:mod:`graphq.latency`); 0.0 when
+        ``auto_speed_db`` is 0 or the score is the user's ``auto_metric``."""
+        if not self.options.auto_speed_db or scorer.function is not None:
+            return 0.0
+        graphs = []
+        for table in (chosen, table_all):
+            proto = onnx.ModelProto()
+            proto.CopyFrom(scoring.model(table))  # the scoring graph is patched in place
+            graphs.append(deploy_graph(proto)[0])
+        log.info("calibrate auto: timing the min_sqnr_db activations float and quantized")
+        float_s, quantized_s = latency.medians(graphs, stream.kept[0], ctx.providers)
+        return float_s / quantized_s
 
     def _observer(self, entry: TensorQuant) -> O.Observer:
         o = self.options

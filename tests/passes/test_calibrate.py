@@ -828,6 +828,65 @@ def test_auto_quantizes_what_min_sqnr_db_gates_unless_float_scores_better():
                                rtol=0, atol=1e-5)
 
 
+def test_min_sqnr_check_trades_fidelity_for_speed_at_auto_speed_db(monkeypatch):
+    """auto_speed_db: where keeping min_sqnr_db's activations float scores better (margin 0
+    here), the float and the quantized placement are timed side by side, and the activations
+    are quantized anyway when the quantized graph runs faster and loses less than auto_speed_db
+    per 2x speedup. Timings are given (the machine is noisy), the rule is what is tested: a
+    2x speedup at 1000 dB per 2x buys any loss; a quantized graph that runs slower buys
+    nothing; auto_speed_db 0 times nothing. One run with real timings checks the timed graphs
+    are the two placements' deploy graphs."""
+    from graphq import latency
+
+    rng = np.random.default_rng(12)
+    model = conv_net(rng)
+    inserted = insert(model, weights={"reduce_range": True})
+    feeds = [{"x": images(rng, 8) * rng.laplace(1.0, 0.6, (8, 1, 1, 1)).astype(np.float32)}
+             for _ in range(5)]
+    common = {"method": "auto", "bins": 4096, "min_sqnr_db": 40.0, "search_samples": 1,
+              "auto_margin_db": 0.0}
+
+    def quantized_floats(table):
+        return {e.tensor for e in table.entries.values() if e.role == "activation"
+                and not e.quantized and "graph output" not in e.reason}
+
+    _, kept = calibrate(inserted, feeds, **common)
+    gated = quantized_floats(kept)
+    assert gated
+    timed = []
+    real_medians = latency.medians
+
+    def medians(models, feed, providers, **kw):
+        timed.append(models)
+        return seconds
+
+    monkeypatch.setattr(latency, "medians", medians)
+    seconds = [2.0, 1.0]  # quantized: 2x the speed
+    traded, table = calibrate(inserted, feeds, auto_speed_db=1000.0, **common)
+    assert len(timed) == 1 and len(timed[0]) == 2
+    float_g, quant_g = timed[0]
+    for g in (float_g, quant_g):
+        onnx.checker.check_model(g, full_check=True)
+        assert not [n for n in g.graph.node if n.op_type == "QuantizeLinear" and n.input[0]
+                    in {t.name for t in g.graph.initializer}]  # weights folded: deploy
+    n_q = [sum(n.op_type == "QuantizeLinear" for n in g.graph.node) for g in timed[0]]
+    assert n_q[1] > n_q[0], n_q
+    assert not (quantized_floats(table) & gated), quantized_floats(table)
+    (note,) = [n for n in traded.notes if n.startswith("min_sqnr_db would keep")]
+    assert "less for 2.00x the speed (auto_speed_db 1000 per 2x)" in note, note
+    seconds = [1.0, 2.0]  # quantized runs slower: float wins on both counts
+    slower, table = calibrate(inserted, feeds, auto_speed_db=1000.0, **common)
+    assert quantized_floats(table) == gated
+    assert any(n.startswith("min_sqnr_db keeps") and "runs 0.50x the speed" in n
+               for n in slower.notes), slower.notes
+    timed.clear()
+    _, table = calibrate(inserted, feeds, auto_speed_db=0.0, **common)
+    assert not timed and quantized_floats(table) == gated
+    monkeypatch.setattr(latency, "medians", real_medians)
+    real, _ = calibrate(inserted, feeds, auto_speed_db=1.0, **common)
+    assert any("the speed" in n for n in real.notes if "min_sqnr_db" in n), real.notes
+
+
 def test_auto_candidate_takes_percentiles_range_where_its_own_loses_the_tensor():
     """A tensor of small values with rare large ones: entropy's KL threshold clips it to
     +-1.25 (expected SQNR 1.8 dB), percentile's range holds 29 dB. Under auto's shared

@@ -113,6 +113,10 @@ FLOATS = (np.float32, np.float16)
 #: float_prefix_search keeps the longest float prefix that runs within this fraction of the
 #: fastest placement's latency
 PREFIX_MARGIN = 0.05
+#: float_prefix_search times no prefix that holds more than this share of the compute ops'
+#: weights: int8 is also for size (MTCNN pnet's first 3 of 5 convs hold 97% of its weights,
+#: and its deploy graph with them float came out larger than the float model)
+PREFIX_MAX_WEIGHT_SHARE = 0.5
 #: larger models skip float_prefix_search (one session per candidate holds its weights)
 PREFIX_MAX_BYTES = 512 * 2**20
 #: the table reason of a prefix kept float until the timings that chose it are known
@@ -280,6 +284,10 @@ class InsertQDQ(Pass):
                     "its own); exclude the first compute ops by name to keep them float")
             log.info("%s", note)
             return out, table, planner, note
+        n, capped = _weight_capped(model, [name for _, name in planner.computes], n)
+        if n == 0:
+            log.info("%s", capped)
+            return out, table, planner, capped
         feed = ctx.data.first(model) if ctx.data is not None else None
         if feed is None:
             feed = runtime.sample_feeds(model)[0]
@@ -294,7 +302,7 @@ class InsertQDQ(Pass):
         if k == 0:
             note = (f"float_prefix_search: the first compute ops stay quantized (keeping them "
                     f"float runs more than {margin} slower than the fastest placement; latency "
-                    f"in onnxruntime with the first k of them float: {timings})")
+                    f"in onnxruntime with the first k of them float: {timings}){capped}")
             log.info("%s", note)
             return out, table, planner, note
         out, table, chosen = placed[k]
@@ -309,7 +317,7 @@ class InsertQDQ(Pass):
         note = (f"float_prefix_search: {names} kept float, the longest float prefix within "
                 f"{margin} of the fastest placement ({seconds[0] / seconds[k]:.2f}x the speed "
                 f"of all quantized; latency in onnxruntime with the first k compute ops float: "
-                f"{timings})")
+                f"{timings}){capped}")
         log.info("%s", note)
         return out, table, chosen, note
 
@@ -653,6 +661,29 @@ def _refuse_quantized(graph: gs.Graph) -> None:
         ops = ", ".join(f"{n} {op}" for op, n in found.most_common())
         raise ModelError(f"the model is quantized already (it has {ops}): quantize the float "
                          "model it was made from instead")
+
+
+def _weight_capped(model: onnx.ModelProto, computes: list[str], n: int) -> tuple[int, str]:
+    """The longest float prefix (at most ``n`` of the compute ops named ``computes``, in
+    order) that holds at most :data:`PREFIX_MAX_WEIGHT_SHARE` of their constant inputs'
+    values, and what the cap cut ("" when it cut nothing)."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    per_op = {node.name: sum(sizes.get(i, 0) for i in node.input) for node in model.graph.node}
+    weights = [per_op.get(name, 0) for name in computes]
+    total, held, k = sum(weights), 0, 0
+    for k in range(n + 1):
+        held += weights[k]
+        if k == n or held > PREFIX_MAX_WEIGHT_SHARE * total:
+            break
+    if k == n:
+        return n, ""
+    why = (f"{held / total:.0%} of the compute ops' weights (over "
+           f"{PREFIX_MAX_WEIGHT_SHARE:.0%}: the deploy graph would barely shrink)")
+    if k == 0:
+        return 0, (f"float_prefix_search: the first compute ops stay quantized: "
+                   f"'{computes[0]}' alone holds {why}")
+    return k, (f"; at most the first {k} timed: with '{computes[k]}' too the float prefix "
+               f"would hold {why}")
 
 
 def _timing_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -770,6 +770,9 @@ def test_float_prefix_search_keeps_the_longest_fast_prefix_float(monkeypatch, ti
     graphs: integer weights, int32 biases) and keeps the longest float prefix within 5% of
     the fastest; the float convs read float inputs and float weights, the reason is in the
     table, and calibrated the graph stays close to the float model."""
+    from graphq.passes import insert_qdq
+
+    monkeypatch.setattr(insert_qdq, "PREFIX_MAX_WEIGHT_SHARE", 1.0)  # conv1 + conv2: 90%
     rng = np.random.default_rng(40)
     model = conv_net(rng)
     timed: list[list[dict[str, tuple[str, str]]]] = []
@@ -810,6 +813,45 @@ def test_float_prefix_search_keeps_the_longest_fast_prefix_float(monkeypatch, ti
     else:
         assert "more than 5% slower than the fastest" in note
     assert_calibrated_close(model, result.model, feeds)
+
+
+@pytest.mark.parametrize("cut", [1, 0])
+def test_float_prefix_search_times_no_prefix_holding_most_weights(monkeypatch, cut):
+    """A float prefix may hold at most PREFIX_MAX_WEIGHT_SHARE of the compute ops' weights
+    (int8 is also for size: MTCNN pnet's deploy graph with its first 3 of 5 convs float,
+    97% of its weights, was larger than the float model). With the cap between conv1's share
+    and conv1 + conv2's, only the placements with 0 and 1 float convs are timed; below
+    conv1's share nothing is timed and all stay quantized; the note says why either way."""
+    from graphq.passes import insert_qdq
+
+    model = conv_net(np.random.default_rng(43))
+    size = {t.name: t.dims[0] * int(np.prod(t.dims[1:])) for t in model.graph.initializer}
+    per_op = {n.name: sum(size.get(i, 0) for i in n.input) for n in model.graph.node
+              if n.op_type in ("Conv", "Gemm")}
+    total = sum(per_op.values())
+    first, second = per_op["conv1"] / total, (per_op["conv1"] + per_op["conv2"]) / total
+    assert first < second < 1
+    monkeypatch.setattr(insert_qdq, "PREFIX_MAX_WEIGHT_SHARE",
+                        (first + second) / 2 if cut else first / 2)
+    timed = []
+
+    def medians(models, feed, providers, **_):
+        timed.append(len(models))
+        return [1.0] * len(models)  # all alike: the longest timed prefix wins
+
+    monkeypatch.setattr(latency, "medians", medians)
+    result, table = insert(model, float_prefix_search=2)
+    (note,) = [n for n in result.notes if n.startswith("float_prefix_search")]
+    if cut:
+        assert timed == [2]
+        assert not table.get("w1").quantized and table.get("w2").quantized
+        assert f"at most the first 1 timed: with 'conv2' too the float prefix would hold " \
+               f"{second:.0%} of the compute ops' weights" in note, note
+    else:
+        assert timed == []
+        assert {"w1", "w2", "wg"} <= quantized(table, "weight")
+        assert f"'conv1' alone holds {first:.0%}" in note, note
+    onnx.checker.check_model(result.model, full_check=True)
 
 
 def test_float_prefix_search_times_in_onnxruntime_without_data():

@@ -9,7 +9,8 @@ weights quantized throughout. Scores are the worst output's SQNR against the flo
 The search (:func:`search`): the score with every activation quantized; the gain of keeping
 each one float alone (one run per activation); then the activations in order of gain, as few
 as reach ``target_db`` (found by doubling, then bisecting the count), at most ``limit``.
-Costs: (activations + ~2 log2(activations)) runs of the batches given.
+Costs: (activations + ~2 log2(activations)) runs of the batches given; with ``rank_score``
+(fewer batches) the per-activation runs are of those.
 """
 
 from __future__ import annotations
@@ -90,35 +91,44 @@ class Result:
     floats: list[int]
     gains_db: dict[int, float] = field(default_factory=dict)
     runs: int = 0
+    rank_runs: int = 0  #: runs of ``rank_score`` (fewer batches), when one was given
 
 
 def search(score: Callable[[np.ndarray], float], count: int, target_db: float, limit: int,
-           progress: Progress | None = None) -> Result:
+           progress: Progress | None = None,
+           rank_score: Callable[[np.ndarray], float] | None = None) -> Result:
     """Unit indices to keep float (``score(mask)``: the worst output SQNR for a mask of 1.0
-    quantized / 0.0 float); see the module doc."""
-    runs = 0
+    quantized / 0.0 float); see the module doc. ``rank_score``: the same on fewer batches,
+    for the per-unit gains only (one run per unit, the search's cost); the count kept float
+    is still found with ``score``."""
+    runs = {"score": 0, "rank": 0}
 
-    def run(floats: Sequence[int]) -> float:
-        nonlocal runs
-        runs += 1
+    def run(floats: Sequence[int], by: Callable[[np.ndarray], float] = score) -> float:
+        runs["rank" if by is not score else "score"] += 1
         mask = np.ones(count, np.float32)
         mask[list(floats)] = 0.0
-        return score(mask)
+        return by(mask)
+
+    def result(final: float, floats: list[int], gains: dict[int, float] | None = None
+               ) -> Result:
+        return Result(baseline, final, floats, gains or {}, runs["score"], runs["rank"])
 
     baseline = run([])
     if baseline >= target_db or limit <= 0 or count == 0:
-        return Result(baseline, baseline, [], runs=runs)
+        return result(baseline, [])
+    ranker = rank_score or score
+    rank_base = baseline if ranker is score else run([], ranker)
     gains = {}
     for i in range(count):
-        gains[i] = run([i]) - baseline
+        gains[i] = run([i], ranker) - rank_base
         if progress is not None:
             progress.update(i + 1)
     order = [i for i in sorted(gains, key=lambda i: -gains[i]) if gains[i] > 0][:limit]
     if not order:
-        return Result(baseline, baseline, [], gains, runs)
+        return result(baseline, [], gains)
     best, scores = fewest_reaching(lambda k: run(order[:k]), len(order), target_db,
                                    {0: baseline})
-    return Result(baseline, scores[best], order[:best], gains, runs)
+    return result(scores[best], order[:best], gains)
 
 
 def fewest_reaching(score_of: Callable[[int], float], top: int, target_db: float,
@@ -156,11 +166,25 @@ def session_score(model: onnx.ModelProto, feeds: Sequence[Feed],
                   providers: list[str] | None) -> Callable[[np.ndarray], float]:
     """``score(mask)`` over ``feeds`` with one session of the masked ``model``: the worst
     output SQNR, parts of concatenated outputs apart."""
+    return session_scores(model, feeds, reference, mask_name, providers)[0]
+
+
+def session_scores(model: onnx.ModelProto, feeds: Sequence[Feed],
+                   reference: Sequence[dict[str, np.ndarray]], mask_name: str,
+                   providers: list[str] | None, rank: int = 0
+                   ) -> tuple[Callable[[np.ndarray], float], Callable[[np.ndarray], float] | None]:
+    """:func:`session_score` over all ``feeds``, and (None unless ``0 < rank < len(feeds)``)
+    the same over ``rank`` of them spread evenly (first and last included), one session."""
     sess = runtime.session(model, providers)
     parts = G.output_parts(model)
 
-    def score(mask: np.ndarray) -> float:
-        outs = [runtime.run(sess, {**feed, mask_name: mask}) for feed in feeds]
-        return worst_sqnr(reference, outs, parts)
+    def over(which: Sequence[int]) -> Callable[[np.ndarray], float]:
+        def score(mask: np.ndarray) -> float:
+            outs = [runtime.run(sess, {**feeds[i], mask_name: mask}) for i in which]
+            return worst_sqnr([reference[i] for i in which], outs, parts)
+        return score
 
-    return score
+    every = range(len(feeds))
+    if not 0 < rank < len(feeds):
+        return over(every), None
+    return over(every), over(sorted({round(x) for x in np.linspace(0, len(feeds) - 1, rank)}))

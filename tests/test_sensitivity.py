@@ -110,6 +110,63 @@ def test_search_stops_at_the_limit_and_when_met_already():
     assert useless.floats == [] and useless.final_db == 10.0
 
 
+def test_search_ranks_on_rank_score_and_counts_on_score():
+    """With rank_score (the same score on fewer batches) the per-unit gains are rank_score's
+    and cost its runs; the baseline and the count kept float are score's: a ranking that
+    differs from the full score's order decides which units go first, the full score how
+    many it takes."""
+    full, ranked = [0.5, 4.0, 0.0, 2.0, 1.0], [3.0, 0.2, 0.0, 2.5, 1.0]
+    result = S.search(additive(full, 10.0), 5, target_db=12.6, limit=5,
+                      rank_score=additive(ranked, 8.0))
+    assert result.gains_db == pytest.approx({i: g for i, g in enumerate(ranked)})
+    # order by ranked gains: 0, 3, 4, 1; full scores 10.5, 12.5, 13.5: three reach 12.6
+    assert result.floats == [0, 3, 4]
+    assert result.baseline_db == 10.0 and result.final_db == 13.5
+    assert result.rank_runs == 6          # its own baseline and one run per unit
+    assert result.runs == 5               # the baseline; k = 1, 2, 4 doubling, 3 bisecting
+    plain = S.search(additive(full, 10.0), 5, target_db=12.6, limit=5)
+    assert plain.floats == [1] and plain.rank_runs == 0
+
+
+def test_session_scores_rank_on_batches_spread_over_the_feeds(qdq_model):
+    """session_scores: the full score over every feed and the rank score over ``rank`` of
+    them spread evenly, first and last included (one session)."""
+    feeds = digits_feeds(5)
+    floats = runtime.session(G.with_outputs(qdq_model, [], float_view=True))
+    ref = [runtime.run(floats, f) for f in feeds]
+    calibrated = Calibrate(method="minmax").run(qdq_model, PassContext(data=DataSource(feeds)))
+    table = QuantTable.of(calibrated.model)
+    acts = {e.tensor: i for i, e in enumerate(table.quantized("activation"))}
+    masked, name = S.masked_model(calibrated.model, acts, len(acts))
+    score, rank_score = S.session_scores(masked, feeds, ref, name, None, rank=2)
+    mask = np.ones(len(acts), np.float32)
+    sess = runtime.session(masked)
+    outs = [runtime.run(sess, {**f, name: mask}) for f in feeds]
+    assert score(mask) == pytest.approx(S.worst_sqnr(ref, outs), abs=1e-6)
+    ends = [0, len(feeds) - 1]
+    assert rank_score(mask) == pytest.approx(
+        S.worst_sqnr([ref[i] for i in ends], [outs[i] for i in ends]), abs=1e-6)
+    assert S.session_scores(masked, feeds, ref, name, None, rank=0)[1] is None
+    assert S.session_scores(masked, feeds, ref, name, None, rank=5)[1] is None
+
+
+def test_calibrate_ranks_on_rank_batches(qdq_model):
+    """Option rank_batches: the search ranks on that many of the search batches and says so;
+    the count is still found on all of them, and the target is still reached."""
+    feeds = digits_feeds(4)
+    result = Calibrate(method="minmax", target_sqnr_db=50.0, max_float=0.5, search_batches=4,
+                       rank_batches=1).run(qdq_model, PassContext(data=DataSource(feeds)))
+    onnx.checker.check_model(result.model, full_check=True)
+    (note,) = [n for n in result.notes if n.startswith("sensitivity search")]
+    assert "gains ranked on 1 of the 4 batches" in note and "runs of 4 batch(es)" in note, note
+    baseline, final = (float(w) for w in re.findall(r"([0-9.]+) dB with", note))
+    assert final > baseline + 1.0, note
+    table = QuantTable.of(result.model)
+    picked = [e for e in table.entries.values() if e.role == "activation" and
+              e.reason.startswith("kept float by the sensitivity search")]
+    assert picked and all("on 1 of the 4 search batches" in e.reason for e in picked)
+
+
 def test_calibrate_keeps_float_what_the_search_picks(qdq_model):
     feeds = digits_feeds(4)
     result = Calibrate(method="minmax", target_sqnr_db=50.0, max_float=0.5,

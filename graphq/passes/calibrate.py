@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 
 #: the methods ``auto`` tries, in the order that breaks ties.
 AUTO_METHODS = ("percentile", "mse", "entropy", "minmax")
+#: auto_speed_db times the two placements only where a speedup up to this could buy the
+#: loss: 8-bit kernels move a quarter of float's bytes, and the whole int8 graphs of the
+#: benchmark run at most 3.4x FP32 (resnet50); MiniLM's 14 gated activations lose 9.9 dB
+#: quantized, which no speedup buys at 1 dB per 2x, and timing them cost calibrate 47%
+MAX_SPEEDUP = 4.0
 
 
 @dataclass
@@ -435,9 +440,13 @@ class Calibrate(Pass):
         quantized = sum(table_all.get(t).quantized for t in gated)
         traded = ""
         if score > all_score + scorer.margin:
-            speedup = self._speedup(scoring, chosen, table_all, stream, ctx, scorer)
+            speedup = self._speedup(scoring, chosen, table_all, stream, ctx, scorer, score,
+                                    all_score)
             credit = self.options.auto_speed_db * math.log2(speedup) if speedup > 1 else 0.0
             timed = (f"; quantized it runs {speedup:.2f}x the speed" if speedup else "")
+            if not speedup and self.options.auto_speed_db and scorer.function is None:
+                timed = (f"; not timed: at auto_speed_db {self.options.auto_speed_db:g} per 2x "
+                         f"the loss needs more than {MAX_SPEEDUP:g}x the speed")
             if score > all_score + scorer.margin + credit:
                 note = (f"min_sqnr_db keeps {len(gated)} activation(s) float ({names}): "
                         f"{scorer.show(score)} against {scorer.show(all_score)} with them "
@@ -461,13 +470,17 @@ class Calibrate(Pass):
         return all_score, table_all, [*all_notes, note]
 
     def _speedup(self, scoring: _ScoringGraph, chosen: QuantTable, table_all: QuantTable,
-                 stream: _Stream, ctx: PassContext, scorer: _Scorer) -> float:
+                 stream: _Stream, ctx: PassContext, scorer: _Scorer, kept_db: float,
+                 all_db: float) -> float:
         """How many times faster the graph runs with the min_sqnr_db activations quantized
-        (``table_all``) than float (``chosen``): their deploy graphs timed side by side in
-        onnxruntime on the first scoring batch (:mod:`graphq.latency`); 0.0 when
-        ``auto_speed_db`` is 0 or the score is the user's ``auto_metric``."""
+        (``table_all``, scoring ``all_db``) than float (``chosen``, ``kept_db``): their
+        deploy graphs timed side by side in onnxruntime on the first scoring batch
+        (:mod:`graphq.latency`); 0.0 (not timed) when ``auto_speed_db`` is 0, the score is
+        the user's ``auto_metric``, or the loss is more than :data:`MAX_SPEEDUP` would buy."""
         if not self.options.auto_speed_db or scorer.function is not None:
             return 0.0
+        if kept_db - all_db - scorer.margin > self.options.auto_speed_db * math.log2(MAX_SPEEDUP):
+            return 0.0  # not even MAX_SPEEDUP would buy the loss
         graphs = []
         for table in (chosen, table_all):
             proto = onnx.ModelProto()

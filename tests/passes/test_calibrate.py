@@ -834,9 +834,10 @@ def test_min_sqnr_check_trades_fidelity_for_speed_at_auto_speed_db(monkeypatch):
     are quantized anyway when the quantized graph runs faster and loses less than auto_speed_db
     per 2x speedup. Timings are given (the machine is noisy), the rule is what is tested: a
     2x speedup at 1000 dB per 2x buys any loss; a quantized graph that runs slower buys
-    nothing; auto_speed_db 0 times nothing. One run with real timings checks the timed graphs
-    are the two placements' deploy graphs."""
+    nothing; auto_speed_db 0 times nothing, nor does a loss more than MAX_SPEEDUP would buy.
+    One run with real timings checks the timed graphs are the two placements' deploy graphs."""
     from graphq import latency
+    from graphq.passes import calibrate as calibrate_module
 
     rng = np.random.default_rng(12)
     model = conv_net(rng)
@@ -882,6 +883,13 @@ def test_min_sqnr_check_trades_fidelity_for_speed_at_auto_speed_db(monkeypatch):
     timed.clear()
     _, table = calibrate(inserted, feeds, auto_speed_db=0.0, **common)
     assert not timed and quantized_floats(table) == gated
+    # a loss no speedup up to MAX_SPEEDUP buys is not timed
+    monkeypatch.setattr(calibrate_module, "MAX_SPEEDUP", 1.0 + 1e-9)
+    hopeless, table = calibrate(inserted, feeds, auto_speed_db=1.0, **common)
+    assert not timed and quantized_floats(table) == gated
+    assert any(n.startswith("min_sqnr_db keeps") and "not timed: at auto_speed_db 1 per 2x"
+               in n for n in hopeless.notes), hopeless.notes
+    monkeypatch.undo()
     monkeypatch.setattr(latency, "medians", real_medians)
     real, _ = calibrate(inserted, feeds, auto_speed_db=1.0, **common)
     assert any("the speed" in n for n in real.notes if "min_sqnr_db" in n), real.notes

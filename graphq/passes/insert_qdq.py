@@ -666,8 +666,11 @@ def _refuse_quantized(graph: gs.Graph) -> None:
 def _weight_capped(model: onnx.ModelProto, computes: list[str], n: int) -> tuple[int, str]:
     """The longest float prefix (at most ``n`` of the compute ops named ``computes``, in
     order) that holds at most :data:`PREFIX_MAX_WEIGHT_SHARE` of their constant inputs'
-    values, and what the cap cut ("" when it cut nothing)."""
+    values (initializers and Constant nodes, as paddle2onnx writes weights), and what the
+    cap cut ("" when it cut nothing)."""
     sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    sizes.update({n.output[0]: int(np.prod(a.t.dims)) for n in model.graph.node
+                  if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
     per_op = {node.name: sum(sizes.get(i, 0) for i in node.input) for node in model.graph.node}
     weights = [per_op.get(name, 0) for name in computes]
     total, held, k = sum(weights), 0, 0

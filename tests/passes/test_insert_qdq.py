@@ -815,17 +815,34 @@ def test_float_prefix_search_keeps_the_longest_fast_prefix_float(monkeypatch, ti
     assert_calibrated_close(model, result.model, feeds)
 
 
+def as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its initializers moved into Constant nodes (as paddle2onnx writes
+    weights)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in out.graph.initializer]
+    del out.graph.initializer[:]
+    nodes = consts + list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+@pytest.mark.parametrize("constants", [False, True])
 @pytest.mark.parametrize("cut", [1, 0])
-def test_float_prefix_search_times_no_prefix_holding_most_weights(monkeypatch, cut):
+def test_float_prefix_search_times_no_prefix_holding_most_weights(monkeypatch, cut, constants):
     """A float prefix may hold at most PREFIX_MAX_WEIGHT_SHARE of the compute ops' weights
     (int8 is also for size: MTCNN pnet's deploy graph with its first 3 of 5 convs float,
     97% of its weights, was larger than the float model). With the cap between conv1's share
     and conv1 + conv2's, only the placements with 0 and 1 float convs are timed; below
-    conv1's share nothing is timed and all stay quantized; the note says why either way."""
+    conv1's share nothing is timed and all stay quantized; the note says why either way.
+    Weights held in Constant nodes count the same."""
     from graphq.passes import insert_qdq
 
     model = conv_net(np.random.default_rng(43))
     size = {t.name: t.dims[0] * int(np.prod(t.dims[1:])) for t in model.graph.initializer}
+    if constants:
+        model = as_constant_nodes(model)
     per_op = {n.name: sum(size.get(i, 0) for i in n.input) for n in model.graph.node
               if n.op_type in ("Conv", "Gemm")}
     total = sum(per_op.values())

@@ -94,7 +94,8 @@ class CalibrateOptions:
                 "graphs are timed side by side in onnxruntime (first scoring batch) and the "
                 "activations are quantized anyway if that runs faster and scores within "
                 "auto_margin_db + auto_speed_db x log2(speedup) of keeping them float "
-                "(0: fidelity only; not with auto_metric, whose units are the user's)",
+                "(not timed where even a 4x speedup would not buy the loss; 0: fidelity "
+                "only; not with auto_metric, whose units are the user's)",
         "min": 0.0})
     bias_correction: bool = field(default=False, metadata={
         "help": "subtract from each Conv / Gemm bias the mean its weight's quantization error "

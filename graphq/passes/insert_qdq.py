@@ -668,19 +668,15 @@ def _weight_capped(model: onnx.ModelProto, computes: list[str], n: int) -> tuple
     order) that holds at most :data:`PREFIX_MAX_WEIGHT_SHARE` of their constant inputs'
     values (initializers and Constant nodes, as paddle2onnx writes weights), and what the
     cap cut ("" when it cut nothing)."""
-    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
-    sizes.update({n.output[0]: int(np.prod(a.t.dims)) for n in model.graph.node
-                  if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
-    per_op = {node.name: sum(sizes.get(i, 0) for i in node.input) for node in model.graph.node}
-    weights = [per_op.get(name, 0) for name in computes]
-    total, held, k = sum(weights), 0, 0
-    for k in range(n + 1):
-        held += weights[k]
-        if k == n or held > PREFIX_MAX_WEIGHT_SHARE * total:
-            break
+    nodes = {node.name: node for node in G.nodes(G.import_graph(model))}
+    weights = [sum(v.size for t in nodes[name].inputs
+                   if (v := G.constant_values(t)) is not None) if name in nodes else 0
+               for name in computes]
+    held = np.cumsum(weights)  # held[j]: the weights of the first j + 1 compute ops
+    k = next((j for j in range(n) if held[j] > PREFIX_MAX_WEIGHT_SHARE * held[-1]), n)
     if k == n:
         return n, ""
-    why = (f"{held / total:.0%} of the compute ops' weights (over "
+    why = (f"{held[k] / held[-1]:.0%} of the compute ops' weights (over "
            f"{PREFIX_MAX_WEIGHT_SHARE:.0%}: the deploy graph would barely shrink)")
     if k == 0:
         return 0, (f"float_prefix_search: the first compute ops stay quantized: "

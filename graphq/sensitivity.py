@@ -161,20 +161,13 @@ def fewest_reaching(score_of: Callable[[int], float], top: int, target_db: float
     return max(scores, key=lambda c: (scores[c], -c)), scores
 
 
-def session_score(model: onnx.ModelProto, feeds: Sequence[Feed],
-                  reference: Sequence[dict[str, np.ndarray]], mask_name: str,
-                  providers: list[str] | None) -> Callable[[np.ndarray], float]:
-    """``score(mask)`` over ``feeds`` with one session of the masked ``model``: the worst
-    output SQNR, parts of concatenated outputs apart."""
-    return session_scores(model, feeds, reference, mask_name, providers)[0]
-
-
 def session_scores(model: onnx.ModelProto, feeds: Sequence[Feed],
                    reference: Sequence[dict[str, np.ndarray]], mask_name: str,
                    providers: list[str] | None, rank: int = 0
                    ) -> tuple[Callable[[np.ndarray], float], Callable[[np.ndarray], float] | None]:
-    """:func:`session_score` over all ``feeds``, and (None unless ``0 < rank < len(feeds)``)
-    the same over ``rank`` of them spread evenly (first and last included), one session."""
+    """``score(mask)`` over ``feeds`` with one session of the masked ``model`` (the worst
+    output SQNR, parts of concatenated outputs apart), and (None unless ``0 < rank <
+    len(feeds)``) the same over ``rank`` of them spread evenly (first and last included)."""
     sess = runtime.session(model, providers)
     parts = G.output_parts(model)
 

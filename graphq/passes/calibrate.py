@@ -441,13 +441,16 @@ class Calibrate(Pass):
         quantized = sum(table_all.get(t).quantized for t in gated)
         traded = ""
         if score > all_score + scorer.margin:
-            speedup = self._speedup(scoring, chosen, table_all, stream, ctx, scorer, score,
-                                    all_score)
-            credit = self.options.auto_speed_db * math.log2(speedup) if speedup > 1 else 0.0
-            timed = (f"; quantized it runs {speedup:.2f}x the speed" if speedup else "")
-            if not speedup and self.options.auto_speed_db and scorer.function is None:
-                timed = (f"; not timed: at auto_speed_db {self.options.auto_speed_db:g} per 2x "
-                         f"the loss needs more than {MAX_SPEEDUP:g}x the speed")
+            # auto_metric's units are the user's: no exchange rate applies to them
+            rate = self.options.auto_speed_db if scorer.function is None else 0.0
+            speedup, timed = 0.0, ""
+            if rate and score - all_score - scorer.margin <= rate * math.log2(MAX_SPEEDUP):
+                speedup = self._speedup(scoring, chosen, table_all, stream, ctx)
+                timed = f"; quantized it runs {speedup:.2f}x the speed"
+            elif rate:
+                timed = (f"; not timed: at auto_speed_db {rate:g} per 2x the loss needs more "
+                         f"than {MAX_SPEEDUP:g}x the speed")
+            credit = rate * math.log2(speedup) if speedup > 1 else 0.0
             if score > all_score + scorer.margin + credit:
                 note = (f"min_sqnr_db keeps {len(gated)} activation(s) float ({names}): "
                         f"{scorer.show(score)} against {scorer.show(all_score)} with them "
@@ -471,22 +474,13 @@ class Calibrate(Pass):
         return all_score, table_all, [*all_notes, note]
 
     def _speedup(self, scoring: _ScoringGraph, chosen: QuantTable, table_all: QuantTable,
-                 stream: _Stream, ctx: PassContext, scorer: _Scorer, kept_db: float,
-                 all_db: float) -> float:
+                 stream: _Stream, ctx: PassContext) -> float:
         """How many times faster the graph runs with the min_sqnr_db activations quantized
-        (``table_all``, scoring ``all_db``) than float (``chosen``, ``kept_db``): their
-        deploy graphs timed side by side in onnxruntime on the first scoring batch
-        (:mod:`graphq.latency`); 0.0 (not timed) when ``auto_speed_db`` is 0, the score is
-        the user's ``auto_metric``, or the loss is more than :data:`MAX_SPEEDUP` would buy."""
-        if not self.options.auto_speed_db or scorer.function is not None:
-            return 0.0
-        if kept_db - all_db - scorer.margin > self.options.auto_speed_db * math.log2(MAX_SPEEDUP):
-            return 0.0  # not even MAX_SPEEDUP would buy the loss
-        graphs = []
-        for table in (chosen, table_all):
-            proto = onnx.ModelProto()
-            proto.CopyFrom(scoring.model(table))  # the scoring graph is patched in place
-            graphs.append(deploy_graph(proto)[0])
+        (``table_all``) than float (``chosen``): their deploy graphs timed side by side in
+        onnxruntime on the first scoring batch (:mod:`graphq.latency`)."""
+        # deploy_graph exports a new proto before the next scoring.model call patches the
+        # scoring graph in place
+        graphs = [deploy_graph(scoring.model(table))[0] for table in (chosen, table_all)]
         log.info("calibrate auto: timing the min_sqnr_db activations float and quantized")
         float_s, quantized_s = latency.medians(graphs, stream.kept[0], ctx.providers)
         return float_s / quantized_s

@@ -790,6 +790,22 @@ def test_auto_places_activations_by_percentile_for_every_method():
     assert floats["auto"] == floats["percentile"], floats
 
 
+def gated_case(rng: np.random.Generator) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """The conv net after insert-qdq (7-bit weights) and 5 batches of images scaled by
+    Laplace factors: some activations fall below a min_sqnr_db of 40, and keeping them float
+    scores better on the outputs (with auto_margin_db 0)."""
+    inserted = insert(conv_net(rng), weights={"reduce_range": True})
+    feeds = [{"x": images(rng, 8) * rng.laplace(1.0, 0.6, (8, 1, 1, 1)).astype(np.float32)}
+             for _ in range(5)]
+    return inserted, feeds
+
+
+def floats(table: QuantTable) -> set[str]:
+    """The activations kept float for a reason other than being a graph output."""
+    return {e.tensor for e in table.entries.values() if e.role == "activation"
+            and not e.quantized and "graph output" not in e.reason}
+
+
 def test_auto_quantizes_what_min_sqnr_db_gates_unless_float_scores_better():
     """check_min_sqnr (default on): the activations min_sqnr_db keeps float stay float only if
     the outputs score better that way by more than auto_margin_db. With a margin no score
@@ -797,14 +813,7 @@ def test_auto_quantizes_what_min_sqnr_db_gates_unless_float_scores_better():
     ones the percentile table of the same placement gives; with the check off, or a margin of
     0 (float scores higher here), they stay float."""
     rng = np.random.default_rng(12)
-    model = conv_net(rng)
-    inserted = insert(model, weights={"reduce_range": True})
-    feeds = [{"x": images(rng, 8) * rng.laplace(1.0, 0.6, (8, 1, 1, 1)).astype(np.float32)}
-             for _ in range(5)]
-
-    def floats(table):
-        return {e.tensor for e in table.entries.values() if e.role == "activation"
-                and not e.quantized and "graph output" not in e.reason}
+    inserted, feeds = gated_case(rng)
 
     common = {"method": "auto", "bins": 4096, "min_sqnr_db": 40.0, "search_samples": 1}
     _, unchecked = calibrate(inserted, feeds, check_min_sqnr=False, auto_margin_db=0.0,
@@ -839,23 +848,14 @@ def test_min_sqnr_check_trades_fidelity_for_speed_at_auto_speed_db(monkeypatch):
     from graphq import latency
     from graphq.passes import calibrate as calibrate_module
 
-    rng = np.random.default_rng(12)
-    model = conv_net(rng)
-    inserted = insert(model, weights={"reduce_range": True})
-    feeds = [{"x": images(rng, 8) * rng.laplace(1.0, 0.6, (8, 1, 1, 1)).astype(np.float32)}
-             for _ in range(5)]
+    inserted, feeds = gated_case(np.random.default_rng(12))
     common = {"method": "auto", "bins": 4096, "min_sqnr_db": 40.0, "search_samples": 1,
               "auto_margin_db": 0.0}
 
-    def quantized_floats(table):
-        return {e.tensor for e in table.entries.values() if e.role == "activation"
-                and not e.quantized and "graph output" not in e.reason}
-
     _, kept = calibrate(inserted, feeds, **common)
-    gated = quantized_floats(kept)
+    gated = floats(kept)
     assert gated
     timed = []
-    real_medians = latency.medians
 
     def medians(models, feed, providers, **kw):
         timed.append(models)
@@ -872,25 +872,24 @@ def test_min_sqnr_check_trades_fidelity_for_speed_at_auto_speed_db(monkeypatch):
                     in {t.name for t in g.graph.initializer}]  # weights folded: deploy
     n_q = [sum(n.op_type == "QuantizeLinear" for n in g.graph.node) for g in timed[0]]
     assert n_q[1] > n_q[0], n_q
-    assert not (quantized_floats(table) & gated), quantized_floats(table)
+    assert not (floats(table) & gated), floats(table)
     (note,) = [n for n in traded.notes if n.startswith("min_sqnr_db would keep")]
     assert "less for 2.00x the speed (auto_speed_db 1000 per 2x)" in note, note
     seconds = [1.0, 2.0]  # quantized runs slower: float wins on both counts
     slower, table = calibrate(inserted, feeds, auto_speed_db=1000.0, **common)
-    assert quantized_floats(table) == gated
+    assert floats(table) == gated
     assert any(n.startswith("min_sqnr_db keeps") and "runs 0.50x the speed" in n
                for n in slower.notes), slower.notes
     timed.clear()
     _, table = calibrate(inserted, feeds, auto_speed_db=0.0, **common)
-    assert not timed and quantized_floats(table) == gated
+    assert not timed and floats(table) == gated
     # a loss no speedup up to MAX_SPEEDUP buys is not timed
     monkeypatch.setattr(calibrate_module, "MAX_SPEEDUP", 1.0 + 1e-9)
     hopeless, table = calibrate(inserted, feeds, auto_speed_db=1.0, **common)
-    assert not timed and quantized_floats(table) == gated
+    assert not timed and floats(table) == gated
     assert any(n.startswith("min_sqnr_db keeps") and "not timed: at auto_speed_db 1 per 2x"
                in n for n in hopeless.notes), hopeless.notes
-    monkeypatch.undo()
-    monkeypatch.setattr(latency, "medians", real_medians)
+    monkeypatch.undo()  # the real latency.medians again
     real, _ = calibrate(inserted, feeds, auto_speed_db=1.0, **common)
     assert any("the speed" in n for n in real.notes if "min_sqnr_db" in n), real.notes
 

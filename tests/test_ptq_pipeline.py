@@ -221,3 +221,42 @@ def test_int8_accurate_preset_keeps_8_bit_weights_and_corrects_biases(tmp_path):
     assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) >= 30.0
     labels = test["label"]
     assert np.mean(got.argmax(1) == labels) >= np.mean(ref.argmax(1) == labels) - 0.005
+
+
+def test_gptq_weight_rounding_on_the_shipped_digits_cnn(tmp_path):
+    """calibrate's weight_rounding = "gptq" on the trained digits CNN (8-bit weights, every
+    op quantized, percentile, bias correction on both sides): the deploy graph's logits on the
+    360 held-out images keep at least 1 dB more SQNR against float than nearest rounding's
+    (measured 39.4 -> 41.8 dB), top-1 within half a point of float."""
+    from graphq import PassManager
+
+    test = np.load(DIGITS / "test.npz")
+    feed = {"image": test["image"]}
+    ref = run(onnx.load(DIGITS / "digits_cnn.onnx"), feed)[0].astype(np.float64)
+    sqnr = {}
+    for rounding in ("nearest", "gptq"):
+        text = f"""
+[[passes]]
+name = "canonicalize"
+[[passes]]
+name = "fold-bn"
+[[passes]]
+name = "insert-qdq"
+weights = {{ reduce_range = false }}
+[[passes]]
+name = "calibrate"
+method = "percentile"
+bias_correction = true
+weight_rounding = "{rounding}"
+[[passes]]
+name = "emit"
+"""
+        out = tmp_path / rounding
+        PassManager.from_text(text).run(DIGITS / "digits_cnn.onnx", out,
+                                        data=DIGITS / "calib.npz")
+        deploy = onnx.load(out / "digits_cnn.deploy.onnx")
+        got = run(deploy, feed)[0].astype(np.float64)
+        sqnr[rounding] = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2))
+        labels = test["label"]
+        assert np.mean(got.argmax(1) == labels) >= np.mean(ref.argmax(1) == labels) - 0.005
+    assert sqnr["gptq"] >= sqnr["nearest"] + 1.0, sqnr

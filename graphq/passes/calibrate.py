@@ -12,6 +12,9 @@
    the method whose worst output is closest to the float model's (SQNR). A tensor that held
    non-finite values (an attention mask's -inf) or whose source was kept float is kept float,
    its Q/DQ pair removed, the reason in the table.
+   With ``weight_rounding = "gptq"`` the weights are rounded for what their ops' outputs
+   lose on the search batches rather than to nearest (:mod:`graphq.rounding`), before
+   bias correction and the scoring, which then see the rounded weights.
 4. Biases of Conv, ConvTranspose and Gemm whose input and weight are quantized become int32
    with ``scale = input scale x weight scale`` and zero point 0.
 5. With ``target_sqnr_db``, the sensitivity search keeps float what costs the outputs most
@@ -54,6 +57,7 @@ from graphq.passes.insert_qdq import COMPUTE, PASS_THROUGH
 from graphq.progress import Progress
 from graphq.quant import QuantTable, TensorQuant
 from graphq.registry import Pass, PassContext, PassResult, register
+from graphq.rounding import round_weights
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,16 @@ class CalibrateOptions:
         "help": "subtract from each Conv / Gemm bias the mean its weight's quantization error "
                 "adds on the calibration data, (W_q - W) . E[x]; the graph's float view then "
                 "carries the corrected biases (a later qat pass distills towards them)"})
+    weight_rounding: Literal["nearest", "gptq"] = field(default="nearest", metadata={
+        "help": "how quantized weights are rounded onto their grid; gptq: column by column, "
+                "each rounding error made up for by the columns not yet rounded, by how the "
+                "inputs correlate on the search batches (GPTQ), so that the op's output loses "
+                "least (with bias_correction, its bias then takes the mean error left); Conv "
+                "(1-D, 2-D), Gemm and MatMul weights, the rest nearest"})
+    rounding_rows: int = field(default=8192, metadata={
+        "help": "weight_rounding = gptq: input rows (a Conv's patches, a MatMul's rows) each "
+                "weight's statistics are taken from, drawn evenly from the search batches; "
+                "the cost is rows x columns^2 per weight", "min": 64})
     target_sqnr_db: float = field(default=0.0, metadata={
         "help": "sensitivity search (0: off): keep float the activations whose quantization "
                 "costs the outputs most, fewest first, until every output's SQNR against the "
@@ -249,7 +263,12 @@ class Calibrate(Pass):
         stream = self._observe(model, graph, observed, ctx,
                                sorted({G.float_source(n.inputs[0]).name for n in corrected}))
         originals = {id(n): n.inputs[2].values for n in corrected}
-        notes = _correct_biases(corrected, table, stream.means) if corrected else []
+        notes, biased = [], set()
+        if self.options.weight_rounding == "gptq":
+            biased, notes = round_weights(model, graph, table, stream.kept, ctx.providers,
+                                          self.options.rounding_rows, corrected)
+        rest = [n for n in corrected if id(n) not in biased]
+        notes += _correct_biases(rest, table, stream.means) if rest else []
         if self.options.method == "auto":
             table, chosen, score, scoring = self._auto(model, graph, table, stream, ctx,
                                                        scorer)
@@ -292,7 +311,8 @@ class Calibrate(Pass):
         start = time.perf_counter()
         batches = 0
         progress = Progress("calibrate", unit="batch")
-        search = self.options.target_sqnr_db > 0 or self.options.method == "auto"
+        search = (self.options.target_sqnr_db > 0 or self.options.method == "auto"
+                  or self.options.weight_rounding == "gptq")
         kept = _SpreadBatches(self.options.search_batches, self.options.search_samples,
                               lambda feed: samples_in(feed, model))
 

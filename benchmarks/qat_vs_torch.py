@@ -47,6 +47,9 @@ Variants per net:
   torch.ao's x86 config keeps 8-bit weights; W4 int4; activations uint8, asymmetric),
   calibrate (percentile 99.999), emit. Top-1 of ``<stem>.deploy.onnx`` in onnxruntime on the
   test split.
+* ``ptq-gptq-w8a8`` / ``ptq-gptq-w4a8``: the same with calibrate's ``weight_rounding =
+  "gptq"`` and ``bias_correction = true`` (weights rounded for what each op's output loses on
+  the calibration images, biases taking the mean error left).
 * ``qat-{ste,lsq,pact}-w{8,4}a8``: ``graphq.qat.prepare(<stem>.fakequant.onnx of the PTQ run,
   method=...)``, the same training loop on ``bridge.module`` (cross-entropy on labels; the
   optimizer gets ``bridge.param_groups(lr)``: weights and biases at the loop's lr, each learned
@@ -387,7 +390,7 @@ activations = {{ dtype = "uint8", symmetric = false }}
 name = "calibrate"
 method = "percentile"
 percentile = 99.999
-
+{rounding}
 [[passes]]
 name = "emit"
 eval_data = "{eval_data}"
@@ -395,12 +398,13 @@ latency_runs = 0
 """
 
 
-def run_ptq(onnx_path: Path, work: Path, bits: int, threads: int, data: dict[str, Any]
-            ) -> dict[str, Any]:
+def run_ptq(onnx_path: Path, work: Path, bits: int, threads: int, data: dict[str, Any],
+            gptq: bool = False) -> dict[str, Any]:
     from graphq.pipeline import PassManager
 
-    outdir = work / f"ptq-w{bits}a8"
-    toml = PTQ_TOML.format(wdtype="uint8" if bits == 8 else "int4",
+    outdir = work / f"ptq{'-gptq' if gptq else ''}-w{bits}a8"
+    rounding = 'weight_rounding = "gptq"\nbias_correction = true\n' if gptq else ""
+    toml = PTQ_TOML.format(wdtype="uint8" if bits == 8 else "int4", rounding=rounding,
                            eval_data=(work / "test.npz").as_posix())
     start = time.perf_counter()
     result = PassManager.from_text(toml).run(onnx_path, outdir, data=work / "calib.npz")
@@ -687,6 +691,9 @@ def bench_net(net: str, args: argparse.Namespace, data: dict[str, Any], work: Pa
         attempt(f"ptq-w{bits}a8", {"tool": "graphq", "method": "PTQ percentile",
                                    "w_bits": bits, "a_bits": 8},
                 lambda b=bits: run_ptq(onnx_path, work, b, args.threads, data))
+        attempt(f"ptq-gptq-w{bits}a8", {"tool": "graphq", "method": "PTQ percentile + GPTQ",
+                                        "w_bits": bits, "a_bits": 8},
+                lambda b=bits: run_ptq(onnx_path, work, b, args.threads, data, gptq=True))
 
     # 4. torch.ao (before graphq QAT: it does not depend on the API being there)
     for bits in args.bits:
@@ -747,7 +754,7 @@ def bench_net(net: str, args: argparse.Namespace, data: dict[str, Any], work: Pa
 # =============================================================================================
 # report
 # =============================================================================================
-ROW_ORDER = ["fp32", "fp32-ft", "ptq-w8a8", "ptq-w4a8",
+ROW_ORDER = ["fp32", "fp32-ft", "ptq-w8a8", "ptq-w4a8", "ptq-gptq-w8a8", "ptq-gptq-w4a8",
              *[f"qat-{m}{bn}-w{b}a8" for b in BITS for bn in ("", "-bn") for m in METHODS],
              "torchao-w8a8", "torchao-w4a8", "torchao-w8a8-fq", "torchao-w4a8-fq"]
 #: the seeds' key of torch.ao's fake-quant module (before ``convert``) beside its int8 one

@@ -10,9 +10,9 @@ row the range nearest rounding spans, so 7-bit weights stay 7-bit). With bias co
 the op's bias then takes the mean error the rounding leaves, ``(W_q - W) E[x]``, ``E[x]``
 over the patches (a Conv's zero padding seen). Measured on the benchmark's nets (held-out
 worst output, same activation scales), this did better than letting GPTQ round with the bias
-as a last column of constant input. The rounded weight
-replaces the float one in the graph, exactly on the grid: the fake-quant graph's float view
-carries it, and emit's deploy graph stores the same integers.
+as a last column of constant input. The rounded weight replaces the float one in the graph,
+exactly on the grid: the fake-quant graph's float view carries it, and emit's deploy graph
+stores the same integers.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _geometry(node: gs.Node, values: np.ndarray, entry: TensorQuant
     input: ``("rows",)`` (the last axis is the columns) or a Conv's patch geometry."""
     channel = {"Conv": 0, "MatMul": 1}.get(node.op, 0 if node.attrs.get("transB", 0) else 1)
     if node.op == "ConvTranspose":
-        return "ConvTranspose is rounded to nearest", ()
+        return "GPTQ here does not read a ConvTranspose's input", ()
     if entry.axis is not None and entry.axis not in (channel, channel - values.ndim):
         return f"its weight is quantized per channel on axis {entry.axis}", ()
     if node.op == "Gemm" and node.attrs.get("transA", 0):
@@ -222,20 +222,41 @@ def second_moments(model: onnx.ModelProto, found: Sequence[Site], batches: Seque
     return {k: v / counts[k] for k, v in sums.items()}
 
 
+@dataclass
+class Rounded:
+    """What :func:`round_weights` did: each site with its float weight before and after,
+    the ids of the ops whose bias it corrected, and its notes. :meth:`use` switches the
+    graph's weights between the two (the biases are the caller's)."""
+
+    weights: list[tuple[Site, np.ndarray, np.ndarray]]
+    biased: set[int]
+    notes: list[str]
+
+    def use(self, rounded: bool, table: QuantTable) -> None:
+        """Put the rounded (or the original) weights in the graph, and say so in ``table``'s
+        entries (method ``...+gptq``)."""
+        for site, before, after in self.weights:
+            _set_values(site.weight, after if rounded else before)
+            entry = table.get(site.weight.name)
+            base = entry.method.removesuffix("+gptq")
+            entry.method = base + "+gptq" if rounded else base
+
+
 def round_weights(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
                   batches: Sequence[Feed], providers: list[str], rows: int,
-                  correct: Sequence[gs.Node] = ()) -> tuple[set[int], list[str]]:
+                  correct: Sequence[gs.Node] = ()) -> Rounded:
     """GPTQ-round every weight of ``graph`` it can, in place: the float weight becomes the
     rounded one, and the constant bias of an op in ``correct`` (calibrate's bias correction)
-    takes the mean error left. The ids of the ops whose bias was corrected, and notes."""
+    takes the mean error left."""
     start = time.perf_counter()
     found, skipped = sites(graph, table)
     notes = [f"weight rounding: nearest for {s}" for s in skipped]
     if not found:
-        return set(), notes + ["weight rounding: no weight GPTQ can round"]
+        return Rounded([], set(), notes + ["weight rounding: no weight GPTQ can round"])
     moments = second_moments(model, found, batches, providers, rows)
     correct_ids = {id(n) for n in correct}
-    biased, done, unseen = set(), 0, []
+    done: list[tuple[Site, np.ndarray, np.ndarray]] = []
+    biased, unseen = set(), []
     for site in found:
         h = moments.get((site.source, site.key))
         if h is None:
@@ -250,20 +271,23 @@ def round_weights(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
         nearest = np.clip(np.round(w / scale[..., None] + zero[..., None]), qt.qmin, qt.qmax)
         lo = np.minimum(nearest.min(axis=2), zero)
         hi = np.maximum(nearest.max(axis=2), zero)
+        before = np.asarray(G.constant_values(site.weight))
         rounded = gptq(w, h[:, :-1, :-1], scale, zero, lo, hi)
         site.write(rounded)
+        done.append((site, before, np.asarray(G.constant_values(site.weight))))
         if id(site.node) in correct_ids:  # with the patches' means: padding seen
             shift = np.einsum("grc,gc->gr", rounded - w, h[:, :-1, -1]).reshape(-1)
             bias = site.node.inputs[2]
             bias.values = (bias.values - shift).astype(bias.values.dtype)
             biased.add(id(site.node))
-        entry.method += "+gptq"
-        done += 1
-    note = (f"weight rounding: GPTQ rounded {done} weights on {len(batches)} search batches "
-            f"({rows} input rows each), {len(biased)} biases corrected for the mean error left, "
-            f"in {time.perf_counter() - start:.1f} s")
+    result = Rounded(done, biased, notes)
+    result.use(True, table)
+    note = (f"weight rounding: GPTQ rounded {len(done)} weights on {len(batches)} search "
+            f"batches ({rows} input rows each), {len(biased)} biases corrected for the mean "
+            f"error left, in {time.perf_counter() - start:.1f} s")
     if unseen:
         note += (f"; nearest for {len(unseen)} whose input no batch reached "
                  f"('{unseen[0]}', ...)")
     log.info("%s", note)
-    return biased, notes + [note]
+    result.notes.append(note)
+    return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphq.kernels.rounding import gptq
+from graphq.kernels.rounding import gptq, upper_inverse
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
@@ -86,3 +86,12 @@ def test_gptq_refuses_moments_of_the_wrong_shape(digits):
     scale, zero, lo, hi = grid(w[None])
     with pytest.raises(ValueError, match=r"expected \(1, 64, 64\)"):
         gptq(w[None], np.eye(65)[None], scale, zero, lo, hi)
+
+
+def test_upper_inverse_inverts_stacks_of_upper_triangular_matrices():
+    """By halves down to leaves of 4 (odd sizes split unevenly), against numpy's inverse."""
+    rng = np.random.default_rng(2)
+    r = np.triu(rng.normal(size=(3, 37, 37))) + 6 * np.eye(37)
+    got = upper_inverse(r, leaf=4)
+    np.testing.assert_allclose(got, np.linalg.inv(r), rtol=1e-9, atol=1e-12)
+    assert np.all(np.tril(got[0], -1) == 0)

@@ -1157,3 +1157,32 @@ def test_gptq_weight_rounding_keeps_the_grid_and_loses_less_than_nearest(dtype, 
         assert tables["gptq"].get(bias).dtype == "int32"
         assert not np.array_equal(weights["gptq"][f"{bias}_quantized"],
                                   weights["nearest"][f"{bias}_quantized"])
+
+
+def test_auto_keeps_gptq_rounding_only_where_it_scores_better(monkeypatch):
+    """Under method auto the rounded weights are scored against nearest rounding on the
+    search batches: GPTQ's (4-bit weights on the small conv net) are kept; a rounding that
+    scores worse (every weight a step off nearest, put in GPTQ's place) is undone, and the
+    graph is then the one nearest rounding gives, biases corrected for its error."""
+    rng = np.random.default_rng(4)
+    model = conv_net(rng)
+    feeds = [{"x": images(rng, 16)} for _ in range(4)]
+    inserted = insert(model, weights={"dtype": "int4", "reduce_range": False})
+    options = dict(method="auto", bias_correction=True)
+    result, table = calibrate(inserted, feeds, weight_rounding="gptq", **options)
+    assert any(n.startswith("weight rounding kept:") for n in result.notes), result.notes
+    assert table.get("w1").method == "weight+gptq"
+
+    def step_off(rows, hessian, scale, zero_point, lo, hi):
+        q = np.round(rows / scale[..., None] + zero_point[..., None]) + 1
+        return (np.clip(q, lo[..., None], hi[..., None]) - zero_point[..., None]) * \
+            scale[..., None]
+
+    monkeypatch.setattr(graphq.rounding, "gptq", step_off)
+    worse, worse_table = calibrate(inserted, feeds, weight_rounding="gptq", **options)
+    assert any(n.startswith("weight rounding undone:") for n in worse.notes), worse.notes
+    nearest, nearest_table = calibrate(inserted, feeds, **options)
+    assert worse_table.get("w1").method == nearest_table.get("w1").method == "weight"
+    got, want = _initializers(worse.model), _initializers(nearest.model)
+    for name in ("w1", "w2", "wg", "b1_quantized", "b2_quantized", "bg_quantized"):
+        np.testing.assert_array_equal(got[name], want[name])

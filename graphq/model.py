@@ -193,6 +193,34 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     return model, ""
 
 
+def fix_declared_outputs(model: onnx.ModelProto) -> list[str]:
+    """Drop the declared shape (the type stays) of each graph output whose nodes make another
+    rank or size, in place: ddddocr's OCR model declares (1, seqlen) and returns
+    (16, 1, 8210); shape inference at opset 21 then refuses the graph, and every pass after
+    an opset upgrade failed onnx.checker. One note per output dropped."""
+    probe = skeleton(model)
+    del probe.graph.value_info[:]
+    for out in probe.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:  # noqa: BLE001 - nothing to compare with
+        return []
+    found = {o.name: dims(o) for o in inferred.graph.output}
+    notes = []
+    for out in model.graph.output:
+        declared, made = dims(out), found.get(out.name)
+        if declared is None or made is None:
+            continue
+        if len(declared) != len(made) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b
+                for a, b in zip(declared, made, strict=True)):
+            out.type.tensor_type.ClearField("shape")
+            notes.append(f"graph output '{out.name}' is declared with shape {declared} but its "
+                         f"nodes make {made}: the declared shape is dropped (its type is kept)")
+    return notes
+
+
 def dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
     """The dims of a tensor value: int, symbolic name, or None where unknown; None when
     the value has no tensor shape."""

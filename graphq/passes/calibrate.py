@@ -265,7 +265,7 @@ class Calibrate(Pass):
         corrected = _correctable(graph, table) if self.options.bias_correction else []
         stream = self._observe(model, graph, observed, ctx,
                                sorted({G.float_source(n.inputs[0]).name for n in corrected}))
-        originals = {id(n): n.inputs[2].values for n in corrected}
+        originals = _biases(corrected)
         notes, rounded = [], None
         if self.options.weight_rounding == "gptq":
             rounded = round_weights(model, graph, table, stream.kept, ctx.providers,
@@ -843,10 +843,9 @@ def _check_rounding(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
     still cost the outputs more: measured at 8 bits on PP-OCR's direction classifier, ddddocr's
     detector and DenseNet-121, whose worst outputs lost 0.4-2.3 dB. Returns the score, the
     scoring graph and the note of what was kept."""
-    kept_biases = {id(n): n.inputs[2].values for n in corrected}
+    kept_biases = _biases(corrected)
     rounded.use(False, table)
-    for n in corrected:
-        n.inputs[2].values = originals[id(n)]
+    _put_biases(corrected, originals)
     nearest_notes = _correct_biases(corrected, table, stream.means) if corrected else []
     nearest = _ScoringGraph(model, graph, table)  # its weights are baked in
     without = _score(nearest, table, stream, providers, scorer,
@@ -858,12 +857,21 @@ def _check_rounding(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
         log.info("%s", note)
         return without, nearest, [note, *nearest_notes]
     rounded.use(True, table)
-    for n in corrected:
-        n.inputs[2].values = kept_biases[id(n)]
+    _put_biases(corrected, kept_biases)
     note = (f"weight rounding kept: {scorer.label} on the search batches {now} with GPTQ's, "
             f"{other} with nearest rounding")
     log.info("%s", note)
     return score, scoring, [note]
+
+
+def _biases(nodes: list[gs.Node]) -> dict[int, np.ndarray]:
+    """The constant biases of Conv / Gemm ``nodes``, by node id."""
+    return {id(n): n.inputs[2].values for n in nodes}
+
+
+def _put_biases(nodes: list[gs.Node], values: dict[int, np.ndarray]) -> None:
+    for n in nodes:
+        n.inputs[2].values = values[id(n)]
 
 
 def _check_correction(scoring: _ScoringGraph, table: QuantTable,
@@ -874,9 +882,8 @@ def _check_correction(scoring: _ScoringGraph, table: QuantTable,
     the original ones (``score``: with them). The correction takes every input position of a
     Conv to see the channel's mean; on short sequences, where zero padding covers much of the
     input, it can overshoot (silero VAD's 1-D convs: 30.2 -> 21.7 dB)."""
-    corrected = {id(n): n.inputs[2].values for n in nodes}
-    for n in nodes:
-        n.inputs[2].values = originals[id(n)]
+    corrected = _biases(nodes)
+    _put_biases(nodes, originals)
     without = _score(scoring, table, stream, providers, scorer,
                      "the graph without bias correction")
     now, other = scorer.show(score), scorer.show(without)
@@ -884,8 +891,7 @@ def _check_correction(scoring: _ScoringGraph, table: QuantTable,
         note = (f"bias correction undone: the {scorer.label} on the search batches is {other} "
                 f"without it, {now} with it")
     else:
-        for n in nodes:
-            n.inputs[2].values = corrected[id(n)]
+        _put_biases(nodes, corrected)
         note = (f"bias correction kept: {scorer.label} on the search batches {now} with it, "
                 f"{other} without")
     log.info("%s", note)

@@ -84,6 +84,7 @@ class Canonicalize(Pass):
         if counts["opset_before"] < o.min_opset:
             model = upgrade_opset(model, o.min_opset)
             notes.append(f"opset {counts['opset_before']} -> {o.min_opset}")
+            notes += model_io.fix_declared_outputs(model)
             changed = True
         removed = _drop_initializer_inputs(model, set(o.keep_initializer_inputs))
         if removed:

@@ -344,7 +344,7 @@ class InsertQDQ(Pass):
         note = (f"opset {opset} -> {need} (IR version {model.ir_version}): QuantizeLinear "
                 f"takes {'/'.join(short)} from opset {need} on")
         log.info("%s", note)
-        return model, [note]
+        return model, [note, *model_io.fix_declared_outputs(model)]
 
 
 class _Planner:

@@ -257,7 +257,9 @@ def round_weights(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
     correct_ids = {id(n) for n in correct}
     done: list[tuple[Site, np.ndarray, np.ndarray]] = []
     biased, unseen = set(), []
-    for site in found:
+    progress = Progress("gptq", total=len(found), unit="weight")
+    for i, site in enumerate(found):
+        progress.update(i)
         h = moments.get((site.source, site.key))
         if h is None:
             unseen.append(site.node.name)
@@ -280,6 +282,8 @@ def round_weights(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
             bias = site.node.inputs[2]
             bias.values = (bias.values - shift).astype(bias.values.dtype)
             biased.add(id(site.node))
+    progress.update(len(found))
+    progress.close()
     result = Rounded(done, biased, notes)
     result.use(True, table)
     note = (f"weight rounding: GPTQ rounded {len(done)} weights on {len(batches)} search "

@@ -1160,17 +1160,21 @@ def test_gptq_weight_rounding_keeps_the_grid_and_loses_less_than_nearest(dtype, 
 
 
 def test_auto_keeps_gptq_rounding_only_where_it_scores_better(monkeypatch):
-    """Under method auto the rounded weights are scored against nearest rounding on the
-    search batches: GPTQ's (4-bit weights on the small conv net) are kept; a rounding that
-    scores worse (every weight a step off nearest, put in GPTQ's place) is undone, and the
-    graph is then the one nearest rounding gives, biases corrected for its error."""
+    """Under method auto the weights are rounded on every other search batch and scored
+    against nearest rounding on the others: GPTQ's (4-bit weights on the small conv net) are
+    kept; a rounding that scores worse (every weight a step off nearest, put in GPTQ's place)
+    is undone, and the graph is then the one nearest rounding gives, biases corrected for its
+    error."""
     rng = np.random.default_rng(4)
     model = conv_net(rng)
     feeds = [{"x": images(rng, 16)} for _ in range(4)]
     inserted = insert(model, weights={"dtype": "int4", "reduce_range": False})
     options = dict(method="auto", bias_correction=True)
     result, table = calibrate(inserted, feeds, weight_rounding="gptq", **options)
-    assert any(n.startswith("weight rounding kept:") for n in result.notes), result.notes
+    assert any(n.startswith("weight rounding: GPTQ rounded 3 weights on 2 search batches")
+               for n in result.notes), result.notes
+    assert any(n.startswith("weight rounding kept:") and "on the 2 search batches it was not "
+               "fitted to" in n for n in result.notes), result.notes
     assert table.get("w1").method == "weight+gptq"
 
     def step_off(rows, hessian, scale, zero_point, lo, hi):

@@ -203,7 +203,7 @@ def second_moments(model: onnx.ModelProto, found: Sequence[Site], batches: Seque
     sums: dict[tuple, np.ndarray] = {}
     counts: dict[tuple, int] = dict.fromkeys(keys, 0)
     per_batch = math.ceil(rows / max(len(batches), 1))
-    progress = Progress("gptq statistics", unit="batch")
+    progress = Progress("gptq statistics", total=len(batches), unit="batch")
     for b, feed in enumerate(batches):
         values = dict(zip(wanted, sess.run(fetch, feed), strict=True))
         for k, (source, key) in enumerate(keys):

@@ -31,6 +31,7 @@ from graphq import graph as G
 from graphq import runtime
 from graphq.kernels import quant as Q
 from graphq.kernels.rounding import gptq
+from graphq.passes.insert_qdq import channel_axis
 from graphq.progress import Progress
 from graphq.quant import QuantTable, TensorQuant
 
@@ -55,10 +56,12 @@ class Site:
     def groups(self) -> int:
         return int(self.node.attrs.get("group", 1)) if self.node.op == "Conv" else 1
 
-    def rows(self) -> np.ndarray:
-        """The weight as (groups, rows of a group, columns): a Conv's output channels by
-        (input channels of the group x kernel), a Gemm / MatMul's outputs by inputs."""
-        w = np.asarray(G.constant_values(self.weight), np.float64)
+    def rows(self, values: np.ndarray | None = None) -> np.ndarray:
+        """The weight (or ``values`` of its shape) as (groups, rows of a group, columns): a
+        Conv's output channels by (input channels of the group x kernel), a Gemm / MatMul's
+        outputs by inputs."""
+        w = np.asarray(G.constant_values(self.weight) if values is None else values,
+                       np.float64)
         if self.node.op == "Conv":
             w = w.reshape(w.shape[0], -1)
         elif not (self.node.op == "Gemm" and self.node.attrs.get("transB", 0)):
@@ -86,10 +89,6 @@ def _set_values(tensor: gs.Tensor, values: np.ndarray) -> None:
 def sites(graph: gs.Graph, table: QuantTable) -> tuple[list[Site], list[str]]:
     """The weights GPTQ can round, and a note for each quantized one it cannot, with why."""
     found, skipped = [], []
-    readers: dict[int, int] = {}
-    for node in G.nodes(graph):
-        for t in node.inputs:
-            readers[id(t)] = readers.get(id(t), 0) + 1
     for node in G.nodes(graph):
         if node.op not in ("Conv", "Gemm", "MatMul", "ConvTranspose") or len(node.inputs) < 2:
             continue
@@ -100,7 +99,7 @@ def sites(graph: gs.Graph, table: QuantTable) -> tuple[list[Site], list[str]]:
                 or not entry.quantized or values is None):
             continue
         why, key = _geometry(node, values, entry)
-        if why is None and readers.get(id(weight), 0) != 1:
+        if why is None and len(weight.outputs) != 1:
             why = "its weight feeds more than one quantizer"
         if why is None and len(node.inputs[1].outputs) != 1:
             why = "its weight is read by more than one op"
@@ -115,10 +114,11 @@ def _geometry(node: gs.Node, values: np.ndarray, entry: TensorQuant
               ) -> tuple[str | None, tuple]:
     """Why GPTQ cannot round this op's weight (None: it can), and how the op reads its
     input: ``("rows",)`` (the last axis is the columns) or a Conv's patch geometry."""
-    channel = {"Conv": 0, "MatMul": 1}.get(node.op, 0 if node.attrs.get("transB", 0) else 1)
     if node.op == "ConvTranspose":
         return "GPTQ here does not read a ConvTranspose's input", ()
-    if entry.axis is not None and entry.axis not in (channel, channel - values.ndim):
+    channel = channel_axis(node, 1, values.ndim)
+    if entry.axis is not None and channel is not None and entry.axis not in (
+            channel, channel - values.ndim):
         return f"its weight is quantized per channel on axis {entry.axis}", ()
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return "Gemm with transA", ()
@@ -268,12 +268,12 @@ def round_weights(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
         g, r, _ = w.shape
         scale = np.broadcast_to(np.asarray(entry.scale, np.float64), (g * r,)).reshape(g, r)
         zero = np.broadcast_to(np.asarray(entry.zero_point, np.float64), (g * r,)).reshape(g, r)
-        qt = Q.qtype(entry.dtype)
+        before = np.asarray(G.constant_values(site.weight))
         # each row keeps the span nearest rounding gives it (a 7-bit weight stays 7-bit)
-        nearest = np.clip(np.round(w / scale[..., None] + zero[..., None]), qt.qmin, qt.qmax)
+        nearest = site.rows(Q.quantize(before, np.asarray(entry.scale),
+                                       np.asarray(entry.zero_point), entry.dtype, entry.axis))
         lo = np.minimum(nearest.min(axis=2), zero)
         hi = np.maximum(nearest.max(axis=2), zero)
-        before = np.asarray(G.constant_values(site.weight))
         rounded = gptq(w, h[:, :-1, :-1], scale, zero, lo, hi)
         site.write(rounded)
         done.append((site, before, np.asarray(G.constant_values(site.weight))))

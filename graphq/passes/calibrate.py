@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import logging
@@ -855,8 +856,8 @@ def _check_rounding(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
     batches picked the better of the two held out on all 6, scoring on the fitted ones on 4.
     Run before auto picks a clip method: picked with the rounded weights in place, the method
     stayed when the rounding was undone."""
-    half = _Stream(stream.observers, stream.means, stream.kept[1::2],
-                   stream.reference[1::2], stream.batches, stream.seconds)
+    half = dataclasses.replace(stream, kept=stream.kept[1::2],
+                               reference=stream.reference[1::2])
     where = f"{len(half.kept)} search batches it was not fitted to"
     with_it = _score(_ScoringGraph(model, graph, table), table, half, providers, scorer,
                      "the graph with GPTQ's rounding")

@@ -577,7 +577,7 @@ class _Planner:
         if not entry.quantized:
             return
         values = G.constant_values(tensor)
-        axis = _channel_axis(node, index, values.ndim) if self.o.weights.per_channel else None
+        axis = channel_axis(node, index, values.ndim) if self.o.weights.per_channel else None
         reduce = self.reduce_range and entry.dtype == "int8"
         if self.o.weights.clip == "mse" and not reduce:
             lo, hi = Q.weight_range_mse(values, axis, entry.dtype, entry.symmetric)
@@ -717,7 +717,7 @@ def _weight_index(node: gs.Node) -> int | None:
     return None
 
 
-def _channel_axis(node: gs.Node, index: int, rank: int) -> int | None:
+def channel_axis(node: gs.Node, index: int, rank: int) -> int | None:
     """The output-channel axis of the weight at input ``index``, for per-channel scales."""
     if rank < 2:
         return None

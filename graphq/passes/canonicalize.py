@@ -82,9 +82,8 @@ class Canonicalize(Pass):
         notes: list[str] = []
         changed = False
         if counts["opset_before"] < o.min_opset:
-            model = upgrade_opset(model, o.min_opset)
-            notes.append(f"opset {counts['opset_before']} -> {o.min_opset}")
-            notes += model_io.fix_declared_outputs(model)
+            model, dropped = upgrade_opset(model, o.min_opset)
+            notes += [f"opset {counts['opset_before']} -> {o.min_opset}", *dropped]
             changed = True
         removed = _drop_initializer_inputs(model, set(o.keep_initializer_inputs))
         if removed:
@@ -272,8 +271,10 @@ def _shuffles_to_gathers(graph: onnx.GraphProto) -> int:
     return sum(n is not None for n in replace.values())
 
 
-def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+def upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto, list[str]]:
     """Convert the model to opset ``target``; name the node that blocks it when it fails.
+    Returns the model and a note for each graph output whose declared shape the newer
+    opset's shape inference contradicts, dropped (:func:`graphq.model.fix_declared_outputs`).
 
     The converter runs on the model's skeleton (weights left out, see
     :func:`graphq.model.skeleton`), so that it is fast and works over 2 GB; the weights are
@@ -300,7 +301,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
             out.graph.initializer[i].CopyFrom(original)
     G.copy_model_fields(out, model)
     out.ir_version = max(model.ir_version, 7)
-    return out
+    return out, model_io.fix_declared_outputs(out)
 
 
 def _has_data(tensor: onnx.TensorProto) -> bool:

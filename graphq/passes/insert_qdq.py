@@ -339,12 +339,12 @@ class InsertQDQ(Pass):
         if opset >= need:
             return model, []
         short = sorted({k for k in kinds if MIN_OPSET[k] > opset})
-        model = upgrade_opset(model, need)
+        model, dropped = upgrade_opset(model, need)
         model_io.fix_ir_version(model)
         note = (f"opset {opset} -> {need} (IR version {model.ir_version}): QuantizeLinear "
                 f"takes {'/'.join(short)} from opset {need} on")
         log.info("%s", note)
-        return model, [note, *model_io.fix_declared_outputs(model)]
+        return model, [note, *dropped]
 
 
 class _Planner:

@@ -284,7 +284,7 @@ class InsertQDQ(Pass):
                     "its own); exclude the first compute ops by name to keep them float")
             log.info("%s", note)
             return out, table, planner, note
-        n, capped = _weight_capped(model, [name for _, name in planner.computes], n)
+        n, capped = _weight_capped(planner, n)
         if n == 0:
             log.info("%s", capped)
             return out, table, planner, capped
@@ -663,14 +663,15 @@ def _refuse_quantized(graph: gs.Graph) -> None:
                          "model it was made from instead")
 
 
-def _weight_capped(model: onnx.ModelProto, computes: list[str], n: int) -> tuple[int, str]:
-    """The longest float prefix (at most ``n`` of the compute ops named ``computes``, in
-    order) that holds at most :data:`PREFIX_MAX_WEIGHT_SHARE` of their constant inputs'
-    values (initializers and Constant nodes, as paddle2onnx writes weights), and what the
-    cap cut ("" when it cut nothing)."""
-    nodes = {node.name: node for node in G.nodes(G.import_graph(model))}
-    weights = [sum(v.size for t in nodes[name].inputs
-                   if (v := G.constant_values(t)) is not None) if name in nodes else 0
+def _weight_capped(planner: _Planner, n: int) -> tuple[int, str]:
+    """The longest float prefix (at most ``n`` of the planner's compute ops, in order) that
+    holds at most :data:`PREFIX_MAX_WEIGHT_SHARE` of their constant inputs' values
+    (initializers and Constant nodes, as paddle2onnx writes weights; read through their
+    Q/DQ pairs), and what the cap cut ("" when it cut nothing)."""
+    by_name = {node.name: node for node in planner.graph.nodes}
+    computes = [name for _, name in planner.computes]
+    weights = [sum(v.size for t in by_name[name].inputs
+                   if (v := G.constant_values(G.float_source(t))) is not None)
                for name in computes]
     held = np.cumsum(weights)  # held[j]: the weights of the first j + 1 compute ops
     k = next((j for j in range(n) if held[j] > PREFIX_MAX_WEIGHT_SHARE * held[-1]), n)

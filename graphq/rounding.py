@@ -1,8 +1,10 @@
 """calibrate's ``weight_rounding = "gptq"``: round each weight for what its op's output loses
 on the calibration data, not weight by weight (:func:`graphq.kernels.rounding.gptq`).
 
-For each Conv (1-D, 2-D; grouped and depthwise too), Gemm and MatMul whose constant weight
-is quantized, the rows its weight multiplies (a Conv's input patches, a Gemm's input rows)
+For each Conv and ConvTranspose (1-D, 2-D; grouped and depthwise too), Gemm and MatMul whose
+constant weight is quantized, the rows its weight multiplies (a Conv's input patches; a
+ConvTranspose's patches of its input spread out by its strides, the Conv it equals with the
+kernel flipped; a Gemm's input rows)
 are sampled on the search batches from the float graph, ``H = E[x x^T]`` is accumulated (one
 per input tensor and geometry: the query, key and value projections of one input share it)
 and the weight is rounded column by column onto its grid (the scale insert-qdq gave it, per
@@ -54,14 +56,21 @@ class Site:
 
     @property
     def groups(self) -> int:
-        return int(self.node.attrs.get("group", 1)) if self.node.op == "Conv" else 1
+        conv = self.node.op in ("Conv", "ConvTranspose")
+        return int(self.node.attrs.get("group", 1)) if conv else 1
 
     def rows(self, values: np.ndarray | None = None) -> np.ndarray:
         """The weight (or ``values`` of its shape) as (groups, rows of a group, columns): a
-        Conv's output channels by (input channels of the group x kernel), a Gemm / MatMul's
+        Conv's output channels by (input channels of the group x kernel), a ConvTranspose's
+        (C, M / groups, kernel) the same way for the Conv it equals (output channels of a
+        group by input channels of the group x the flipped kernel), a Gemm / MatMul's
         outputs by inputs."""
         w = np.asarray(G.constant_values(self.weight) if values is None else values,
                        np.float64)
+        if self.node.op == "ConvTranspose":
+            g, spatial = self.groups, tuple(range(3, w.ndim + 1))
+            w = np.flip(w.reshape(g, w.shape[0] // g, *w.shape[1:]), spatial)
+            return np.swapaxes(w, 1, 2).reshape(g, w.shape[2], -1)
         if self.node.op == "Conv":
             w = w.reshape(w.shape[0], -1)
         elif not (self.node.op == "Gemm" and self.node.attrs.get("transB", 0)):
@@ -70,12 +79,25 @@ class Site:
 
     def write(self, rows: np.ndarray) -> None:
         values = np.asarray(G.constant_values(self.weight))
-        w = rows.reshape(-1, rows.shape[2])
-        if self.node.op == "Conv":
-            w = w.reshape(values.shape)
-        elif not (self.node.op == "Gemm" and self.node.attrs.get("transB", 0)):
-            w = w.T
+        if self.node.op == "ConvTranspose":
+            g, c = self.groups, values.shape[0] // self.groups
+            w = np.swapaxes(rows.reshape(g, values.shape[1], c, *values.shape[2:]), 1, 2)
+            w = np.flip(w, tuple(range(3, w.ndim))).reshape(values.shape)
+        else:
+            w = rows.reshape(-1, rows.shape[2])
+            if self.node.op == "Conv":
+                w = w.reshape(values.shape)
+            elif not (self.node.op == "Gemm" and self.node.attrs.get("transB", 0)):
+                w = w.T
         _set_values(self.weight, np.ascontiguousarray(w).astype(values.dtype))
+
+    def per_row(self, values: np.ndarray) -> np.ndarray:
+        """A per-tensor or per-channel scale or zero point as one value per row (groups,
+        rows of a group): a ConvTranspose's per-channel values (one per output channel of a
+        group) repeat in every group."""
+        g, r = self.groups, self.rows().shape[1]
+        a = np.asarray(values, np.float64).reshape(-1)
+        return a.reshape(g, r) if a.size == g * r else np.broadcast_to(a, (g, r)).copy()
 
 
 def _set_values(tensor: gs.Tensor, values: np.ndarray) -> None:
@@ -114,18 +136,16 @@ def _geometry(node: gs.Node, values: np.ndarray, entry: TensorQuant
               ) -> tuple[str | None, tuple]:
     """Why GPTQ cannot round this op's weight (None: it can), and how the op reads its
     input: ``("rows",)`` (the last axis is the columns) or a Conv's patch geometry."""
-    if node.op == "ConvTranspose":
-        return "GPTQ here does not read a ConvTranspose's input", ()
     channel = channel_axis(node, 1, values.ndim)
     if entry.axis is not None and channel is not None and entry.axis not in (
             channel, channel - values.ndim):
         return f"its weight is quantized per channel on axis {entry.axis}", ()
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return "Gemm with transA", ()
-    if node.op != "Conv":
+    if node.op not in ("Conv", "ConvTranspose"):
         return (None, ("rows",)) if values.ndim == 2 else (f"its weight is {values.ndim}-D", ())
     if values.ndim not in (3, 4):
-        return f"a {values.ndim - 2}-D Conv", ()
+        return f"a {values.ndim - 2}-D {node.op}", ()
     spatial = values.ndim - 2
     kernel = tuple(int(k) for k in values.shape[2:])
     strides = tuple(int(s) for s in node.attrs.get("strides", [1] * spatial))
@@ -133,8 +153,15 @@ def _geometry(node: gs.Node, values: np.ndarray, entry: TensorQuant
     pads = tuple(int(p) for p in node.attrs.get("pads", [0] * 2 * spatial))
     auto_pad = node.attrs.get("auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    return None, ("conv", kernel, strides, dilations, pads, auto_pad,
-                  int(node.attrs.get("group", 1)))
+    groups = int(node.attrs.get("group", 1))
+    if node.op == "Conv":
+        return None, ("conv", kernel, strides, dilations, pads, auto_pad, groups)
+    if "output_shape" in node.attrs or auto_pad not in ("NOTSET", "VALID"):
+        return "a ConvTranspose that sets its output shape or auto_pad", ()
+    if auto_pad == "VALID":
+        pads = (0,) * 2 * spatial
+    extra = tuple(int(p) for p in node.attrs.get("output_padding", [0] * spatial))
+    return None, ("deconv", kernel, strides, dilations, pads, extra, groups)
 
 
 def _conv_patches(x: np.ndarray, key: tuple, count: int, rng: np.random.Generator
@@ -173,11 +200,35 @@ def _conv_patches(x: np.ndarray, key: tuple, count: int, rng: np.random.Generato
     return patches.reshape(len(pick), groups, -1).transpose(1, 0, 2)
 
 
+def _spread(x: np.ndarray, key: tuple) -> tuple[np.ndarray, tuple]:
+    """A ConvTranspose's input as the input of the Conv it equals (stride 1, its dilations,
+    its kernel flipped): ``strides - 1`` zeros between neighbours, then ``d (k - 1) - pad``
+    on each side (``+ output_padding`` at the end; a negative amount crops), and that
+    Conv's patch geometry."""
+    _, kernel, strides, dilations, pads, extra, groups = key
+    spatial = len(kernel)
+    spread = np.zeros(x.shape[:2] + tuple((n - 1) * s + 1 for n, s in
+                                          zip(x.shape[2:], strides, strict=True)), x.dtype)
+    spread[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)] = x
+    widths, crops = [(0, 0), (0, 0)], [slice(None), slice(None)]
+    for i in range(spatial):
+        reach = dilations[i] * (kernel[i] - 1)
+        before, after = reach - pads[i], reach - pads[i + spatial] + extra[i]
+        widths.append((max(before, 0), max(after, 0)))
+        end = spread.shape[2 + i] + max(before, 0) + max(after, 0) - max(-after, 0)
+        crops.append(slice(max(-before, 0), end))
+    spread = np.pad(spread, widths)[tuple(crops)]
+    return spread, ("conv", kernel, (1,) * spatial, dilations, (0,) * 2 * spatial, "NOTSET",
+                    groups)
+
+
 def _input_rows(x: np.ndarray, key: tuple, count: int, rng: np.random.Generator
                 ) -> np.ndarray:
     """Up to ``count`` rows of what the weight multiplies, as (groups, rows, columns + 1),
     the last column the constant 1 (the bias's input)."""
     x = np.asarray(x, np.float32)
+    if key[0] == "deconv":
+        x, key = _spread(x, key)
     if key[0] == "conv":
         rows = _conv_patches(x, key, count, rng)
     else:
@@ -265,9 +316,7 @@ def round_weights(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
             unseen.append(site.node.name)
             continue
         w, entry = site.rows(), site.entry
-        g, r, _ = w.shape
-        scale = np.broadcast_to(np.asarray(entry.scale, np.float64), (g * r,)).reshape(g, r)
-        zero = np.broadcast_to(np.asarray(entry.zero_point, np.float64), (g * r,)).reshape(g, r)
+        scale, zero = site.per_row(entry.scale), site.per_row(entry.zero_point)
         before = np.asarray(G.constant_values(site.weight))
         # each row keeps the span nearest rounding gives it (a 7-bit weight stays 7-bit)
         nearest = site.rows(Q.quantize(before, np.asarray(entry.scale),

@@ -1,8 +1,10 @@
-"""What GPTQ reads (graphq.rounding): a Conv's input patches and the sites it rounds.
+"""What GPTQ reads (graphq.rounding): a Conv's and a ConvTranspose's input patches and the
+sites it rounds.
 
-Patches: with as many drawn as the Conv has output positions, the weight times the patches
-gives every value of onnxruntime's Conv output, per output channel (compared sorted, since the
-positions are drawn in random order), within float32 rounding (rtol 1e-4, atol 1e-5)."""
+Patches: with as many drawn as the op has output positions, the weight (as GPTQ's rows) times
+the patches gives every value of onnxruntime's Conv / ConvTranspose output, per output channel
+(compared sorted, since the positions are drawn in random order), within float32 rounding
+(rtol 1e-4, atol 1e-5)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from graphq import graph as G
 from graphq.passes.insert_qdq import InsertQDQ
 from graphq.quant import QuantTable, TensorQuant
 from graphq.registry import PassContext
-from graphq.rounding import _geometry, _input_rows, sites
+from graphq.rounding import Site, _geometry, _input_rows, sites
 from tests.helpers import make_model, run, tensor
 
 CONVS = {
@@ -62,6 +64,60 @@ def test_conv_patches_times_the_weight_give_the_conv_output(case):
                                atol=1e-5)
 
 
+DECONVS = {
+    "stride-2 (PP-OCR det's head)": dict(shape=(2, 4, 5, 6), w=(4, 3, 2, 2),
+                                         attrs=dict(strides=[2, 2])),
+    "padded, output_padding": dict(shape=(1, 4, 5, 5), w=(4, 3, 3, 3),
+                                   attrs=dict(strides=[2, 2], pads=[1, 1, 1, 1],
+                                              output_padding=[1, 0])),
+    "pads beyond the kernel": dict(shape=(1, 2, 6, 6), w=(2, 3, 3, 3),
+                                   attrs=dict(strides=[2, 2], pads=[3, 0, 2, 3])),
+    "dilated": dict(shape=(1, 3, 5, 6), w=(3, 2, 3, 2),
+                    attrs=dict(dilations=[2, 1], strides=[1, 2], pads=[1, 0, 2, 1])),
+    "grouped": dict(shape=(2, 6, 5, 5), w=(6, 2, 3, 3), attrs=dict(group=3, strides=[2, 2])),
+    "valid": dict(shape=(1, 4, 4, 5), w=(4, 2, 3, 3), attrs=dict(auto_pad="VALID",
+                                                                 strides=[3, 3])),
+    "1-D": dict(shape=(2, 4, 9), w=(4, 3, 4), attrs=dict(strides=[2], pads=[1, 2])),
+}
+
+
+@pytest.mark.parametrize("case", list(DECONVS))
+def test_conv_transpose_patches_times_the_rows_give_its_output(case):
+    """A ConvTranspose is read as the Conv it equals: its input spread out by the strides
+    and padded, its weight's rows (output channels of a group by input channels x the
+    flipped kernel)."""
+    spec = DECONVS[case]
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=spec["shape"]).astype(np.float32)
+    w = rng.normal(size=spec["w"]).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv", **spec["attrs"])
+    model = onnx.shape_inference.infer_shapes(
+        make_model([node], [tensor("x", list(x.shape))], [tensor("y", None)], {"w": w}))
+    onnx.checker.check_model(model, full_check=True)
+    y = run(model, {"x": x})[0]
+    graph = G.import_graph(model)
+    deconv = graph.nodes[0]
+    entry = TensorQuant("w", "weight", True, "", axis=1)
+    why, key = _geometry(deconv, w, entry)
+    assert why is None
+    site = Site(deconv, deconv.inputs[1], entry, "x", key)
+    weights = site.rows()
+    groups = int(spec["attrs"].get("group", 1))
+    assert weights.shape == (groups, w.shape[1], w.shape[0] // groups * w[0, 0].size)
+    site.write(weights)                               # the rows go back as they came
+    np.testing.assert_array_equal(deconv.inputs[1].values, w)
+    positions = y.shape[0] * int(np.prod(y.shape[2:]))
+    rows = _input_rows(x, key, positions + 10, np.random.default_rng(0))
+    assert rows.shape == (groups, positions, weights.shape[2] + 1)
+    got = np.concatenate([rows[g, :, :-1] @ weights[g].T for g in range(groups)], axis=1)
+    want = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    np.testing.assert_allclose(np.sort(got, axis=0), np.sort(want, axis=0), rtol=1e-4,
+                               atol=1e-5)
+    # a per-channel scale (one per output channel of a group) is every group's
+    scale = np.arange(1, w.shape[1] + 1, dtype=np.float32)
+    np.testing.assert_array_equal(site.per_row(scale), np.tile(scale, (groups, 1)))
+
+
 def test_matmul_rows_are_drawn_from_every_leading_axis():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 7, 5)).astype(np.float32)
@@ -73,27 +129,30 @@ def test_matmul_rows_are_drawn_from_every_leading_axis():
 
 
 def test_sites_round_what_they_can_and_say_why_not_the_rest():
-    """A Conv and a MatMul are rounded; a ConvTranspose and a weight two MatMuls share are
-    left to nearest rounding, each named."""
+    """A Conv, a ConvTranspose and a MatMul are rounded; a ConvTranspose that sets its output
+    shape and a weight two MatMuls share are left to nearest rounding, each named."""
     rng = np.random.default_rng(1)
     f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
     nodes = [
         helper.make_node("Conv", ["x", "wc", "bc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node("ConvTranspose", ["c", "wt"], ["t"], name="deconv"),
-        helper.make_node("Flatten", ["t"], ["flat"], name="flatten"),
+        helper.make_node("ConvTranspose", ["t", "wo"], ["o"], name="shaped",
+                         output_shape=[5, 5]),
+        helper.make_node("Flatten", ["o"], ["flat"], name="flatten"),
         helper.make_node("MatMul", ["flat", "wm"], ["m"], name="matmul"),
         helper.make_node("MatMul", ["m", "ws"], ["s1"], name="shared1"),
         helper.make_node("MatMul", ["s1", "ws"], ["s2"], name="shared2"),
     ]
     model = make_model(nodes, [tensor("x", [1, 2, 4, 4])], [tensor("s2", None)],
                        {"wc": f(3, 2, 3, 3), "bc": f(3), "wt": f(3, 2, 2, 2),
-                        "wm": f(50, 8), "ws": f(8, 8)})
+                        "wo": f(2, 2, 2, 2), "wm": f(50, 8), "ws": f(8, 8)})
     model = onnx.shape_inference.infer_shapes(model)
     inserted = InsertQDQ(weights={"reduce_range": False}).run(model, PassContext()).model
     graph = G.import_graph(inserted)
     found, skipped = sites(graph, QuantTable.of(inserted))
-    assert [s.node.name for s in found] == ["conv", "matmul"]
-    assert any(n.startswith("ConvTranspose 'deconv'") for n in skipped), skipped
+    assert [s.node.name for s in found] == ["conv", "deconv", "matmul"]
+    assert any(n.startswith("ConvTranspose 'shaped'") and "output shape" in n
+               for n in skipped), skipped
     shared = [n for n in skipped if "'shared" in n]
     assert shared and all("more than one" in n for n in shared), skipped
     assert isinstance(found[0].weight, gs.Constant)

@@ -111,8 +111,9 @@ class CalibrateOptions:
                 "each rounding error made up for by the columns not yet rounded, by how the "
                 "inputs correlate on the search batches (GPTQ), so that the op's output loses "
                 "least (with bias_correction, its bias then takes the mean error left); Conv "
-                "(1-D, 2-D), Gemm and MatMul weights, the rest nearest. Under method auto it "
-                "is fitted on every other search batch and kept only if the graph scores "
+                "and ConvTranspose (1-D, 2-D), Gemm and MatMul weights, the rest nearest. "
+                "Under method auto it is fitted on every other search batch and kept only if "
+                "the graph scores "
                 "better with it than with nearest rounding on the others: at 8 bits it helped "
                 "some nets and cost others up to 2 dB; at 4 bits it gained 2-18 dB"})
     rounding_rows: int = field(default=8192, metadata={

@@ -1190,3 +1190,52 @@ def test_auto_keeps_gptq_rounding_only_where_it_scores_better(monkeypatch):
     got, want = _initializers(worse.model), _initializers(nearest.model)
     for name in ("w1", "w2", "wg", "b1_quantized", "b2_quantized", "bg_quantized"):
         np.testing.assert_array_equal(got[name], want[name])
+
+
+def deconv_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> Conv (stride 2) -> Relu -> ConvTranspose (stride 2, bias) -> Relu ->
+    ConvTranspose (2 groups, padded): a segmentation head's upsampling."""
+    f = lambda *s: (rng.normal(size=s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv", strides=[2, 2],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("ConvTranspose", ["r", "wt", "bt"], ["t"], name="up",
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["t"], ["u"], name="relu2"),
+        helper.make_node("ConvTranspose", ["u", "wg"], ["y"], name="grouped", group=2,
+                         pads=[1, 1, 1, 1]),
+    ]
+    return onnx.shape_inference.infer_shapes(make_model(
+        nodes, [tensor("x", [None, 3, 8, 8])], [tensor("y", None)],
+        {"w1": f(16, 3, 3, 3), "b1": f(16), "wt": f(16, 12, 2, 2), "bt": f(12),
+         "wg": f(12, 4, 3, 3)}))
+
+
+def test_gptq_rounds_conv_transpose_weights():
+    """A ConvTranspose's weight is rounded as the Conv it equals (per output channel of a
+    group, axis 1): on its grid, and the held-out output loses less than with nearest
+    rounding at 4 bits (measured 14.8 -> 30.8 dB; 14.7 with only the Conv rounded),
+    activations alike (minmax)."""
+    rng = np.random.default_rng(5)
+    model = deconv_net(rng)
+    feeds = [{"x": images(rng, 16)} for _ in range(4)]
+    held = [{"x": images(rng, 16)} for _ in range(4)]
+    inserted = insert(model, weights={"dtype": "int4", "reduce_range": False})
+    sqnr, weights = {}, {}
+    for rounding in ("nearest", "gptq"):
+        result, table = calibrate(inserted, feeds, method="minmax", weight_rounding=rounding)
+        ref = np.concatenate([run(model, f)[0] for f in held])
+        got = np.concatenate([run(result.model, f)[0] for f in held])
+        sqnr[rounding] = 10 * np.log10(np.sum(ref ** 2) / np.sum((got - ref) ** 2))
+        weights[rounding] = _initializers(result.model)
+    assert any(n.startswith("weight rounding: GPTQ rounded 3 weights") for n in result.notes)
+    assert sqnr["gptq"] > sqnr["nearest"] + 8.0, sqnr
+    for name in ("wt", "wg"):
+        entry = table.get(name)
+        assert entry.method == "weight+gptq" and entry.axis == 1
+        w, w0 = weights["gptq"][name], weights["nearest"][name]
+        s = np.asarray(entry.scale).reshape(1, -1, 1, 1)
+        np.testing.assert_allclose(w / s, np.round(w / s), atol=1e-4)
+        assert np.abs(np.round(w / s)).max() <= 8
+        assert not np.array_equal(np.round(w / s), np.round(w0 / s)), name

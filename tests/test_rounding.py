@@ -38,32 +38,6 @@ CONVS = {
 }
 
 
-@pytest.mark.parametrize("case", list(CONVS))
-def test_conv_patches_times_the_weight_give_the_conv_output(case):
-    spec = CONVS[case]
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=spec["shape"]).astype(np.float32)
-    w = rng.normal(size=spec["w"]).astype(np.float32)
-    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **spec["attrs"])
-    model = onnx.shape_inference.infer_shapes(
-        make_model([node], [tensor("x", list(x.shape))], [tensor("y", None)], {"w": w}))
-    onnx.checker.check_model(model, full_check=True)
-    y = run(model, {"x": x})[0]
-    conv = G.import_graph(model).nodes[0]
-    why, key = _geometry(conv, w, TensorQuant("w", "weight", True, "", axis=0))
-    assert why is None
-    positions = y.shape[0] * int(np.prod(y.shape[2:]))
-    rows = _input_rows(x, key, positions + 10, np.random.default_rng(0))
-    groups = int(spec["attrs"].get("group", 1))
-    assert rows.shape == (groups, positions, w[0].size + 1)
-    np.testing.assert_array_equal(rows[:, :, -1], 1.0)  # the bias's constant input
-    per_group = w.reshape(groups, w.shape[0] // groups, -1)
-    got = np.concatenate([rows[g, :, :-1] @ per_group[g].T for g in range(groups)], axis=1)
-    want = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
-    np.testing.assert_allclose(np.sort(got, axis=0), np.sort(want, axis=0), rtol=1e-4,
-                               atol=1e-5)
-
-
 DECONVS = {
     "stride-2 (PP-OCR det's head)": dict(shape=(2, 4, 5, 6), w=(4, 3, 2, 2),
                                          attrs=dict(strides=[2, 2])),
@@ -81,41 +55,45 @@ DECONVS = {
 }
 
 
-@pytest.mark.parametrize("case", list(DECONVS))
-def test_conv_transpose_patches_times_the_rows_give_its_output(case):
-    """A ConvTranspose is read as the Conv it equals: its input spread out by the strides
-    and padded, its weight's rows (output channels of a group by input channels x the
-    flipped kernel)."""
-    spec = DECONVS[case]
-    rng = np.random.default_rng(4)
+CASES = [("Conv", c) for c in CONVS] + [("ConvTranspose", c) for c in DECONVS]
+
+
+@pytest.mark.parametrize("op, case", CASES)
+def test_patches_times_the_weight_rows_give_the_op_output(op, case):
+    """A Conv's patches times its weight's rows (output channels of a group by input
+    channels x kernel) give its output; a ConvTranspose is read as the Conv it equals: its
+    input spread out by the strides and padded, its kernel flipped, its channel axes swapped.
+    The rows go back into the weight as they came."""
+    spec = (CONVS if op == "Conv" else DECONVS)[case]
+    rng = np.random.default_rng(3)
     x = rng.normal(size=spec["shape"]).astype(np.float32)
     w = rng.normal(size=spec["w"]).astype(np.float32)
-    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv", **spec["attrs"])
+    node = helper.make_node(op, ["x", "w"], ["y"], name="op", **spec["attrs"])
     model = onnx.shape_inference.infer_shapes(
         make_model([node], [tensor("x", list(x.shape))], [tensor("y", None)], {"w": w}))
     onnx.checker.check_model(model, full_check=True)
     y = run(model, {"x": x})[0]
-    graph = G.import_graph(model)
-    deconv = graph.nodes[0]
-    entry = TensorQuant("w", "weight", True, "", axis=1)
-    why, key = _geometry(deconv, w, entry)
+    conv = G.import_graph(model).nodes[0]
+    entry = TensorQuant("w", "weight", True, "", axis=0 if op == "Conv" else 1)
+    why, key = _geometry(conv, w, entry)
     assert why is None
-    site = Site(deconv, deconv.inputs[1], entry, "x", key)
+    site = Site(conv, conv.inputs[1], entry, "x", key)
     weights = site.rows()
     groups = int(spec["attrs"].get("group", 1))
-    assert weights.shape == (groups, w.shape[1], w.shape[0] // groups * w[0, 0].size)
-    site.write(weights)                               # the rows go back as they came
-    np.testing.assert_array_equal(deconv.inputs[1].values, w)
+    assert weights.shape == (groups, y.shape[1] // groups, w.size // y.shape[1])
+    site.write(weights)
+    np.testing.assert_array_equal(conv.inputs[1].values, w)
     positions = y.shape[0] * int(np.prod(y.shape[2:]))
     rows = _input_rows(x, key, positions + 10, np.random.default_rng(0))
     assert rows.shape == (groups, positions, weights.shape[2] + 1)
+    np.testing.assert_array_equal(rows[:, :, -1], 1.0)  # the bias's constant input
     got = np.concatenate([rows[g, :, :-1] @ weights[g].T for g in range(groups)], axis=1)
     want = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
     np.testing.assert_allclose(np.sort(got, axis=0), np.sort(want, axis=0), rtol=1e-4,
                                atol=1e-5)
-    # a per-channel scale (one per output channel of a group) is every group's
-    scale = np.arange(1, w.shape[1] + 1, dtype=np.float32)
-    np.testing.assert_array_equal(site.per_row(scale), np.tile(scale, (groups, 1)))
+    if op == "ConvTranspose":  # a per-channel scale (one per channel of a group): each group's
+        scale = np.arange(1, w.shape[1] + 1, dtype=np.float32)
+        np.testing.assert_array_equal(site.per_row(scale), np.tile(scale, (groups, 1)))
 
 
 def test_matmul_rows_are_drawn_from_every_leading_axis():

@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +315,8 @@ def save(
             finally:
                 model.ir_version = version
         if (tmp / data_name).exists():
+            # onnx creates the data file private (0600): give it the model file's mode
+            os.chmod(tmp / data_name, stat.S_IMODE(os.stat(tmp / path.name).st_mode))
             os.replace(tmp / data_name, path.parent / data_name)
         elif (path.parent / data_name).exists():
             # a stale data file from an earlier external save would mislead readers

@@ -7,6 +7,7 @@ Every model is built here with onnx.helper: a Conv (16 output channels, so its w
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,8 @@ def test_external_data_save_writes_data_file_and_reloads_equal(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     # the .onnx itself no longer holds the weight
     assert path.stat().st_size < data.stat().st_size
+    # readable as the model file is (onnx creates the data file 0600)
+    assert stat.S_IMODE(data.stat().st_mode) == stat.S_IMODE(path.stat().st_mode)
     back, source = model_io.load_with_source(path)
     assert source.external_data is True
     assert_same_initializers(back, model)

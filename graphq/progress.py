@@ -36,9 +36,17 @@ class Progress:
         rate = self.done / max(now - self.start, 1e-9)
         of = f"/{self.total}" if self.total else ""
         tail = f", {extra}" if extra else ""
-        return f"{self.what}: {self.done}{of} {self.unit}s ({rate:.1f}/s){tail}"
+        return f"{self.what}: {self.done}{of} {_plural(self.unit, self.total or self.done)} " \
+               f"({rate:.1f}/s){tail}"
 
     def close(self) -> None:
         if self.tty:
             sys.stderr.write("\r" + self._line(time.perf_counter(), "") + "\n")
             sys.stderr.flush()
+
+
+def _plural(unit: str, n: int) -> str:
+    """``unit`` for ``n`` of it: "1 batch", "2 batches", "2 steps"."""
+    if n == 1:
+        return unit
+    return unit + ("es" if unit.endswith(("ch", "sh", "s", "x")) else "s")

@@ -20,7 +20,7 @@ import onnx
 
 from graphq import __version__
 from graphq import model as model_io
-from graphq.errors import GraphqError
+from graphq.errors import ConfigError, GraphqError
 
 log = logging.getLogger("graphq")
 
@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--outdir", default="out", help="output folder (default: out)")
     run.add_argument("--data", help="data: an .npz/.npy file or a folder of them "
                      "(overrides [data] source)")
+    run.add_argument("--batch-size", type=int, metavar="N",
+                     help="samples per data batch (overrides [data] batch_size; default 16)")
     run.add_argument("--providers", help="onnxruntime execution providers, comma-separated "
                      "(overrides [pipeline] providers), e.g. CUDAExecutionProvider,cpu")
     run.add_argument("--dump-dir", help="write the graph after each pass into this folder")
@@ -105,6 +107,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from graphq.pipeline import PassManager
 
     manager = PassManager.from_toml(args.pipeline)
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+        manager.data = dataclasses.replace(manager.data, batch_size=args.batch_size)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] \
         if args.providers else None
     result = manager.run(args.model, args.outdir, data=args.data, providers=providers,

@@ -257,6 +257,46 @@ def samples_in(feed: Feed, model: onnx.ModelProto) -> int:
     return _batch_len(feed, batch_axes(true_inputs(model)))
 
 
+def run_failure(model: onnx.ModelProto, feed: Feed, run: Any, exc: BaseException,
+                what: str = "the input model", batch: int = 1) -> DataError:
+    """The error for ``what`` failing in onnxruntime on batch ``batch`` of the data
+    (``run(feed)`` raised ``exc``): names the batch and the error. The batch's samples are
+    then run one at a time (at most ``_ALONE``): where each runs alone, the graph fixes the
+    batch size at 1 and the message says how to feed one sample at a time; where one fails
+    alone too, it names that sample."""
+    n = samples_in(feed, model)
+    text = (f"{what} does not run in onnxruntime on batch {batch} of the data ({n} sample"
+            f"{'s' if n != 1 else ''}): {_first_line(exc)}")
+    axes = batch_axes(true_inputs(model))
+    for i in range(min(n, _ALONE) if n > 1 else 0):
+        one = {k: v if axes.get(k, 0) is None or np.ndim(v) <= axes.get(k, 0) else
+               np.take(v, [i], axis=axes.get(k, 0)) for k, v in feed.items()}
+        try:
+            run(one)
+        except Exception as alone:  # noqa: BLE001 - onnxruntime's, on this sample
+            return DataError(f"{text}. Sample {i} of that batch fails on its own too "
+                             f"({_first_line(alone)[:120]}). {_CHECK}")
+    if n > 1:
+        return DataError(
+            f"{text}. Each of its samples runs on its own: the graph fixes the batch size at "
+            "1 although its input declares a variable one (a Reshape to a constant shape, "
+            "say). Feed one sample at a time: `graphq run ... --batch-size 1`, or "
+            "batch_size = 1 under [data] in the pipeline file")
+    return DataError(f"{text}. {_CHECK}")
+
+
+#: samples of a failing batch :func:`run_failure` runs one at a time.
+_ALONE = 64
+
+_CHECK = ("Check that the data is what the model expects (value ranges, token ids within its "
+          "vocabulary, the sizes its graph assumes)")
+
+
+def _first_line(exc: BaseException) -> str:
+    line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return line if len(line) <= 300 else line[:300] + "..."
+
+
 def _batch_len(feed: dict[str, np.ndarray], axes: dict[str, int | None]) -> int:
     """The samples in a batch, counted on each input's batch axis (:func:`batch_axes`)."""
     lengths = {}

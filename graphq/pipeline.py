@@ -28,7 +28,7 @@ import onnx
 from graphq import __version__, runtime
 from graphq import model as model_io
 from graphq import options as opts
-from graphq.data import DataOptions, DataSource, Feed
+from graphq.data import DataOptions, DataSource, Feed, run_failure
 from graphq.errors import ConfigError, GraphqError, ModelError, PassError, did_you_mean
 from graphq.registry import Pass, PassContext, create
 
@@ -294,16 +294,25 @@ class _Verifier:
         else:
             self.feeds = runtime.sample_feeds(proto, n)
         try:
-            self.reference = self.original = self._outputs(proto)
-        except Exception as exc:  # noqa: BLE001 - the input may not run on random inputs
-            log.warning("the input model does not run in onnxruntime on %s (%s); outputs will "
-                        "not be compared", "the data" if self.ctx.data else "random inputs; "
-                        "give --data", str(exc).splitlines()[0][:200])
-            self.reference = None
-
-    def _outputs(self, proto: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
-        sess = runtime.session(proto, self.ctx.providers)
-        return [runtime.run(sess, feed) for feed in self.feeds]
+            sess = runtime.session(proto, self.ctx.providers)
+        except Exception as exc:  # noqa: BLE001 - a pass may make it loadable (an old opset)
+            log.warning("onnxruntime cannot load the input model (%s); its outputs will not be "
+                        "compared", str(exc).strip().splitlines()[0][:200])
+            return
+        outputs = []
+        for i, feed in enumerate(self.feeds):
+            try:
+                outputs.append(runtime.run(sess, feed))
+            except Exception as exc:  # noqa: BLE001 - random inputs may be out of its range
+                if self.ctx.data is not None:  # the data does not fit the model: say so now
+                    raise run_failure(proto, feed, lambda f: runtime.run(sess, f), exc,
+                                      batch=i + 1) from exc
+                log.warning("the input model does not run in onnxruntime on random inputs (%s); "
+                            "outputs will not be compared: give --data",
+                            str(exc).strip().splitlines()[0][:200])
+                self.feeds = []  # later graphs would fail on them too, not by their passes
+                return
+        self.reference = self.original = outputs
 
     def check(self, proto: onnx.ModelProto, done: list[Pass],
               records: list[PassRecord]) -> dict[str, Any]:

@@ -398,3 +398,93 @@ def test_console_script_version_and_exit_codes(tmp_path, model_path):
     usage = subprocess.run([exe], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2
     assert "usage: graphq" in usage.stderr
+
+
+# ---- data the model does not run on --------------------------------------------------------
+def batch_of_one_model() -> onnx.ModelProto:
+    """x [N, 4] -> MatMul -> Reshape to the constant [1, 2, 3]: the input declares a variable
+    batch, the graph only runs with one sample (as exported with a traced batch of 1)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 2, 3], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="matmul"),
+             helper.make_node("Reshape", ["m", "shape"], ["y"], name="fixed_reshape")]
+    graph = helper.make_graph(
+        nodes, "b1", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = IR
+    return model
+
+
+def test_run_on_data_a_batch_of_one_graph_cannot_take(capsys, tmp_path):
+    """Batches of 8 fail in onnxruntime on the input model itself: a data error (exit 2)
+    naming the batch and that each sample runs alone, with the fix; --batch-size 1 runs."""
+    path = save(tmp_path / "b1.onnx", batch_of_one_model())
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((8, 4)).astype(np.float32))
+    code, _, err = run_cli(capsys, "run", "int8", path, "--data", data, "-o", tmp_path / "out")
+    assert code == 2, err
+    assert_one_error_line(err, "the input model does not run in onnxruntime on batch 1 of the "
+                          "data (8 samples)", "fixed_reshape", "Each of its samples runs on "
+                          "its own", "--batch-size 1", "batch_size = 1 under [data]")
+    assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(capsys, "run", "int8", path, "--data", data, "-o", tmp_path / "out",
+                           "--batch-size", "1")
+    assert code == 0, err
+    assert "batch_size = 1" in (tmp_path / "out" / "pipeline.toml").read_text()
+    assert (tmp_path / "out" / "b1.deploy.onnx").is_file()
+    code, _, err = run_cli(capsys, "run", "int8", path, "--data", data, "-o", tmp_path / "o2",
+                           "--batch-size", "0")
+    assert code == 2
+    assert_one_error_line(err, "--batch-size must be at least 1, got 0")
+
+
+def test_run_on_a_sample_the_model_cannot_take(capsys, tmp_path):
+    """A token id beyond the vocabulary in the 6th sample: with verification off, calibrate's
+    streaming meets it in batch 3 (batches of 2), and the error names the batch, the sample
+    and what to check (exit 2)."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "table"),
+             numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
+    graph = helper.make_graph(
+        nodes, "tokens", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = IR
+    path = save(tmp_path / "tokens.onnx", model)
+    ids = rng.integers(0, 10, (8, 3))
+    ids[5, 1] = 99
+    data = tmp_path / "ids.npz"
+    np.savez(data, ids=ids)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('[pipeline]\nverify = "off"\n[data]\nbatch_size = 2\n'
+                        '[[passes]]\nname = "insert-qdq"\n[[passes]]\nname = "calibrate"\n'
+                        '[[passes]]\nname = "emit"\n')
+    code, _, err = run_cli(capsys, "run", pipeline, path, "--data", data, "-o", tmp_path / "out")
+    assert code == 2, err
+    assert_one_error_line(err, "pass 'calibrate'", "the float model does not run in onnxruntime "
+                          "on batch 3 of the data (2 samples)", "Sample 1 of that batch fails "
+                          "on its own too", "token ids within its vocabulary")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_without_data_on_a_model_random_inputs_do_not_fit(capsys, tmp_path):
+    """Without data, random inputs that the input model cannot take (a free length that its
+    graph fixes at 4; random inputs use 32) are not blamed on the passes: a warning, and the
+    graphs after each pass are checked but not run on them."""
+    inits = [numpy_helper.from_array(np.array([1, 4], np.int64), "shape")]
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["r"], name="fixed"),
+         helper.make_node("Relu", ["r"], ["y"], name="relu")], "free",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "L"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = IR
+    path = save(tmp_path / "free.onnx", model)
+    code, _, err = run_cli(capsys, "run", "prepare", path, "-o", tmp_path / "out")
+    assert code == 0, err
+    assert "the input model does not run in onnxruntime on random inputs" in err
+    assert (tmp_path / "out" / "free.opt.onnx").is_file()

@@ -49,7 +49,7 @@ from graphq import latency, runtime
 from graphq import segments as SEG
 from graphq import sensitivity as S
 from graphq.biases import bias_sites, quantize_biases
-from graphq.data import samples_in
+from graphq.data import run_failure, samples_in
 from graphq.errors import ConfigError, DataError, PassError
 from graphq.kernels import observers as O
 from graphq.kernels import quant as Q
@@ -345,18 +345,23 @@ class Calibrate(Pass):
         outputs = [o.name for o in model.graph.output] if search else []
         fetched = list(dict.fromkeys(names + extra + outputs))
         fetch = [renamed.get(n, n) for n in fetched]
-        for values in _run_ahead(sess, fetch, feeds()):
-            feed = order.popleft()
-            for name, value in zip(fetched, values, strict=True):
-                if name in observers:
-                    observers[name].observe(value)
-                if name in channel_means:
-                    channel_means[name].observe(value)
-            if search:
-                got = dict(zip(fetched, values, strict=True))
-                kept.offer(feed, {o: got[o] for o in outputs})
-            batches += 1
-            progress.update(batches)
+        try:
+            for values in _run_ahead(sess, fetch, feeds()):
+                feed = order.popleft()
+                for name, value in zip(fetched, values, strict=True):
+                    if name in observers:
+                        observers[name].observe(value)
+                    if name in channel_means:
+                        channel_means[name].observe(value)
+                if search:
+                    got = dict(zip(fetched, values, strict=True))
+                    kept.offer(feed, {o: got[o] for o in outputs})
+                batches += 1
+                progress.update(batches)
+        except _RunFailed as failed:
+            progress.close()
+            raise run_failure(model, failed.feed, lambda f: sess.run(fetch, f), failed.error,
+                              "the float model", batches + 1) from failed.error
         progress.close()
         for output, sources in derived.items():  # in graph order: a Concat of Concats works
             for source in sources:
@@ -982,6 +987,14 @@ def _derived_concats(graph: gs.Graph, observed: set[str], fetched: set[str]
     return derived
 
 
+class _RunFailed(Exception):
+    """onnxruntime failed on ``feed`` (:func:`_run_ahead`)."""
+
+    def __init__(self, feed: dict[str, np.ndarray], error: BaseException) -> None:
+        super().__init__(str(error))
+        self.feed, self.error = feed, error
+
+
 def _run_ahead(sess, names: list[str], feeds: Iterable[dict[str, np.ndarray]]
                ) -> Iterator[list[np.ndarray]]:
     """``sess.run(names, feed)`` for each feed, the next batch running (and its feed being
@@ -993,7 +1006,12 @@ def _run_ahead(sess, names: list[str], feeds: Iterable[dict[str, np.ndarray]]
 
         def next_run() -> list[np.ndarray] | None:
             feed = next(feeds, None)
-            return None if feed is None else sess.run(names, feed)
+            if feed is None:
+                return None
+            try:
+                return sess.run(names, feed)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's, raised for this feed
+                raise _RunFailed(feed, exc) from exc
 
         pending = pool.submit(next_run)
         while True:

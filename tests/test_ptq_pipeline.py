@@ -139,13 +139,15 @@ def test_nan_in_data_exits_2_and_names_the_input(tmp_path, net, capsys):
     assert "'x'" in err and "nan" in err.lower()
 
 
-def test_nothing_quantizable_exits_1_with_a_clear_message(tmp_path, capsys):
+def test_nothing_quantizable_exits_2_with_a_clear_message(tmp_path, capsys):
+    """Nothing failed: the model (or the options' selection) has nothing to quantize, an
+    input or configuration problem (exit 2), not a failed pass (exit 1)."""
     model = make_model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
                         helper.make_node("Softmax", ["r"], ["y"], name="softmax")],
                        [tensor("x", ["N", 5])], [tensor("y", ["N", 5])])
     onnx.save(model, tmp_path / "act.onnx")
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(4).normal(size=(8, 5)))
-    err = run_failing(tmp_path, capsys, tmp_path / "act.onnx", tmp_path / "calib.npz", 1)
+    err = run_failing(tmp_path, capsys, tmp_path / "act.onnx", tmp_path / "calib.npz", 2)
     assert "pass 'insert-qdq'" in err and "nothing in this model can be quantized" in err
 
 

@@ -61,7 +61,7 @@ from graphq import graph as G
 from graphq import latency, runtime
 from graphq import model as model_io
 from graphq.biases import quantize_biases
-from graphq.errors import ModelError, PassError, did_you_mean
+from graphq.errors import ConfigError, ModelError, PassError, did_you_mean
 from graphq.kernels import quant as Q
 from graphq.passes.canonicalize import upgrade_opset
 from graphq.passes.emit import deploy_graph
@@ -237,9 +237,10 @@ class InsertQDQ(Pass):
         self._check_overrides(graph)
         out, table, planner = self._place(model, [])
         if not table.quantized():
-            raise PassError("nothing in this model can be quantized: no "
-                            f"{'/'.join(COMPUTE)} with float inputs was selected; "
-                            "check the ops, include and exclude options")
+            # nothing failed: the model (or the options' selection) has nothing to quantize
+            raise ConfigError("nothing in this model can be quantized: no "
+                              f"{'/'.join(COMPUTE)} with float inputs was selected; "
+                              "check the ops, include and exclude options")
         notes = upgraded + planner.notes
         if self.options.float_prefix_search and len(planner.computes) > 1:
             out, table, planner, note = self._prefix_search(model, ctx, out, table, planner)

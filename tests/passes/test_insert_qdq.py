@@ -590,20 +590,20 @@ def test_int16_activations_at_opset_21():
     assert table.get("x").dtype == "int16"
 
 
-def test_nothing_quantizable_is_a_pass_error():
+def test_nothing_quantizable_is_a_config_error():
     nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Softmax", ["r"], ["y"])]
     model = build(nodes, [tensor("x", [2, 5])], [tensor("y", [2, 5])])
-    with pytest.raises(PassError, match="nothing in this model can be quantized"):
+    with pytest.raises(ConfigError, match="nothing in this model can be quantized"):
         insert(model)
 
 
-def test_every_compute_op_excluded_is_a_pass_error():
-    with pytest.raises(PassError, match="nothing in this model can be quantized"):
+def test_every_compute_op_excluded_is_a_config_error():
+    with pytest.raises(ConfigError, match="nothing in this model can be quantized"):
         insert(mlp(np.random.default_rng(24)), exclude_ops=["MatMul"])
 
 
-def test_include_that_matches_nothing_is_a_pass_error():
-    with pytest.raises(PassError, match="include"):
+def test_include_that_matches_nothing_is_a_config_error():
+    with pytest.raises(ConfigError, match="include"):
         insert(mlp(np.random.default_rng(22)), include=["^no-such-node$"])
 
 

@@ -22,6 +22,14 @@ from graphq import runtime
 Feed = dict[str, np.ndarray]
 
 
+#: timing stops after this many seconds of rounds once ``FLOOR_ROUNDS`` rounds are in, however
+#: many rounds were asked for: a ViT-S on a batch of 16 photos runs 4 s a time, and 20 rounds
+#: of float and deploy had taken 3 minutes of emit's time, 7 rounds of 4 placements 2.5 of
+#: insert-qdq's.
+CAP_S = 20.0
+FLOOR_ROUNDS = 3
+
+
 def medians(models: Sequence[onnx.ModelProto], feed: Feed, providers: list[str],
             budget_s: float = 2.0, min_rounds: int = 7, max_rounds: int = 60) -> list[float]:
     """Median seconds per run of each model on ``feed``, one session each
@@ -32,17 +40,31 @@ def medians(models: Sequence[onnx.ModelProto], feed: Feed, providers: list[str],
 
 def session_medians(sessions: Sequence[Any], feed: Feed, budget_s: float = 2.0,
                     min_rounds: int = 7, max_rounds: int = 60) -> list[float]:
-    """Median seconds per run of each session on ``feed``: warmed up, then rounds that run
-    every session once, the order rotated each round (load hits all alike), until
-    ``budget_s`` is spent (at least ``min_rounds``, at most ``max_rounds``)."""
+    """Median seconds per run of each session on ``feed`` (:func:`session_timings`)."""
+    return session_timings(sessions, feed, budget_s, min_rounds, max_rounds)[0]
+
+
+def session_timings(sessions: Sequence[Any], feed: Feed, budget_s: float = 2.0,
+                    min_rounds: int = 7, max_rounds: int = 60) -> tuple[list[float], int]:
+    """Median seconds per run of each session on ``feed``, and the rounds run: warmed up
+    (twice each; once where a run takes over ``CAP_S / 20``), then rounds that run every
+    session once, the order rotated each round (load hits all alike), until ``budget_s`` is
+    spent (at least ``min_rounds``, at most ``max_rounds``; and no more once ``CAP_S`` is
+    spent and ``FLOOR_ROUNDS`` are in)."""
     for sess in sessions:
-        for _ in range(2):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        if time.perf_counter() - t < CAP_S / 20:
             sess.run(None, feed)
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
     rounds = 0
-    while rounds < max_rounds and (rounds < min_rounds or
-                                   time.perf_counter() - start < budget_s):
+    while rounds < max_rounds:
+        spent = time.perf_counter() - start
+        if rounds >= min_rounds and spent >= budget_s:
+            break
+        if rounds >= FLOOR_ROUNDS and spent >= CAP_S:
+            break
         order = list(range(len(sessions)))
         shift = rounds % len(order)
         for i in order[shift:] + order[:shift]:
@@ -50,7 +72,7 @@ def session_medians(sessions: Sequence[Any], feed: Feed, budget_s: float = 2.0,
             sessions[i].run(None, feed)
             times[i].append(time.perf_counter() - t)
         rounds += 1
-    return [float(np.median(t)) for t in times]
+    return [float(np.median(t)) for t in times], rounds
 
 
 def longest_within(seconds: Sequence[float], margin: float) -> int:

@@ -55,7 +55,8 @@ class EmitOptions:
         "help": "samples of eval data used for the report", "min": 1})
     worst: int = field(default=20, metadata={"help": "tensors listed by worst SQNR", "min": 0})
     latency_runs: int = field(default=20, metadata={
-        "help": "interleaved runs timing float vs deploy (0: no timing)", "min": 0})
+        "help": "interleaved runs timing float vs deploy (0: no timing; fewer, at least 3, "
+                "where they would take over 20 s)", "min": 0})
     warn_sqnr_db: float = field(default=15.0, metadata={
         "help": "warn (log, report, notes) when an output, or a part of a concatenated "
                 "output, keeps less SQNR than this against the float model on the eval data"})
@@ -304,10 +305,13 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
 
 def _latency(float_sess: Any, deploy_sess: Any, feed: dict[str, np.ndarray],
              runs: int) -> dict[str, float]:
-    """Median milliseconds per run, float and deploy interleaved so that load is shared."""
-    f, d = (1e3 * t for t in latency.session_medians(
-        [float_sess, deploy_sess], feed, budget_s=0.0, min_rounds=runs, max_rounds=runs))
-    return {"float": f, "deploy": d, "speedup": f / d if d > 0 else float("nan")}
+    """Median milliseconds per run, float and deploy interleaved so that load is shared
+    (``runs`` rounds, fewer where they would take over ``latency.CAP_S``), and the rounds."""
+    (f, d), rounds = latency.session_timings(
+        [float_sess, deploy_sess], feed, budget_s=0.0, min_rounds=runs, max_rounds=runs)
+    f, d = 1e3 * f, 1e3 * d
+    return {"float": f, "deploy": d, "speedup": f / d if d > 0 else float("nan"),
+            "runs": rounds}
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

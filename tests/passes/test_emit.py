@@ -126,7 +126,8 @@ def test_report_has_a_quantization_section(emitted):
     assert q["size_bytes"]["deploy"] < q["size_bytes"]["float"]
     assert q["tensors"]["quantized"] > 0
     assert q["outputs"]["y"]["cosine"] > 0.99
-    assert set(q["latency_ms"]) == {"float", "deploy", "speedup"}
+    assert set(q["latency_ms"]) == {"float", "deploy", "speedup", "runs"}
+    assert q["latency_ms"]["runs"] == 2  # latency_runs: a small net is far from the cap
     assert q["worst_tensors"] and all("sqnr_db" in row for row in q["worst_tensors"])
     assert "accuracy" not in q  # the calibration data carries no labels
     text = (emitted["out"] / "report.md").read_text()

@@ -50,7 +50,7 @@ from graphq import segments as SEG
 from graphq import sensitivity as S
 from graphq.biases import bias_sites, quantize_biases
 from graphq.data import run_failure, samples_in
-from graphq.errors import ConfigError, DataError, PassError
+from graphq.errors import ConfigError, DataError, GraphqError, PassError
 from graphq.kernels import observers as O
 from graphq.kernels import quant as Q
 from graphq.passes.emit import deploy_graph
@@ -1010,6 +1010,8 @@ def _run_ahead(sess, names: list[str], feeds: Iterable[dict[str, np.ndarray]]
                 return None
             try:
                 return sess.run(names, feed)
+            except GraphqError:
+                raise
             except Exception as exc:  # noqa: BLE001 - onnxruntime's, raised for this feed
                 raise _RunFailed(feed, exc) from exc
 

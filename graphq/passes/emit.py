@@ -93,7 +93,7 @@ class Emit(Pass):
         report = self._report(model, deploy, table, ctx)
         for line in summary_lines(report):
             log.info("%s", line)
-        notes = self._judge(report)
+        notes = self._judge(report) + _judge_speed(report, table, ctx.providers)
         ctx.report["quantization"] = report
         ctx.artifacts["report.md"] = render_markdown(report)
         if any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight")):
@@ -142,7 +142,9 @@ class Emit(Pass):
         shown = ", ".join(f"'{k}' {v:.1f} dB" for k, v in low.items())
         failed = {k: v for k, v in low.items() if v < self.options.require_sqnr_db}
         advice = ("calibrate's target_sqnr_db = 20 keeps float the activations that cost the "
-                  "outputs most; method = \"mse\" or QAT (the qat pass) may also recover it")
+                  "outputs most (search_by = \"segment\": a few runs in all, and it sees the "
+                  "error their weights amplify); method = \"mse\" or QAT (the qat pass) may "
+                  "also recover it")
         if failed:
             raise PassError(f"output SQNR against the float model below require_sqnr_db "
                             f"{self.options.require_sqnr_db:g} dB on {where}: {shown}; {advice}")
@@ -301,6 +303,25 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
                      "range": table.get(t).range})
     rows.sort(key=lambda r: r["sqnr_db"])
     return rows[:n]
+
+
+def _judge_speed(report: dict[str, Any], table: QuantTable, providers: list[str]
+                 ) -> list[str]:
+    """A warning (log, report, note) where the deploy graph with 8-bit weights ran slower
+    than the float model in the timing (4-bit weights have their own note)."""
+    lat = report.get("latency_ms")
+    if not lat or not lat["speedup"] < 1.0 or any(
+            Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight")):
+        return []
+    warning = (f"slower than float: the deploy graph ran at {lat['speedup']:.2f}x the float "
+               f"model's speed in onnxruntime ({', '.join(providers)}; median of "
+               f"{lat.get('runs', '?')} interleaved runs on this machine): what onnxruntime "
+               "does not fuse into integer kernels runs in float between DequantizeLinear and "
+               "QuantizeLinear, and some integer kernels (depthwise, few input channels) run "
+               "slower than float ones on some CPUs; its gain here is size")
+    log.warning("%s", warning)
+    report.setdefault("warnings", []).append(warning)
+    return [warning]
 
 
 def _latency(float_sess: Any, deploy_sess: Any, feed: dict[str, np.ndarray],

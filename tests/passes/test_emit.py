@@ -451,7 +451,35 @@ def test_shipped_digits_cnn_at_w4a8_keeps_top1_near_float(tmp_path):
 # ---- low fidelity: a warning, or a refusal ----------------------------------------------------
 def test_a_faithful_graph_has_no_warning(emitted):
     q = emitted["result"].report["quantization"]
-    assert min(f["sqnr_db"] for f in q["outputs"].values()) > 15 and "warnings" not in q
+    assert min(f["sqnr_db"] for f in q["outputs"].values()) > 15
+    assert not [w for w in q.get("warnings", []) if not w.startswith("slower than float")]
+
+
+def test_a_deploy_graph_slower_than_float_is_warned(tmp_path, monkeypatch):
+    """Timed slower than the float model (the timing stubbed: float 1 ms, deploy 2 ms), the
+    report and emit's notes say so, with the speed and the rounds; 4-bit weights, which run
+    in float by design, get their own note instead."""
+    import graphq.passes.emit as E
+
+    monkeypatch.setattr(E.latency, "session_timings",
+                        lambda sessions, feed, **kw: ([0.001, 0.002], kw["max_rounds"]))
+    rng = np.random.default_rng(7)
+    result = PassManager(passes(latency_runs=5)).run(heavy_net(rng), tmp_path / "out",
+                                                     data=[{"x": inputs(rng, 16)}])
+    q = result.report["quantization"]
+    assert q["latency_ms"] == {"float": 1.0, "deploy": 2.0, "speedup": 0.5, "runs": 5}
+    (warning,) = q["warnings"]
+    assert warning.startswith("slower than float: the deploy graph ran at 0.50x the float "
+                              "model's speed in onnxruntime (CPUExecutionProvider; median of 5 "
+                              "interleaved runs")
+    assert warning in result.records[-1].notes
+    assert f"**Warning**: {warning}" in (tmp_path / "out" / "report.md").read_text()
+    four = PassManager([InsertQDQ(weights={"dtype": "int4"}), Calibrate(method="minmax"),
+                        Emit(latency_runs=5)]).run(heavy_net(rng), tmp_path / "out4",
+                                                   data=[{"x": inputs(rng, 16)}])
+    assert not [w for w in four.report["quantization"].get("warnings", [])
+                if w.startswith("slower")]
+    assert any(n.startswith("4-bit weights") for n in four.records[-1].notes)
 
 
 def test_an_output_below_warn_sqnr_db_is_warned_in_log_report_and_notes(tmp_path, caplog):

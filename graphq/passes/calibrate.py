@@ -113,9 +113,9 @@ class CalibrateOptions:
                 "least (with bias_correction, its bias then takes the mean error left); Conv "
                 "and ConvTranspose (1-D, 2-D), Gemm and MatMul weights, the rest nearest. "
                 "Under method auto it is fitted on every other search batch and kept only if "
-                "the graph scores "
-                "better with it than with nearest rounding on the others: at 8 bits it helped "
-                "some nets and cost others up to 2 dB; at 4 bits it gained 2-18 dB"})
+                "the graph scores better with it than with nearest rounding on the others: at "
+                "8 bits it helped some nets and cost others up to 2 dB; at 4 bits it gained "
+                "2-18 dB"})
     rounding_rows: int = field(default=8192, metadata={
         "help": "weight_rounding = gptq: input rows (a Conv's patches, a MatMul's rows) each "
                 "weight's statistics are taken from, drawn evenly from the search batches; "

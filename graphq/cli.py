@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                      "(overrides [data] source)")
     run.add_argument("--batch-size", type=int, metavar="N",
                      help="samples per data batch (overrides [data] batch_size; default 16)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.OPTION=VALUE",
+                     help="set an option of the pipeline (a preset too), repeatable: "
+                          "calibrate.target_sqnr_db=25, calibrate.search_by=segment, "
+                          "insert-qdq.weights.dtype=int4, data.batch_size=1")
     run.add_argument("--providers", help="onnxruntime execution providers, comma-separated "
                      "(overrides [pipeline] providers), e.g. CUDAExecutionProvider,cpu")
     run.add_argument("--dump-dir", help="write the graph after each pass into this folder")
@@ -106,7 +110,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from graphq.pipeline import PassManager
 
-    manager = PassManager.from_toml(args.pipeline)
+    manager = PassManager.from_toml(args.pipeline, args.set)
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -17,6 +17,7 @@ import os
 import re
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -85,22 +86,27 @@ class PassManager:
 
     # ---- reading and printing pipelines -------------------------------------------------
     @classmethod
-    def from_toml(cls, spec: str | Path) -> PassManager:
-        """Read a pipeline file, or a preset by name (see :func:`presets`)."""
+    def from_toml(cls, spec: str | Path, overrides: Sequence[str] = ()) -> PassManager:
+        """Read a pipeline file, or a preset by name (see :func:`presets`); ``overrides``
+        set options on it (:func:`apply_overrides`)."""
         path = resolve_pipeline(spec)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read the pipeline file {path}: {exc}") from exc
-        return cls.from_text(text, origin=path)
+        return cls.from_text(text, origin=path, overrides=overrides)
 
     @classmethod
-    def from_text(cls, text: str, origin: Path | None = None) -> PassManager:
+    def from_text(cls, text: str, origin: Path | None = None,
+                  overrides: Sequence[str] = ()) -> PassManager:
         where = str(origin) if origin else "<pipeline>"
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
+        apply_overrides(doc, overrides)
+        if overrides:
+            where += f" with --set {' '.join(overrides)}"
         allowed = ("pipeline", "data", "passes")
         for key in doc:
             if key not in allowed:
@@ -436,6 +442,42 @@ def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: '{key}' must be a table [{key}]")
     return value
+
+
+# ---- overrides ------------------------------------------------------------------------------
+def apply_overrides(doc: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Set options of a parsed pipeline file in place, each ``SECTION.KEY=VALUE``: SECTION is
+    ``pipeline``, ``data`` or a pass name (every pass of that name), KEY an option (dotted
+    into a table: ``insert-qdq.weights.dtype=int4``), VALUE a TOML value or a bare word (a
+    string). The options are checked as the file's are, when the pipeline is built."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, option = key.strip().partition(".")
+        if not sep or not dot or not option or not section:
+            raise ConfigError(f"--set '{item}': write SECTION.OPTION=VALUE, e.g. "
+                              "calibrate.method=mse, insert-qdq.weights.dtype=int4, "
+                              "data.batch_size=1")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare word: a string
+        if section in ("pipeline", "data"):
+            tables = [doc.setdefault(section, {})]
+        else:
+            entries = doc.get("passes") if isinstance(doc.get("passes"), list) else []
+            tables = [e for e in entries if isinstance(e, dict) and e.get("name") == section]
+            if not tables:
+                names = [str(e.get("name")) for e in entries if isinstance(e, dict)]
+                raise ConfigError(f"--set '{item}': the pipeline has no pass '{section}'"
+                                  f"{did_you_mean(section, names)}; its passes: "
+                                  f"{', '.join(names) or '(none)'}; or set pipeline.* / data.*")
+        *path, last = option.split(".")
+        for table in tables:
+            for part in path:
+                table = table.setdefault(part, {})
+                if not isinstance(table, dict):
+                    raise ConfigError(f"--set '{item}': '{part}' is not a table")
+            table[last] = value
 
 
 # ---- presets --------------------------------------------------------------------------------

@@ -488,3 +488,40 @@ def test_run_without_data_on_a_model_random_inputs_do_not_fit(capsys, tmp_path):
     assert code == 0, err
     assert "the input model does not run in onnxruntime on random inputs" in err
     assert (tmp_path / "out" / "free.opt.onnx").is_file()
+
+
+def test_run_sets_options_of_a_preset_from_the_command_line(capsys, tmp_path):
+    """--set SECTION.OPTION=VALUE changes a preset's options (a pass's, a nested table's,
+    [data]'s) for this run; the written pipeline.toml holds them. A bare word is a string."""
+    path = save(tmp_path / "b1.onnx", batch_of_one_model())
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32))
+    code, _, err = run_cli(capsys, "run", "int8", path, "--data", data, "-o", tmp_path / "out",
+                           "--set", "data.batch_size=1", "--set", "calibrate.method=minmax",
+                           "--set", "insert-qdq.weights.dtype=int4", "--set",
+                           "calibrate.min_sqnr_db = 0", "--set", "emit.latency_runs=0")
+    assert code == 0, err
+    written = graphq.PassManager.from_toml(tmp_path / "out" / "pipeline.toml")
+    by_name = {p.name: p.to_table() for p in written.passes}
+    assert written.data.batch_size == 1
+    assert by_name["calibrate"]["method"] == "minmax"
+    assert by_name["calibrate"]["min_sqnr_db"] == 0.0
+    assert by_name["insert-qdq"]["weights"]["dtype"] == "int4"
+    assert by_name["insert-qdq"]["weights"]["per_channel"] is True  # the rest of the table kept
+    assert by_name["emit"]["latency_runs"] == 0
+
+
+@pytest.mark.parametrize("setting, fragments", [
+    ("calibrate.method", ["--set 'calibrate.method': write SECTION.OPTION=VALUE"]),
+    ("calibrat.method=mse", ["no pass 'calibrat'", "did you mean 'calibrate'",
+                             "its passes: canonicalize, fold-bn, insert-qdq, calibrate, emit"]),
+    ("calibrate.methd=mse", ["methd"]),
+    ("calibrate.method=best", ["best"]),
+])
+def test_run_with_a_bad_setting_is_a_usage_error(capsys, tmp_path, model_path, setting,
+                                                 fragments):
+    code, _, err = run_cli(capsys, "run", "int8", model_path, "-o", tmp_path / "out",
+                           "--set", setting)
+    assert code == 2, err
+    assert_one_error_line(err, *fragments)
+    assert not (tmp_path / "out").exists()

@@ -143,8 +143,9 @@ class Emit(Pass):
         failed = {k: v for k, v in low.items() if v < self.options.require_sqnr_db}
         advice = ("calibrate's target_sqnr_db = 20 keeps float the activations that cost the "
                   "outputs most (search_by = \"segment\": a few runs in all, and it sees the "
-                  "error their weights amplify); method = \"mse\" or QAT (the qat pass) may "
-                  "also recover it")
+                  "error their weights amplify; on a preset: --set calibrate.target_sqnr_db=20 "
+                  "--set calibrate.search_by=segment); method = \"mse\" or QAT (the qat pass) "
+                  "may also recover it")
         if failed:
             raise PassError(f"output SQNR against the float model below require_sqnr_db "
                             f"{self.options.require_sqnr_db:g} dB on {where}: {shown}; {advice}")

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from graphq.errors import DataError, did_you_mean
+from graphq.errors import DataError, did_you_mean, first_line
 from graphq.runtime import batch_axes, input_spec, true_inputs
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def run_failure(model: onnx.ModelProto, feed: Feed, run: Any, exc: BaseException
     alone too, it names that sample."""
     n = samples_in(feed, model)
     text = (f"{what} does not run in onnxruntime on batch {batch} of the data ({n} sample"
-            f"{'s' if n != 1 else ''}): {_first_line(exc)}")
+            f"{'s' if n != 1 else ''}): {first_line(exc)}")
     axes = batch_axes(true_inputs(model))
     for i in range(min(n, _ALONE) if n > 1 else 0):
         one = {k: v if axes.get(k, 0) is None or np.ndim(v) <= axes.get(k, 0) else
@@ -275,7 +275,7 @@ def run_failure(model: onnx.ModelProto, feed: Feed, run: Any, exc: BaseException
             run(one)
         except Exception as alone:  # noqa: BLE001 - onnxruntime's, on this sample
             return DataError(f"{text}. Sample {i} of that batch fails on its own too "
-                             f"({_first_line(alone)[:120]}). {_CHECK}")
+                             f"({first_line(alone)[:120]}). {_CHECK}")
     if n > 1:
         return DataError(
             f"{text}. Each of its samples runs on its own: the graph fixes the batch size at "
@@ -290,11 +290,6 @@ _ALONE = 64
 
 _CHECK = ("Check that the data is what the model expects (value ranges, token ids within its "
           "vocabulary, the sizes its graph assumes)")
-
-
-def _first_line(exc: BaseException) -> str:
-    line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return line if len(line) <= 300 else line[:300] + "..."
 
 
 def _batch_len(feed: dict[str, np.ndarray], axes: dict[str, int | None]) -> int:

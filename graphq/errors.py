@@ -40,6 +40,15 @@ class PassError(GraphqError):
     exit_code = 1
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none), cut at
+    ``limit`` characters with "..." where it is longer: onnxruntime's and onnx's messages
+    run to many lines of C++ context."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` when a close choice exists, else ``""``."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

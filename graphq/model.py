@@ -27,7 +27,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper
 
-from graphq.errors import ModelError
+from graphq.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
     except Exception as exc:  # noqa: BLE001 - inference errors are reported, not fatal
-        return model, str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        return model, first_line(exc)
     graph = model.graph
     for name in ("node", "output", "value_info"):
         target = getattr(graph, name)

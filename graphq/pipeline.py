@@ -30,7 +30,7 @@ from graphq import __version__, runtime
 from graphq import model as model_io
 from graphq import options as opts
 from graphq.data import DataOptions, DataSource, Feed, run_failure
-from graphq.errors import ConfigError, GraphqError, ModelError, PassError, did_you_mean
+from graphq.errors import ConfigError, GraphqError, ModelError, PassError, did_you_mean, first_line
 from graphq.registry import Pass, PassContext, create
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ class _Verifier:
             sess = runtime.session(proto, self.ctx.providers)
         except Exception as exc:  # noqa: BLE001 - a pass may make it loadable (an old opset)
             log.warning("onnxruntime cannot load the input model (%s); its outputs will not be "
-                        "compared", str(exc).strip().splitlines()[0][:200])
+                        "compared", first_line(exc, 200))
             return
         outputs = []
         for i, feed in enumerate(self.feeds):
@@ -315,7 +315,7 @@ class _Verifier:
                                       batch=i + 1) from exc
                 log.warning("the input model does not run in onnxruntime on random inputs (%s); "
                             "outputs will not be compared: give --data",
-                            str(exc).strip().splitlines()[0][:200])
+                            first_line(exc, 200))
                 self.feeds = []  # later graphs would fail on them too, not by their passes
                 return
         self.reference = self.original = outputs
@@ -394,7 +394,7 @@ def _check_input(proto: onnx.ModelProto, source: model_io.Source) -> None:
             _checker(serialized, full_check=False)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"{where} is not a valid ONNX model (onnx.checker: "
-                             f"{str(exc).strip().splitlines()[0][:300]}); fix or re-export it"
+                             f"{first_line(exc)}); fix or re-export it"
                              ) from exc
 
 

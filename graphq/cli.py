@@ -110,11 +110,12 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from graphq.pipeline import PassManager
 
-    manager = PassManager.from_toml(args.pipeline, args.set)
-    if args.batch_size is not None:
+    overrides = list(args.set)
+    if args.batch_size is not None:  # --set data.batch_size=N, with the flag's own message
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-        manager.data = dataclasses.replace(manager.data, batch_size=args.batch_size)
+        overrides.append(f"data.batch_size={args.batch_size}")
+    manager = PassManager.from_toml(args.pipeline, overrides)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] \
         if args.providers else None
     result = manager.run(args.model, args.outdir, data=args.data, providers=providers,

@@ -463,6 +463,8 @@ def apply_overrides(doc: dict[str, Any], overrides: Sequence[str]) -> None:
             value = raw.strip()  # a bare word: a string
         if section in ("pipeline", "data"):
             tables = [doc.setdefault(section, {})]
+            if not isinstance(tables[0], dict):
+                raise ConfigError(f"--set '{item}': [{section}] is not a table in the file")
         else:
             entries = doc.get("passes") if isinstance(doc.get("passes"), list) else []
             tables = [e for e in entries if isinstance(e, dict) and e.get("name") == section]

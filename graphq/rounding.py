@@ -91,11 +91,11 @@ class Site:
                 w = w.T
         _set_values(self.weight, np.ascontiguousarray(w).astype(values.dtype))
 
-    def per_row(self, values: np.ndarray) -> np.ndarray:
+    def per_row(self, values: np.ndarray, rows: int) -> np.ndarray:
         """A per-tensor or per-channel scale or zero point as one value per row (groups,
-        rows of a group): a ConvTranspose's per-channel values (one per output channel of a
-        group) repeat in every group."""
-        g, r = self.groups, self.rows().shape[1]
+        ``rows`` of a group, as :meth:`rows` gives them): a ConvTranspose's per-channel
+        values (one per output channel of a group) repeat in every group."""
+        g, r = self.groups, rows
         a = np.asarray(values, np.float64).reshape(-1)
         return a.reshape(g, r) if a.size == g * r else np.broadcast_to(a, (g, r)).copy()
 
@@ -316,7 +316,7 @@ def round_weights(model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
             unseen.append(site.node.name)
             continue
         w, entry = site.rows(), site.entry
-        scale, zero = site.per_row(entry.scale), site.per_row(entry.zero_point)
+        scale, zero = (site.per_row(v, w.shape[1]) for v in (entry.scale, entry.zero_point))
         before = np.asarray(G.constant_values(site.weight))
         # each row keeps the span nearest rounding gives it (a 7-bit weight stays 7-bit)
         nearest = site.rows(Q.quantize(before, np.asarray(entry.scale),

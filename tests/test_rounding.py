@@ -93,7 +93,8 @@ def test_patches_times_the_weight_rows_give_the_op_output(op, case):
                                atol=1e-5)
     if op == "ConvTranspose":  # a per-channel scale (one per channel of a group): each group's
         scale = np.arange(1, w.shape[1] + 1, dtype=np.float32)
-        np.testing.assert_array_equal(site.per_row(scale), np.tile(scale, (groups, 1)))
+        np.testing.assert_array_equal(site.per_row(scale, weights.shape[1]),
+                                      np.tile(scale, (groups, 1)))
 
 
 def test_matmul_rows_are_drawn_from_every_leading_axis():

@@ -359,10 +359,10 @@ class Calibrate(Pass):
                 batches += 1
                 progress.update(batches)
         except _RunFailed as failed:
-            progress.close()
             raise run_failure(model, failed.feed, lambda f: sess.run(fetch, f), failed.error,
                               "the float model", batches + 1) from failed.error
-        progress.close()
+        finally:
+            progress.close()
         for output, sources in derived.items():  # in graph order: a Concat of Concats works
             for source in sources:
                 observers[output].merge(observers[source])

@@ -93,10 +93,11 @@ class Emit(Pass):
         report = self._report(model, deploy, table, ctx)
         for line in summary_lines(report):
             log.info("%s", line)
-        notes = self._judge(report) + _judge_speed(report, table, ctx.providers)
+        four_bit = any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight"))
+        notes = self._judge(report) + ([] if four_bit else _judge_speed(report, ctx.providers))
         ctx.report["quantization"] = report
         ctx.artifacts["report.md"] = render_markdown(report)
-        if any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight")):
+        if four_bit:
             notes.append("4-bit weights: onnxruntime's CPU EP has no integer kernel for them, so "
                          "the deploy graph dequantizes them and runs Conv/Gemm/MatMul in float "
                          "on every run (slower than the float model there); its gains are size "
@@ -306,14 +307,12 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
     return rows[:n]
 
 
-def _judge_speed(report: dict[str, Any], table: QuantTable, providers: list[str]
-                 ) -> list[str]:
+def _judge_speed(report: dict[str, Any], providers: list[str]) -> list[str]:
     """A warning (report, note; an info line in the log, since timing is noisy and small
-    nets often run slower in int8) where the deploy graph with 8-bit weights ran slower
-    than the float model in the timing (4-bit weights have their own note)."""
+    nets often run slower in int8) where the deploy graph ran slower than the float model in
+    the timing (for 8-bit weights: 4-bit weights have their own note)."""
     lat = report.get("latency_ms")
-    if not lat or not lat["speedup"] < 1.0 or any(
-            Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight")):
+    if not lat or not lat["speedup"] < 1.0:
         return []
     warning = (f"slower than float: the deploy graph ran at {lat['speedup']:.2f}x the float "
                f"model's speed in onnxruntime ({', '.join(providers)}; median of "

@@ -282,3 +282,86 @@ def test_prelu_with_a_computed_slope_or_turned_off_stays():
     fed.graph.input.append(tensor("slope", [6, 1, 1]))
     _, result = canonicalize(fed, simplify=False, fold_constants=False)
     assert op_counts(result.model)["PRelu"] == 1 and result.counts["prelus_rewritten"] == 0
+
+
+# ---- Erf-form GELU -> Gelu ------------------------------------------------------------------
+def gelu_model(form: str, opset: int = 13, extra_output: str | None = None) -> onnx.ModelProto:
+    """Conv -> GELU written with Erf, in the orders exporters write it -> Conv."""
+    rng = np.random.default_rng(8)
+    inits = {"w1": rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32),
+             "w2": rng.normal(0, 0.3, (4, 6, 1, 1)).astype(np.float32),
+             "sqrt2": np.array(np.sqrt(2.0), np.float32),
+             "inv_sqrt2": np.array(1 / np.sqrt(2.0), np.float32),
+             "one": np.array(1.0, np.float32), "half": np.array(0.5, np.float32)}
+    scale = (helper.make_node("Mul", ["inv_sqrt2", "c"], ["s"], name="scale") if form == "mul"
+             else helper.make_node("Div", ["c", "sqrt2"], ["s"], name="scale"))
+    head = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1"), scale,
+            helper.make_node("Erf", ["s"], ["e"], name="erf"),
+            helper.make_node("Add", ["one", "e"], ["a"], name="plus_one")]
+    tail = {  # (1 + erf) * x * 0.5 in each order
+        "div": [helper.make_node("Mul", ["c", "a"], ["m"], name="times_x"),
+                helper.make_node("Mul", ["m", "half"], ["g"], name="gelu")],
+        "mul": [helper.make_node("Mul", ["a", "c"], ["m"], name="times_x"),
+                helper.make_node("Mul", ["half", "m"], ["g"], name="gelu")],
+        "half-first": [helper.make_node("Mul", ["c", "half"], ["m"], name="half_x"),
+                       helper.make_node("Mul", ["m", "a"], ["g"], name="gelu")],
+        "half-of-erf": [helper.make_node("Mul", ["a", "half"], ["m"], name="half_erf"),
+                        helper.make_node("Mul", ["c", "m"], ["g"], name="gelu")],
+    }[form]
+    nodes = [*head, *tail, helper.make_node("Conv", ["g", "w2"], ["y"], name="conv2")]
+    outputs = [tensor("y", ["N", 4, 6, 6])]
+    if extra_output:
+        outputs.append(tensor(extra_output, None))
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], outputs, inits, opset=opset)
+
+
+@pytest.mark.parametrize("form", ["div", "mul", "half-first", "half-of-erf"])
+def test_erf_gelu_becomes_one_gelu_raising_the_opset(form):
+    """Each order of x * 0.5 * (1 + erf(x / sqrt 2)) becomes Gelu(x) with the last node's
+    name and output; "raise-opset" takes the opset from 13 to 20 for it; the values stay
+    (onnxruntime, within 1e-5 of the largest output). Fused before onnxsim, which would fold
+    the * 0.5 into the next Conv and leave a pattern without it."""
+    before, result = canonicalize(gelu_model(form), fuse_gelu="raise-opset")
+    model = result.model
+    assert result.counts["gelus_fused"] == 1 and result.counts["opset_after"] == 20
+    assert [n.op_type for n in model.graph.node] == ["Conv", "Gelu", "Conv"]
+    gelu = model.graph.node[1]
+    assert (gelu.name, list(gelu.input), list(gelu.output)) == ("gelu", ["c"], ["g"])
+    assert not {"sqrt2", "inv_sqrt2", "one", "half"} & {t.name for t in model.graph.initializer}
+    assert any("opset 13 -> 20" in n for n in result.notes)
+    feed = {"x": np.random.default_rng(9).normal(0, 2, (2, 3, 8, 8)).astype(np.float32)}
+    assert_close(run(before, feed), run(model, feed), rtol=RTOL)
+
+
+def test_erf_gelu_is_fused_by_default_only_at_opset_20():
+    """The default ("opset-20") leaves an opset-13 graph's Erf form as it is and fuses an
+    opset-20 graph's; "off" leaves both."""
+    _, low = canonicalize(gelu_model("div"), simplify=False)
+    assert op_counts(low.model)["Erf"] == 1 and low.counts["gelus_fused"] == 0
+    assert low.counts["opset_after"] == 13
+    _, high = canonicalize(gelu_model("div", opset=20), simplify=False)
+    assert op_counts(high.model) == {"Conv": 2, "Gelu": 1} and high.counts["gelus_fused"] == 1
+    assert not high.notes
+    _, off = canonicalize(gelu_model("div", opset=20), simplify=False, fuse_gelu="off")
+    assert op_counts(off.model)["Erf"] == 1 and "gelus_fused" not in off.counts
+
+
+@pytest.mark.parametrize("read", ["e", "m"])
+def test_erf_gelu_whose_inner_tensor_is_read_elsewhere_stays(read):
+    """A tensor inside the pattern that is also a graph output keeps the Erf form (and the
+    opset: nothing to fuse, nothing raised)."""
+    before, result = canonicalize(gelu_model("div", extra_output=read), simplify=False,
+                                  fuse_gelu="raise-opset")
+    assert op_counts(result.model)["Erf"] == 1 and result.counts["gelus_fused"] == 0
+    assert result.counts["opset_after"] == 13
+    feed = {"x": np.random.default_rng(10).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)}
+    assert_close(run(before, feed), run(result.model, feed), rtol=0)
+
+
+def test_erf_gelu_with_other_constants_stays():
+    """x * (1 + erf(x / 2)) * 0.5 is not GELU: left alone."""
+    model = gelu_model("div", opset=20)
+    next(t for t in model.graph.initializer if t.name == "sqrt2").CopyFrom(
+        numpy_helper.from_array(np.array(2.0, np.float32), "sqrt2"))
+    _, result = canonicalize(model, simplify=False)
+    assert op_counts(result.model)["Erf"] == 1 and result.counts["gelus_fused"] == 0

@@ -1013,6 +1013,34 @@ def test_sigmoid_and_leaky_relu_between_convs_stay_integer(act, tmp_path):
     assert_calibrated_close(model, result.model, feeds)
 
 
+
+def test_gelu_fused_by_canonicalize_runs_as_one_float_kernel(tmp_path):
+    """Conv -> GELU (Erf form) -> Conv, quantized: onnxruntime gives each reader of a
+    DequantizeLinear its own copy, so it cannot fuse the Erf form (two dequantizations, five
+    float ops); canonicalize's Gelu (fuse_gelu = "raise-opset", the int8 presets') runs as
+    one kernel after one DequantizeLinear."""
+    from graphq.passes.canonicalize import Canonicalize
+    from tests.passes.test_canonicalize import gelu_model
+
+    rng = np.random.default_rng(46)
+    feeds = [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    ops = {}
+    for mode in ("off", "raise-opset"):
+        model = Canonicalize(fuse_gelu=mode).run(gelu_model("div"), PassContext()).model
+        result, table = insert(model)
+        assert "c" in quantized(table)  # the GELU input
+        calibrated = Calibrate(method="minmax").run(result.model, PassContext(
+            data=DataSource(feeds))).model
+        assert_calibrated_close(model, result.model, feeds)
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{mode}.onnx")
+        ort.InferenceSession(calibrated.SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
+        ops[mode] = op_counts(onnx.load(options.optimized_model_filepath))
+    assert ops["off"]["Erf"] == 1 and "Gelu" not in ops["off"], ops["off"]
+    assert ops["raise-opset"]["Gelu"] == 1 and "Erf" not in ops["raise-opset"], ops
+    assert ops["raise-opset"]["DequantizeLinear"] == ops["off"]["DequantizeLinear"] - 1, ops
+
 def embedding_net(rng: np.random.Generator, rows: int = 300, extra_reader: str | None = None
                   ) -> onnx.ModelProto:
     """ids -> Gather(word table) + Gather(small table) -> MatMul: an embedding lookup."""

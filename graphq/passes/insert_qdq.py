@@ -8,12 +8,16 @@ Placement follows what onnxruntime's CPU execution provider fuses into integer k
   after a Relu/Clip that alone reads it (a ``Q`` whose zero point is the type's minimum does
   the Relu, so onnxruntime drops it);
 - **joining ops** (Add, Mul, Concat, AveragePool, GlobalAveragePool, Resize, Sigmoid,
-  LeakyRelu): quantized when every non-constant input already is, with an output scale of
-  their own (onnxruntime runs Sigmoid and LeakyRelu as table lookups, QLinearSigmoid and
-  QLinearLeakyRelu, so a SiLU ``x * Sigmoid(x)`` between convolutions stays integer: YOLOv8n
-  2.05x -> 2.4x FP32 speed, its class scores 9.9 -> 13.9 dB held out); a Mul or Add
-  by a constant (an elementwise scale or shift) stays float unless ``quantize_affine``, or
-  unless it reads a compute op's output (a bias Add after a MatMul stays integer);
+  LeakyRelu, HardSigmoid, HardSwish): quantized when every non-constant input already is, with
+  an output scale of their own (onnxruntime runs Sigmoid and LeakyRelu as table lookups,
+  QLinearSigmoid and QLinearLeakyRelu, so a SiLU ``x * Sigmoid(x)`` between convolutions stays
+  integer: YOLOv8n 2.05x -> 2.4x FP32 speed, its class scores 9.9 -> 13.9 dB held out;
+  HardSigmoid and HardSwish have no integer kernel and run in float between DequantizeLinear
+  and QuantizeLinear, but the Mul that reads a HardSigmoid, a squeeze-excitation gate or ``x *
+  HardSigmoid(x)``, becomes QLinearMul instead of a float Mul over the whole feature map and a
+  dequantization of it: PP-OCRv6 tiny det 1.08x -> 1.12x FP32 speed); a Mul or Add by a
+  constant (an elementwise scale or shift) stays float unless ``quantize_affine``, or unless
+  it reads a compute op's output (a bias Add after a MatMul stays integer);
 - **pass-through ops** (Reshape, Transpose, Flatten, MaxPool, Squeeze, ...): quantized when
   their input is; the output shares the input's scale and zero point;
 - **tables**: the constant float table a Gather reads on axis 0 by computed indices (an
@@ -72,7 +76,7 @@ log = logging.getLogger(__name__)
 
 COMPUTE = G.COMPUTE
 JOINING = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Resize", "Sigmoid",
-           "LeakyRelu")
+           "LeakyRelu", "HardSigmoid", "HardSwish")
 PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "MaxPool", "Squeeze", "Unsqueeze",
                 "Slice", "Split", "Identity", "DepthToSpace", "SpaceToDepth")
 #: ops that only rearrange their input's values: a compute op's output that reaches a graph

@@ -983,23 +983,29 @@ def test_a_quantized_model_is_refused_with_the_ops_it_has(tmp_path, op):
     assert path.read_bytes() == before and not out.exists()
 
 
-@pytest.mark.parametrize("act", ["silu", "leaky"])
+@pytest.mark.parametrize("act", ["silu", "leaky", "hardswish"])
 def test_sigmoid_and_leaky_relu_between_convs_stay_integer(act, tmp_path):
     """Conv -> SiLU (x * Sigmoid(x)) or LeakyRelu -> Conv: the activation's output is
     quantized, so onnxruntime runs QLinearSigmoid + QLinearMul or QLinearLeakyRelu between
-    the integer convs (no float island); calibrated, the graph stays close to float."""
+    the integer convs (no float island); calibrated, the graph stays close to float.
+    x * HardSigmoid(x): HardSigmoid has no integer kernel and stays a float op between DQ and
+    Q, but the Mul over the feature map becomes QLinearMul."""
     rng = np.random.default_rng(45)
     inits = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32),
              "w2": rng.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32)}
-    middle = ([helper.make_node("Sigmoid", ["c1"], ["g"], name="sig"),
-               helper.make_node("Mul", ["c1", "g"], ["a"], name="silu")] if act == "silu" else
-              [helper.make_node("LeakyRelu", ["c1"], ["a"], name="leaky", alpha=0.1)])
+    middle = {"silu": [helper.make_node("Sigmoid", ["c1"], ["g"], name="sig"),
+                       helper.make_node("Mul", ["c1", "g"], ["a"], name="silu")],
+              "hardswish": [helper.make_node("HardSigmoid", ["c1"], ["g"], name="hsig",
+                                             alpha=1 / 6),
+                            helper.make_node("Mul", ["c1", "g"], ["a"], name="hswish")],
+              "leaky": [helper.make_node("LeakyRelu", ["c1"], ["a"], name="leaky",
+                                         alpha=0.1)]}[act]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
              *middle,
              helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2", pads=[1] * 4)]
     model = build(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 8, 8])], inits)
     result, table = insert(model, weights={"reduce_range": False})
-    assert {"x", "c1", "a"} | ({"g"} if act == "silu" else set()) <= quantized(table)
+    assert {"x", "c1", "a"} | ({"g"} if act != "leaky" else set()) <= quantized(table)
     feeds = [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
     calibrated = Calibrate(method="minmax").run(result.model, PassContext(
         data=DataSource(feeds))).model
@@ -1008,8 +1014,10 @@ def test_sigmoid_and_leaky_relu_between_convs_stay_integer(act, tmp_path):
     ort.InferenceSession(calibrated.SerializeToString(), options,
                          providers=["CPUExecutionProvider"])
     ops = op_counts(onnx.load(options.optimized_model_filepath))
-    want = {"QLinearSigmoid", "QLinearMul"} if act == "silu" else {"QLinearLeakyRelu"}
+    want = {"silu": {"QLinearSigmoid", "QLinearMul"}, "leaky": {"QLinearLeakyRelu"},
+            "hardswish": {"QLinearMul"}}[act]
     assert want <= set(ops) and not {"Sigmoid", "Mul", "LeakyRelu"} & set(ops), ops
+    assert ops.get("HardSigmoid", 0) == (act == "hardswish"), ops
     assert_calibrated_close(model, result.model, feeds)
 
 

@@ -88,6 +88,16 @@ FUSED_ACTIVATIONS = ("Relu", "Clip")
 #: readers that amplify a quantization error of their input (logits, or values whose
 #: logarithm is taken): it is kept float.
 SENSITIVE_READERS = ("Softmax", "LogSoftmax", "Log")
+#: readers that decide by comparing values (with a threshold, or among themselves): where
+#: quantization clips or rounds their input, the decision flips. A tensor they read, and the
+#: compute op's output it comes from through :data:`ON_THE_WAY` ops, stay float unless a
+#: compute op reads them too (a wake-word score calibrated on speech without the word: its
+#: logit's range ended at 0, the score at 0.017, and the If's 0.5 threshold was never met).
+DECIDING_READERS = ("Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal", "ArgMax",
+                    "ArgMin")
+#: ops between a compute op and a decision that keep the order of their input's values.
+ON_THE_WAY = (*RESHAPING, "Sigmoid", "Tanh", "Softmax", "Relu", "Clip", "HardSigmoid",
+              "LeakyRelu")
 #: readers for which the relative error of small values matters: a compute op that feeds
 #: only them (through a Relu/Clip) stays float altogether, its input too (a spectrogram's
 #: power spans 10 decades: one 8-bit scale over it zeroes all but its top, and the Log
@@ -493,7 +503,8 @@ class _Planner:
         if source is None or not self._quantized(source):
             return
         for out in node.outputs:
-            if out.name and self._is_float(out) and out.name not in self.outputs:
+            if out.name and self._is_float(out) and out.name not in self.outputs \
+                    and _deciding_reader(out) is None:
                 entry = self._activation(out, f"output of {node.op} '{node.name}', sharing "
                                          f"the scale of '{source.name}'")
                 if entry is not None and entry.quantized:
@@ -531,6 +542,14 @@ class _Planner:
             self.table.add(TensorQuant(out.name, "activation", False, f"becomes graph output "
                                        f"'{moved[-1]}' through {', '.join(moved[:-1])} only: "
                                        "keeps its float value"))
+            return
+        decided = _deciding_reader(out)
+        if decided is not None:
+            decider, way = decided
+            through = f" through {', '.join(f'{n.op} {n.name!r}' for n in way)}" if way else ""
+            self.table.add(TensorQuant(out.name, "activation", False, f"read by {decider.op} "
+                                       f"'{decider.name}'{through}, whose decision flips "
+                                       "where quantization clips or rounds: kept float"))
             return
         if out.outputs and all(r.op in SENSITIVE_READERS for r in out.outputs):
             self.table.add(TensorQuant(out.name, "activation", False, "read only by "
@@ -699,6 +718,26 @@ def _timing_model(model: onnx.ModelProto) -> onnx.ModelProto:
     quantize_biases(graph, QuantTable())
     graph.cleanup().toposort()
     return deploy_graph(G.export(graph, like=model))[0]
+
+
+def _deciding_reader(tensor: gs.Tensor, depth: int = 4) -> tuple[gs.Node, list[gs.Node]] | None:
+    """A reader in :data:`DECIDING_READERS` that ``tensor`` reaches directly or through
+    :data:`ON_THE_WAY` ops (those ops, in order), when no compute op reads ``tensor`` or a
+    tensor on the way; else None."""
+    readers = tensor.outputs
+    if any(r.op in COMPUTE for r in readers):
+        return None
+    found = next((r for r in readers if r.op in DECIDING_READERS), None)
+    if found is not None:
+        return found, []
+    if depth == 0:
+        return None
+    for r in readers:
+        if r.op in ON_THE_WAY and r.outputs:
+            further = _deciding_reader(r.outputs[0], depth - 1)
+            if further is not None:
+                return further[0], [r, *further[1]]
+    return None
 
 
 def _only_log_readers(tensor: gs.Tensor) -> str | None:

@@ -1049,6 +1049,53 @@ def test_gelu_fused_by_canonicalize_runs_as_one_float_kernel(tmp_path):
     assert ops["raise-opset"]["Gelu"] == 1 and "Erf" not in ops["raise-opset"], ops
     assert ops["raise-opset"]["DequantizeLinear"] == ops["off"]["DequantizeLinear"] - 1, ops
 
+
+@pytest.mark.parametrize("decider", ["GreaterOrEqual", "ArgMax", "GreaterOrEqual+Gemm"])
+def test_a_score_a_comparison_reads_stays_float(decider):
+    """Gemm -> Sigmoid -> score; a threshold (GreaterOrEqual 0.5, as a wake-word model's If
+    condition) or an ArgMax reads the score: quantized to its calibration range it clips (a
+    score calibrated on negatives never reaches 0.5), so the Gemm's output stays float with
+    the reason, and the decisions stay the float model's on inputs far outside the
+    calibration data. When a compute op reads the score too, it is quantized for that op."""
+    rng = np.random.default_rng(47)
+    classes = 4 if decider == "ArgMax" else 1
+    w = rng.normal(0, 0.5, (16, classes)).astype(np.float32)
+    inits = {"w": w, "half": np.array(0.5, np.float32),
+             "w2": rng.normal(0, 0.5, (classes, 2)).astype(np.float32)}
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["logit"], name="head"),
+             helper.make_node("Sigmoid", ["logit"], ["score"], name="sig")]
+    outputs = [tensor("y", None, TensorProto.INT64 if decider == "ArgMax" else TensorProto.BOOL)]
+    if decider == "ArgMax":
+        nodes.append(helper.make_node("ArgMax", ["score"], ["y"], name="pick", axis=1))
+    else:
+        nodes.append(helper.make_node("GreaterOrEqual", ["score", "half"], ["y"], name="fire"))
+    if decider.endswith("Gemm"):
+        nodes.append(helper.make_node("MatMul", ["score", "w2"], ["z"], name="next"))
+        outputs.append(tensor("z", None))
+    model = build(nodes, [tensor("x", ["N", 16])], outputs, inits, opset=16)
+    result, table = insert(model)
+    entry = table.get("score")
+    if decider.endswith("Gemm"):
+        assert entry.quantized
+        return
+    # the Gemm's output too (its range would end where the calibration data's does), so the
+    # Sigmoid is not quantized either
+    logit = table.get("logit")
+    assert not logit.quantized and entry is None and "x" in quantized(table)
+    assert logit.reason.startswith(f"read by {decider} '{nodes[-1].name}' through Sigmoid "
+                                   "'sig'"), logit.reason
+    if decider == "ArgMax":
+        return
+    # calibrated on inputs that all score low, judged on inputs of the same range that
+    # score high: the decisions are the float model's
+    sign = np.sign(w[:, 0])
+    low = [{"x": (-sign * rng.uniform(0, 1, (8, 16))).astype(np.float32)} for _ in range(4)]
+    high = {"x": (sign * rng.uniform(0, 1, (64, 16))).astype(np.float32)}
+    calibrated = Calibrate(method="minmax").run(result.model, PassContext(
+        data=DataSource(low))).model
+    assert run(model, high)[0].mean() > 0.9  # the float model fires
+    np.testing.assert_array_equal(run(calibrated, high)[0], run(model, high)[0])
+
 def embedding_net(rng: np.random.Generator, rows: int = 300, extra_reader: str | None = None
                   ) -> onnx.ModelProto:
     """ids -> Gather(word table) + Gather(small table) -> MatMul: an embedding lookup."""

@@ -183,6 +183,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"parameters {info['parameters']:,} in {info['initializers']} initializers")
     print(f"nodes      {info['nodes']}   Q/DQ {info['qdq']}")
     print("ops        " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+    if info["subgraph_ops"]:
+        print("in bodies  " + ", ".join(f"{k} {v}" for k, v in info["subgraph_ops"].items())
+              + "   (If branches, Loop/Scan bodies)")
     return 0
 
 
@@ -210,8 +213,20 @@ def inspect_model(path: Path) -> dict[str, Any]:
         "nodes": len(graph.node),
         "qdq": ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0),
         "ops": ops,
+        "subgraph_ops": op_histogram(_nested_nodes(graph)),
         "metadata": {p.key: p.value for p in proto.metadata_props},
     }
+
+
+def _nested_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of the graphs nested in ``graph``'s nodes (If branches, Loop/Scan bodies),
+    at every depth."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found += [*sub.node, *_nested_nodes(sub)]
+    return found
 
 
 def _value(v: onnx.ValueInfoProto) -> dict[str, Any]:

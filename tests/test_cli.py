@@ -141,6 +141,34 @@ def test_inspect(capsys, model_path):
     assert "parameters 124 in 5 initializers" in lines  # 4*3*3*3 + 4*4
     assert "nodes      2   Q/DQ 0" in lines
     assert "ops        BatchNormalization 1, Conv 1" in lines
+    assert not any(line.startswith("in bodies") for line in lines)
+
+
+def test_inspect_counts_the_ops_inside_loop_bodies(capsys, tmp_path):
+    """A recurrent net exported as a Loop: its MatMul is only in the body; inspect says so."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "w"], ["h_mm"]),
+         helper.make_node("Tanh", ["h_mm"], ["h_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["steps", "", "h0"], ["h"], body=body)], "g",
+        [helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(3, np.int64), "steps")])
+    path = tmp_path / "loop.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 0
+    assert "ops        Loop 1" in out.splitlines()
+    assert "in bodies  Identity 1, MatMul 1, Tanh 1   (If branches, Loop/Scan bodies)" in out
+    code, out, _ = run_cli(capsys, "inspect", path, "--json")
+    assert json.loads(out)["subgraph_ops"] == {"Identity": 1, "MatMul": 1, "Tanh": 1}
 
 
 def test_inspect_json(capsys, model_path):

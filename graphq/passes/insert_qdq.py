@@ -54,6 +54,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -252,9 +253,7 @@ class InsertQDQ(Pass):
         out, table, planner = self._place(model, [])
         if not table.quantized():
             # nothing failed: the model (or the options' selection) has nothing to quantize
-            raise ConfigError("nothing in this model can be quantized: no "
-                              f"{'/'.join(COMPUTE)} with float inputs was selected; "
-                              "check the ops, include and exclude options")
+            raise ConfigError(f"nothing in this model can be quantized: {_why_nothing(graph)}")
         notes = upgraded + planner.notes
         if self.options.float_prefix_search and len(planner.computes) > 1:
             out, table, planner, note = self._prefix_search(model, ctx, out, table, planner)
@@ -685,6 +684,38 @@ def _refuse_quantized(graph: gs.Graph) -> None:
         ops = ", ".join(f"{n} {op}" for op, n in found.most_common())
         raise ModelError(f"the model is quantized already (it has {ops}): quantize the float "
                          "model it was made from instead")
+
+
+def _why_nothing(graph: gs.Graph) -> str:
+    """Why no tensor of ``graph`` was quantized: its compute ops are all inside Loop/Scan
+    bodies, or it has none, or the options selected none."""
+    outside = [n for g in _not_looped(graph) for n in g.nodes if n.op in COMPUTE]
+    looped = []
+    for node in G.nodes(graph):
+        if node.op in ("Loop", "Scan"):
+            inside = Counter(n.op for sub in G.subgraphs(node) for n in G.nodes(sub)
+                             if n.op in COMPUTE)
+            if inside:
+                ops = ", ".join(f"{k} x{v}" for k, v in sorted(inside.items()))
+                looped.append(f"{node.op} '{node.name}' ({ops})")
+    if looped and not outside:
+        return (f"its compute ops are all inside the bodies of {', '.join(looped)}, which "
+                "graphq does not quantize (a body's values cannot be read out per iteration "
+                "for calibration); the model has nothing else to quantize")
+    if not outside:
+        return (f"it has no {'/'.join(COMPUTE)} (the ops graphq quantizes, and the ops "
+                "between them once they are); there is nothing to convert")
+    return (f"no {'/'.join(COMPUTE)} with float inputs was selected; check the ops, include "
+            "and exclude options")
+
+
+def _not_looped(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """``graph`` and the If branches nested in it, not the Loop/Scan bodies."""
+    yield graph
+    for node in graph.nodes:
+        if node.op == "If":
+            for sub in G.subgraphs(node):
+                yield from _not_looped(sub)
 
 
 def _weight_capped(planner: _Planner, n: int) -> tuple[int, str]:

@@ -593,13 +593,35 @@ def test_int16_activations_at_opset_21():
 def test_nothing_quantizable_is_a_config_error():
     nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Softmax", ["r"], ["y"])]
     model = build(nodes, [tensor("x", [2, 5])], [tensor("y", [2, 5])])
-    with pytest.raises(ConfigError, match="nothing in this model can be quantized"):
+    with pytest.raises(ConfigError, match="nothing in this model can be quantized: it has no "
+                       "Conv/ConvTranspose/Gemm/MatMul"):
         insert(model)
 
 
 def test_every_compute_op_excluded_is_a_config_error():
-    with pytest.raises(ConfigError, match="nothing in this model can be quantized"):
+    with pytest.raises(ConfigError, match="nothing in this model can be quantized: no "
+                       ".* was selected; check the ops, include and exclude options"):
         insert(mlp(np.random.default_rng(24)), exclude_ops=["MatMul"])
+
+
+def test_compute_ops_only_inside_a_loop_body_are_named():
+    """A recurrent net exported as a Loop (Keras LSTMs through tf2onnx): its MatMuls are all
+    in the body, which is not quantized; the error says so instead of pointing at options."""
+    rng = np.random.default_rng(25)
+    w = numpy_helper.from_array(rng.normal(0, 0.5, (4, 4)).astype(np.float32), "w")
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "w"], ["h_mm"], name="step_matmul"),
+         helper.make_node("Tanh", ["h_mm"], ["h_out"], name="step_tanh"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="step_cond")],
+        "body", [tensor("i", [], TensorProto.INT64), tensor("cond_in", [], TensorProto.BOOL),
+                 tensor("h_in", [1, 4])],
+        [tensor("cond_out", [], TensorProto.BOOL), tensor("h_out", [1, 4])], [w])
+    nodes = [helper.make_node("Loop", ["steps", "", "h0"], ["h"], name="rnn", body=body)]
+    model = build(nodes, [tensor("h0", [1, 4])], [tensor("h", [1, 4])],
+                  {"steps": np.array(3, np.int64)}, infer=False)
+    with pytest.raises(ConfigError, match="inside the bodies of Loop 'rnn' \\(MatMul x1\\), "
+                       "which graphq does not quantize"):
+        insert(model)
 
 
 def test_include_that_matches_nothing_is_a_config_error():

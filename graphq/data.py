@@ -6,6 +6,9 @@ Sources:
 - a ``.npy`` file: the samples of a single-input model, on axis 0;
 - a folder of ``.npz`` / ``.npy`` files: one sample or batch each (shapes may differ),
   read in name order, one file at a time;
+- inputs that batch along dims the model names differently and that count differently in
+  the data (a graph network's ``[num_nodes, F]``, ``[2, num_edges]``, ``[num_graphs]``):
+  each file (or the one ``.npz``) is one batch, fed whole, never split;
 - a folder of images (.jpg, .jpeg, .png, .bmp, .webp), with ``[data.image]`` saying how
   to turn them into the model's single input: size, mean, std, layout, channel order;
 - from Python, any iterable of feed dicts ``{input name: array}``.
@@ -121,16 +124,18 @@ class DataSource:
         """Like :meth:`feeds`, with each batch's labels when the data carries an array
         named ``labels`` that is not a model input (else None)."""
         inputs = {v.name: v for v in true_inputs(model)}
-        axes = batch_axes(list(inputs.values()))
+        base = batch_axes(list(inputs.values()))
+        names = _batch_names(list(inputs.values()), base)
         key = self.labels if self.labels not in inputs else None
         left = self.limit
         count = 0
-        for raw in self._raw(list(inputs), axes):
+        for raw in self._raw(list(inputs), base, names):
             raw = dict(raw)
             labels = raw.pop(key, None) if key else None
             feed = check_feed(raw, inputs, where=self._where(count))
             if labels is not None:
                 feed[key] = np.asarray(labels)
+            axes = _feed_axes(feed, base, names)
             for part in _fit_batch(feed, inputs, axes):
                 if left is not None and left <= 0:
                     return
@@ -149,7 +154,8 @@ class DataSource:
         return f"data {self.source}, batch {index}" if isinstance(self.source, Path) else \
             f"data batch {index}"
 
-    def _raw(self, names: list[str], axes: dict[str, int | None]) -> Iterator[dict[str, Any]]:
+    def _raw(self, names: list[str], axes: dict[str, int | None],
+             dims: dict[str, str | None]) -> Iterator[dict[str, Any]]:
         source = self.source
         if not isinstance(source, Path):
             yield from source
@@ -165,6 +171,7 @@ class DataSource:
                 yield _read_file(path, names)
         else:
             arrays = _read_file(source, names)
+            axes = _feed_axes(arrays, axes, dims)
             total = _batch_len(arrays, axes)
             for start in range(0, total, self.batch_size):
                 yield _take(arrays, axes, start, start + self.batch_size)
@@ -253,8 +260,41 @@ def _read_file(path: Path, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def samples_in(feed: Feed, model: onnx.ModelProto) -> int:
-    """The samples in one feed of ``model``, counted on each input's batch axis."""
-    return _batch_len(feed, batch_axes(true_inputs(model)))
+    """The samples in one feed of ``model``, counted on each input's batch axis (1 for a
+    feed of inputs that batch along different dims, :func:`_feed_axes`)."""
+    inputs = true_inputs(model)
+    axes = batch_axes(inputs)
+    return _batch_len(feed, _feed_axes(feed, axes, _batch_names(inputs, axes)))
+
+
+def _batch_names(inputs: list[onnx.ValueInfoProto], axes: dict[str, int | None]
+                 ) -> dict[str, str | None]:
+    """The symbolic name of each input's batch axis (None where it has none or no name)."""
+    names = {}
+    for v in inputs:
+        dims, axis = input_spec(v)[1], axes.get(v.name)
+        name = dims[axis] if axis is not None and dims and axis < len(dims) else None
+        names[v.name] = name if isinstance(name, str) and name else None
+    return names
+
+
+def _feed_axes(feed: dict[str, Any], axes: dict[str, int | None],
+               names: dict[str, str | None]) -> dict[str, int | None]:
+    """``axes``, or no batch axis at all for ``feed`` when its inputs count different numbers
+    on their batch axes and those axes have different names in the model (a graph network's
+    ``[num_nodes, F]``, ``[2, num_edges]``, ``[num_graphs]``): such a feed is one batch, fed
+    whole and never split. Inputs whose batch axes share a name and disagree stay an error
+    (:func:`_batch_len`)."""
+    lengths: dict[str, set[int]] = {}
+    for k, v in feed.items():
+        axis = axes.get(k, 0)
+        if k in names and axis is not None and np.ndim(v) > axis:
+            lengths.setdefault(names[k] or f"?{k}", set()).add(np.shape(v)[axis])
+    named = all(not key.startswith("?") for key in lengths)
+    if named and len(lengths) > 1 and all(len(n) == 1 for n in lengths.values()) and \
+            len({n for group in lengths.values() for n in group}) > 1:
+        return {k: None for k in axes}
+    return axes
 
 
 def run_failure(model: onnx.ModelProto, feed: Feed, run: Any, exc: BaseException,

@@ -68,6 +68,69 @@ def test_different_sample_counts_name_the_inputs_and_axes(tmp_path):
         list(DataSource(path, batch_size=2).feeds(stateful_model(named=True)))
 
 
+
+def graph_net() -> onnx.ModelProto:
+    """A graph network's inputs: node features [num_nodes, 4], edges [2, num_edges], one slot
+    per graph [num_graphs]; y = mean over nodes of feat @ w (the inputs are what matters)."""
+    w = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["feat", "w"], ["h"]),
+             helper.make_node("ReduceMean", ["h"], ["y"], axes=[0], keepdims=1),
+             helper.make_node("Identity", ["edge_index"], ["e"]),
+             helper.make_node("Identity", ["slots"], ["g"])]
+    return make_model(nodes, [tensor("feat", ["num_nodes", 4]),
+                              tensor("edge_index", [2, "num_edges"], TensorProto.INT64),
+                              tensor("slots", ["num_graphs"])],
+                      [tensor("y", [1, 3]), tensor("e", [2, "num_edges"], TensorProto.INT64),
+                       tensor("g", ["num_graphs"])], {"w": w})
+
+
+def graph_batch(rng: np.random.Generator, graphs: int) -> dict[str, np.ndarray]:
+    n = int(rng.integers(5, 20))
+    return {"feat": rng.normal(size=(n, 4)).astype(np.float32),
+            "edge_index": rng.integers(0, n, (2, 2 * n)).astype(np.int64),
+            "slots": np.zeros(graphs, np.float32)}
+
+
+def test_inputs_batched_along_differently_named_dims_are_fed_whole(tmp_path):
+    """Graph networks: nodes, edges and graphs count differently, and the model names those
+    dims differently: each file (a folder's, or a single .npz) is one batch, fed whole,
+    never split or cut by batch_size / limit; one sample each."""
+    rng = np.random.default_rng(2)
+    model = graph_net()
+    folder = tmp_path / "graphs"
+    folder.mkdir()
+    batches = [graph_batch(rng, graphs) for graphs in (1, 3, 2)]
+    for i, batch in enumerate(batches):
+        np.savez(folder / f"{i}.npz", **batch)
+    feeds = list(DataSource(folder, batch_size=2).feeds(model))
+    assert len(feeds) == 3
+    for feed, batch in zip(feeds, batches, strict=True):
+        for k, v in batch.items():
+            np.testing.assert_array_equal(feed[k], v)
+    assert [samples_in(f, model) for f in feeds] == [1, 1, 1]
+    assert len(list(DataSource(folder, limit=2).feeds(model))) == 2
+    np.savez(tmp_path / "one.npz", **batches[1])
+    (whole,) = DataSource(tmp_path / "one.npz", batch_size=2).feeds(model)
+    assert whole["feat"].shape == batches[1]["feat"].shape and whole["slots"].shape == (3,)
+
+
+def test_graph_network_is_quantized_from_a_folder_of_graph_batches(tmp_path):
+    """The same from the command line: graphq run int8 on a folder of graph batches works."""
+    from graphq import cli
+
+    rng = np.random.default_rng(3)
+    model = graph_net()
+    onnx.save(model, tmp_path / "gnn.onnx")
+    folder = tmp_path / "graphs"
+    folder.mkdir()
+    for i in range(6):
+        np.savez(folder / f"{i}.npz", **graph_batch(rng, 1 + i % 3))
+    out = tmp_path / "out"
+    assert cli.main(["-q", "run", "int8", str(tmp_path / "gnn.onnx"), "--data", str(folder),
+                     "-o", str(out)]) == 0
+    deploy = onnx.load(out / "gnn.deploy.onnx")
+    assert any(n.op_type == "DequantizeLinear" for n in deploy.graph.node)
+
 def test_sample_feeds_agree_on_the_batch():
     (feed,) = sample_feeds(stateful_model(named=False))
     assert feed["x"].shape == (1, 4) and feed["state"].shape == (2, 1, 3)

@@ -29,7 +29,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from graphq import graph as G
 from graphq.errors import DataError, PassError
+from graphq.kernels import quant as Q
 from graphq.passes.calibrate import Calibrate
 from graphq.passes.canonicalize import Canonicalize
 from graphq.passes.emit import Emit
@@ -129,9 +131,34 @@ def test_report_has_a_quantization_section(emitted):
     assert set(q["latency_ms"]) == {"float", "deploy", "speedup", "runs"}
     assert q["latency_ms"]["runs"] == 2  # latency_runs: a small net is far from the cap
     assert q["worst_tensors"] and all("sqnr_db" in row for row in q["worst_tensors"])
+    assert q["worst_tensors_batches"] == 2  # both calibration batches (at most 4)
     assert "accuracy" not in q  # the calibration data carries no labels
     text = (emitted["out"] / "report.md").read_text()
     assert text.startswith("# graphq quantization report") and "quant_record.json" in text
+    assert "on the first 2 batches of the eval data" in text
+
+
+def test_worst_tensors_are_measured_over_the_first_batches(emitted):
+    """Each listed tensor's SQNR sums the squares of the first batches (not the first
+    batch's alone, which for a batch-1 model is one sample)."""
+    report = json.loads((emitted["out"] / "report.json").read_text())["quantization"]
+    fakequant = onnx.load(emitted["out"] / "net.fakequant.onnx")
+    pairs = {name: dq.outputs[0].name
+             for name, (_, dq) in G.qdq_pairs(G.import_graph(fakequant)).items()}
+    rows = report["worst_tensors"][:3]
+    probed = G.with_outputs(fakequant, [r["tensor"] for r in rows] +
+                            [pairs[r["tensor"]] for r in rows])
+    rng = np.random.default_rng(0)
+    heavy_net(rng)  # the fixture's draws, in order: the net, then the two batches
+    batches = [{"x": inputs(rng, 16)}, {"x": inputs(rng, 16)}]
+    session = ort.InferenceSession(probed.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    outs = [dict(zip([o.name for o in session.get_outputs()], session.run(None, b),
+                     strict=True)) for b in batches]
+    for row in rows:
+        a = np.concatenate([o[row["tensor"]].ravel() for o in outs]).astype(np.float64)
+        b = np.concatenate([o[pairs[row["tensor"]]].ravel() for o in outs]).astype(np.float64)
+        assert row["sqnr_db"] == pytest.approx(Q.sqnr_db(a, b), abs=1e-6)
 
 
 # ---- the deploy graph ---------------------------------------------------------------------------

@@ -7,7 +7,9 @@ BatchNorm-folded weights on exactly those channels are ~73 (median ~1). Every te
 keeps >= 24.8 dB; the conv's output keeps 14 dB, and the outputs of the whole net -0.3 dB.
 
 A *segment* is what lies between compute ops: for each Conv / ConvTranspose / Gemm /
-MatMul of the main graph (and each graph output), the quantized activations that reach its
+MatMul of the main graph (and each graph output, and each tensor an If or Loop reads, its
+branches' reads of the main graph included: walks stop at those nodes, so what reaches the
+outputs only through them would be in no segment), the quantized activations that reach its
 input without crossing another compute op (e.g. a conv's output -> HardSwish -> the next
 conv's input: four tensors), together with the tensors the walk back stops at (compute-op
 outputs, graph inputs): its *bounds*. :func:`local_scores` measures, on a few batches, the
@@ -107,7 +109,38 @@ def find(model: onnx.ModelProto, units: dict[str, int], mask: str = "") -> list[
         if found:
             segments.append(Segment(out.name, f"graph output '{out.name}'", sorted(found),
                                     sorted(bounds), sorted(ran)))
+    # what an If or Loop reads (its inputs, and the tensors its bodies read from this graph):
+    # the walks above stop at it, so activations that reach the outputs only through it
+    # would be in no segment
+    ends = {s.end for s in segments}
+    for node in nodes:
+        if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                   for a in node.attribute):
+            continue
+        for name in dict.fromkeys([*node.input, *_outer_reads(node)]):
+            if not name or name in ends or name in constants or name not in producer or \
+                    nodes[producer[name]].op_type in G.COMPUTE:
+                continue
+            found, bounds, ran = walk([name])
+            if found:
+                ends.add(name)
+                segments.append(Segment(name, f"{node.op_type} '{node.name}' input '{name}'",
+                                        sorted(found), sorted(bounds), sorted(ran)))
     return segments
+
+
+def _outer_reads(node: onnx.NodeProto) -> list[str]:
+    """The names the graphs ``node`` holds (an If's branches, a Loop's body) read from the
+    graph around them, at any depth."""
+    reads: list[str] = []
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            made = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            made |= {o for n in sub.node for o in n.output}
+            inner = [name for n in sub.node for name in [*n.input, *_outer_reads(n)]]
+            inner += [o.name for o in sub.output]
+            reads += [name for name in inner if name and name not in made]
+    return reads
 
 
 def _submodel(model: onnx.ModelProto, segment: Segment, mask: str,

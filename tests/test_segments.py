@@ -181,3 +181,43 @@ def test_calibrate_search_by_segment_keeps_the_depthwise_input_float(qdq):
     said = [float(w) for w in re.findall(r"(-?[0-9.]+) dB with", note)]
     assert said == pytest.approx([before, after], abs=0.2), note
     assert after >= 30.0 and "target 30 dB reached" in note
+
+
+def if_net() -> onnx.ModelProto:
+    """x -> MatMul -> m -> Sigmoid -> s; an If (cond: an input) passes s out, or 1 - s: the
+    activations m and s reach the output only through the If."""
+    rng = np.random.default_rng(3)
+    one = helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])
+    then = helper.make_graph([helper.make_node("Identity", ["s"], ["t"])], "then", [],
+                             [tensor("t", ["N", 8])])
+    other = helper.make_graph([helper.make_node("Sub", ["one", "s"], ["e"])], "else", [],
+                              [tensor("e", ["N", 8])], [one])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Sigmoid", ["m"], ["s"], name="sig"),
+             helper.make_node("If", ["c"], ["y"], name="choose", then_branch=then,
+                              else_branch=other)]
+    return make_model(nodes, [tensor("x", ["N", 16]), tensor("c", [], onnx.TensorProto.BOOL)],
+                      [tensor("y", ["N", 8])],
+                      {"w": rng.normal(0, 1, (16, 8)).astype(np.float32)})
+
+
+def test_activations_that_reach_the_outputs_through_an_if_have_a_segment():
+    """The walks stop at an If (its branches are not walked into): the tensors it reads, its
+    branches' reads of this graph included, end segments of their own, so the segment search
+    can keep them float."""
+    rng = np.random.default_rng(4)
+    data = [{"x": rng.normal(0, 2, (4, 16)).astype(np.float32), "c": np.array(i % 2 == 0)}
+            for i in range(4)]
+    placed = InsertQDQ(weights={"reduce_range": False}).run(if_net(), PassContext()).model
+    model = Calibrate(method="minmax").run(placed, PassContext(data=DataSource(data))).model
+    units = units_of(model)
+    assert {"m", "s"} <= set(units)
+    masked, mask = S.masked_model(model, units, len(units))
+    segments = SEG.find(masked, units, mask)
+    names = {i: n for n, i in units.items()}
+    reached = [s for s in segments if s.where.startswith("If 'choose' input")]
+    assert len(reached) == 1 and {names[u] for u in reached[0].units} == {"m", "s"}
+    assert reached[0].bounds == ["m"]  # the MatMul's output: fed float
+    scores = SEG.local_scores(masked, mask, len(units), segments, data)
+    index = segments.index(reached[0])
+    assert index in scores and 20.0 < scores[index] < 80.0

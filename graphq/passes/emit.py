@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from graphq import graph as G
 from graphq import latency, qoperator, runtime
 from graphq import model as model_io
-from graphq.data import DataSource
+from graphq.data import DataSource, samples_in
 from graphq.errors import DataError, PassError
 from graphq.kernels import quant as Q
 from graphq.passes.fold_bn import FOLDED_KEY
@@ -118,6 +118,7 @@ class Emit(Pass):
             report["fidelity"] = None
             return report
         report["eval_data"] = where
+        report["eval_samples"] = sum(samples_in(f, float_model) for f in feeds)
         float_sess = runtime.session(float_model, ctx.providers)
         deploy_sess = runtime.session(deploy, ctx.providers)
         ref = [runtime.run(float_sess, f) for f in feeds]
@@ -176,7 +177,7 @@ class Emit(Pass):
         for feed, label in source.labeled_feeds(model):
             feeds.append(feed)
             labels.append(label)
-            total += len(next(iter(feed.values())))
+            total += samples_in(feed, model)
             if total >= o.eval_limit:
                 break
         known = all(label is not None for label in labels)
@@ -372,7 +373,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# graphq quantization report", ""]
     lines += [f"- {line}" for line in summary_lines(report)]
     if report.get("eval_data"):
-        lines += ["", f"Measured on {report['eval_data']}."]
+        n = report.get("eval_samples")
+        count = f" ({n} sample{'s' if n != 1 else ''})" if n else ""
+        lines += ["", f"Measured on {report['eval_data']}{count}."]
     worst = report.get("worst_tensors") or []
     if worst:
         k = report.get("worst_tensors_batches", 1)

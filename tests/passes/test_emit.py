@@ -161,6 +161,27 @@ def test_worst_tensors_are_measured_over_the_first_batches(emitted):
         assert row["sqnr_db"] == pytest.approx(Q.sqnr_db(a, b), abs=1e-6)
 
 
+
+def test_eval_limit_counts_samples_on_the_batch_axis(tmp_path):
+    """A recurrent state [2, N, 3] as the first input: eval_limit counts samples on each
+    input's batch axis (not the first input's first dim), and the report says how many."""
+    rng = np.random.default_rng(6)
+    w = rng.normal(0, 1, (4, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("ReduceSum", ["state", "axis0"], ["state_sum"], keepdims=0),
+             helper.make_node("Add", ["h", "state_sum"], ["y"], name="add")]
+    model = make_model(nodes, [tensor("state", [2, "N", 3]), tensor("x", ["N", 4])],
+                       [tensor("y", ["N", 3])], {"w": w, "axis0": np.array([0], np.int64)})
+    path = tmp_path / "rnn.onnx"
+    onnx.save(model, path)
+    data = [{"state": rng.normal(0, 1, (2, 4, 3)).astype(np.float32),
+             "x": rng.normal(0, 1, (4, 4)).astype(np.float32)} for _ in range(6)]
+    out = tmp_path / "out"
+    PassManager(passes(eval_limit=8)).run(path, out, data=data)
+    report = json.loads((out / "report.json").read_text())["quantization"]
+    assert report["eval_samples"] == 8  # two batches of 4 (a count of 2 a batch: 4 batches)
+    assert "(8 samples)." in (out / "report.md").read_text()
+
 # ---- the deploy graph ---------------------------------------------------------------------------
 def test_deploy_has_integer_weights_and_biases_feeding_dequantize(emitted):
     deploy = onnx.load(emitted["out"] / "net.deploy.onnx")

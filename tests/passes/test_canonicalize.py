@@ -365,3 +365,23 @@ def test_erf_gelu_with_other_constants_stays():
         numpy_helper.from_array(np.array(2.0, np.float32), "sqrt2"))
     _, result = canonicalize(model, simplify=False)
     assert op_counts(result.model)["Erf"] == 1 and result.counts["gelus_fused"] == 0
+
+
+def test_erf_gelu_stays_when_the_opset_cannot_be_raised(monkeypatch, caplog):
+    """Fusing GELU only makes the graph faster: a model the version converter cannot take to
+    opset 20 keeps its Erf form and its opset, with a warning and a note naming why."""
+    from graphq.passes import canonicalize as C
+
+    def refuse(model, target):
+        raise PassError(f"cannot upgrade the model from opset 13 to {target} at Foo node 'f'")
+
+    monkeypatch.setattr(C, "upgrade_opset", refuse)
+    with caplog.at_level(logging.WARNING):
+        before, result = canonicalize(gelu_model("div"), simplify=False,
+                                      fuse_gelu="raise-opset")
+    assert op_counts(result.model)["Erf"] == 1 and result.counts["gelus_fused"] == 0
+    assert result.counts["opset_after"] == 13
+    assert any("GELU left in its Erf form: cannot upgrade" in n for n in result.notes)
+    assert "GELU left in its Erf form" in caplog.text
+    feed = {"x": np.random.default_rng(11).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)}
+    assert_close(run(before, feed), run(result.model, feed), rtol=RTOL)

@@ -144,7 +144,7 @@ def test_if_branches_are_quantized_and_calibrated(taken):
     assert bias.quantized and bias.dtype == "int32"
     assert "DequantizeLinear" in ops(else_g)
 
-    deploy, folded = deploy_graph(model)
+    deploy, folded, _ = deploy_graph(model)
     onnx.checker.check_model(deploy, full_check=True)
     assert folded == 3
     weights = {t.name: numpy_helper.to_array(t) for g in (branch(deploy, "then_branch"),

@@ -182,6 +182,50 @@ def test_eval_limit_counts_samples_on_the_batch_axis(tmp_path):
     assert report["eval_samples"] == 8  # two batches of 4 (a count of 2 a batch: 4 batches)
     assert "(8 samples)." in (out / "report.md").read_text()
 
+
+@pytest.mark.parametrize("mode", ["float", "integer"])
+def test_weights_of_ops_that_stay_float_are_stored_dequantized(tmp_path, mode):
+    """x -> MatMul(w1) -> h -> MatMul(w2) -> y with x kept float (an override, as min_sqnr_db
+    keeps outlier activations): no integer kernel can run the first MatMul, so its weight is
+    stored as its dequantized float values (float_op_weights = "float", the default): no
+    DequantizeLinear on every run. The second MatMul reads a quantized h: its weight stays
+    integer. "integer" keeps both DequantizeLinears. The deploy computes what the fake-quant
+    graph computes."""
+    rng = np.random.default_rng(7)
+    inits = {"w1": rng.normal(0, 0.5, (16, 32)).astype(np.float32),
+             "w2": rng.normal(0, 0.5, (32, 8)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")]
+    model = make_model(nodes, [tensor("x", ["N", 16])], [tensor("y", ["N", 8])], inits)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, path)
+    data = [{"x": rng.normal(0, 1, (8, 16)).astype(np.float32)} for _ in range(3)]
+    out = tmp_path / "out"
+    steps = [InsertQDQ(weights={"reduce_range": False}, overrides={"x": {"quantize": False}}),
+             Calibrate(method="minmax"), Emit(latency_runs=0, float_op_weights=mode)]
+    PassManager(steps).run(path, out, data=data)
+    deploy = onnx.load(out / "mlp.deploy.onnx")
+    inits = initializers(deploy)
+    producer = {o: n for n in deploy.graph.node for o in n.output}
+    weight = {n.name: n.input[1] for n in deploy.graph.node if n.op_type == "MatMul"}
+    entry = next(e for e in json.loads((out / "quant_record.json").read_text())["tensors"]
+                 if e["tensor"] == "w1")
+    assert entry["quantized"]  # the record is the fake-quant's: w1 is quantized there
+    if mode == "float":
+        assert weight["mm1"] in inits and weight["mm1"] not in producer
+        values = numpy_helper.to_array(inits[weight["mm1"]])
+        steps = values / np.asarray(entry["scale"], np.float32)  # per output column
+        np.testing.assert_allclose(steps, np.rint(steps), atol=1e-3)  # on the int8 grid
+    else:
+        assert producer[weight["mm1"]].op_type == "DequantizeLinear"
+    assert producer[weight["mm2"]].op_type == "DequantizeLinear"  # integer-fed: stays int8
+    report = json.loads((out / "report.json").read_text())["quantization"]
+    assert report["size_bytes"]["deploy"] > (16 * 32 * 4 if mode == "float" else 0)
+    fakequant = onnx.load(out / "mlp.fakequant.onnx")
+    probe = {"x": rng.normal(0, 1, (8, 16)).astype(np.float32)}
+    for a, b in zip(run(fakequant, probe), run(deploy, probe), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
 # ---- the deploy graph ---------------------------------------------------------------------------
 def test_deploy_has_integer_weights_and_biases_feeding_dequantize(emitted):
     deploy = onnx.load(emitted["out"] / "net.deploy.onnx")

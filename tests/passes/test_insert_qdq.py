@@ -1175,7 +1175,7 @@ def test_gather_table_is_int8_per_row_and_the_deploy_graph_gathers_int8_rows():
     probe.graph.output.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, None))
     for feed in feeds:
         assert_close(run(probe, feed)[-1], fq_table[feed["ids"]], 1e-6)
-    deploy, _ = deploy_graph(calibrated)
+    deploy, _, _ = deploy_graph(calibrated)
     onnx.checker.check_model(deploy, full_check=True)
     embed = next(n for n in deploy.graph.node if n.name == "embed")
     assert embed.op_type == "Gather" and embed.input[1] == "ids"
@@ -1205,7 +1205,7 @@ def test_gather_table_read_by_another_op_is_left_to_that_op():
     feeds = embedding_feeds(rng)
     calibrated = Calibrate(method="minmax").run(result.model, PassContext(
         data=DataSource(feeds))).model
-    deploy, _ = deploy_graph(calibrated)
+    deploy, _, _ = deploy_graph(calibrated)
     onnx.checker.check_model(deploy, full_check=True)
     assert not any(n.op_type == "Cast" for n in deploy.graph.node)
     for feed in feeds:

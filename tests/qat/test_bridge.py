@@ -387,7 +387,7 @@ def test_standalone_4bit_at_opset_21(dtype, axis):
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_deploy_form_converts_trains_and_writes_integers_back(weights):
     fq = quantize(conv_net(), CALIB, weights={"dtype": weights})
-    deploy, folded = deploy_graph(fq)
+    deploy, folded, _ = deploy_graph(fq)
     assert folded == 9  # eight weights and the Add's bias
     integer = {TensorProto.INT8, TensorProto.INT4}
     stored = {t.name: t.data_type for t in deploy.graph.initializer}
@@ -444,7 +444,7 @@ def test_embedding_table_trains_and_is_written_back_per_row():
     bridge.module.eval()
     for feed in feeds:
         assert_close(run(written, feed), outputs(bridge, feed), 1e-6)
-    deploy, _ = deploy_graph(written)
+    deploy, _, _ = deploy_graph(written)
     assert "Cast" in {n.op_type for n in deploy.graph.node}
     for feed in feeds:
         np.testing.assert_array_equal(run(deploy, feed)[0], run(written, feed)[0])

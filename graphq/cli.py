@@ -221,12 +221,10 @@ def inspect_model(path: Path) -> dict[str, Any]:
 def _nested_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The nodes of the graphs nested in ``graph``'s nodes (If branches, Loop/Scan bodies),
     at every depth."""
-    found = []
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                found += [*sub.node, *_nested_nodes(sub)]
-    return found
+    from graphq.graph import subgraph_protos
+
+    return [n for node in graph.node for sub in subgraph_protos(node)
+            for n in [*sub.node, *_nested_nodes(sub)]]
 
 
 def _value(v: onnx.ValueInfoProto) -> dict[str, Any]:

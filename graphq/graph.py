@@ -149,6 +149,47 @@ def subgraphs(node: gs.Node) -> list[gs.Graph]:
     return [a for a in node.attrs.values() if isinstance(a, gs.Graph)]
 
 
+def subgraph_protos(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs an ONNX node holds as attributes (an If's branches, a Loop's or Scan's
+    body): :func:`subgraphs` for protos."""
+    return [g for attr in node.attribute
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
+
+
+def names_made(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name the graph's nodes write, inside subgraphs too (with the
+    subgraphs' inputs and initializers)."""
+    names = set()
+    for node in graph.node:
+        names.update(node.output)
+        for sub in subgraph_protos(node):
+            names |= names_made(sub)
+            names.update(i.name for i in sub.input)
+            names.update(t.name for t in sub.initializer)
+    return names
+
+
+def names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name the graph's nodes read, inside subgraphs too."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for sub in subgraph_protos(node):
+            names |= names_read(sub)
+            names.update(o.name for o in sub.output)
+    return names
+
+
+def outer_reads(node: onnx.NodeProto) -> list[str]:
+    """The names the graphs ``node`` holds read from the graph around it, at any depth
+    (sorted)."""
+    reads: set[str] = set()
+    for sub in subgraph_protos(node):
+        made = names_made(sub) | {i.name for i in sub.input} | {t.name for t in sub.initializer}
+        reads |= names_read(sub) - made
+    return sorted(name for name in reads if name)
+
+
 def graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     """``graph`` and every graph nested in its nodes, outermost first."""
     yield graph

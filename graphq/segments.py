@@ -85,9 +85,7 @@ def find(model: onnx.ModelProto, units: dict[str, int], mask: str = "") -> list[
                     bounds.add(name)
                 continue
             node = nodes[index]
-            if node.op_type in G.COMPUTE or any(
-                    a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                    for a in node.attribute):
+            if node.op_type in G.COMPUTE or G.subgraph_protos(node):
                 bounds.add(name)
                 continue
             ran.add(index)
@@ -114,10 +112,9 @@ def find(model: onnx.ModelProto, units: dict[str, int], mask: str = "") -> list[
     # would be in no segment
     ends = {s.end for s in segments}
     for node in nodes:
-        if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                   for a in node.attribute):
+        if not G.subgraph_protos(node):
             continue
-        for name in dict.fromkeys([*node.input, *_outer_reads(node)]):
+        for name in dict.fromkeys([*node.input, *G.outer_reads(node)]):
             if not name or name in ends or name in constants or name not in producer or \
                     nodes[producer[name]].op_type in G.COMPUTE:
                 continue
@@ -127,20 +124,6 @@ def find(model: onnx.ModelProto, units: dict[str, int], mask: str = "") -> list[
                 segments.append(Segment(name, f"{node.op_type} '{node.name}' input '{name}'",
                                         sorted(found), sorted(bounds), sorted(ran)))
     return segments
-
-
-def _outer_reads(node: onnx.NodeProto) -> list[str]:
-    """The names the graphs ``node`` holds (an If's branches, a Loop's body) read from the
-    graph around them, at any depth."""
-    reads: list[str] = []
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            made = {i.name for i in sub.input} | {t.name for t in sub.initializer}
-            made |= {o for n in sub.node for o in n.output}
-            inner = [name for n in sub.node for name in [*n.input, *_outer_reads(n)]]
-            inner += [o.name for o in sub.output]
-            reads += [name for name in inner if name and name not in made]
-    return reads
 
 
 def _submodel(model: onnx.ModelProto, segment: Segment, mask: str,

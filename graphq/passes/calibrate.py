@@ -769,9 +769,8 @@ def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and the graphs nested in its nodes' attributes."""
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _graph_protos(sub)
+        for sub in G.subgraph_protos(node):
+            yield from _graph_protos(sub)
 
 
 class _Scorer:

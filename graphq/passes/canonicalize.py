@@ -268,8 +268,8 @@ def _erf_gelus(graph: onnx.GraphProto) -> list[_Gelu]:
     # graph outputs and what the subgraphs (If branches) read from this scope stay
     outputs = {o.name for o in graph.output}
     for node in graph.node:
-        for sub in _subgraphs(node):
-            outputs |= _names_read(sub)
+        for sub in G.subgraph_protos(node):
+            outputs |= G.names_read(sub)
 
     def scalar(name: str, value: float) -> bool:
         t = consts.get(name)
@@ -349,7 +349,7 @@ def _gelus_to_op(graph: onnx.GraphProto) -> int:
     keep = [v for v in graph.value_info if v.name not in dropped]
     del graph.value_info[:]
     graph.value_info.extend(keep)
-    constants = {i for g in found for n in g.nodes for i in n.input} - _names_read(graph)
+    constants = {i for g in found for n in g.nodes for i in n.input} - G.names_read(graph)
     inits = [t for t in graph.initializer if t.name not in constants]
     if len(inits) != len(graph.initializer):
         del graph.initializer[:]
@@ -523,16 +523,16 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
             del proto.node[i]
     # a folded tensor that only a subgraph reads (an If branch's outer-scope input) too;
     # the subgraphs' own nodes are left as they are
-    read, made = _names_read(proto), _names_made(proto)
+    read, made = G.names_read(proto), G.names_made(proto)
     for name, tensor in folded.items():
         if name in read and name not in made:
             proto.initializer.append(numpy_helper.from_array(np.asarray(tensor.values), name))
-    used = {o.name for o in proto.output} | _names_read(proto)
+    used = {o.name for o in proto.output} | G.names_read(proto)
     for i in reversed(range(len(proto.initializer))):
         if proto.initializer[i].name not in used:
             del proto.initializer[i]
     for node in proto.node:
-        for sub in _subgraphs(node):
+        for sub in G.subgraph_protos(node):
             _constants_to_initializers(sub)
     return model
 
@@ -545,8 +545,8 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
     initializer into each of them)."""
     deeper = set()
     for node in graph.node:
-        for sub in _subgraphs(node):
-            deeper |= _names_read(sub)
+        for sub in G.subgraph_protos(node):
+            deeper |= G.names_read(sub)
     keep = []
     for node in graph.node:
         value = next((a.t for a in node.attribute if a.name == "value"), None) \
@@ -558,7 +558,7 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
             graph.initializer.append(tensor)
             continue
         keep.append(node)
-        for sub in _subgraphs(node):
+        for sub in G.subgraph_protos(node):
             _constants_to_initializers(sub)
     if len(keep) != len(graph.node):
         del graph.node[:]
@@ -572,36 +572,6 @@ def _tensors(graph: gs.Graph) -> dict[str, gs.Tensor]:
         for name, t in g.tensors().items():
             tensors.setdefault(name, t)
     return tensors
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs a node holds as attributes (an If's branches, a Loop's body)."""
-    return [g for attr in node.attribute
-            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
-
-
-def _names_made(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name the graph's nodes write, inside subgraphs too (with the
-    subgraphs' inputs)."""
-    names = set()
-    for node in graph.node:
-        names.update(node.output)
-        for sub in _subgraphs(node):
-            names |= _names_made(sub)
-            names.update(i.name for i in sub.input)
-            names.update(t.name for t in sub.initializer)
-    return names
-
-
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name the graph's nodes read, inside subgraphs too."""
-    names = set()
-    for node in graph.node:
-        names.update(node.input)
-        for sub in _subgraphs(node):
-            names |= _names_read(sub)
-            names.update(o.name for o in sub.output)
-    return names
 
 
 def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:

@@ -180,11 +180,11 @@ def local_scores(masked: onnx.ModelProto, mask: str, count: int, segments: list[
         for i, sess in sessions.items():
             segment = segments[i]
             given = {b: values[b] for b in segment.bounds}
-            ref = sess.run(None, {**given, mask: zeros})[0].astype(np.float64)
-            got = sess.run(None, {**given, mask: ones})[0].astype(np.float64)
-            finite = np.isfinite(ref) & np.isfinite(got)
-            signal[i] = signal.get(i, 0.0) + float(np.sum(ref[finite] ** 2))
-            noise[i] = noise.get(i, 0.0) + float(np.sum((ref[finite] - got[finite]) ** 2))
+            ref = sess.run(None, {**given, mask: zeros})[0]
+            got = sess.run(None, {**given, mask: ones})[0]
+            s, e = Q.error_sums(ref, got)
+            signal[i] = signal.get(i, 0.0) + s
+            noise[i] = noise.get(i, 0.0) + e
     log.info("segments: %d of %d scored on %d batch(es) in %.1f s", len(sessions),
              len(segments), len(feeds), time.perf_counter() - start)
     return {i: Q.sqnr_db_of_sums(signal[i], noise[i]) for i in sessions}

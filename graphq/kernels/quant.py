@@ -248,6 +248,15 @@ def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
     return sqnr_db_of_sums(float(np.sum(r**2)), noise)
 
 
+def error_sums(ref: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
+    """``(sum(ref^2), sum((ref - approx)^2))`` in float64 over the values finite in both: a
+    batch's share of :func:`sqnr_db_of_sums`."""
+    a, b = np.asarray(ref, np.float64), np.asarray(approx, np.float64)
+    finite = np.isfinite(a) & np.isfinite(b)
+    a, b = a[finite], b[finite]
+    return float(np.sum(a**2)), float(np.sum((a - b) ** 2))
+
+
 def sqnr_db_of_sums(signal: float, noise: float) -> float:
     """``10 log10(signal / noise)`` in dB from the summed squares (accumulated over batches):
     inf without noise, -inf without signal."""

@@ -370,10 +370,9 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
     for feed in feeds:
         values = runtime.run(session, feed)
         for t in names:
-            a, b = values[t].astype(np.float64), values[pairs[t]].astype(np.float64)
-            finite = np.isfinite(a) & np.isfinite(b)
-            signal[t] += float(np.sum(a[finite] ** 2))
-            noise[t] += float(np.sum((a[finite] - b[finite]) ** 2))
+            s, e = Q.error_sums(values[t], values[pairs[t]])
+            signal[t] += s
+            noise[t] += e
     rows = []
     for t in names:
         rows.append({"tensor": t, "sqnr_db": Q.sqnr_db_of_sums(signal[t], noise[t]),

@@ -207,6 +207,21 @@ def test_sqnr_and_cosine():
     assert Q.cosine(np.zeros((2, 2)), np.ones((2, 2))) == 0.0
 
 
+
+def test_error_sums_add_up_over_batches_on_finite_values():
+    """Summed over batches, the squares give the SQNR of the batches together; values not
+    finite in either tensor (a -inf mask) are left out; a bool decision counts 0/1."""
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(0, 1, (3, 4)).astype(np.float32) for _ in range(2)]
+    got = [r + rng.normal(0, 0.1, r.shape).astype(np.float32) for r in ref]
+    sums = [Q.error_sums(r, g) for r, g in zip(ref, got, strict=True)]
+    together = Q.sqnr_db(np.concatenate(ref), np.concatenate(got))
+    assert Q.sqnr_db_of_sums(sum(s for s, _ in sums), sum(e for _, e in sums)) == \
+        pytest.approx(together)
+    masked = np.array([1.0, -np.inf, 2.0])
+    assert Q.error_sums(masked, np.array([1.0, 0.0, 1.5])) == (5.0, 0.25)
+    assert Q.error_sums(np.array([True, False]), np.array([False, False])) == (1.0, 1.0)
+
 def test_weight_range():
     w = np.arange(24, dtype=np.float32).reshape(2, 3, 4) - 10
     assert Q.weight_range(w) == (-10.0, 13.0)

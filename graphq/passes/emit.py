@@ -122,12 +122,12 @@ class Emit(Pass):
             "tensors": {"quantized": len(table.quantized()),
                         "kept_float": sum(not e.quantized for e in table.entries.values())},
         }
-        feeds, labels, where = self._eval_feeds(float_model, ctx)
+        feeds, labels, where, samples = self._eval_feeds(float_model, ctx)
         if not feeds:
             report["fidelity"] = None
             return report
         report["eval_data"] = where
-        report["eval_samples"] = sum(samples_in(f, float_model) for f in feeds)
+        report["eval_samples"] = samples
         float_sess = runtime.session(float_model, ctx.providers)
         deploy_sess = runtime.session(deploy, ctx.providers)
         ref = [runtime.run(float_sess, f) for f in feeds]
@@ -169,7 +169,9 @@ class Emit(Pass):
         return [warning]
 
     def _eval_feeds(self, model: onnx.ModelProto, ctx: PassContext
-                    ) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None, str]:
+                    ) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None, str, int]:
+        """The eval batches (up to ``eval_limit`` samples), their labels when every batch has
+        some, where they come from, and how many samples they hold."""
         o = self.options
         if o.eval_data is not None:
             path = ctx.path(o.eval_data)
@@ -181,7 +183,7 @@ class Emit(Pass):
             source = ctx.data
             where = "the calibration data (give emit eval_data for held-out data)"
         else:
-            return [], None, ""
+            return [], None, "", 0
         feeds, labels, total = [], [], 0
         for feed, label in source.labeled_feeds(model):
             feeds.append(feed)
@@ -190,7 +192,7 @@ class Emit(Pass):
             if total >= o.eval_limit:
                 break
         known = all(label is not None for label in labels)
-        return feeds, np.concatenate(labels) if known and labels else None, where
+        return feeds, np.concatenate(labels) if known and labels else None, where, total
 
 
 def deploy_graph(model: onnx.ModelProto, float_op_weights: str = "float"
@@ -237,11 +239,7 @@ def float_op_constants(graph: gs.Graph) -> int:
         out = dq.outputs[0] if dq.outputs else None
         if ints is None or out is None or not out.outputs or np.dtype(ints.dtype).kind == "f":
             continue
-        try:
-            bits = Q.qtype_of_storage(ints.dtype).bits
-        except ValueError:
-            bits = 32  # an int32 bias
-        if bits < 8:
+        if Q.qtype_of_storage(ints.dtype).bits < 8:
             continue  # 4-bit weights: their size is the point
         if not all(r.op in G.COMPUTE and not _integer_fed(r, out) for r in out.outputs):
             continue
@@ -257,14 +255,8 @@ def float_op_constants(graph: gs.Graph) -> int:
 
 def _integer_fed(node: gs.Node, constant: gs.Tensor) -> bool:
     """Whether an activation input of the compute op ``node`` (its first two inputs, less
-    ``constant``) comes dequantized: then an integer kernel can run it."""
-    for t in node.inputs[:2]:
-        if t is constant or isinstance(t, gs.Constant):
-            continue
-        if t.inputs and t.inputs[0].op == "DequantizeLinear" and \
-                G.constant_values(t.inputs[0].inputs[0]) is None:
-            return True
-    return False
+    ``constant``) comes through a Q/DQ pair: then an integer kernel can run it."""
+    return any(G.float_source(t) is not t for t in node.inputs[:2] if t is not constant)
 
 
 def gathered_tables(graph: gs.Graph) -> int:

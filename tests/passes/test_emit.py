@@ -553,8 +553,8 @@ def test_a_deploy_graph_slower_than_float_is_warned(tmp_path, monkeypatch):
     in float by design, get their own note instead."""
     import graphq.passes.emit as E
 
-    monkeypatch.setattr(E.latency, "session_timings",
-                        lambda sessions, feed, **kw: ([0.001, 0.002], kw["max_rounds"]))
+    monkeypatch.setattr(E.latency, "session_times",
+                        lambda sessions, feed, **kw: np.array([[0.001, 0.002]] * kw["max_rounds"]))
     rng = np.random.default_rng(7)
     result = PassManager(passes(latency_runs=5)).run(heavy_net(rng), tmp_path / "out",
                                                      data=[{"x": inputs(rng, 16)}])

@@ -60,6 +60,7 @@ class PassRecord:
     counts: dict[str, int]
     notes: list[str]
     verified: dict[str, Any] = field(default_factory=dict)
+    pinned: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,10 +132,13 @@ class PassManager:
             passes.append(create(table.pop("name"), table, spot))
         return cls(passes, settings, data, origin)
 
-    def to_toml(self, data_source: str | None = None) -> str:
+    def to_toml(self, data_source: str | None = None,
+                pinned: Sequence[dict[str, Any]] = ()) -> str:
         """The pipeline as TOML text that :meth:`from_text` reads back to the same pipeline.
 
-        ``data_source`` replaces ``[data] source`` (the run writes the resolved path there).
+        ``data_source`` replaces ``[data] source`` (the run writes the resolved path there);
+        ``pinned`` (one dict a pass, as :class:`PassResult` has them) replaces the options a
+        run decided by timing, with a comment naming the values given.
         """
         lines = ["[pipeline]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in opts.to_table(self.settings).items()]
@@ -143,9 +147,16 @@ class PassManager:
             data["source"] = data_source
         if data != opts.to_table(DataOptions()):
             lines += ["", "[data]"] + [f"{k} = {_toml_value(v)}" for k, v in data.items()]
-        for p in self.passes:
+        for i, p in enumerate(self.passes):
+            table = p.to_table()
+            pins = pinned[i] if i < len(pinned) else {}
             lines += ["", "[[passes]]"]
-            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in p.to_table().items()]
+            if pins:
+                given = ", ".join(f"{k} = {_toml_value(table[k])}" for k in pins)
+                lines.append(f"# pinned to what this run chose by timing (given: {given}); "
+                             "rerunning this file places the same")
+            table.update(pins)
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
@@ -205,7 +216,8 @@ class PassManager:
                               external_data=source.external_data or None)
         end_to_end = checker.finish(self.passes)
         data_path = ctx.data.source if ctx.data is not None else None
-        text = self.to_toml(str(data_path.resolve()) if isinstance(data_path, Path) else None)
+        text = self.to_toml(str(data_path.resolve()) if isinstance(data_path, Path) else None,
+                            [r.pinned for r in records])
         report = {
             "graphq": __version__,
             "model": str(source.path) if source.path else None,
@@ -250,8 +262,8 @@ class PassManager:
             raise PassError(f"{_step(i, p, records)} failed: {type(exc).__name__}: {exc}"
                             ) from exc
         seconds = time.perf_counter() - start
-        return PassRecord(p.name, result.changed, seconds, result.counts, result.notes
-                          ), result.model
+        return PassRecord(p.name, result.changed, seconds, result.counts, result.notes,
+                          pinned=result.pinned), result.model
 
     def _write(self, outdir: Path, final_path: Path, proto: onnx.ModelProto,
                report: dict[str, Any], pipeline_text: str, ctx: PassContext

@@ -25,12 +25,16 @@ from graphq.errors import ConfigError, did_you_mean
 
 @dataclass
 class PassResult:
-    """What a pass returns: the model, whether it changed, counts and notes for the report."""
+    """What a pass returns: the model, whether it changed, counts and notes for the report,
+    and the options it pinned: values that make a rerun decide as this run did where it
+    decided by timing (the manager writes them into the run's pipeline.toml in place of the
+    options given)."""
 
     model: onnx.ModelProto
     changed: bool
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    pinned: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

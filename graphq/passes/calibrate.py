@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -101,6 +101,11 @@ class CalibrateOptions:
                 "auto_margin_db + auto_speed_db x log2(speedup) of keeping them float "
                 "(not timed where even a 4x speedup would not buy the loss; 0: fidelity "
                 "only; not with auto_metric, whose units are the user's)",
+        "min": 0.0})
+    min_sqnr_speedup: float = field(default=0.0, metadata={
+        "help": "the speedup auto_speed_db weighs, taken as given instead of timed (0: timed "
+                "in onnxruntime); a run that timed it writes what it measured here in its "
+                "pipeline.toml, so rerunning that file decides the same",
         "min": 0.0})
     bias_correction: bool = field(default=False, metadata={
         "help": "subtract from each Conv / Gemm bias the mean its weight's quantization error "
@@ -258,6 +263,7 @@ class Calibrate(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         table = QuantTable.required(model, "insert-qdq", "calibrate")
+        self._pinned: dict[str, Any] = {}  # what this run timed (PassResult.pinned)
         if ctx.data is None:
             raise DataError("calibrate needs data: give --data PATH or [data] source "
                             "(an .npz keyed by input name, or a folder of .npz/.npy files)")
@@ -309,7 +315,7 @@ class Calibrate(Pass):
                       not e.quantized for e in table.entries.values())}
         log.info("calibrated %d tensors on %d batches in %.2f s (%s)", len(observed),
                  stream.batches, stream.seconds, self.options.method)
-        return PassResult(out, True, counts, notes)
+        return PassResult(out, True, counts, notes, self._pinned)
 
     # ---- statistics -------------------------------------------------------------------------
     def _observe(self, model: onnx.ModelProto, graph: gs.Graph, observed: list[TensorQuant],
@@ -488,8 +494,13 @@ class Calibrate(Pass):
             rate = self.options.auto_speed_db if scorer.function is None else 0.0
             speedup, timed = 0.0, ""
             if rate and score - all_score - scorer.margin <= rate * math.log2(MAX_SPEEDUP):
-                speedup = self._speedup(scoring, chosen, table_all, stream, ctx)
-                timed = f"; quantized it runs {speedup:.2f}x the speed"
+                speedup = self.options.min_sqnr_speedup
+                if speedup:
+                    timed = f"; quantized it runs {speedup:.2f}x the speed (min_sqnr_speedup)"
+                else:
+                    speedup = self._speedup(scoring, chosen, table_all, stream, ctx)
+                    self._pinned["min_sqnr_speedup"] = speedup
+                    timed = f"; quantized it runs {speedup:.2f}x the speed"
             elif rate:
                 timed = (f"; not timed: at auto_speed_db {rate:g} per 2x the loss needs more "
                          f"than {MAX_SPEEDUP:g}x the speed")
@@ -500,8 +511,9 @@ class Calibrate(Pass):
                         f"quantized too{timed}; kept float")
                 log.info("%s", note)
                 return score, chosen, [*notes, note]
+            given = "; the speedup min_sqnr_speedup's" if self.options.min_sqnr_speedup else ""
             traded = (f", {scorer.show(score - all_score)} less for {speedup:.2f}x the speed "
-                      f"(auto_speed_db {self.options.auto_speed_db:g} per 2x)")
+                      f"(auto_speed_db {self.options.auto_speed_db:g} per 2x{given})")
         for t in gated:
             entry = table_all.get(t)
             if entry.quantized:

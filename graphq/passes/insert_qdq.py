@@ -56,7 +56,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -216,11 +216,17 @@ class InsertQDQOptions:
                 "first layers (few channels, large images) can run slower as integer kernels "
                 "than as float ones, and kept float they add no quantization error; 0 turns "
                 "the search off"})
+    float_prefix: int = field(default=0, metadata={
+        "help": "keep the first N quantized compute ops float without timing anything (in "
+                "place of float_prefix_search: a run whose search timed its choice writes it "
+                "here, with float_prefix_search = 0, in its pipeline.toml, so rerunning that "
+                "file places the same)"})
 
     def validate(self) -> None:
-        if not isinstance(self.float_prefix_search, int) or self.float_prefix_search < 0:
-            raise ValueError("option 'float_prefix_search' must be an integer >= 0, got "
-                             f"{self.float_prefix_search!r}")
+        for key in ("float_prefix_search", "float_prefix"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"option '{key}' must be an integer >= 0, got {value!r}")
         known = set(COMPUTE) | set(JOINING) | set(PASS_THROUGH) | set(TABLES)
         for op in self.ops:
             if op not in known:
@@ -255,15 +261,36 @@ class InsertQDQ(Pass):
             # nothing failed: the model (or the options' selection) has nothing to quantize
             raise ConfigError(f"nothing in this model can be quantized: {_why_nothing(graph)}")
         notes = upgraded + planner.notes
-        if self.options.float_prefix_search and len(planner.computes) > 1:
-            out, table, planner, note = self._prefix_search(model, ctx, out, table, planner)
+        pinned: dict[str, Any] = {}
+        if self.options.float_prefix:
+            out, table, planner, note = self._prefix_given(model, planner)
+            notes = upgraded + planner.notes + [note]
+        elif self.options.float_prefix_search and len(planner.computes) > 1:
+            out, table, planner, note, pinned = self._prefix_search(model, ctx, out, table,
+                                                                    planner)
             notes = upgraded + planner.notes + [note]
         counts = {
             "activations": len(table.quantized("activation")),
             "weights": len(table.quantized("weight")),
             "float": sum(not e.quantized for e in table.entries.values()),
         }
-        return PassResult(out, True, counts, notes)
+        return PassResult(out, True, counts, notes, pinned)
+
+    def _prefix_given(self, model: onnx.ModelProto, planner: _Planner
+                      ) -> tuple[onnx.ModelProto, QuantTable, _Planner, str]:
+        """Option ``float_prefix``: the first N compute ops float, as asked (all but the
+        last, where the graph has no more)."""
+        k = min(self.options.float_prefix, len(planner.computes) - 1)
+        first = [i for i, _ in planner.computes[:k]]
+        reason = f"kept float with the first {k} compute op(s): float_prefix = " \
+                 f"{self.options.float_prefix}"
+        out, table, chosen = self._place(model, first, reason)
+        names = ", ".join(f"'{name}'" for _, name in planner.computes[:k]) or "none"
+        note = f"float_prefix = {self.options.float_prefix}: {names} kept float"
+        if self.options.float_prefix_search:
+            note += " (float_prefix_search not run: float_prefix is given)"
+        log.info("%s", note)
+        return out, table, chosen, note
 
     def _place(self, model: onnx.ModelProto, floats: list[int], reason: str = ""
                ) -> tuple[onnx.ModelProto, QuantTable, _Planner]:
@@ -285,23 +312,24 @@ class InsertQDQ(Pass):
 
     def _prefix_search(self, model: onnx.ModelProto, ctx: PassContext, out: onnx.ModelProto,
                        table: QuantTable, planner: _Planner
-                       ) -> tuple[onnx.ModelProto, QuantTable, _Planner, str]:
+                       ) -> tuple[onnx.ModelProto, QuantTable, _Planner, str, dict[str, Any]]:
         """Option ``float_prefix_search``: time the placements with the first 0..N compute
         ops float side by side (:mod:`graphq.latency`) and keep the longest float prefix
         within ``PREFIX_MARGIN`` of the fastest (speed first; among placements that fast,
         the most precision; timings within the margin are noise on a loaded machine, so the
-        choice between them would otherwise be a coin toss)."""
+        choice between them would otherwise be a coin toss). A timed choice is pinned:
+        ``float_prefix`` k and the search off, for the written pipeline.toml."""
         n = min(self.options.float_prefix_search, len(planner.computes) - 1)
         if model.ByteSize() > PREFIX_MAX_BYTES:
             note = (f"float_prefix_search skipped: the model is over "
                     f"{PREFIX_MAX_BYTES // 2**20} MiB (each timed placement is a session of "
                     "its own); exclude the first compute ops by name to keep them float")
             log.info("%s", note)
-            return out, table, planner, note
+            return out, table, planner, note, {}
         n, capped = _weight_capped(planner, n)
         if n == 0:
             log.info("%s", capped)
-            return out, table, planner, capped
+            return out, table, planner, capped, {}
         feed = ctx.data.first(model) if ctx.data is not None else None
         if feed is None:
             feed = runtime.sample_feeds(model)[0]
@@ -318,7 +346,7 @@ class InsertQDQ(Pass):
                     f"float runs more than {margin} slower than the fastest placement; latency "
                     f"in onnxruntime with the first k of them float: {timings}){capped}")
             log.info("%s", note)
-            return out, table, planner, note
+            return out, table, planner, note, {"float_prefix_search": 0}
         out, table, chosen = placed[k]
         reason = (f"kept float with the first {k} compute op(s): the longest float prefix "
                   f"within {margin} of the fastest placement ({seconds[k] * 1e3:.3g} ms against "
@@ -333,7 +361,7 @@ class InsertQDQ(Pass):
                 f"of all quantized; latency in onnxruntime with the first k compute ops float: "
                 f"{timings}){capped}")
         log.info("%s", note)
-        return out, table, chosen, note
+        return out, table, chosen, note, {"float_prefix_search": 0, "float_prefix": k}
 
     def _check_overrides(self, graph: gs.Graph) -> None:
         tensors = graph.tensors()

@@ -875,9 +875,20 @@ def test_min_sqnr_check_trades_fidelity_for_speed_at_auto_speed_db(monkeypatch):
     assert not (floats(table) & gated), floats(table)
     (note,) = [n for n in traded.notes if n.startswith("min_sqnr_db would keep")]
     assert "less for 2.00x the speed (auto_speed_db 1000 per 2x)" in note, note
+    # the timed speedup is pinned; given, it decides the same without timing
+    assert traded.pinned == {"min_sqnr_speedup": 2.0}
+    timed.clear()
+    given, again = calibrate(inserted, feeds, auto_speed_db=1000.0, min_sqnr_speedup=2.0,
+                             **common)
+    assert not timed and given.pinned == {} and floats(again) == floats(table)
+    assert any("2.00x the speed (auto_speed_db 1000 per 2x; the speedup min_sqnr_speedup's)"
+               in n for n in given.notes), given.notes
     seconds = [1.0, 2.0]  # quantized runs slower: float wins on both counts
     slower, table = calibrate(inserted, feeds, auto_speed_db=1000.0, **common)
     assert floats(table) == gated
+    assert slower.pinned == {"min_sqnr_speedup": 0.5}
+    _, again = calibrate(inserted, feeds, auto_speed_db=1000.0, min_sqnr_speedup=0.5, **common)
+    assert floats(again) == gated
     assert any(n.startswith("min_sqnr_db keeps") and "runs 0.50x the speed" in n
                for n in slower.notes), slower.notes
     timed.clear()

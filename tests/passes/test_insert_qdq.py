@@ -918,6 +918,52 @@ def test_float_prefix_search_option_is_checked():
         InsertQDQ(float_prefix_search=-1)
 
 
+@pytest.mark.parametrize("timings_ms, kept", [((1.0, 0.7, 0.9), 1), ((1.0, 1.2, 1.3), 0)])
+def test_a_timed_prefix_is_pinned_and_float_prefix_places_it_again(monkeypatch, timings_ms,
+                                                                     kept):
+    """The search's choice comes back as pinned options (float_prefix = k, the search off);
+    a pass given them places the same Q/DQ pairs and the same table without timing."""
+    from graphq.passes import insert_qdq
+
+    monkeypatch.setattr(insert_qdq, "PREFIX_MAX_WEIGHT_SHARE", 1.0)
+    model = conv_net(np.random.default_rng(40))
+    monkeypatch.setattr(latency, "medians", lambda *a, **k: [t / 1e3 for t in timings_ms])
+    searched = InsertQDQ(float_prefix_search=2).run(model, PassContext())
+    expected = {"float_prefix_search": 0, **({"float_prefix": kept} if kept else {})}
+    assert searched.pinned == expected
+    monkeypatch.setattr(latency, "medians", lambda *a, **k: pytest.fail("timed a pinned prefix"))
+    again = InsertQDQ(**{"float_prefix_search": 2, **searched.pinned}).run(model, PassContext())
+    onnx.checker.check_model(again.model, full_check=True)
+    assert again.pinned == {}
+    assert [n.op_type for n in again.model.graph.node] == [
+        n.op_type for n in searched.model.graph.node]
+    a, b = QuantTable.of(searched.model), QuantTable.of(again.model)
+    assert {t: e.quantized for t, e in a.entries.items()} == {
+        t: e.quantized for t, e in b.entries.items()}
+    if kept:
+        assert f"float_prefix = {kept}" in b.get("w1").reason
+        assert any(n == f"float_prefix = {kept}: 'conv1' kept float" for n in again.notes)
+
+
+def test_float_prefix_keeps_the_first_compute_ops_float_untimed(monkeypatch):
+    """float_prefix = 2 keeps conv1 and conv2 float (their weights and inputs) and runs no
+    search even where float_prefix_search asks for one; more than the graph has keeps all
+    but the last compute op float."""
+    monkeypatch.setattr(latency, "medians", lambda *a, **k: pytest.fail("timed"))
+    model = conv_net(np.random.default_rng(43))
+    result, table = insert(model, float_prefix=2, float_prefix_search=3)
+    onnx.checker.check_model(result.model, full_check=True)
+    check_pairs(result.model, table)
+    assert not {"w1", "w2"} & quantized(table, "weight") and "wg" in quantized(table, "weight")
+    assert "float_prefix = 2" in table.get("w2").reason
+    assert any(n.endswith("(float_prefix_search not run: float_prefix is given)")
+               for n in result.notes)
+    _, table = insert(model, float_prefix=9)
+    assert quantized(table, "weight") == {"wg"}
+    with pytest.raises(ConfigError, match="'float_prefix' must be an integer >= 0, got -1"):
+        InsertQDQ(float_prefix=-1)
+
+
 def test_float_prefix_search_skips_large_models(monkeypatch):
     from graphq.passes import insert_qdq
     monkeypatch.setattr(insert_qdq, "PREFIX_MAX_BYTES", 1024)

@@ -20,7 +20,7 @@ DataError that names the input and what the model expects.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -262,9 +262,78 @@ def _read_file(path: Path, names: list[str]) -> dict[str, np.ndarray]:
 def samples_in(feed: Feed, model: onnx.ModelProto) -> int:
     """The samples in one feed of ``model``, counted on each input's batch axis (1 for a
     feed of inputs that batch along different dims, :func:`_feed_axes`)."""
+    return _batch_len(feed, _axes_of(feed, model))
+
+
+def _axes_of(feed: Feed, model: onnx.ModelProto) -> dict[str, int | None]:
+    """The batch axis of each of ``feed``'s inputs (:func:`batch_axes`, :func:`_feed_axes`)."""
     inputs = true_inputs(model)
     axes = batch_axes(inputs)
-    return _batch_len(feed, _feed_axes(feed, axes, _batch_names(inputs, axes)))
+    return _feed_axes(feed, axes, _batch_names(inputs, axes))
+
+
+#: the bytes one run's fetched tensors may hold (:class:`FetchSplitter`): a YOLO's calibration
+#: batch of 16 photos at 1280x1280 fetching every activation took over 15 GB
+FETCH_BYTES = 1 << 30
+
+
+class FetchSplitter:
+    """Cuts batches into pieces whose fetched tensors hold at most ``budget`` bytes, for runs
+    that fetch a model's intermediate tensors (calibration, per-tensor error): their size
+    per sample is measured once, on the first batch's first sample run alone, as bytes per
+    byte of input, so that batches of other shapes (wider images) are cut to fit too."""
+
+    def __init__(self, model: onnx.ModelProto, run: Callable[[Feed], Iterable[np.ndarray]],
+                 budget: int | None = None) -> None:
+        self.model, self.run = model, run
+        self.budget = FETCH_BYTES if budget is None else budget
+        self.ratio: float | None = None  # fetched bytes per input byte
+
+    def pieces(self, feed: Feed) -> Iterator[Feed]:
+        axes = _axes_of(feed, self.model)
+        n = _batch_len(feed, axes)
+        if n <= 1:
+            yield feed
+            return
+        per_sample = max(_input_bytes(feed) / n, 1.0)
+        if self.ratio is None:
+            one = _take(feed, axes, 0, 1)
+            fetched = sum(np.asarray(v).nbytes for v in self.run(one))
+            self.ratio = fetched / max(_input_bytes(one), 1)
+        yield from _cut(feed, axes, n, int(self.budget // max(self.ratio * per_sample, 1.0)))
+
+
+#: the input bytes one plain run (no intermediate tensors fetched: evaluation, timing) is
+#: given at most (one sample where a sample holds more), :func:`split_bytes`: a YOLO's
+#: batch of 16 photos at 1280x1280 (315 MB of input) took 14 GB timed in 4 sessions at
+#: once; ImageNet-size batches of 16 (9.6 MB) stay whole
+RUN_FEED_BYTES = 16 * 2**20
+
+
+def split_bytes(feed: Feed, model: onnx.ModelProto, max_bytes: int | None = None
+                ) -> list[Feed]:
+    """``feed`` in pieces of consecutive samples whose inputs hold at most ``max_bytes``
+    (``RUN_FEED_BYTES``; at least one sample a piece)."""
+    axes = _axes_of(feed, model)
+    n = _batch_len(feed, axes)
+    limit = RUN_FEED_BYTES if max_bytes is None else max_bytes
+    per_sample = max(_input_bytes(feed) / max(n, 1), 1.0)
+    return list(_cut(feed, axes, n, int(limit // per_sample)))
+
+
+def _cut(feed: Feed, axes: dict[str, int | None], n: int, step: int) -> Iterator[Feed]:
+    """``feed`` (``n`` samples) in pieces of ``step`` samples (at least one); whole when
+    they fit."""
+    step = max(1, step)
+    if step >= n:
+        yield feed
+        return
+    for start in range(0, n, step):
+        yield _take(feed, axes, start, min(start + step, n))
+
+
+def _input_bytes(feed: Feed) -> int:
+    return sum(np.asarray(v).nbytes for v in feed.values())
 
 
 def _batch_names(inputs: list[onnx.ValueInfoProto], axes: dict[str, int | None]

@@ -135,3 +135,33 @@ def test_sample_feeds_agree_on_the_batch():
     (feed,) = sample_feeds(stateful_model(named=False))
     assert feed["x"].shape == (1, 4) and feed["state"].shape == (2, 1, 3)
     assert feed["sr"].shape == ()
+
+
+def test_fetch_splitter_cuts_batches_to_the_budget_measured_per_input_byte():
+    """The fetched bytes per input byte are measured once, on one sample; every batch is cut
+    into pieces that fetch at most the budget: 8 samples at 3 per piece, wider samples
+    (twice the bytes) at 1 per piece; a batch that fits, or of one sample, stays whole."""
+    from graphq.data import FetchSplitter
+
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])],
+                       [tensor("x", ["N", 4, None])], [tensor("y", ["N", 4, None])])
+    probes = []
+
+    def run(feed):  # fetches twice its input, as two activations the size of x
+        probes.append(len(feed["x"]))
+        return [feed["x"], feed["x"] * 2]
+
+    per_sample = 4 * 6 * 4
+    splitter = FetchSplitter(model, run, budget=2 * per_sample * 3 + 5)
+    x = np.arange(8 * 4 * 6, dtype=np.float32).reshape(8, 4, 6)
+    pieces = list(splitter.pieces({"x": x}))
+    assert [len(p["x"]) for p in pieces] == [3, 3, 2]
+    np.testing.assert_array_equal(np.concatenate([p["x"] for p in pieces]), x)
+    wide = np.zeros((4, 4, 12), np.float32)
+    assert [len(p["x"]) for p in splitter.pieces({"x": wide})] == [1, 1, 1, 1]
+    assert probes == [1]  # measured once
+    assert [len(p["x"]) for p in splitter.pieces({"x": x[:3]})] == [3]
+    assert [len(p["x"]) for p in splitter.pieces({"x": x[:1]})] == [1]
+    roomy = FetchSplitter(model, run, budget=10**9)
+    (whole,) = roomy.pieces({"x": x})
+    assert whole["x"] is x

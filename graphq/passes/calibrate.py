@@ -49,7 +49,7 @@ from graphq import latency, runtime
 from graphq import segments as SEG
 from graphq import sensitivity as S
 from graphq.biases import bias_sites, quantize_biases
-from graphq.data import run_failure, samples_in
+from graphq.data import FetchSplitter, run_failure, samples_in
 from graphq.errors import ConfigError, DataError, GraphqError, PassError
 from graphq.kernels import observers as O
 from graphq.kernels import quant as Q
@@ -317,6 +317,11 @@ class Calibrate(Pass):
                  stream.batches, stream.seconds, self.options.method)
         return PassResult(out, True, counts, notes, self._pinned)
 
+    def _searches(self) -> bool:
+        """Whether the run scores candidates against the float outputs of kept batches."""
+        return (self.options.target_sqnr_db > 0 or self.options.method == "auto"
+                or self.options.weight_rounding == "gptq")
+
     # ---- statistics -------------------------------------------------------------------------
     def _observe(self, model: onnx.ModelProto, graph: gs.Graph, observed: list[TensorQuant],
                  ctx: PassContext, means: list[str]) -> _Stream:
@@ -327,33 +332,37 @@ class Calibrate(Pass):
         derived = _derived_concats(graph, {e.tensor for e in observed}, set(means))
         names = [e.tensor for e in observed if e.tensor not in derived]
         extra = [n for n in means if n not in set(names)]
+        search = self._searches()
+        # the scored outputs too: the kept batches' float outputs are the search's reference
+        outputs = [o.name for o in graph.outputs] if search else []
         renamed: dict[str, str] = {}  # tensors inside If branches leave by new names
-        view = G.with_outputs(model, names + extra, float_view=True, renamed=renamed)
+        view = G.with_outputs(model, names + extra + outputs, float_view=True, renamed=renamed)
         sess = runtime.session(view, ctx.providers, spinning=False)
         channel_means = {n: O.ChannelMean() for n in means}
         observers = {e.tensor: self._observer(e) for e in observed}
         start = time.perf_counter()
         batches = 0
         progress = Progress("calibrate", unit="batch")
-        search = (self.options.target_sqnr_db > 0 or self.options.method == "auto"
-                  or self.options.weight_rounding == "gptq")
         kept = _SpreadBatches(self.options.search_batches, self.options.search_samples,
                               lambda feed: samples_in(feed, model))
 
-        order: deque[dict[str, np.ndarray]] = deque()  # the feeds in flight, in order
+        # the feeds in flight, in order, each with whether it ends its batch: batches whose
+        # fetched tensors would hold over FETCH_BYTES run in pieces
+        order: deque[tuple[dict[str, np.ndarray], bool]] = deque()
+        splitter = FetchSplitter(model, lambda f: sess.run(fetch, f))
 
         def feeds() -> Iterator[dict[str, np.ndarray]]:
-            for feed in ctx.data.feeds(model):
-                order.append(feed)
-                yield feed
+            for batch in ctx.data.feeds(model):
+                pieces = list(splitter.pieces(batch))
+                for i, feed in enumerate(pieces):
+                    order.append((feed, i == len(pieces) - 1))
+                    yield feed
 
-        # the model's outputs too: the kept batches' float outputs are the search's reference
-        outputs = [o.name for o in model.graph.output] if search else []
         fetched = list(dict.fromkeys(names + extra + outputs))
         fetch = [renamed.get(n, n) for n in fetched]
         try:
             for values in _run_ahead(sess, fetch, feeds()):
-                feed = order.popleft()
+                feed, ends_batch = order.popleft()
                 for name, value in zip(fetched, values, strict=True):
                     if name in observers:
                         observers[name].observe(value)
@@ -362,8 +371,9 @@ class Calibrate(Pass):
                 if search:
                     got = dict(zip(fetched, values, strict=True))
                     kept.offer(feed, {o: got[o] for o in outputs})
-                batches += 1
-                progress.update(batches)
+                if ends_batch:
+                    batches += 1
+                    progress.update(batches)
         except _RunFailed as failed:
             raise run_failure(model, failed.feed, lambda f: sess.run(fetch, f), failed.error,
                               "the float model", batches + 1) from failed.error
@@ -537,7 +547,8 @@ class Calibrate(Pass):
         # scoring graph in place
         graphs = [deploy_graph(scoring.model(table))[0] for table in (chosen, table_all)]
         log.info("calibrate auto: timing the min_sqnr_db activations float and quantized")
-        float_s, quantized_s = latency.medians(graphs, stream.kept[0], ctx.providers)
+        feed = latency.timing_feed(stream.kept[0], graphs[0])
+        float_s, quantized_s = latency.medians(graphs, feed, ctx.providers)
         return float_s / quantized_s
 
     def _observer(self, entry: TensorQuant) -> O.Observer:

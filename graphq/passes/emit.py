@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from graphq import graph as G
 from graphq import latency, qoperator, runtime
 from graphq import model as model_io
-from graphq.data import DataSource, samples_in
+from graphq.data import DataSource, FetchSplitter, samples_in, split_bytes
 from graphq.errors import DataError, PassError
 from graphq.kernels import quant as Q
 from graphq.passes.fold_bn import FOLDED_KEY
@@ -137,10 +137,15 @@ class Emit(Pass):
             report["accuracy"] = _accuracy(ref, got, labels)
         report["worst_tensors"] = _worst_tensors(model, table, feeds[:WORST_BATCHES], ctx,
                                                  self.options.worst)
-        report["worst_tensors_batches"] = min(len(feeds), WORST_BATCHES)
+        report["worst_tensors_samples"] = sum(samples_in(f, float_model)
+                                              for f in feeds[:WORST_BATCHES])
         if self.options.latency_runs:
-            report["latency_ms"] = _latency(float_sess, deploy_sess, feeds[0],
+            feed = latency.timing_feed(feeds[0], float_model)
+            float_sess = runtime.session(float_model, ctx.providers)
+            deploy_sess = runtime.session(deploy, ctx.providers)
+            report["latency_ms"] = _latency(float_sess, deploy_sess, feed,
                                             self.options.latency_runs)
+            report["latency_ms"]["samples"] = samples_in(feed, float_model)
         return report
 
     def _judge(self, report: dict[str, Any]) -> list[str]:
@@ -186,7 +191,7 @@ class Emit(Pass):
             return [], None, "", 0
         feeds, labels, total = [], [], 0
         for feed, label in source.labeled_feeds(model):
-            feeds.append(feed)
+            feeds += split_bytes(feed, model)  # in order: the labels stay in step
             labels.append(label)
             total += samples_in(feed, model)
             if total >= o.eval_limit:
@@ -340,7 +345,8 @@ def _topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(np.mean(np.any(top == labels[:, None], axis=1)))
 
 
-#: eval batches the worst-tensor table is measured on (each run fetches every activation)
+#: eval feeds the worst-tensor table is measured on (each run fetches every activation;
+#: batches over data.RUN_FEED_BYTES are pieces of them, data.split_bytes)
 WORST_BATCHES = 4
 
 
@@ -359,12 +365,14 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
     probed = G.with_outputs(model, names + [pairs[t] for t in names])
     session = runtime.session(probed, ctx.providers)
     signal, noise = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    splitter = FetchSplitter(model, lambda f: runtime.run(session, f).values())
     for feed in feeds:
-        values = runtime.run(session, feed)
-        for t in names:
-            s, e = Q.error_sums(values[t], values[pairs[t]])
-            signal[t] += s
-            noise[t] += e
+        for piece in splitter.pieces(feed):
+            values = runtime.run(session, piece)
+            for t in names:
+                s, e = Q.error_sums(values[t], values[pairs[t]])
+                signal[t] += s
+                noise[t] += e
     rows = []
     for t in names:
         rows.append({"tensor": t, "sqnr_db": Q.sqnr_db_of_sums(signal[t], noise[t]),
@@ -418,8 +426,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                          f"{acc[f'top{k}_quantized']:.4f}")
     lat = report.get("latency_ms")
     if lat:
-        lines.append(f"latency: float {lat['float']:.3f} ms, deploy {lat['deploy']:.3f} ms "
-                     f"({lat['speedup']:.2f}x)")
+        n = lat.get("samples")
+        batch = f" (a batch of {n})" if n and n > 1 else " (one sample)" if n else ""
+        lines.append(f"latency{batch}: float {lat['float']:.3f} ms, deploy "
+                     f"{lat['deploy']:.3f} ms ({lat['speedup']:.2f}x)")
     return lines
 
 
@@ -432,10 +442,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Measured on {report['eval_data']}{count}."]
     worst = report.get("worst_tensors") or []
     if worst:
-        k = report.get("worst_tensors_batches", 1)
+        k = report.get("worst_tensors_samples", 1)
         lines += ["", "## Tensors with the worst SQNR", "",
                   f"Each quantized activation against its float value in the fake-quant graph, "
-                  f"on the first {k} batch{'es' if k != 1 else ''} of the eval data.", "",
+                  f"on the first {k} sample{'s' if k != 1 else ''} of the eval data.", "",
                   "| tensor | SQNR (dB) | range |", "|---|---:|---|"]
         for row in worst:
             rng = row["range"]

@@ -333,6 +333,7 @@ class InsertQDQ(Pass):
         feed = ctx.data.first(model) if ctx.data is not None else None
         if feed is None:
             feed = runtime.sample_feeds(model)[0]
+        feed = latency.timing_feed(feed, model)
         first = [i for i, _ in planner.computes]
         placed = [(out, table, planner)] + [self._place(model, first[:k], _PENDING)
                                             for k in range(1, n + 1)]

@@ -170,8 +170,12 @@ def test_each_method_gives_usable_scales(method):
     assert cosine(ref, out) > 0.99
 
 
-@pytest.mark.parametrize("split", ["feeds", "npz"])
-def test_streaming_in_batches_gives_the_same_minmax_scales(split, tmp_path):
+@pytest.mark.parametrize("split", ["feeds", "npz", "pieces"])
+def test_streaming_in_batches_gives_the_same_minmax_scales(split, tmp_path, monkeypatch):
+    """The same scales from one batch of 32, four of 8, and four of 8 each run one sample at
+    a time (their fetched activations over FETCH_BYTES), which count as the 4 batches."""
+    import graphq.data
+
     rng = np.random.default_rng(3)
     model = insert(conv_net(rng))
     x = images(rng, 32)
@@ -181,8 +185,21 @@ def test_streaming_in_batches_gives_the_same_minmax_scales(split, tmp_path):
     else:
         np.savez(tmp_path / "calib.npz", x=x)
         data = DataSource(tmp_path / "calib.npz", batch_size=8)
+    runs = []
+    if split == "pieces":
+        monkeypatch.setattr(graphq.data, "FETCH_BYTES", 1)  # every sample a run of its own
+        real = graphq.data.FetchSplitter.pieces
+
+        def pieces(self, feed):
+            for piece in real(self, feed):
+                runs.append(len(piece["x"]))
+                yield piece
+
+        monkeypatch.setattr(graphq.data.FetchSplitter, "pieces", pieces)
     parts, four = calibrate(model, data, method="minmax")
     assert whole.counts["batches"] == 1 and parts.counts["batches"] == 4
+    if split == "pieces":
+        assert runs == [1] * 32
     for entry in one.quantized("activation"):
         other = four.get(entry.tensor)
         assert other.scale == entry.scale and other.zero_point == entry.zero_point

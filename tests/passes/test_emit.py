@@ -128,14 +128,14 @@ def test_report_has_a_quantization_section(emitted):
     assert q["size_bytes"]["deploy"] < q["size_bytes"]["float"]
     assert q["tensors"]["quantized"] > 0
     assert q["outputs"]["y"]["cosine"] > 0.99
-    assert set(q["latency_ms"]) == {"float", "deploy", "speedup", "runs"}
+    assert set(q["latency_ms"]) == {"float", "deploy", "speedup", "runs", "samples"}
     assert q["latency_ms"]["runs"] == 2  # latency_runs: a small net is far from the cap
     assert q["worst_tensors"] and all("sqnr_db" in row for row in q["worst_tensors"])
-    assert q["worst_tensors_batches"] == 2  # both calibration batches (at most 4)
+    assert q["worst_tensors_samples"] == 32  # both calibration batches of 16 (at most 4)
     assert "accuracy" not in q  # the calibration data carries no labels
     text = (emitted["out"] / "report.md").read_text()
     assert text.startswith("# graphq quantization report") and "quant_record.json" in text
-    assert "on the first 2 batches of the eval data" in text
+    assert "on the first 32 samples of the eval data" in text
 
 
 def test_worst_tensors_are_measured_over_the_first_batches(emitted):
@@ -559,7 +559,8 @@ def test_a_deploy_graph_slower_than_float_is_warned(tmp_path, monkeypatch):
     result = PassManager(passes(latency_runs=5)).run(heavy_net(rng), tmp_path / "out",
                                                      data=[{"x": inputs(rng, 16)}])
     q = result.report["quantization"]
-    assert q["latency_ms"] == {"float": 1.0, "deploy": 2.0, "speedup": 0.5, "runs": 5}
+    assert q["latency_ms"] == {"float": 1.0, "deploy": 2.0, "speedup": 0.5, "runs": 5,
+                              "samples": 16}
     (warning,) = q["warnings"]
     assert warning.startswith("slower than float: the deploy graph ran at 0.50x the float "
                               "model's speed in onnxruntime (CPUExecutionProvider; median of 5 "

@@ -494,6 +494,57 @@ def _regrouped(src: list | None, dst: list | None, axis: int) -> tuple[int, int]
     return None
 
 
+#: ops whose outputs depend on the order of their input's values, not only on the values
+SELECTING = ("TopK", "NonMaxSuppression", "ArgMax", "ArgMin")
+
+
+def selection_sources(graph: gs.Graph) -> dict[str, list[gs.Tensor]]:
+    """Graph outputs computed through a selection (:data:`SELECTING`: an end-to-end detector's
+    TopK over anchor scores, then the boxes gathered at its indices) -> the tensors the
+    selection reads from outside it (the scores and boxes of every anchor, through Q/DQ
+    pairs to their float tensors; neither constants nor graph inputs).
+
+    Such an output cannot be compared value by value with the float model's: noise that
+    swaps two close scores swaps whole rows, and the low-score rows past the detections
+    hold whatever anchors come next. Its sources keep every anchor in its place."""
+    tainted: set[int] = set()  # ids of tensors downstream of a selection
+    made: set[int] = set()  # ids of nodes in that region
+    changed = True
+    while changed:  # until nothing more is reached (one pass where the nodes are sorted)
+        changed = False
+        for node in graph.nodes:
+            if id(node) not in made and (node.op in SELECTING
+                                         or any(id(t) in tainted for t in node.inputs)):
+                made.add(id(node))
+                tainted.update(id(t) for t in node.outputs)
+                changed = True
+    found: dict[str, list[gs.Tensor]] = {}
+    for out in graph.outputs:
+        if id(out) not in tainted:
+            continue
+        sources: dict[str, gs.Tensor] = {}
+        stack, seen = [out], {id(out)}
+        while stack:
+            tensor = stack.pop()
+            node = tensor.inputs[0] if tensor.inputs else None
+            if node is None or id(node) not in made:
+                continue
+            for t in node.inputs:
+                if id(t) in tainted:
+                    if id(t) not in seen:
+                        seen.add(id(t))
+                        stack.append(t)
+                    continue
+                source = float_source(t)
+                producer = source.inputs[0] if source.inputs else None
+                if isinstance(source, gs.Constant) or producer is None \
+                        or producer.op == "Constant":
+                    continue
+                sources.setdefault(source.name, source)
+        found[out.name] = list(sources.values())
+    return found
+
+
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(out is tensor for out in graph.outputs)
 

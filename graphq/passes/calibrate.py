@@ -269,19 +269,22 @@ class Calibrate(Pass):
                             "(an .npz keyed by input name, or a folder of .npz/.npy files)")
         scorer = _scorer(model, self.options, ctx)  # a wrong auto_metric fails before streaming
         graph = G.import_graph(model)
+        given_outputs = list(graph.outputs)
+        notes = (_score_sources(model, graph, scorer)
+                 if self._searches() and not self.options.auto_metric else [])
         observed = _observed(table)
         corrected = _correctable(graph, table) if self.options.bias_correction else []
         stream = self._observe(model, graph, observed, ctx,
                                sorted({G.float_source(n.inputs[0]).name for n in corrected}))
         originals = _biases(corrected)
-        notes, rounded = [], None
+        rounded = None
         checked = self.options.method == "auto" and len(stream.kept) >= 2
         if self.options.weight_rounding == "gptq":
             # under auto, fitted on every other search batch and checked on the rest
             fit = stream.kept[0::2] if checked else stream.kept
             rounded = round_weights(model, graph, table, fit, ctx.providers,
                                     self.options.rounding_rows, corrected)
-            notes = list(rounded.notes)
+            notes += rounded.notes
         rest = [n for n in corrected if rounded is None or id(n) not in rounded.biased]
         notes += _correct_biases(rest, table, stream.means) if rest else []
         if self.options.method == "auto":
@@ -305,6 +308,7 @@ class Calibrate(Pass):
             notes = self._set_qparams(table, stream.observers, graph) + notes
         if self.options.target_sqnr_db > 0:
             notes += self._sensitivity(model, graph, table, stream, ctx)
+        graph.outputs = given_outputs
         _apply(graph, table)
         biases = quantize_biases(graph, table)
         graph.cleanup().toposort()
@@ -1007,6 +1011,27 @@ def _derived_concats(graph: gs.Graph, observed: set[str], fetched: set[str]
         if sources and all(s in observed and s != out for s in sources):
             derived[out] = sources
     return derived
+
+
+def _score_sources(model: onnx.ModelProto, graph: gs.Graph, scorer: _Scorer) -> list[str]:
+    """Outputs computed through a selection (an end-to-end detector's TopK) are scored on the
+    tensors the selection reads instead (:func:`graphq.graph.selection_sources`): ``graph``'s
+    outputs are those while the search runs (the caller puts the given ones back), and
+    ``scorer`` judges the parts of theirs that concatenate ranges. A note each."""
+    found = G.selection_sources(graph)
+    if not found:
+        return []
+    sources = list({t.name: t for ts in found.values() for t in ts}.values())
+    graph.outputs = [o for o in graph.outputs if o.name not in found] + sources
+    scorer.parts = G.output_parts(G.with_outputs(model, [t.name for t in sources]))
+    notes = []
+    for out, ts in found.items():
+        names = ", ".join(f"'{t.name}'" for t in ts) or "none"
+        notes.append(f"output '{out}' is selected by TopK/ArgMax/NonMaxSuppression (its rows "
+                     f"follow the order of close scores): the search scores the tensors it "
+                     f"selects from instead: {names}")
+        log.info("%s", notes[-1])
+    return notes
 
 
 class _RunFailed(Exception):

@@ -128,11 +128,17 @@ class Emit(Pass):
             return report
         report["eval_data"] = where
         report["eval_samples"] = samples
-        float_sess = runtime.session(float_model, ctx.providers)
-        deploy_sess = runtime.session(deploy, ctx.providers)
-        ref = [runtime.run(float_sess, f) for f in feeds]
-        got = [runtime.run(deploy_sess, f) for f in feeds]
-        report["outputs"] = Q.output_fidelity(ref, got, G.output_parts(float_model))
+        selected, sources = _selection_sources(model, float_model, deploy)
+        evaluated = G.with_outputs(float_model, sources) if sources else float_model
+        ref = _run_all(evaluated, feeds, ctx.providers)
+        got = _run_all(G.with_outputs(deploy, sources) if sources else deploy, feeds,
+                       ctx.providers)
+        report["outputs"] = Q.output_fidelity(ref, got, G.output_parts(evaluated))
+        for key, fidelity in report["outputs"].items():
+            if key.split("[")[0] in selected:
+                fidelity["selected"] = True  # order-dependent: its sources are judged
+        if selected:
+            report["selected_outputs"] = selected
         if labels is not None:
             report["accuracy"] = _accuracy(ref, got, labels)
         report["worst_tensors"] = _worst_tensors(model, table, feeds[:WORST_BATCHES], ctx,
@@ -152,7 +158,8 @@ class Emit(Pass):
         """Outputs below ``warn_sqnr_db``: a warning each (log, report, note); below
         ``require_sqnr_db``: a PassError."""
         low = {k: f["sqnr_db"] for k, f in (report.get("outputs") or {}).items()
-               if f["sqnr_db"] < max(self.options.warn_sqnr_db, self.options.require_sqnr_db)}
+               if f["sqnr_db"] < max(self.options.warn_sqnr_db, self.options.require_sqnr_db)
+               and not f.get("selected")}
         if not low:
             return []
         where = report.get("eval_data", "the eval data")
@@ -198,6 +205,34 @@ class Emit(Pass):
                 break
         known = all(label is not None for label in labels)
         return feeds, np.concatenate(labels) if known and labels else None, where, total
+
+
+def _run_all(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+             providers: list[str]) -> list[dict[str, np.ndarray]]:
+    """The outputs of ``model`` on each feed, the numeric ones (strings have no SQNR)."""
+    sess = runtime.session(model, providers)
+    outs = [runtime.run(sess, f) for f in feeds]
+    return [{k: v for k, v in out.items() if np.asarray(v).dtype.kind in "fiub"}
+            for out in outs]
+
+
+def _selection_sources(model: onnx.ModelProto, float_model: onnx.ModelProto,
+                       deploy: onnx.ModelProto) -> tuple[dict[str, list[str]], list[str]]:
+    """Outputs of the fake-quant ``model`` computed through a selection (an end-to-end
+    detector's TopK) -> the float tensors it selects from that the float and deploy graphs
+    compute too (:func:`graphq.graph.selection_sources`), and those tensors, less the graph
+    outputs: the report judges them instead."""
+    found = G.selection_sources(G.import_graph(model))
+    if not found:
+        return {}, []
+    made = [{o for n in m.graph.node for o in n.output} for m in (float_model, deploy)]
+    selected = {out: [t.name for t in ts if (t.dtype is None or np.dtype(t.dtype).kind == "f")
+                      and all(t.name in names for names in made)]
+                for out, ts in found.items()}
+    outputs = {o.name for o in float_model.graph.output}
+    sources = [n for n in dict.fromkeys(n for ns in selected.values() for n in ns)
+               if n not in outputs]
+    return selected, sources
 
 
 def deploy_graph(model: onnx.ModelProto, float_op_weights: str = "float"
@@ -418,7 +453,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
              f"{size['deploy'] / 2**20:.2f} MiB ({size['float'] / max(size['deploy'], 1):.1f}x "
              "smaller)"]
     for name, f in (report.get("outputs") or {}).items():
-        lines.append(f"output '{name}': cosine {f['cosine']:.5f}, SQNR {f['sqnr_db']:.1f} dB")
+        lines.append(f"output '{name}': cosine {f['cosine']:.5f}, SQNR {f['sqnr_db']:.1f} dB"
+                     + (" (selected by TopK/ArgMax: rows follow the order of close scores; "
+                        "judged by the tensors it selects from)" if f.get("selected") else ""))
     acc = report.get("accuracy") or {}
     for k in (1, 5):
         if f"top{k}_float" in acc:

@@ -623,3 +623,57 @@ def test_quant_table_copy_is_independent_and_equal():
     twin.get("w").zero_point.append(1)
     assert table.get("a").quantized and table.get("a").scale == [0.5]
     assert table.get("a").consumers == ["c1"] and table.get("w").zero_point == [0, 0]
+
+
+def topk_detector(rng: np.random.Generator) -> onnx.ModelProto:
+    """An end-to-end detector head: per anchor a MatMul gives 4 box values and a score (its
+    Sigmoid); TopK picks the 5 best anchors of 64 and GatherElements their boxes, concatenated
+    with their scores into ``dets`` [N, 5, 5]."""
+    w = rng.normal(0, 0.5, (16, 5)).astype(np.float32)
+    inits = {"w": w, "box_cols": np.array([4, 1], np.int64), "k": np.array([5], np.int64),
+             "axes": np.array([2], np.int64), "rep": np.array([1, 1, 4], np.int64)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["head"], name="head"),
+        helper.make_node("Split", ["head", "box_cols"], ["boxes", "logit"], name="split", axis=2),
+        helper.make_node("Sigmoid", ["logit"], ["score"], name="sigmoid"),
+        helper.make_node("Squeeze", ["score", "axes"], ["flat"], name="squeeze"),
+        helper.make_node("TopK", ["flat", "k"], ["best", "index"], name="topk", axis=1),
+        helper.make_node("Unsqueeze", ["index", "axes"], ["index3"], name="unsqueeze"),
+        helper.make_node("Tile", ["index3", "rep"], ["index4"], name="tile"),
+        helper.make_node("GatherElements", ["boxes", "index4"], ["picked"], name="gather",
+                         axis=1),
+        helper.make_node("Unsqueeze", ["best", "axes"], ["best3"], name="unsqueeze_best"),
+        helper.make_node("Concat", ["picked", "best3"], ["dets"], name="concat", axis=2),
+    ]
+    model = make_model(nodes, [tensor("x", ["N", 64, 16])], [tensor("dets", ["N", 5, 5])], inits)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_an_output_selected_by_topk_is_judged_by_what_it_selects_from(tmp_path):
+    """The output of an end-to-end detector (TopK over anchor scores, boxes gathered at its
+    indices) is order-dependent: graph.selection_sources names the boxes and scores of every
+    anchor; calibrate's search scores those (a note says so), and emit reports them, judges
+    them, and marks the output as selected instead of warning on it."""
+    rng = np.random.default_rng(5)
+    model = topk_detector(rng)
+    found = G.selection_sources(G.import_graph(model))
+    assert {k: sorted(t.name for t in v) for k, v in found.items()} == \
+        {"dets": ["boxes", "flat"]}
+    calib = [{"x": rng.normal(0, 1, (8, 64, 16)).astype(np.float32)} for _ in range(4)]
+    result = PassManager([InsertQDQ(), Calibrate(method="auto"), Emit(latency_runs=0)]).run(
+        model, tmp_path / "out", data=calib)
+    calibrate_notes = result.records[1].notes
+    assert any("output 'dets' is selected by TopK" in n and "'boxes'" in n and "'flat'" in n
+               for n in calibrate_notes)
+    q = result.report["quantization"]
+    assert sorted(q["selected_outputs"]["dets"]) == ["boxes", "flat"]
+    outputs = q["outputs"]
+    assert outputs["dets"]["selected"] is True
+    assert outputs["dets"]["sqnr_db"] < 15.0  # close scores swapped: whole rows differ
+    for source in ("boxes", "flat"):
+        assert "selected" not in outputs[source]
+        assert outputs[source]["sqnr_db"] > 25.0  # every anchor in its place: int8 noise only
+    assert not [w for w in q.get("warnings", []) if "'dets'" in w]
+    for name in ("deploy", "fakequant"):
+        onnx.checker.check_model(str(tmp_path / "out" / f"test.{name}.onnx"), full_check=True)
+    assert "selected by TopK/ArgMax" in (tmp_path / "out" / "report.md").read_text()

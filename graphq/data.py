@@ -437,7 +437,8 @@ def check_feed(raw: dict[str, Any], inputs: dict[str, onnx.ValueInfoProto], wher
         dtype, dims = input_spec(value)
         array = np.asarray(raw[name])
         if array.dtype != dtype:
-            if array.dtype.kind != dtype.kind and not (
+            strings = array.dtype.kind in "US" and dtype.kind == "O"  # npz keeps str as <U
+            if array.dtype.kind != dtype.kind and not strings and not (
                     array.dtype.kind in "iu" and dtype.kind in "iu"):
                 raise DataError(
                     f"{where}: input '{name}' is {array.dtype} but the model expects {dtype}"

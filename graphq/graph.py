@@ -8,7 +8,7 @@ the model the graph was imported from.
 4-bit constants (zero points, deploy weights) are numpy arrays of ``ml_dtypes.int4`` /
 ``uint4`` here, as ``onnx.numpy_helper`` reads ONNX INT4 / UINT4 (and as graphsurgeon hands
 them out once their values are read); graphsurgeon 0.6 writes such arrays one byte a value,
-which the INT4 format refuses, so :func:`export` packs them first (:func:`_pack_4bit`).
+which the INT4 format refuses, so :func:`export` packs them first (:func:`_pack_protos`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graphsurgeon graph, keeping the model-level fields of ``like``."""
-    _pack_4bit(graph)
+    _pack_protos(graph)
     out = gs.export_onnx(graph, do_type_check=False)
     copy_model_fields(out, like)
     exported = {(o.domain, o.version) for o in out.opset_import}
@@ -58,17 +58,21 @@ FOUR_BIT = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def _pack_4bit(graph: gs.Graph) -> None:
-    """Give every 4-bit constant held as a numpy array the INT4 / UINT4 TensorProto that
-    numpy_helper packs (two values a byte), which graphsurgeon then writes as it is. Constants
-    never read keep the TensorProto they were imported from (graphsurgeon's ``_values`` is
-    still a LazyValues then: reading ``values`` would unpack them only to pack them again)."""
+def _pack_protos(graph: gs.Graph) -> None:
+    """Give every 4-bit or string constant held as a numpy array the TensorProto that
+    numpy_helper makes (INT4 / UINT4 two values a byte; STRING as string_data), which
+    graphsurgeon then writes as it is (it would write strings as raw bytes, which ONNX does
+    not allow). Constants never read keep the TensorProto they were imported from
+    (graphsurgeon's ``_values`` is still a LazyValues then: reading ``values`` would unpack
+    them only to pack them again)."""
     for tensor in {id(t): t for g in graphs(graph) for t in g.tensors().values()}.values():
-        if not isinstance(tensor, gs.Constant) or np.dtype(tensor.dtype) not in FOUR_BIT:
+        if not isinstance(tensor, gs.Constant):
             continue
         if isinstance(getattr(tensor, "_values", None), LazyValues):
             continue
         values = np.asarray(tensor.values)
+        if values.dtype not in FOUR_BIT and values.dtype.kind not in "OUS":
+            continue
         tensor.values = LazyValues(numpy_helper.from_array(values, tensor.name))
 
 
@@ -188,6 +192,38 @@ def outer_reads(node: onnx.NodeProto) -> list[str]:
         made = names_made(sub) | {i.name for i in sub.input} | {t.name for t in sub.initializer}
         reads |= names_read(sub) - made
     return sorted(name for name in reads if name)
+
+
+def sort_nodes(graph: onnx.GraphProto) -> int:
+    """Put ``graph``'s nodes (and its subgraphs') in topological order, in place, keeping the
+    given order among nodes that are ready together; returns how many nodes moved. A node
+    with a subgraph depends on the outer names its subgraph reads (:func:`outer_reads`).
+    Nodes in a cycle stay at the end, in their order (onnx.checker then names them)."""
+    moved = sum(sort_nodes(sub) for node in graph.node for sub in subgraph_protos(node))
+    produced = {out for node in graph.node for out in node.output if out}
+    needs = [[n for n in {*node.input, *outer_reads(node)} if n in produced]
+             for node in graph.node]
+    done: set[str] = set()
+    order: list[int] = []
+    left = list(range(len(graph.node)))
+    while left:
+        ready = [i for i in left if all(n in done for n in needs[i])]
+        if not ready:
+            order += left
+            break
+        for i in ready:
+            done.update(graph.node[i].output)
+        order += ready
+        taken = set(ready)
+        left = [i for i in left if i not in taken]
+    if order == list(range(len(order))):
+        return moved
+    nodes = [onnx.NodeProto() for _ in order]
+    for new, i in zip(nodes, order, strict=True):
+        new.CopyFrom(graph.node[i])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return moved + sum(i != j for j, i in enumerate(order))
 
 
 def graphs(graph: gs.Graph) -> Iterator[gs.Graph]:

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from graphq import __version__, runtime
+from graphq import graph as G
 from graphq import model as model_io
 from graphq import options as opts
 from graphq.data import DataOptions, DataSource, Feed, run_failure, split_bytes
@@ -403,13 +404,24 @@ def _tolerance(passes: list[Pass]) -> tuple[float, float]:
 def _check_input(proto: onnx.ModelProto, source: model_io.Source) -> None:
     """The input must be a valid ONNX model before any pass is blamed for anything."""
     where = str(source.path) if source.path else "the input model"
-    with runtime.materialized(proto) as serialized:
-        try:
-            _checker(serialized, full_check=False)
-        except onnx.checker.ValidationError as exc:
-            raise ModelError(f"{where} is not a valid ONNX model (onnx.checker: "
-                             f"{first_line(exc)}); fix or re-export it"
-                             ) from exc
+    for attempt in range(2):
+        with runtime.materialized(proto) as serialized:
+            try:
+                _checker(serialized, full_check=False)
+                return
+            except onnx.checker.ValidationError as exc:
+                error = exc
+        # onnxruntime runs a graph whose nodes are out of order; onnx.checker and the passes
+        # need them sorted, which changes nothing the model computes
+        if attempt or "topologically sorted" not in str(error):
+            break
+        moved = G.sort_nodes(proto.graph)
+        if not moved:
+            break
+        log.info("%s: %d node(s) were out of topological order; sorted (the input is not "
+                 "changed)", where, moved)
+    raise ModelError(f"{where} is not a valid ONNX model (onnx.checker: "
+                     f"{first_line(error)}); fix or re-export it") from error
 
 
 def _safe_stem(name: str) -> str:

@@ -421,3 +421,37 @@ def test_same_file_sees_links(tmp_path):
     link = tmp_path / "link.onnx"
     os.symlink(real, link)
     assert model_io.same_file(real, link)
+
+
+def test_sort_nodes_orders_a_graph_and_its_branches_in_place():
+    """Nodes out of order are sorted (ties keep their given order), an If after the node
+    its branch reads from outside, and a branch's own nodes too; a sorted graph is left as
+    it is (0 moved)."""
+    from onnx import TensorProto, helper
+
+    from graphq.graph import sort_nodes
+
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["t1"], ["t2"], name="then_b"),
+         helper.make_node("Neg", ["a"], ["t1"], name="then_a")],  # reads 'a' from outside
+        "then", [], [helper.make_tensor_value_info("t2", TensorProto.FLOAT, [2])])
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e"], name="else_a")],
+        "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], name="if", then_branch=then, else_branch=other),
+         helper.make_node("Relu", ["x"], ["a"], name="relu"),
+         helper.make_node("ReduceSum", ["a"], ["s"], name="sum", keepdims=0),
+         helper.make_node("Greater", ["s", "zero"], ["c"], name="greater")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    assert sort_nodes(model.graph) > 0
+    assert [n.name for n in model.graph.node] == ["relu", "sum", "greater", "if"]
+    branches = {a.name: [n.name for n in a.g.node] for a in model.graph.node[3].attribute}
+    assert branches == {"then_branch": ["then_a", "then_b"], "else_branch": ["else_a"]}
+    onnx.checker.check_model(model, full_check=True)
+    assert sort_nodes(model.graph) == 0

@@ -287,3 +287,50 @@ name = "emit"
         labels = test["label"]
         assert np.mean(got.argmax(1) == labels) >= np.mean(ref.argmax(1) == labels) - 0.005
     assert sqnr["gptq"] >= sqnr["nearest"] + 1.0, sqnr
+
+
+def test_int8_on_an_unsorted_graph_with_a_string_table_output(tmp_path, capsys):
+    """A converter's graph whose nodes are out of order (onnxruntime runs it; onnx.checker
+    refuses it) and whose output is a string looked up at an ArgMax (a grapheme-to-phoneme
+    model's): the run sorts the nodes (said in the log, the input file unchanged), scores
+    and reports the logits the ArgMax reads (strings have no SQNR), keeps the string table
+    in both graphs, and the deploy graph spells what the float model spells on most
+    samples."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.5, (12, 6)).astype(np.float32)
+    table = np.array(["a", "b", "c", "d", "e", "f"], dtype=object)
+    nodes = [helper.make_node("Gather", ["table", "best"], ["spelled"], name="lookup"),
+             helper.make_node("ArgMax", ["prob"], ["best"], name="argmax", axis=2,
+                              keepdims=0),
+             helper.make_node("Softmax", ["logit"], ["prob"], name="softmax", axis=2),
+             helper.make_node("MatMul", ["x", "w"], ["logit"], name="fc")]
+    graph = helper.make_graph(
+        nodes, "g2p", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8, 12])],
+        [helper.make_tensor_value_info("spelled", onnx.TensorProto.STRING, ["N", 8])],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "g2p.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model)
+    x = rng.normal(0, 1, (32, 8, 12)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "out"
+    assert cli.main(["run", "int8", str(path), "--data", str(tmp_path / "calib.npz"),
+                     "-o", str(out)]) == 0
+    assert "4 node(s) were out of topological order; sorted" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    q = json.loads((out / "report.json").read_text())["quantization"]
+    assert "spelled" not in q["outputs"]  # strings: no SQNR
+    # canonicalize drops the Softmax (ArgMax reads the same order from the logits)
+    assert q["selected_outputs"] == {"spelled": ["logit"]}
+    assert q["outputs"]["logit"]["sqnr_db"] > 20.0
+    deploy = onnx.load(out / "g2p.deploy.onnx")
+    onnx.checker.check_model(deploy, full_check=True)
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out / "g2p.deploy.onnx")).run(None, {"x": x})[0]
+    assert got.dtype == object and (got == want).mean() > 0.9

@@ -280,13 +280,15 @@ def cosine(ref: np.ndarray, approx: np.ndarray) -> float:
 def output_fidelity(ref: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str, np.ndarray]],
                     parts: dict[str, list[tuple[str, int, int, int]]] | None = None
                     ) -> dict[str, dict[str, float]]:
-    """Per output name, ``cosine`` and ``sqnr_db`` of ``got`` against ``ref`` over all batches
-    together (lists of output dicts, one per batch), on the values finite in both; with
-    ``parts`` (output -> ``(label, axis, start, stop)``), each part of an output too, keyed
-    by its label."""
+    """Per numeric output name, ``cosine`` and ``sqnr_db`` of ``got`` against ``ref`` over all
+    batches together (lists of output dicts, one per batch), on the values finite in both;
+    with ``parts`` (output -> ``(label, axis, start, stop)``), each part of an output too,
+    keyed by its label."""
     result = {}
     pieces: list[tuple[str, str, tuple[int, int, int] | None]] = []
     for name in ref[0]:
+        if np.asarray(ref[0][name]).dtype.kind not in "fiub":
+            continue  # strings: no SQNR
         pieces.append((name, name, None))
         pieces += [(label, name, (axis, start, stop))
                    for label, axis, start, stop in (parts or {}).get(name, [])]

@@ -165,3 +165,17 @@ def test_fetch_splitter_cuts_batches_to_the_budget_measured_per_input_byte():
     roomy = FetchSplitter(model, run, budget=10**9)
     (whole,) = roomy.pieces({"x": x})
     assert whole["x"] is x
+
+
+def test_a_string_input_accepts_the_str_arrays_an_npz_holds(tmp_path):
+    """numpy saves str arrays as <U, not object: a string input takes them (as object, what
+    onnxruntime feeds), and a float array for it is still refused by name."""
+    model = make_model([helper.make_node("Identity", ["s"], ["t"])],
+                       [tensor("s", ["N", 2], TensorProto.STRING)],
+                       [tensor("t", ["N", 2], TensorProto.STRING)])
+    np.savez(tmp_path / "words.npz", s=np.array([["ab", "c"], ["d", "ef"]]))
+    (feed,) = DataSource(tmp_path / "words.npz").feeds(model)
+    assert feed["s"].dtype == object and feed["s"].tolist() == [["ab", "c"], ["d", "ef"]]
+    np.savez(tmp_path / "floats.npz", s=np.zeros((2, 2), np.float32))
+    with pytest.raises(DataError, match="input 's' is float32 but the model expects object"):
+        list(DataSource(tmp_path / "floats.npz").feeds(model))

@@ -324,6 +324,8 @@ def test_int8_on_an_unsorted_graph_with_a_string_table_output(tmp_path, capsys):
     assert path.read_bytes() == before
     q = json.loads((out / "report.json").read_text())["quantization"]
     assert "spelled" not in q["outputs"]  # strings: no SQNR
+    assert ("output 'spelled': not numeric, selected by TopK/ArgMax: judged by the tensors it "
+            "selects from: 'logit'") in (out / "report.md").read_text()
     # canonicalize drops the Softmax (ArgMax reads the same order from the logits)
     assert q["selected_outputs"] == {"spelled": ["logit"]}
     assert q["outputs"]["logit"]["sqnr_db"] > 20.0

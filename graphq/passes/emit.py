@@ -452,10 +452,17 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"size: float {size['float'] / 2**20:.2f} MiB -> deploy "
              f"{size['deploy'] / 2**20:.2f} MiB ({size['float'] / max(size['deploy'], 1):.1f}x "
              "smaller)"]
-    for name, f in (report.get("outputs") or {}).items():
+    outputs = report.get("outputs") or {}
+    selected = report.get("selected_outputs") or {}
+    for name, f in outputs.items():
         lines.append(f"output '{name}': cosine {f['cosine']:.5f}, SQNR {f['sqnr_db']:.1f} dB"
                      + (" (selected by TopK/ArgMax: rows follow the order of close scores; "
                         "judged by the tensors it selects from)" if f.get("selected") else ""))
+    for name, sources in selected.items():
+        if name not in outputs:  # strings: no SQNR
+            shown = ", ".join(f"'{s}'" for s in sources) or "none the graphs share"
+            lines.append(f"output '{name}': not numeric, selected by TopK/ArgMax: judged by "
+                         f"the tensors it selects from: {shown}")
     acc = report.get("accuracy") or {}
     for k in (1, 5):
         if f"top{k}_float" in acc:

@@ -20,7 +20,7 @@ DataError that names the input and what the model expects.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from graphq import graph as G
+from graphq import runtime
 from graphq.errors import DataError, did_you_mean, first_line
 from graphq.runtime import batch_axes, input_spec, true_inputs
 
@@ -272,53 +274,54 @@ def _axes_of(feed: Feed, model: onnx.ModelProto) -> dict[str, int | None]:
     return _feed_axes(feed, axes, _batch_names(inputs, axes))
 
 
-#: the bytes one run's fetched tensors may hold (:class:`FetchSplitter`): a YOLO's calibration
-#: batch of 16 photos at 1280x1280 fetching every activation took over 15 GB
-FETCH_BYTES = 1 << 30
+#: the bytes of intermediate tensors one run may make (:class:`Pieces`): a YOLO's batch of
+#: 16 photos at 1280x1280 makes 13 GB (843 MB a photo), DNSMOS's of 16 clips 9 s long
+#: 5.9 GB (367 MB a clip, from 577 KB of input); timed in 4 sessions at once, or fetched for
+#: calibration, such batches took 10-15 GB
+RUN_BYTES = 1 << 30
+
+#: the share of ``RUN_BYTES`` a plain run (no intermediate tensor fetched) may make: it holds
+#: a fraction of what it makes at its peak, as onnxruntime reuses buffers (DNSMOS's 16 clips
+#: make 5.9 GB; the run peaked 1.3 GB above its session's), but each session keeps its peak
+#: (DNSMOS's graphq run: 3.0 GB at share 1, 6.8 GB at share 4)
+PLAIN_SHARE = 2.0
 
 
-class FetchSplitter:
-    """Cuts batches into pieces whose fetched tensors hold at most ``budget`` bytes, for runs
-    that fetch a model's intermediate tensors (calibration, per-tensor error): their size
-    per sample is measured once, on the first batch's first sample run alone, as bytes per
-    byte of input, so that batches of other shapes (wider images) are cut to fit too."""
+class Pieces:
+    """Cuts batches into pieces of consecutive samples whose runs make at most ``share`` of
+    ``RUN_BYTES`` of intermediate tensors: every node's outputs, summed, measured once on
+    the first batch's first sample run alone, as bytes per byte of input (so batches of
+    other shapes, wider images, are cut to fit too). A batch whose samples cannot be told
+    apart (one sample, inputs batched along different dims) stays whole."""
 
-    def __init__(self, model: onnx.ModelProto, run: Callable[[Feed], Iterable[np.ndarray]],
-                 budget: int | None = None) -> None:
-        self.model, self.run = model, run
-        self.budget = FETCH_BYTES if budget is None else budget
-        self.ratio: float | None = None  # fetched bytes per input byte
+    def __init__(self) -> None:
+        self.ratio: float | None = None  # intermediate bytes per input byte
 
-    def pieces(self, feed: Feed) -> Iterator[Feed]:
-        axes = _axes_of(feed, self.model)
+    def split(self, feed: Feed, model: onnx.ModelProto, providers: list[str] | None,
+              share: float = 1.0) -> list[Feed]:
+        axes = _axes_of(feed, model)
         n = _batch_len(feed, axes)
         if n <= 1:
-            yield feed
-            return
-        per_sample = max(_input_bytes(feed) / n, 1.0)
+            return [feed]
         if self.ratio is None:
             one = _take(feed, axes, 0, 1)
-            fetched = sum(np.asarray(v).nbytes for v in self.run(one))
-            self.ratio = fetched / max(_input_bytes(one), 1)
-        yield from _cut(feed, axes, n, int(self.budget // max(self.ratio * per_sample, 1.0)))
+            self.ratio = _made_bytes(model, one, providers) / max(_input_bytes(one), 1)
+            log.debug("a run makes %.3g bytes of intermediate tensors per byte of input",
+                      self.ratio)
+        per_sample = self.ratio * _input_bytes(feed) / n
+        return list(_cut(feed, axes, n, int(RUN_BYTES * share // max(per_sample, 1.0))))
 
 
-#: the input bytes one plain run (no intermediate tensors fetched: evaluation, timing) is
-#: given at most (one sample where a sample holds more), :func:`split_bytes`: a YOLO's
-#: batch of 16 photos at 1280x1280 (315 MB of input) took 14 GB timed in 4 sessions at
-#: once; ImageNet-size batches of 16 (9.6 MB) stay whole
-RUN_FEED_BYTES = 16 * 2**20
-
-
-def split_bytes(feed: Feed, model: onnx.ModelProto, max_bytes: int | None = None
-                ) -> list[Feed]:
-    """``feed`` in pieces of consecutive samples whose inputs hold at most ``max_bytes``
-    (``RUN_FEED_BYTES``; at least one sample a piece)."""
-    axes = _axes_of(feed, model)
-    n = _batch_len(feed, axes)
-    limit = RUN_FEED_BYTES if max_bytes is None else max_bytes
-    per_sample = max(_input_bytes(feed) / max(n, 1), 1.0)
-    return list(_cut(feed, axes, n, int(limit // per_sample)))
+def _made_bytes(model: onnx.ModelProto, feed: Feed, providers: list[str] | None) -> int:
+    """The bytes of every tensor the main graph's nodes make on ``feed`` (0 where the graph
+    with all of them as outputs does not run: its batches are then not cut)."""
+    names = [o for node in model.graph.node for o in node.output if o]
+    try:
+        sess = runtime.session(G.with_outputs(model, names), providers, spinning=False)
+        return sum(v.nbytes for v in sess.run(None, feed) if isinstance(v, np.ndarray))
+    except Exception as exc:  # noqa: BLE001 - a measurement: without it, batches stay whole
+        log.debug("intermediate tensors not measured (%s)", first_line(exc, 200))
+        return 0
 
 
 def _cut(feed: Feed, axes: dict[str, int | None], n: int, step: int) -> Iterator[Feed]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphq import data, runtime
+from graphq import runtime
 
 Feed = dict[str, np.ndarray]
 
@@ -36,12 +36,6 @@ FLOOR_ROUNDS = 3
 #: 14-round medians of paired ratios in 7%
 DECISION_ROUNDS = 14
 DECISION_BUDGET_S = 4.0
-
-
-def timing_feed(feed: Feed, model: onnx.ModelProto) -> Feed:
-    """The first samples of ``feed`` whose inputs hold at most ``data.RUN_FEED_BYTES`` (at
-    least one sample): what the timed sessions run on, all of them alive at once."""
-    return data.split_bytes(feed, model)[0]
 
 
 def medians(models: Sequence[onnx.ModelProto], feed: Feed, providers: list[str],

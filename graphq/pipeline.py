@@ -30,7 +30,7 @@ from graphq import __version__, runtime
 from graphq import graph as G
 from graphq import model as model_io
 from graphq import options as opts
-from graphq.data import DataOptions, DataSource, Feed, run_failure, split_bytes
+from graphq.data import PLAIN_SHARE, DataOptions, DataSource, Feed, run_failure
 from graphq.errors import ConfigError, GraphqError, ModelError, PassError, did_you_mean, first_line
 from graphq.registry import Pass, PassContext, create
 
@@ -309,9 +309,9 @@ class _Verifier:
         n = self.settings.samples
         if self.ctx.data is not None:
             feeds = self.ctx.data.feeds(proto)
-            # the first samples of each within RUN_FEED_BYTES: a check, run after every pass
-            self.feeds = [split_bytes(f, proto)[0] for f, _ in zip(feeds, range(n),
-                                                                    strict=False)]
+            # the first piece of each (PassContext.split): a check, run after every pass
+            self.feeds = [self.ctx.split(f, proto, PLAIN_SHARE)[0]
+                          for f, _ in zip(feeds, range(n), strict=False)]
         else:
             self.feeds = runtime.sample_feeds(proto, n)
         try:

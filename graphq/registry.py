@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import onnx
 
 from graphq import options as opts
+from graphq.data import Pieces
 from graphq.errors import ConfigError, did_you_mean
 
 
@@ -56,6 +57,14 @@ class PassContext:
     stem: str = "model"
     #: the folder relative paths in pass options are read from (the pipeline file's)
     base_dir: Path = field(default_factory=Path)
+    #: cuts batches whose runs would make too much (:meth:`split`)
+    pieces: Pieces = field(default_factory=Pieces)
+
+    def split(self, feed: dict[str, Any], model: onnx.ModelProto, share: float = 1.0
+              ) -> list[dict[str, Any]]:
+        """``feed`` in pieces whose runs of ``model`` make at most ``share`` of
+        ``data.RUN_BYTES`` of intermediate tensors (:class:`graphq.data.Pieces`)."""
+        return self.pieces.split(feed, model, self.providers, share)
 
     def path(self, value: str | Path) -> Path:
         """A path from a pass option, relative to the pipeline file."""

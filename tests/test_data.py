@@ -8,6 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import graphq.data
 from graphq.data import DataSource, samples_in
 from graphq.errors import DataError
 from graphq.runtime import batch_axes, sample_feeds, true_inputs
@@ -137,33 +138,33 @@ def test_sample_feeds_agree_on_the_batch():
     assert feed["sr"].shape == ()
 
 
-def test_fetch_splitter_cuts_batches_to_the_budget_measured_per_input_byte():
-    """The fetched bytes per input byte are measured once, on one sample; every batch is cut
-    into pieces that fetch at most the budget: 8 samples at 3 per piece, wider samples
-    (twice the bytes) at 1 per piece; a batch that fits, or of one sample, stays whole."""
-    from graphq.data import FetchSplitter
+def test_pieces_cut_batches_to_what_their_runs_make_measured_per_input_byte(monkeypatch):
+    """What a run makes per byte of input is measured once, on one sample (here 3x: x's
+    Relu, its Neg and their Sum, each the size of x); every batch is cut into pieces that
+    make at most RUN_BYTES x share: 8 samples at 3 per piece, wider samples (twice the bytes)
+    at 1, half the share at 1; a batch that fits, or of one sample, stays whole."""
+    from graphq.data import Pieces
 
-    model = make_model([helper.make_node("Relu", ["x"], ["y"])],
+    model = make_model([helper.make_node("Relu", ["x"], ["r"]),
+                        helper.make_node("Neg", ["x"], ["n"]),
+                        helper.make_node("Sum", ["r", "n"], ["y"])],
                        [tensor("x", ["N", 4, None])], [tensor("y", ["N", 4, None])])
-    probes = []
-
-    def run(feed):  # fetches twice its input, as two activations the size of x
-        probes.append(len(feed["x"]))
-        return [feed["x"], feed["x"] * 2]
-
     per_sample = 4 * 6 * 4
-    splitter = FetchSplitter(model, run, budget=2 * per_sample * 3 + 5)
+    monkeypatch.setattr(graphq.data, "RUN_BYTES", 3 * per_sample * 3 + 5)
+    pieces = Pieces()
     x = np.arange(8 * 4 * 6, dtype=np.float32).reshape(8, 4, 6)
-    pieces = list(splitter.pieces({"x": x}))
-    assert [len(p["x"]) for p in pieces] == [3, 3, 2]
-    np.testing.assert_array_equal(np.concatenate([p["x"] for p in pieces]), x)
+    cut = pieces.split({"x": x}, model, None)
+    assert pieces.ratio == pytest.approx(3.0)
+    assert [len(p["x"]) for p in cut] == [3, 3, 2]
+    np.testing.assert_array_equal(np.concatenate([p["x"] for p in cut]), x)
     wide = np.zeros((4, 4, 12), np.float32)
-    assert [len(p["x"]) for p in splitter.pieces({"x": wide})] == [1, 1, 1, 1]
-    assert probes == [1]  # measured once
-    assert [len(p["x"]) for p in splitter.pieces({"x": x[:3]})] == [3]
-    assert [len(p["x"]) for p in splitter.pieces({"x": x[:1]})] == [1]
-    roomy = FetchSplitter(model, run, budget=10**9)
-    (whole,) = roomy.pieces({"x": x})
+    assert [len(p["x"]) for p in pieces.split({"x": wide}, model, None)] == [1, 1, 1, 1]
+    assert [len(p["x"]) for p in pieces.split({"x": x[:4]}, model, None, share=0.5)] == \
+        [1, 1, 1, 1]
+    assert [len(p["x"]) for p in pieces.split({"x": x[:3]}, model, None)] == [3]
+    assert [len(p["x"]) for p in pieces.split({"x": x[:1]}, model, None)] == [1]
+    monkeypatch.setattr(graphq.data, "RUN_BYTES", 10**9)
+    (whole,) = pieces.split({"x": x}, model, None)
     assert whole["x"] is x
 
 

@@ -62,26 +62,3 @@ def test_medians_rank_by_paired_ratios(monkeypatch):
     assert other / base == pytest.approx(2.0, rel=0.4)
     assert first.runs == second.runs == latency.DECISION_ROUNDS + 2
 
-
-def test_timing_feed_keeps_the_first_samples_within_the_byte_cap(monkeypatch):
-    """A feed over RUN_FEED_BYTES is cut to its first samples on each input's batch axis
-    (at least one); an input without a batch axis stays whole; a small feed is untouched."""
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])
-    rate = helper.make_tensor_value_info("rate", TensorProto.FLOAT, [])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 32, 32])
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("Mul", ["x", "rate"], ["y"])], "g", [x, rate], [y]))
-    feed = {"x": np.arange(8 * 3 * 32 * 32, dtype=np.float32).reshape(8, 3, 32, 32),
-            "rate": np.float32(2.0)}
-    per_sample = 3 * 32 * 32 * 4
-    monkeypatch.setattr(latency.data, "RUN_FEED_BYTES", 3 * per_sample + 10)
-    cut = latency.timing_feed(feed, model)
-    assert cut["x"].shape == (3, 3, 32, 32)
-    np.testing.assert_array_equal(cut["x"], feed["x"][:3])
-    assert cut["rate"] == feed["rate"]
-    monkeypatch.setattr(latency.data, "RUN_FEED_BYTES", per_sample // 2)
-    assert latency.timing_feed(feed, model)["x"].shape == (1, 3, 32, 32)
-    monkeypatch.setattr(latency.data, "RUN_FEED_BYTES", 16 * per_sample)
-    assert latency.timing_feed(feed, model) is feed

@@ -49,7 +49,7 @@ from graphq import latency, runtime
 from graphq import segments as SEG
 from graphq import sensitivity as S
 from graphq.biases import bias_sites, quantize_biases
-from graphq.data import FetchSplitter, run_failure, samples_in
+from graphq.data import PLAIN_SHARE, run_failure, samples_in
 from graphq.errors import ConfigError, DataError, GraphqError, PassError
 from graphq.kernels import observers as O
 from graphq.kernels import quant as Q
@@ -351,13 +351,12 @@ class Calibrate(Pass):
                               lambda feed: samples_in(feed, model))
 
         # the feeds in flight, in order, each with whether it ends its batch: batches whose
-        # fetched tensors would hold over FETCH_BYTES run in pieces
+        # runs would make over data.RUN_BYTES run in pieces (two in flight, all fetched)
         order: deque[tuple[dict[str, np.ndarray], bool]] = deque()
-        splitter = FetchSplitter(model, lambda f: sess.run(fetch, f))
 
         def feeds() -> Iterator[dict[str, np.ndarray]]:
             for batch in ctx.data.feeds(model):
-                pieces = list(splitter.pieces(batch))
+                pieces = ctx.split(batch, model, share=0.5)
                 for i, feed in enumerate(pieces):
                     order.append((feed, i == len(pieces) - 1))
                     yield feed
@@ -551,7 +550,7 @@ class Calibrate(Pass):
         # scoring graph in place
         graphs = [deploy_graph(scoring.model(table))[0] for table in (chosen, table_all)]
         log.info("calibrate auto: timing the min_sqnr_db activations float and quantized")
-        feed = latency.timing_feed(stream.kept[0], graphs[0])
+        feed = ctx.split(stream.kept[0], graphs[0], PLAIN_SHARE / len(graphs))[0]
         float_s, quantized_s = latency.medians(graphs, feed, ctx.providers)
         return float_s / quantized_s
 

@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from graphq import graph as G
 from graphq import latency, qoperator, runtime
 from graphq import model as model_io
-from graphq.data import DataSource, FetchSplitter, samples_in, split_bytes
+from graphq.data import PLAIN_SHARE, DataSource, samples_in
 from graphq.errors import DataError, PassError
 from graphq.kernels import quant as Q
 from graphq.passes.fold_bn import FOLDED_KEY
@@ -146,7 +146,7 @@ class Emit(Pass):
         report["worst_tensors_samples"] = sum(samples_in(f, float_model)
                                               for f in feeds[:WORST_BATCHES])
         if self.options.latency_runs:
-            feed = latency.timing_feed(feeds[0], float_model)
+            feed = ctx.split(feeds[0], float_model, PLAIN_SHARE / 2)[0]  # two sessions alive
             float_sess = runtime.session(float_model, ctx.providers)
             deploy_sess = runtime.session(deploy, ctx.providers)
             report["latency_ms"] = _latency(float_sess, deploy_sess, feed,
@@ -198,7 +198,7 @@ class Emit(Pass):
             return [], None, "", 0
         feeds, labels, total = [], [], 0
         for feed, label in source.labeled_feeds(model):
-            feeds += split_bytes(feed, model)  # in order: the labels stay in step
+            feeds += ctx.split(feed, model, PLAIN_SHARE)  # in order: labels stay in step
             labels.append(label)
             total += samples_in(feed, model)
             if total >= o.eval_limit:
@@ -381,7 +381,7 @@ def _topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 
 #: eval feeds the worst-tensor table is measured on (each run fetches every activation;
-#: batches over data.RUN_FEED_BYTES are pieces of them, data.split_bytes)
+#: batches whose runs make over data.RUN_BYTES are pieces of them, PassContext.split)
 WORST_BATCHES = 4
 
 
@@ -400,9 +400,8 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
     probed = G.with_outputs(model, names + [pairs[t] for t in names])
     session = runtime.session(probed, ctx.providers)
     signal, noise = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-    splitter = FetchSplitter(model, lambda f: runtime.run(session, f).values())
     for feed in feeds:
-        for piece in splitter.pieces(feed):
+        for piece in ctx.split(feed, model, share=0.5):  # each activation and its DQ fetched
             values = runtime.run(session, piece)
             for t in names:
                 s, e = Q.error_sums(values[t], values[pairs[t]])

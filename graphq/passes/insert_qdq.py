@@ -66,6 +66,7 @@ from graphq import graph as G
 from graphq import latency, runtime
 from graphq import model as model_io
 from graphq.biases import quantize_biases
+from graphq.data import PLAIN_SHARE
 from graphq.errors import ConfigError, ModelError, PassError, did_you_mean
 from graphq.kernels import quant as Q
 from graphq.passes.canonicalize import upgrade_opset
@@ -333,10 +334,10 @@ class InsertQDQ(Pass):
         feed = ctx.data.first(model) if ctx.data is not None else None
         if feed is None:
             feed = runtime.sample_feeds(model)[0]
-        feed = latency.timing_feed(feed, model)
         first = [i for i, _ in planner.computes]
         placed = [(out, table, planner)] + [self._place(model, first[:k], _PENDING)
                                             for k in range(1, n + 1)]
+        feed = ctx.split(feed, model, PLAIN_SHARE / len(placed))[0]  # their sessions all alive
         log.info("float_prefix_search: timing %d placements in onnxruntime", len(placed))
         seconds = latency.medians([_timing_model(m) for m, _, _ in placed], feed, ctx.providers)
         k = latency.longest_within(seconds, PREFIX_MARGIN)

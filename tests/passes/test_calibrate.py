@@ -173,7 +173,7 @@ def test_each_method_gives_usable_scales(method):
 @pytest.mark.parametrize("split", ["feeds", "npz", "pieces"])
 def test_streaming_in_batches_gives_the_same_minmax_scales(split, tmp_path, monkeypatch):
     """The same scales from one batch of 32, four of 8, and four of 8 each run one sample at
-    a time (their fetched activations over FETCH_BYTES), which count as the 4 batches."""
+    a time (their runs make more than RUN_BYTES), which count as the 4 batches."""
     import graphq.data
 
     rng = np.random.default_rng(3)
@@ -187,15 +187,15 @@ def test_streaming_in_batches_gives_the_same_minmax_scales(split, tmp_path, monk
         data = DataSource(tmp_path / "calib.npz", batch_size=8)
     runs = []
     if split == "pieces":
-        monkeypatch.setattr(graphq.data, "FETCH_BYTES", 1)  # every sample a run of its own
-        real = graphq.data.FetchSplitter.pieces
+        monkeypatch.setattr(graphq.data, "RUN_BYTES", 1)  # every sample a run of its own
+        real = graphq.data.Pieces.split
 
-        def pieces(self, feed):
-            for piece in real(self, feed):
-                runs.append(len(piece["x"]))
-                yield piece
+        def split(self, feed, model, providers, share=1.0):
+            pieces = real(self, feed, model, providers, share)
+            runs.extend(len(p["x"]) for p in pieces)
+            return pieces
 
-        monkeypatch.setattr(graphq.data.FetchSplitter, "pieces", pieces)
+        monkeypatch.setattr(graphq.data.Pieces, "split", split)
     parts, four = calibrate(model, data, method="minmax")
     assert whole.counts["batches"] == 1 and parts.counts["batches"] == 4
     if split == "pieces":

@@ -283,7 +283,7 @@ RUN_BYTES = 1 << 30
 #: the share of ``RUN_BYTES`` a plain run (no intermediate tensor fetched) may make: it holds
 #: a fraction of what it makes at its peak, as onnxruntime reuses buffers (DNSMOS's 16 clips
 #: make 5.9 GB; the run peaked 1.3 GB above its session's), but each session keeps its peak
-#: (DNSMOS's graphq run: 3.0 GB at share 1, 6.8 GB at share 4)
+#: (DNSMOS's graphq run peaked at 3.0 GB at share 1, 4.7 GB at 2, 6.8 GB at 4)
 PLAIN_SHARE = 2.0
 
 

@@ -105,6 +105,13 @@ ON_THE_WAY = (*RESHAPING, "Sigmoid", "Tanh", "Softmax", "Relu", "Clip", "HardSig
 #: power spans 10 decades: one 8-bit scale over it zeroes all but its top, and the Log
 #: after the mel projection turns that into errors as large as the output).
 LOG_READERS = ("Log",)
+#: ops a compute op's output may pass on the way to a Log and still count as feeding only it
+#: (:func:`_only_log_readers`): a constant-Q transform's filter-bank convolutions, then the
+#: magnitude (squares summed, Sqrt), the octaves concatenated, the Log. Basic Pitch's CQT
+#: quantized kept its outputs at 7-9 dB against float; kept float, 32-35 dB.
+TOWARD_LOG = (*RESHAPING, *FUSED_ACTIVATIONS, "Abs", "Neg", "Mul", "Add", "Sub", "Div", "Pow",
+              "Sqrt", "ReduceSum", "ReduceMean", "ReduceL2", "ReduceSumSquare", "Slice",
+              "Pad", "Concat", "Split", "Max", "Min")
 #: ops whose constant table (input 0) is quantized per row: an embedding lookup.
 TABLES = ("Gather",)
 #: a Gather's constant table smaller than this (values) stays float (a 2-row token-type
@@ -490,8 +497,9 @@ class _Planner:
         log_reader = _only_log_readers(node.outputs[0])
         if log_reader is not None:
             reason = (f"{node.op} '{node.name}' kept float: its output feeds only "
-                      f"{log_reader}, where the quantization error of small values becomes "
-                      "large (the relative precision of every value counts)")
+                      f"{log_reader} (through elementwise ops at most), where the quantization "
+                      "error of small values becomes large (the relative precision of every "
+                      "value counts)")
             self.notes.append(reason)
             self._float_weight(node, weight_index, reason)
             return
@@ -801,15 +809,26 @@ def _deciding_reader(tensor: gs.Tensor, depth: int = 4) -> tuple[gs.Node, list[g
     return None
 
 
-def _only_log_readers(tensor: gs.Tensor) -> str | None:
-    """``"Log 'name'"`` when every reader of ``tensor`` (or of the one Relu/Clip that alone
-    reads it) is one of :data:`LOG_READERS`, else None."""
+def _only_log_readers(tensor: gs.Tensor, depth: int = 16) -> str | None:
+    """``"Log 'name'"`` when every path from ``tensor`` ends at one of :data:`LOG_READERS`
+    through :data:`TOWARD_LOG` ops alone (at most ``depth`` of them), else None: no other op
+    (a compute op, a graph output) reads anything on the way."""
     readers = list(tensor.outputs)
-    if len(readers) == 1 and readers[0].op in FUSED_ACTIVATIONS and readers[0].outputs:
-        readers = list(readers[0].outputs[0].outputs)
-    if readers and all(r.op in LOG_READERS for r in readers):
-        return f"{readers[0].op} '{readers[0].name}'"
-    return None
+    if not readers:
+        return None
+    found = None
+    for r in readers:
+        if r.op in LOG_READERS:
+            found = found or f"{r.op} '{r.name}'"
+            continue
+        if r.op not in TOWARD_LOG or depth == 0 or not r.outputs:
+            return None
+        for out in r.outputs:
+            further = _only_log_readers(out, depth - 1)
+            if further is None:
+                return None
+            found = found or further
+    return found
 
 
 def _weight_index(node: gs.Node) -> int | None:

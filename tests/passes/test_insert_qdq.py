@@ -1012,6 +1012,50 @@ def test_a_compute_op_that_feeds_only_a_log_stays_float():
     assert_calibrated_close(model, result.model, feeds)
 
 
+def cqt_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> two filter-bank Convs (real, imaginary) -> magnitude (squares added, Sqrt) ->
+    Concat with the magnitude of a strided octave -> Add eps -> Log -> Conv (the network
+    after) -> y: a constant-Q front end (Basic Pitch's has this shape)."""
+    inits = {"wr": rng.normal(0, 0.5, (6, 1, 16)).astype(np.float32),
+             "wi": rng.normal(0, 0.5, (6, 1, 16)).astype(np.float32),
+             "wo": rng.normal(0, 0.5, (6, 1, 16)).astype(np.float32),
+             "wn": rng.normal(0, 0.3, (4, 12, 3)).astype(np.float32),
+             "eps": np.array(1e-6, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "wr"], ["re"], name="cqt_re", strides=[4]),
+             helper.make_node("Conv", ["x", "wi"], ["im"], name="cqt_im", strides=[4]),
+             helper.make_node("Conv", ["x", "wo"], ["oc"], name="cqt_octave", strides=[4]),
+             helper.make_node("Mul", ["re", "re"], ["re2"], name="re_sq"),
+             helper.make_node("Mul", ["im", "im"], ["im2"], name="im_sq"),
+             helper.make_node("Add", ["re2", "im2"], ["pw"], name="power"),
+             helper.make_node("Sqrt", ["pw"], ["mag"], name="magnitude"),
+             helper.make_node("Abs", ["oc"], ["omag"], name="octave_magnitude"),
+             helper.make_node("Concat", ["mag", "omag"], ["bins"], name="octaves", axis=1),
+             helper.make_node("Add", ["bins", "eps"], ["floored"], name="floor"),
+             helper.make_node("Log", ["floored"], ["logmag"], name="log"),
+             helper.make_node("Conv", ["logmag", "wn"], ["y"], name="net")]
+    return build(nodes, [tensor("x", ["N", 1, 64])], [tensor("y", None)], inits)
+
+
+def test_filter_banks_whose_magnitude_a_log_reads_stay_float():
+    """The filter-bank Convs of a constant-Q front end reach the Log only through the
+    magnitude (Mul, Add, Sqrt, Abs, Concat, Add eps): they stay float with their input; the
+    Conv after the Log, a compute op of its own, is quantized. After calibration the log
+    spectrum's network output stays close to float."""
+    rng = np.random.default_rng(45)
+    model = cqt_net(rng)
+    result, table = insert(model)
+    for name, weight in (("cqt_re", "wr"), ("cqt_im", "wi"), ("cqt_octave", "wo")):
+        assert not table.get(weight).quantized
+        assert "feeds only Log 'log' (through elementwise ops at most)" in \
+            table.get(weight).reason
+        assert any(n.startswith(f"Conv '{name}' kept float") for n in result.notes)
+    assert "x" not in quantized(table)
+    assert table.get("wn").quantized and "logmag" in quantized(table, "activation")
+    feeds = [{"x": (rng.normal(0, 1, (2, 1, 64)) * 10.0 ** rng.uniform(-1, 0, (2, 1, 1))
+                    ).astype(np.float32)} for _ in range(3)]
+    assert_calibrated_close(model, result.model, feeds)
+
+
 @pytest.mark.parametrize("op", ["QuantizeLinear", "ConvInteger", "QLinearConv"])
 def test_a_quantized_model_is_refused_with_the_ops_it_has(tmp_path, op):
     """A model quantized already (here: a graph with a Q/DQ pair, ConvInteger or QLinearConv,

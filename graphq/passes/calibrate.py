@@ -1017,8 +1017,8 @@ def _score_sources(model: onnx.ModelProto, graph: gs.Graph, scorer: _Scorer) -> 
     tensors the selection reads instead (:func:`graphq.graph.selection_sources`): ``graph``'s
     outputs are those while the search runs (the caller puts the given ones back), and
     ``scorer`` judges the parts of theirs that concatenate ranges. A note each."""
-    found = G.selection_sources(graph)
-    if not found:
+    found = {out: ts for out, ts in G.selection_sources(graph).items() if ts}
+    if not found:  # none, or the selection reads nothing of the graph's: the output scores
         return []
     sources = list({t.name: t for ts in found.values() for t in ts}.values())
     graph.outputs = [o for o in graph.outputs if o.name not in found] + sources

@@ -229,6 +229,7 @@ def _selection_sources(model: onnx.ModelProto, float_model: onnx.ModelProto,
     selected = {out: [t.name for t in ts if (t.dtype is None or np.dtype(t.dtype).kind == "f")
                       and all(t.name in names for names in made)]
                 for out, ts in found.items()}
+    selected = {out: names for out, names in selected.items() if names}  # else judged itself
     outputs = {o.name for o in float_model.graph.output}
     sources = [n for n in dict.fromkeys(n for ns in selected.values() for n in ns)
                if n not in outputs]

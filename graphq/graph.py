@@ -538,7 +538,8 @@ def selection_sources(graph: gs.Graph) -> dict[str, list[gs.Tensor]]:
     """Graph outputs computed through a selection (:data:`SELECTING`: an end-to-end detector's
     TopK over anchor scores, then the boxes gathered at its indices) -> the tensors the
     selection reads from outside it (the scores and boxes of every anchor, through Q/DQ
-    pairs to their float tensors; neither constants nor graph inputs).
+    pairs to their float tensors; float ones only: neither indices, constants nor graph
+    inputs).
 
     Such an output cannot be compared value by value with the float model's: noise that
     swaps two close scores swaps whole rows, and the low-score rows past the detections
@@ -574,11 +575,16 @@ def selection_sources(graph: gs.Graph) -> dict[str, list[gs.Tensor]]:
                 source = float_source(t)
                 producer = source.inputs[0] if source.inputs else None
                 if isinstance(source, gs.Constant) or producer is None \
-                        or producer.op == "Constant":
+                        or producer.op == "Constant" or not _maybe_float(source):
                     continue
                 sources.setdefault(source.name, source)
         found[out.name] = list(sources.values())
     return found
+
+
+def _maybe_float(tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` is float or of a type the graph does not say."""
+    return tensor.dtype is None or np.dtype(tensor.dtype).kind == "f"
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:

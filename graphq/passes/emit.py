@@ -209,11 +209,9 @@ class Emit(Pass):
 
 def _run_all(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
              providers: list[str]) -> list[dict[str, np.ndarray]]:
-    """The outputs of ``model`` on each feed, the numeric ones (strings have no SQNR)."""
+    """The outputs of ``model`` on each feed."""
     sess = runtime.session(model, providers)
-    outs = [runtime.run(sess, f) for f in feeds]
-    return [{k: v for k, v in out.items() if np.asarray(v).dtype.kind in "fiub"}
-            for out in outs]
+    return [runtime.run(sess, f) for f in feeds]
 
 
 def _selection_sources(model: onnx.ModelProto, float_model: onnx.ModelProto,
@@ -226,8 +224,7 @@ def _selection_sources(model: onnx.ModelProto, float_model: onnx.ModelProto,
     if not found:
         return {}, []
     made = [{o for n in m.graph.node for o in n.output} for m in (float_model, deploy)]
-    selected = {out: [t.name for t in ts if (t.dtype is None or np.dtype(t.dtype).kind == "f")
-                      and all(t.name in names for names in made)]
+    selected = {out: [t.name for t in ts if all(t.name in names for names in made)]
                 for out, ts in found.items()}
     selected = {out: names for out, names in selected.items() if names}  # else judged itself
     outputs = {o.name for o in float_model.graph.output}
@@ -362,7 +359,9 @@ def _check_qoperator(table: QuantTable) -> None:
 
 def _accuracy(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]],
               labels: np.ndarray) -> dict[str, float]:
-    name = next(iter(ref[0]))
+    name = next((k for k, v in ref[0].items() if v.dtype.kind in "fiu"), None)  # not strings
+    if name is None:
+        return {}
     before = np.concatenate([r[name] for r in ref])
     after = np.concatenate([g[name] for g in got])
     if before.ndim != 2 or len(before) != len(labels):

@@ -404,24 +404,28 @@ def _tolerance(passes: list[Pass]) -> tuple[float, float]:
 def _check_input(proto: onnx.ModelProto, source: model_io.Source) -> None:
     """The input must be a valid ONNX model before any pass is blamed for anything."""
     where = str(source.path) if source.path else "the input model"
-    for attempt in range(2):
-        with runtime.materialized(proto) as serialized:
-            try:
-                _checker(serialized, full_check=False)
-                return
-            except onnx.checker.ValidationError as exc:
-                error = exc
-        # onnxruntime runs a graph whose nodes are out of order; onnx.checker and the passes
-        # need them sorted, which changes nothing the model computes
-        if attempt or "topologically sorted" not in str(error):
-            break
+    error = _invalid(proto)
+    # onnxruntime runs a graph whose nodes are out of order; onnx.checker and the passes need
+    # them sorted, which changes nothing the model computes
+    if error is not None and "topologically sorted" in str(error):
         moved = G.sort_nodes(proto.graph)
-        if not moved:
-            break
-        log.info("%s: %d node(s) were out of topological order; sorted (the input is not "
-                 "changed)", where, moved)
-    raise ModelError(f"{where} is not a valid ONNX model (onnx.checker: "
-                     f"{first_line(error)}); fix or re-export it") from error
+        if moved:
+            log.info("%s: %d node(s) were out of topological order; sorted (the input is not "
+                     "changed)", where, moved)
+            error = _invalid(proto)
+    if error is not None:
+        raise ModelError(f"{where} is not a valid ONNX model (onnx.checker: "
+                         f"{first_line(error)}); fix or re-export it") from error
+
+
+def _invalid(proto: onnx.ModelProto) -> onnx.checker.ValidationError | None:
+    """onnx.checker's error on ``proto`` (shallow check), None where it passes."""
+    with runtime.materialized(proto) as serialized:
+        try:
+            _checker(serialized, full_check=False)
+        except onnx.checker.ValidationError as exc:
+            return exc
+    return None
 
 
 def _safe_stem(name: str) -> str:

@@ -812,22 +812,21 @@ def _deciding_reader(tensor: gs.Tensor, depth: int = 4) -> tuple[gs.Node, list[g
 def _only_log_readers(tensor: gs.Tensor, depth: int = 16) -> str | None:
     """``"Log 'name'"`` when every path from ``tensor`` ends at one of :data:`LOG_READERS`
     through :data:`TOWARD_LOG` ops alone (at most ``depth`` of them), else None: no other op
-    (a compute op, a graph output) reads anything on the way."""
-    readers = list(tensor.outputs)
-    if not readers:
-        return None
-    found = None
-    for r in readers:
-        if r.op in LOG_READERS:
-            found = found or f"{r.op} '{r.name}'"
-            continue
-        if r.op not in TOWARD_LOG or depth == 0 or not r.outputs:
+    (a compute op, a graph output) reads anything on the way. Each op is looked at once
+    (``x * x``, the branches of a magnitude meeting again)."""
+    found, stack, seen = None, [(tensor, depth)], set()
+    while stack:
+        t, left = stack.pop()
+        if not t.outputs:
             return None
-        for out in r.outputs:
-            further = _only_log_readers(out, depth - 1)
-            if further is None:
+        for r in t.outputs:
+            if r.op in LOG_READERS:
+                found = found or f"{r.op} '{r.name}'"
+            elif r.op not in TOWARD_LOG or left == 0 or not r.outputs:
                 return None
-            found = found or further
+            elif id(r) not in seen:
+                seen.add(id(r))
+                stack += [(out, left - 1) for out in r.outputs]
     return found
 
 

@@ -86,7 +86,14 @@ def test_zoo_graph_with_random_weights(path, tmp_path):
     assert float(np.std(probs)) > 1e-3
 
 
-@pytest.mark.parametrize("path", ZOO, ids=[p.stem.removeprefix("light_") for p in ZOO])
+#: as shipped, less vgg19 and zfnet512: Conv/ReLU/pooling/Gemm stacks built by ConstantOfShape
+#: as bvlc_alexnet's is, whose folded constants (550 and 330 MB) took a minute of the suite to
+#: serialize, check and write, for no op or structure the others lack; they run with random
+#: weights above, where their outputs are compared
+SHIPPED = [p for p in ZOO if p.stem not in ("light_vgg19", "light_zfnet512")]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem.removeprefix("light_") for p in SHIPPED])
 def test_zoo_graph_as_shipped(path, tmp_path):
     """The shipped graphs: opset 9, weights built by ConstantOfShape, initializers listed as
     inputs. Their outputs are near uniform, so this checks the structure and that they run

@@ -328,10 +328,12 @@ def test_label_free_qat_recovers_paddleocr_detector(tmp_path):
     preset = preset.replace("float_prefix_search = 3",
                             "float_prefix_search = 0\nexclude = ['^p2o[.]Conv[.]0$']")
     assert "float_prefix_search = 0" in preset
+    # emit's latency report is not what this judges (up to half a minute of timing each run)
+    preset = preset.replace('name = "emit"', 'name = "emit"\nlatency_runs = 0')
     ptq = PassManager.from_text(preset.replace('method = "auto"', 'method = "percentile"')).run(
         path, tmp_path / "ptq", data=calib)
     qat_toml = ('[[passes]]\nname = "qat"\nepochs = 3\nlr = 1e-6\nbatch_size = 1\n'
-                '[[passes]]\nname = "emit"\n')
+                '[[passes]]\nname = "emit"\nlatency_runs = 0\n')
     fake = onnx.load(str(ptq.files[f"{path.stem}.fakequant.onnx"]))
     qat = _manager(qat_toml).run(fake, tmp_path / "qat", data=calib, stem=path.stem)
     float_sess = runtime.session_of(path)

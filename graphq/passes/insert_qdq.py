@@ -132,7 +132,16 @@ NO_4BIT_ACTIVATIONS = (
     "uint8 or int8 activations (W4A8)")
 #: the inputs of joining ops that carry data (the others are parameters such as Resize's).
 DATA_INPUTS = {"Resize": (0,), "AveragePool": (0,), "GlobalAveragePool": (0,)}
-FLOATS = (np.float32, np.float16)
+FLOATS = (np.float32,)
+#: recurrent ops, whose weights stay float, and why
+RECURRENT = ("LSTM", "GRU", "RNN")
+RECURRENT_WHY = ("graphq does not quantize recurrent ops (ONNX's LSTM/GRU/RNN take float "
+                 "weights only, no Q/DQ form of them runs as an integer kernel; the same cell "
+                 "written as MatMul/Gemm ops, as some exporters unroll it, is quantized)")
+#: why an op that computes in float16 stays float
+HALF = ("graphq quantizes float32 ops (QuantizeLinear reads float16 "
+        "only from opset 19 on, with float16 scales onnxruntime's integer kernels do not fuse); "
+        "export or convert the model to float32 and quantize that")
 #: float_prefix_search keeps the longest float prefix that runs within this fraction of the
 #: fastest placement's latency
 PREFIX_MARGIN = 0.05
@@ -268,6 +277,7 @@ class InsertQDQ(Pass):
         if not table.quantized():
             # nothing failed: the model (or the options' selection) has nothing to quantize
             raise ConfigError(f"nothing in this model can be quantized: {_why_nothing(graph)}")
+        _warn_unquantized(planner.notes)
         notes = upgraded + planner.notes
         pinned: dict[str, Any] = {}
         if self.options.float_prefix:
@@ -456,6 +466,14 @@ class _Planner:
                 self.notes.append(f"{node.op} '{node.name}': the nodes of its body are not "
                                   "quantized (kept float): its values cannot be read out per "
                                   "iteration for calibration")
+            elif node.op in RECURRENT:
+                reason = f"{node.op} '{node.name}' kept float: {RECURRENT_WHY}"
+                self.notes.append(reason)
+                for t in node.inputs[1:4]:  # W, R, B
+                    if t.name and G.constant_values(t) is not None and t.name not in \
+                            self.table.entries:
+                        self.table.add(TensorQuant(t.name, "weight", False, reason,
+                                                   consumers=[node.name]))
             kind = self._selected(node)
             if kind == "compute":
                 self._compute(node)
@@ -491,6 +509,11 @@ class _Planner:
                               "constant")
             return
         activations = [i for i, t in enumerate(node.inputs[:2]) if i != weight_index]
+        if any(_half(t) for t in node.inputs[:2]):
+            reason = f"{node.op} '{node.name}' kept float: it computes in float16: {HALF}"
+            self.notes.append(reason)
+            self._float_weight(node, weight_index, reason)
+            return
         if not all(self._is_float(node.inputs[i]) for i in activations):
             self.notes.append(f"{node.op} '{node.name}' kept float: an input is not float")
             return
@@ -690,11 +713,35 @@ class _Planner:
 
     @staticmethod
     def _is_float(tensor: gs.Tensor) -> bool:
-        dtype = tensor.dtype
-        if dtype is None:
-            values = G.constant_values(tensor)
-            dtype = None if values is None else values.dtype
-        return dtype is not None and np.dtype(dtype) in [np.dtype(f) for f in FLOATS]
+        return _dtype(tensor) in [np.dtype(f) for f in FLOATS]
+
+
+def _warn_unquantized(notes: list[str]) -> None:
+    """Say once, as a warning, that float16 ops or recurrent ops stay float (each is a note
+    of its own in the record): the deploy graph then shrinks and speeds up only where the
+    rest of the model is."""
+    half = [n.split(" kept float")[0] for n in notes if "kept float: it computes in float16" in n]
+    if half:
+        log.warning("%d compute op(s) stay float, %s ...: they compute in float16: %s",
+                    len(half), ", ".join(half[:3]), HALF)
+    recurrent = [n.split(" kept float")[0] for n in notes
+                 if n.startswith(RECURRENT) and "does not quantize recurrent" in n]
+    if recurrent:
+        log.warning("%s stay float: %s", ", ".join(recurrent[:3]) + (
+            " ..." if len(recurrent) > 3 else ""), RECURRENT_WHY)
+
+
+def _dtype(tensor: gs.Tensor) -> np.dtype | None:
+    """``tensor``'s element type (by its type, or its values where it is a constant)."""
+    dtype = tensor.dtype
+    if dtype is None:
+        values = G.constant_values(tensor)
+        dtype = None if values is None else values.dtype
+    return None if dtype is None else np.dtype(dtype)
+
+
+def _half(tensor: gs.Tensor) -> bool:
+    return _dtype(tensor) == np.float16
 
 
 def _computed(tensor: gs.Tensor) -> bool:
@@ -740,9 +787,17 @@ def _why_nothing(graph: gs.Graph) -> str:
         return (f"its compute ops are all inside the bodies of {', '.join(looped)}, which "
                 "graphq does not quantize (a body's values cannot be read out per iteration "
                 "for calibration); the model has nothing else to quantize")
+    recurrent = [f"{n.op} '{n.name}'" for n in G.nodes(graph) if n.op in RECURRENT]
+    if not outside and recurrent:
+        return (f"its weights are in {', '.join(recurrent[:3])}"
+                f"{' ...' if len(recurrent) > 3 else ''}: {RECURRENT_WHY}; and it has no "
+                f"{'/'.join(COMPUTE)} besides")
     if not outside:
         return (f"it has no {'/'.join(COMPUTE)} (the ops graphq quantizes, and the ops "
                 "between them once they are); there is nothing to convert")
+    if all(any(_half(t) for t in n.inputs[:2]) for n in outside):
+        return (f"its {len(outside)} {'/'.join(sorted({n.op for n in outside}))} op(s) "
+                f"compute in float16: {HALF}")
     return (f"no {'/'.join(COMPUTE)} with float inputs was selected; check the ops, include "
             "and exclude options")
 

@@ -1312,3 +1312,61 @@ def test_gather_tables_stay_float_by_exclude_ops_or_override():
     assert not table.get("words").quantized
     with pytest.raises(PassError, match="tables are int8, symmetric, per row"):
         insert(model, overrides={"words": {"dtype": "uint8"}})
+
+
+def half_mlp(rng: np.random.Generator, first_half: bool) -> onnx.ModelProto:
+    """x -> MatMul (float32, or float16 with ``first_half``) -> Cast float16 -> MatMul
+    (float16 weight) -> Cast float -> y: a mixed-precision export."""
+    w1 = rng.normal(0, 0.3, (8, 6)).astype(np.float16 if first_half else np.float32)
+    inits = {"W1": w1, "W2": rng.normal(0, 0.3, (6, 4)).astype(np.float16)}
+    to16 = helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16)
+    nodes = ([to16] if first_half else []) + [
+        helper.make_node("MatMul", ["x16" if first_half else "x", "W1"], ["h"], name="mm1"),
+        *([] if first_half else [helper.make_node("Cast", ["h"], ["h16"],
+                                                  to=TensorProto.FLOAT16)]),
+        helper.make_node("MatMul", ["h" if first_half else "h16", "W2"], ["y16"], name="mm2"),
+        helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT)]
+    return build(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 4])], inits)
+
+
+def test_float16_ops_stay_float_with_the_reason():
+    """A mixed-precision graph: the float32 MatMul is quantized, the float16 one stays float
+    with its weight, the reason in the table and notes (Q/DQ of float16 needs opset 19 and
+    float16 scales: the pass had written pairs onnxruntime refused); a graph whose every
+    compute op is float16 is a config error that says so and names the fix."""
+    result, table = insert(half_mlp(np.random.default_rng(26), first_half=False))
+    assert {"x", "W1"} <= quantized(table) and "W2" not in quantized(table)
+    assert "computes in float16" in table.get("W2").reason
+    assert any(n.startswith("MatMul 'mm2' kept float: it computes in float16") and
+               "convert the model to float32" in n for n in result.notes), result.notes
+    with pytest.raises(ConfigError, match=r"nothing in this model can be quantized: its 2 "
+                       r"MatMul op\(s\) compute in float16: .*float32"):
+        insert(half_mlp(np.random.default_rng(27), first_half=True))
+
+
+def test_recurrent_weights_are_recorded_float_and_named_when_nothing_else_is():
+    """ONNX LSTM/GRU weights are not quantized: they go into the table, kept float with the
+    reason (a note too), so the record accounts for them; a graph of one GRU alone is a
+    config error that names it instead of saying it has no MatMul."""
+    rng = np.random.default_rng(28)
+    hidden, feat = 4, 8
+    gru_inits = {"W": rng.normal(0, 0.3, (1, 3 * hidden, feat)).astype(np.float32),
+                 "R": rng.normal(0, 0.3, (1, 3 * hidden, hidden)).astype(np.float32),
+                 "B": np.zeros((1, 6 * hidden), np.float32)}
+    gru = helper.make_node("GRU", ["x", "W", "R", "B"], ["", "h"], name="gru",
+                           hidden_size=hidden)
+    alone = build([gru], [tensor("x", [5, 2, feat])], [tensor("h", [1, 2, hidden])],
+                  gru_inits)
+    with pytest.raises(ConfigError, match="its weights are in GRU 'gru': graphq does not "
+                       "quantize recurrent ops"):
+        insert(alone)
+    head = {"Wo": rng.normal(0, 0.3, (hidden, 3)).astype(np.float32)}
+    nodes = [gru, helper.make_node("MatMul", ["h", "Wo"], ["y"], name="head")]
+    result, table = insert(build(nodes, [tensor("x", [5, 2, feat])],
+                                 [tensor("y", [1, 2, 3])], {**gru_inits, **head}))
+    assert "Wo" in quantized(table)
+    for name in ("W", "R", "B"):
+        entry = table.get(name)
+        assert entry is not None and not entry.quantized and entry.role == "weight"
+        assert entry.reason.startswith("GRU 'gru' kept float: graphq does not quantize")
+    assert any(n.startswith("GRU 'gru' kept float") for n in result.notes)

@@ -20,7 +20,7 @@ DataError that names the input and what the model expects.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +106,7 @@ class DataSource:
         self.limit = limit
         self.image = image
         self.labels = labels
+        self._warned: set[str] = set()
 
     def __repr__(self) -> str:
         return f"DataSource({self.source!r}, batch_size={self.batch_size}, limit={self.limit})"
@@ -131,8 +132,10 @@ class DataSource:
         key = self.labels if self.labels not in inputs else None
         left = self.limit
         count = 0
-        for raw in self._raw(list(inputs), base, names):
-            raw = dict(raw)
+        fixed = _fixed_batch(inputs, base)
+        raws = (part for whole in self._raw(list(inputs), base, names)
+                for part in _fixed_batches(dict(whole), fixed, list(inputs), self._warn))
+        for raw in raws:
             labels = raw.pop(key, None) if key else None
             feed = check_feed(raw, inputs, where=self._where(count))
             if labels is not None:
@@ -151,6 +154,12 @@ class DataSource:
                 yield part, label
         if count == 0:
             raise DataError(f"the data {self.source} holds no samples")
+
+    def _warn(self, text: str) -> None:
+        """Log a warning about the data once, however often it is read."""
+        if text not in self._warned:
+            self._warned.add(text)
+            log.warning("data %s: %s", self.source, text)
 
     def _where(self, index: int) -> str:
         return f"data {self.source}, batch {index}" if isinstance(self.source, Path) else \
@@ -174,9 +183,41 @@ class DataSource:
         else:
             arrays = _read_file(source, names)
             axes = _feed_axes(arrays, axes, dims)
+            if all(axes.get(k) is None for k in names if k in arrays):
+                yield arrays  # no input batches: the file is one feed, its labels whole
+                return
             total = _batch_len(arrays, axes)
             for start in range(0, total, self.batch_size):
                 yield _take(arrays, axes, start, start + self.batch_size)
+
+
+def _fixed_batch(inputs: dict[str, onnx.ValueInfoProto], axes: dict[str, int | None]
+                 ) -> int | None:
+    """N where every input's first axis is fixed to the same N > 1 and none has a batch axis
+    (:func:`graphq.runtime.batch_axes`): the model takes batches of exactly N samples."""
+    if any(a is not None for a in axes.values()):
+        return None
+    firsts = {dims[0] for v in inputs.values() if (dims := input_spec(v)[1])}
+    n = firsts.pop() if len(firsts) == 1 else None
+    return n if isinstance(n, int) and n > 1 else None
+
+
+def _fixed_batches(raw: dict[str, Any], n: int | None, names: list[str],
+                   warn: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """``raw`` cut into batches of ``n`` samples on axis 0, for a model whose batch is fixed
+    at ``n`` (a remainder left out, with a warning); as it is otherwise, or where it does
+    not hold a multiple of ``n`` samples or more (checked then as any feed is)."""
+    lengths = {np.shape(raw[k])[0] for k in names if k in raw and np.ndim(raw[k]) > 0}
+    total = lengths.pop() if len(lengths) == 1 else 0
+    if n is None or total <= n:
+        yield raw
+        return
+    if total % n:
+        warn(f"the model's batch is fixed at {n} samples; the last {total % n} of {total} "
+             "samples are left out")
+    for start in range(0, total - n + 1, n):
+        yield {k: v[start:start + n] if np.ndim(v) > 0 and np.shape(v)[0] == total else v
+               for k, v in raw.items()}
 
 
 def _fit_batch(feed: Feed, inputs: dict[str, onnx.ValueInfoProto],
@@ -459,9 +500,11 @@ def check_feed(raw: dict[str, Any], inputs: dict[str, onnx.ValueInfoProto], wher
             )
         for axis, (have, want) in enumerate(zip(array.shape, dims, strict=False)):
             if isinstance(want, int) and have != want and not (axis == 0 and want == 1):
+                fixed = (f"; the model's batch is fixed at {want} samples: give {want} or a "
+                         f"multiple of {want} per file" if axis == 0 else "")
                 raise DataError(
                     f"{where}: input '{name}' has shape {list(array.shape)} but the model "
-                    f"expects {_shape_text(dims)} (axis {axis} must be {want})"
+                    f"expects {_shape_text(dims)} (axis {axis} must be {want}{fixed})"
                 )
         feed[name] = array
     return feed

@@ -180,3 +180,28 @@ def test_a_string_input_accepts_the_str_arrays_an_npz_holds(tmp_path):
     np.savez(tmp_path / "floats.npz", s=np.zeros((2, 2), np.float32))
     with pytest.raises(DataError, match="input 's' is float32 but the model expects object"):
         list(DataSource(tmp_path / "floats.npz").feeds(model))
+
+
+def test_a_batch_fixed_at_n_is_fed_n_samples_at_a_time(tmp_path, caplog):
+    """A model whose every input fixes axis 0 at 10 (an export with a fixed batch) takes 10
+    samples a run: one .npz of 24 samples gives two batches of 10 (labels cut alike) and a
+    warning that 4 are left out; 20 give two, quietly; 5 are a data error that says the batch
+    is fixed and what to give (it used to name only the shape)."""
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", [10, 3])],
+                       [tensor("y", [10, 3])])
+    x = np.arange(24 * 3, dtype=np.float32).reshape(24, 3)
+    np.savez(tmp_path / "d24.npz", x=x, label=np.arange(24))
+    with caplog.at_level("WARNING", logger="graphq.data"):
+        got = list(DataSource(tmp_path / "d24.npz").labeled_feeds(model))
+    assert [f["x"].shape for f, _ in got] == [(10, 3), (10, 3)]
+    assert np.array_equal(got[1][0]["x"], x[10:20]) and np.array_equal(got[1][1], np.arange(10, 20))
+    assert "batch is fixed at 10 samples; the last 4 of 24 samples are left out" in caplog.text
+    caplog.clear()
+    np.savez(tmp_path / "d20.npz", x=x[:20])
+    with caplog.at_level("WARNING", logger="graphq.data"):
+        assert len(list(DataSource(tmp_path / "d20.npz", batch_size=4).feeds(model))) == 2
+    assert not caplog.text
+    np.savez(tmp_path / "d5.npz", x=x[:5])
+    with pytest.raises(DataError, match=r"axis 0 must be 10; the model's batch is fixed at 10 "
+                       r"samples: give 10 or a multiple of 10 per file"):
+        list(DataSource(tmp_path / "d5.npz").feeds(model))

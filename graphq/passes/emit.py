@@ -472,7 +472,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         n = lat.get("samples")
         batch = f" (a batch of {n})" if n and n > 1 else " (one sample)" if n else ""
         lines.append(f"latency{batch}: float {lat['float']:.3f} ms, deploy "
-                     f"{lat['deploy']:.3f} ms ({lat['speedup']:.2f}x)")
+                     f"{lat['deploy']:.3f} ms (medians); deploy {lat['speedup']:.2f}x the float "
+                     "speed (the median of each round's ratio: load that comes and goes "
+                     "cancels within a round)")
     return lines
 
 

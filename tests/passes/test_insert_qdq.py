@@ -1370,3 +1370,33 @@ def test_recurrent_weights_are_recorded_float_and_named_when_nothing_else_is():
         assert entry is not None and not entry.quantized and entry.role == "weight"
         assert entry.reason.startswith("GRU 'gru' kept float: graphq does not quantize")
     assert any(n.startswith("GRU 'gru' kept float") for n in result.notes)
+
+
+@pytest.mark.parametrize("bias", ["constant", "computed"])
+def test_logits_before_a_softmax_stay_float_through_a_reshape_and_a_bias(bias):
+    """tf2onnx writes a Conv1D classifier as Conv -> Squeeze -> Add(bias) -> Softmax: the
+    conv's output (the logits, the bias apart) stays float as if the Softmax read it
+    directly; where the Add's other operand is computed, not a constant, it is quantized."""
+    rng = np.random.default_rng(29)
+    inits = {"W": rng.normal(0, 0.3, (5, 4, 1, 3)).astype(np.float32),
+             "axes": np.array([2], np.int64)}
+    if bias == "constant":
+        inits["b"] = rng.normal(0, 1, (1, 5, 8)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             *([] if bias == "constant" else [helper.make_node("Sigmoid", ["x2"], ["b"])]),
+             helper.make_node("Conv", ["r", "W"], ["c"], name="conv", pads=[0, 1, 0, 1]),
+             helper.make_node("Squeeze", ["c", "axes"], ["s"]),
+             helper.make_node("Add", ["s", "b"], ["logits"], name="bias"),
+             helper.make_node("Softmax", ["logits"], ["y"], name="softmax", axis=1)]
+    inputs = [tensor("x", [2, 4, 1, 8])] + ([] if bias == "constant" else
+                                            [tensor("x2", [1, 5, 8])])
+    model = build(nodes, inputs, [tensor("y", [2, 5, 8])], inits)
+    _, table = insert(model)
+    entry = table.get("c")
+    if bias == "constant":
+        assert entry is not None and not entry.quantized
+        assert entry.reason == ("read only by Softmax 'softmax' through Squeeze, Add by a "
+                                "constant, which amplifies its error: kept float")
+    else:
+        assert "c" in quantized(table)
+    assert {"r", "W"} <= quantized(table)

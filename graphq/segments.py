@@ -217,4 +217,4 @@ def search_groups(score: Callable[[np.ndarray], float], count: int,
     known = {} if baseline is None else {0: baseline}
     best, scores = S.fewest_reaching(score_of, len(ends) - 1, target_db, dict(known))
     return S.Result(scores[0], scores[best], order[:ends[best]],
-                    runs=len(scores) - len(known))
+                    runs=len(scores) - len(known), cuts=ends[:best + 1])

@@ -92,6 +92,9 @@ class Result:
     gains_db: dict[int, float] = field(default_factory=dict)
     runs: int = 0
     rank_runs: int = 0  #: runs of ``rank_score`` (fewer batches), when one was given
+    #: the counts of ``floats`` the choice may be cut to, ascending (None: any count; a
+    #: search by segment keeps a segment's activations together)
+    cuts: list[int] | None = None
 
 
 def search(score: Callable[[np.ndarray], float], count: int, target_db: float, limit: int,

@@ -14,7 +14,7 @@ keeps >= 25 dB, the depthwise conv's output does not.
   (onnxruntime, no graph optimizations; within 0.05 dB); the depthwise conv's is the lowest
   and far below 25 dB;
 - ``search_groups`` on a known additive score takes the fewest groups in order, counts a
-  unit once, and stops at the limit;
+  unit once, stops at the limit, and may be cut only between groups;
 - calibrate with ``target_sqnr_db`` and ``search_by = "segment"`` keeps the depthwise conv's
   segment float (the reason names the conv), and the output reaches the target on the search
   batches (recomputed here, within 0.2 dB of the note), where ``min_sqnr_db = 25`` alone
@@ -147,6 +147,7 @@ def test_search_groups_takes_the_fewest_groups_in_order():
     result = SEG.search_groups(additive(gains, 10.0), 5, groups, 16.5, limit=5)
     assert result.floats == [0, 1, 2]         # 10 + 4 + 1 + 2 = 17; the first group alone 15
     assert result.baseline_db == 10.0 and result.final_db == 17.0
+    assert result.cuts == [0, 2, 3]  # a cut keeps whole groups: none, [0, 1], [0, 1, 2]
     capped = SEG.search_groups(additive(gains, 10.0), 5, groups, 40.0, limit=4)
     assert capped.floats == [0, 1, 2, 4] and capped.final_db == 20.0
     met = SEG.search_groups(additive(gains, 10.0), 5, groups, 9.0, limit=5)

@@ -199,3 +199,61 @@ def test_calibrate_keeps_float_what_the_search_picks(qdq_model):
     assert final > baseline + 1.0
     pairs = G.qdq_pairs(G.import_graph(model))
     assert not {e.tensor for e in picked} & set(pairs)   # their Q/DQ pairs are gone
+
+
+def _activation_quantizers(model: onnx.ModelProto) -> int:
+    """QuantizeLinear nodes of activations (weights' read initializers)."""
+    inits = {t.name for t in model.graph.initializer}
+    return sum(n.op_type == "QuantizeLinear" and n.input[0] not in inits
+               for n in model.graph.node)
+
+
+def test_search_min_speedup_keeps_float_only_what_runs_fast_enough(qdq_model, monkeypatch):
+    """search_min_speedup: of what the search picked, the first k stay float, k the most
+    whose deploy graph runs at least that many times the float model's speed (timed side by
+    side, bisected); the count is pinned as max_float_count, which reproduces the choice
+    untimed. Timings are given (the machine is noisy): here a graph's speedup is the number
+    of activations it quantizes, which falls as more stay float, so the bound set at the
+    count of the graph with the first c float must cut the choice to exactly c."""
+    from graphq import latency
+
+    feeds = digits_feeds(4)
+    common = {"method": "minmax", "target_sqnr_db": 60.0, "max_float": 0.5,
+              "search_batches": 2}
+
+    def calibrate(**options):
+        return Calibrate(**common, **options).run(qdq_model, PassContext(data=DataSource(feeds)))
+
+    def floats(result) -> list[str]:
+        return sorted(e.tensor for e in QuantTable.of(result.model).entries.values()
+                      if e.reason.startswith("kept float by the sensitivity search"))
+
+    picked = floats(calibrate())
+    assert len(picked) >= 3, picked
+    timed = []
+
+    def medians(models, feed, providers, **kw):
+        timed.append(models)
+        return [float(_activation_quantizers(models[1])), 1.0]
+
+    monkeypatch.setattr(latency, "medians", medians)
+    capped = calibrate(max_float_count=1)
+    assert not timed and capped.pinned == {}
+    assert len(floats(capped)) == 1 and set(floats(capped)) < set(picked)
+    assert "(max_float_count 1)" in capped.notes[-1]
+    bound = _activation_quantizers(capped.model)
+    cut = calibrate(search_min_speedup=float(bound))
+    assert timed and all(_activation_quantizers(m[0]) == 0 for m in timed)  # the float model
+    for _, deploy in timed:  # deploy graphs: weights folded to integers
+        onnx.checker.check_model(deploy, full_check=True)
+    assert floats(cut) == floats(capped)
+    assert cut.pinned == {"search_min_speedup": 0.0, "max_float_count": 1}
+    (note,) = [n for n in cut.notes if n.startswith("sensitivity search")]
+    assert f"the first 1 of them kept float: more runs under search_min_speedup {bound}" \
+           in note, note
+    # a bound every choice meets keeps all it picked; one none meets keeps none float
+    timed.clear()
+    assert floats(calibrate(search_min_speedup=1.0)) == picked and len(timed) == 1
+    none = calibrate(search_min_speedup=1e9)
+    assert floats(none) == [] and none.pinned["max_float_count"] == 0
+    assert QuantTable.of(none.model).get(picked[0]).quantized

@@ -144,6 +144,18 @@ class CalibrateOptions:
     max_float: float = field(default=0.25, metadata={
         "help": "the share of activations the sensitivity search may keep float",
         "min": 0.0, "max": 1.0})
+    search_min_speedup: float = field(default=0.0, metadata={
+        "help": "sensitivity search: keep float no more of what it picked than leaves the "
+                "graph running at least this many times the float model's speed (1.0: never "
+                "slower than float), what it picked first kept float longest: the float model "
+                "and the deploy graphs timed side by side in onnxruntime on the first search "
+                "batch, the count found by bisection (whole segments with search_by = "
+                "segment); 0: no bound", "min": 0.0})
+    max_float_count: int = field(default=-1, metadata={
+        "help": "sensitivity search: keep float at most the first this many activations it "
+                "picked (-1: no cap); a run whose search_min_speedup timed its choice writes "
+                "the count here in its pipeline.toml, with search_min_speedup = 0, so "
+                "rerunning that file decides the same", "min": -1})
     search_batches: int = field(default=4, metadata={
         "help": "calibration batches method auto and the sensitivity search score on (at "
                 "least; more while they hold fewer than search_samples samples), one drawn "
@@ -307,7 +319,7 @@ class Calibrate(Pass):
         else:
             notes = self._set_qparams(table, stream.observers, graph) + notes
         if self.options.target_sqnr_db > 0:
-            notes += self._sensitivity(model, graph, table, stream, ctx)
+            notes += self._sensitivity(model, graph, table, stream, ctx, given_outputs)
         graph.outputs = given_outputs
         _apply(graph, table)
         biases = quantize_biases(graph, table)
@@ -392,10 +404,13 @@ class Calibrate(Pass):
                        time.perf_counter() - start)
 
     def _sensitivity(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
-                     stream: _Stream, ctx: PassContext) -> list[str]:
+                     stream: _Stream, ctx: PassContext, outputs: list[gs.Tensor]
+                     ) -> list[str]:
         """Keep float the activations the search picks (module :mod:`graphq.sensitivity`) in
         ``graph`` (with its corrected biases; not changed) against the float ``model``;
-        pass-through tensors that share a scale follow their source."""
+        pass-through tensors that share a scale follow their source. The choice is cut to
+        ``max_float_count``, or to what runs at ``search_min_speedup`` (``outputs``: the
+        graph's own, for timing it)."""
         o = self.options
         units = _observed(table)
         index = {e.tensor: i for i, e in enumerate(units)}
@@ -428,19 +443,83 @@ class Calibrate(Pass):
                        for i in result.floats}
             how = (f" (gains ranked on {rank} of the {len(feeds)} batches: "
                    f"{result.rank_runs} runs)" if rank_score else "")
-        for i in result.floats:
+        picked, cut = result.floats, ""
+        cuts = result.cuts or list(range(len(picked) + 1))
+        if 0 <= o.max_float_count < len(picked):
+            k = max(c for c in cuts if c <= o.max_float_count)
+            cut = f"; the first {k} of them kept float (max_float_count {o.max_float_count})"
+        elif o.search_min_speedup and picked:
+            k, cut = self._speed_cut(model, graph, table, [units[i] for i in picked], cuts,
+                                     stream, ctx, outputs)
+        else:
+            k = len(picked)
+        final_db = result.final_db
+        if k < len(picked):
+            mask = np.ones(len(units), np.float32)
+            mask[picked[:k]] = 0.0
+            final_db = score(mask)
+        for i in picked[:k]:
             entry = units[i]
             entry.quantized, entry.scale, entry.zero_point = False, None, None
             entry.reason = reasons[i]
         _follow_sources(table)
-        reached = "reached" if result.final_db >= o.target_sqnr_db else "NOT reached"
+        reached = "reached" if final_db >= o.target_sqnr_db else "NOT reached"
         note = (f"sensitivity search{how}: worst output SQNR {result.baseline_db:.1f} dB with "
-                f"every activation quantized -> {result.final_db:.1f} dB with "
-                f"{len(result.floats)} of {len(units)} kept float (target "
+                f"every activation quantized -> {final_db:.1f} dB with "
+                f"{k} of {len(units)} kept float (target "
                 f"{o.target_sqnr_db:g} dB {reached}; at most {limit}; {result.runs} runs of "
-                f"{len(feeds)} batch(es))")
+                f"{len(feeds)} batch(es){cut})")
         log.info("%s", note)
         return [note]
+
+    def _speed_cut(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
+                   picked: list[TensorQuant], cuts: list[int], stream: _Stream,
+                   ctx: PassContext, outputs: list[gs.Tensor]) -> tuple[int, str]:
+        """The most of the activations the search ``picked`` (the first k, k in ``cuts``)
+        that can stay float with the graph still running at least ``search_min_speedup``
+        times the float model's speed: each count's deploy graph timed side by side with
+        the float model (:mod:`graphq.latency`), the count bisected (speed falls, as a
+        rule, as more is kept float). Pins the count for the written pipeline.toml.
+        Returns it and the note's words."""
+        bound = self.options.search_min_speedup
+        reference = (ctx.float_model() if ctx.float_source is not None
+                     else G.with_outputs(model, [], float_view=True))
+        feed = ctx.split(stream.kept[0], reference, PLAIN_SHARE / 2)[0]
+        speedups: dict[int, float] = {}
+
+        def speedup(k: int) -> float:
+            if k not in speedups:
+                candidate = table.copy()
+                for unit in picked[:k]:
+                    entry = candidate.entries[unit.tensor]
+                    entry.quantized, entry.scale, entry.zero_point = False, None, None
+                _follow_sources(candidate)
+                searched = graph.outputs
+                graph.outputs = outputs  # timed with the graph's own outputs
+                try:
+                    deploy = deploy_graph(_ScoringGraph(model, graph, candidate).proto)[0]
+                finally:
+                    graph.outputs = searched
+                log.info("sensitivity search: timing %d of %d float against the float model",
+                         k, len(picked))
+                float_s, deploy_s = latency.medians([reference, deploy], feed, ctx.providers)
+                speedups[k] = float_s / deploy_s
+            return speedups[k]
+
+        lo, hi = 0, len(cuts) - 1
+        if speedup(cuts[hi]) >= bound:
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if speedup(cuts[mid]) >= bound else (lo, mid)
+        k = cuts[lo]
+        self._pinned.update(search_min_speedup=0.0, max_float_count=k)
+        timings = ", ".join(f"{c} float {speedups[c]:.2f}x" for c in sorted(speedups))
+        if k == len(picked):
+            return k, (f"; with them float it runs {speedups[k]:.2f}x the float model's speed, "
+                       f"within search_min_speedup {bound:g}")
+        return k, (f"; the first {k} of them kept float: more runs under search_min_speedup "
+                   f"{bound:g} times the float model's speed ({timings})")
 
     def _auto(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable,
               stream: _Stream, ctx: PassContext, scorer: _Scorer

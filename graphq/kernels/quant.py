@@ -281,7 +281,8 @@ def output_fidelity(ref: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str
                     parts: dict[str, list[tuple[str, int, int, int]]] | None = None
                     ) -> dict[str, dict[str, float]]:
     """Per numeric output name, ``cosine`` and ``sqnr_db`` of ``got`` against ``ref`` over all
-    batches together (lists of output dicts, one per batch), on the values finite in both;
+    batches together (lists of output dicts, one per batch), on the values finite in both,
+    and for integer outputs (class ids, indices) ``equal``, the share of values that agree;
     with ``parts`` (output -> ``(label, axis, start, stop)``), each part of an output too,
     keyed by its label."""
     result = {}
@@ -305,6 +306,8 @@ def output_fidelity(ref: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str
         finite = np.isfinite(a) & np.isfinite(b)
         result[key] = {"cosine": cosine(a[finite], b[finite]),
                        "sqnr_db": sqnr_db(a[finite], b[finite])}
+        if np.asarray(ref[0][name]).dtype.kind in "iub":  # class ids, indices, flags
+            result[key]["equal"] = float(np.mean(a == b)) if a.size else 1.0
     return result
 
 

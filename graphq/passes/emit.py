@@ -454,7 +454,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     outputs = report.get("outputs") or {}
     selected = report.get("selected_outputs") or {}
     for name, f in outputs.items():
-        lines.append(f"output '{name}': cosine {f['cosine']:.5f}, SQNR {f['sqnr_db']:.1f} dB"
+        # integers (class ids, indices): agreement, which an SQNR over ids does not measure
+        shown = (f"integers, {f['equal']:.2%} equal to float's" if "equal" in f else
+                 f"cosine {f['cosine']:.5f}, SQNR {f['sqnr_db']:.1f} dB")
+        lines.append(f"output '{name}': {shown}"
                      + (" (selected by TopK/ArgMax: rows follow the order of close scores; "
                         "judged by the tensors it selects from)" if f.get("selected") else ""))
     for name, sources in selected.items():

@@ -704,3 +704,26 @@ def test_an_output_selected_from_graph_inputs_alone_is_judged_itself(tmp_path):
     assert "selected_outputs" not in q and "selected" not in q["outputs"]["y"]
     assert q["outputs"]["y"]["sqnr_db"] > 25.0
     assert not any("is selected by" in n for n in result.records[1].notes)
+
+
+def test_an_integer_output_is_reported_by_agreement(tmp_path):
+    """An ArgMax output (class ids): the report gives the share of ids equal to the float
+    model's, the number its log line shows (an SQNR over ids measures nothing)."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 0.5, (16, 10)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"], name="head"),
+             helper.make_node("ArgMax", ["logits"], ["cls"], name="argmax", axis=1,
+                              keepdims=0)]
+    model = make_model(nodes, [tensor("x", ["N", 16])],
+                       [tensor("cls", ["N"], TensorProto.INT64)], {"w": w})
+    calib = [{"x": rng.normal(0, 1, (64, 16)).astype(np.float32)} for _ in range(4)]
+    result = PassManager([InsertQDQ(), Calibrate(method="minmax"), Emit(latency_runs=0)]).run(
+        model, tmp_path / "out", data=calib)
+    cls = result.report["quantization"]["outputs"]["cls"]
+    ref = np.concatenate([run(model, f)[0] for f in calib])
+    deploy = onnx.load(str(tmp_path / "out" / "test.deploy.onnx"))
+    got = np.concatenate([run(deploy, f)[0] for f in calib])
+    assert cls["equal"] == pytest.approx(float(np.mean(ref == got)))
+    assert 0.5 < cls["equal"] <= 1.0
+    line = f"output 'cls': integers, {cls['equal']:.2%} equal to float's"
+    assert line in (tmp_path / "out" / "report.md").read_text()

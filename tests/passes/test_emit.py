@@ -727,3 +727,42 @@ def test_an_integer_output_is_reported_by_agreement(tmp_path):
     assert 0.5 < cls["equal"] <= 1.0
     line = f"output 'cls': integers, {cls['equal']:.2%} equal to float's"
     assert line in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_latency_of_a_model_listing_initializers_as_inputs_has_a_canonical_baseline(
+        tmp_path, monkeypatch, listed):
+    """A model that lists its initializers as graph inputs (IR 3 style) runs slower in float
+    as given than canonicalized (onnxruntime can neither fold nor pre-pack them): emit times
+    the canonicalized float graph too and reports the deploy graph's speedup over both, its
+    own share first; a model that does not is timed against itself alone. Timings are given
+    (the machine is noisy): the rule and the wording are what is tested."""
+    from graphq import latency
+
+    rng = np.random.default_rng(8)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [tensor("x", ["N", 16])], [tensor("y", ["N", 8])],
+                       {"w": rng.normal(0, 0.5, (16, 8)).astype(np.float32)})
+    if listed:
+        model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [16, 8]))
+    counts = []
+
+    def session_times(sessions, feed, budget_s=2.0, min_rounds=7, max_rounds=60):
+        counts.append(len(sessions))
+        return np.array([[4.0, 1.0, 2.0][:len(sessions)]] * 3)
+
+    monkeypatch.setattr(latency, "session_times", session_times)
+    calib = [{"x": rng.normal(0, 1, (8, 16)).astype(np.float32)} for _ in range(2)]
+    result = PassManager([Canonicalize(), InsertQDQ(), Calibrate(method="minmax"),
+                          Emit(latency_runs=3)]).run(model, tmp_path / "out", data=calib)
+    lat = result.report["quantization"]["latency_ms"]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert lat["speedup"] == pytest.approx(4.0)
+    if listed:
+        assert counts == [3]
+        assert lat["speedup_canonical"] == pytest.approx(2.0)
+        assert "ms canonicalized (its initializers no longer graph inputs" in text
+        assert "deploy 2.00x the canonicalized float's speed, 4.00x the given model's" in text
+    else:
+        assert counts == [2] and "float_canonical" not in lat
+        assert "deploy 4.00x the float speed" in text

@@ -257,3 +257,34 @@ def test_search_min_speedup_keeps_float_only_what_runs_fast_enough(qdq_model, mo
     none = calibrate(search_min_speedup=1e9)
     assert floats(none) == [] and none.pinned["max_float_count"] == 0
     assert QuantTable.of(none.model).get(picked[0]).quantized
+
+
+def test_a_speed_cut_that_scores_below_none_float_keeps_none(qdq_model, monkeypatch):
+    """Segments picked together may help only together: where the first k kept float (the
+    speed bound's cut) score below keeping none float, none is kept, and that is what is
+    pinned. The search, its scores and the timings are given here."""
+    from graphq import latency
+    from graphq.passes import calibrate as calibrate_module
+
+    def session_scores(model, feeds, reference, mask_name, providers, rank=0):
+        return (lambda mask: 8.0 if mask[0] == 0.0 and mask[1] == 1.0 else 10.0), None
+
+    def segment_search(masked, mask_name, pairs, count, feeds, score, target, limit, prov):
+        return (S.Result(10.0, 15.0, [0, 1], runs=2, cuts=[0, 1, 2]),
+                {0: "kept float by the sensitivity search: a", 1: "kept float by the "
+                 "sensitivity search: b"}, 2)
+
+    speeds = iter([[1.0, 2.0], [2.0, 1.0]])  # both float: 0.5x; the first alone: 2x
+    monkeypatch.setattr(S, "session_scores", session_scores)
+    monkeypatch.setattr(calibrate_module, "_segment_search", segment_search)
+    monkeypatch.setattr(latency, "medians", lambda models, feed, providers, **kw: next(speeds))
+    result = Calibrate(method="minmax", target_sqnr_db=20.0, search_by="segment",
+                       search_min_speedup=1.0).run(
+        qdq_model, PassContext(data=DataSource(digits_feeds(2))))
+    (note,) = [n for n in result.notes if n.startswith("sensitivity search")]
+    assert "with those 1 float the outputs scored 8.0 dB, below 10.0 dB with none: none kept " \
+           "float" in note, note
+    assert "-> 10.0 dB with 0 of" in note
+    assert result.pinned == {"search_min_speedup": 0.0, "max_float_count": 0}
+    table = QuantTable.of(result.model)
+    assert not [e for e in table.entries.values() if "sensitivity" in e.reason]

@@ -458,6 +458,12 @@ class Calibrate(Pass):
             mask = np.ones(len(units), np.float32)
             mask[picked[:k]] = 0.0
             final_db = score(mask)
+            if final_db < result.baseline_db:  # the picks help together, not cut (segments)
+                cut += (f"; with those {k} float the outputs scored {final_db:.1f} dB, below "
+                        f"{result.baseline_db:.1f} dB with none: none kept float")
+                k, final_db = 0, result.baseline_db
+        if o.search_min_speedup and picked:
+            self._pinned.update(search_min_speedup=0.0, max_float_count=k)
         for i in picked[:k]:
             entry = units[i]
             entry.quantized, entry.scale, entry.zero_point = False, None, None
@@ -479,8 +485,7 @@ class Calibrate(Pass):
         that can stay float with the graph still running at least ``search_min_speedup``
         times the float model's speed: each count's deploy graph timed side by side with
         the float model (:mod:`graphq.latency`), the count bisected (speed falls, as a
-        rule, as more is kept float). Pins the count for the written pipeline.toml.
-        Returns it and the note's words."""
+        rule, as more is kept float). Returns it and the note's words."""
         bound = self.options.search_min_speedup
         reference = (ctx.float_model() if ctx.float_source is not None
                      else G.with_outputs(model, [], float_view=True))
@@ -513,7 +518,6 @@ class Calibrate(Pass):
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if speedup(cuts[mid]) >= bound else (lo, mid)
         k = cuts[lo]
-        self._pinned.update(search_min_speedup=0.0, max_float_count=k)
         timings = ", ".join(f"{c} float {speedups[c]:.2f}x" for c in sorted(speedups))
         if k == len(picked):
             return k, (f"; with them float it runs {speedups[k]:.2f}x the float model's speed, "

@@ -392,8 +392,11 @@ WORST_BATCHES = 4
 def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
                    feeds: list[dict[str, np.ndarray]], ctx: PassContext, n: int
                    ) -> list[dict[str, Any]]:
-    """SQNR of each quantized activation over ``feeds``: its value in the fake-quant graph
-    vs its dequantized value there (one batch at a time, the squares summed)."""
+    """SQNR of each quantized activation over ``feeds`` (one batch at a time, the squares
+    summed): ``sqnr_db``, its value in the fake-quant graph vs its dequantized value there
+    (the error its own quantization adds), and ``sqnr_vs_float_db``, its dequantized value
+    vs its value in the float view (every pair bypassed): all the error that reaches it,
+    which shows where an output's error builds up. The worst ``n`` by the first."""
     if n == 0:
         return []
     pairs = {name: dq.outputs[0].name
@@ -401,20 +404,20 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
     names = [e.tensor for e in table.quantized("activation") if e.tensor in pairs]
     if not names:
         return []
-    probed = G.with_outputs(model, names + [pairs[t] for t in names])
-    session = runtime.session(probed, ctx.providers)
-    signal, noise = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    probed = runtime.session(G.with_outputs(model, names + [pairs[t] for t in names]),
+                             ctx.providers)
+    exact = runtime.session(G.with_outputs(model, names, float_view=True), ctx.providers)
+    sums = {t: np.zeros(4) for t in names}  # own signal, own noise, float signal, float noise
     for feed in feeds:
-        for piece in ctx.split(feed, model, share=0.5):  # each activation and its DQ fetched
-            values = runtime.run(session, piece)
+        # each activation and its DQ fetched, then each activation in the float view
+        for piece in ctx.split(feed, model, share=0.5):
+            values, floats = runtime.run(probed, piece), runtime.run(exact, piece)
             for t in names:
-                s, e = Q.error_sums(values[t], values[pairs[t]])
-                signal[t] += s
-                noise[t] += e
-    rows = []
-    for t in names:
-        rows.append({"tensor": t, "sqnr_db": Q.sqnr_db_of_sums(signal[t], noise[t]),
-                     "range": table.get(t).range})
+                sums[t] += (*Q.error_sums(values[t], values[pairs[t]]),
+                            *Q.error_sums(floats[t], values[pairs[t]]))
+    rows = [{"tensor": t, "sqnr_db": Q.sqnr_db_of_sums(*sums[t][:2]),
+             "sqnr_vs_float_db": Q.sqnr_db_of_sums(*sums[t][2:]), "range": table.get(t).range}
+            for t in names]
     rows.sort(key=lambda r: r["sqnr_db"])
     return rows[:n]
 
@@ -515,13 +518,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     if worst:
         k = report.get("worst_tensors_samples", 1)
         lines += ["", "## Tensors with the worst SQNR", "",
-                  f"Each quantized activation against its float value in the fake-quant graph, "
+                  f"Each quantized activation against its float value in the fake-quant graph "
+                  f"(the error its own quantization adds), and against its value in the float "
+                  f"graph (all the error that reaches it: where an output's error builds up), "
                   f"on the first {k} sample{'s' if k != 1 else ''} of the eval data.", "",
-                  "| tensor | SQNR (dB) | range |", "|---|---:|---|"]
+                  "| tensor | SQNR (dB) | SQNR vs float (dB) | range |", "|---|---:|---:|---|"]
         for row in worst:
             rng = row["range"]
             shown = f"[{rng[0]:.4g}, {rng[1]:.4g}]" if rng else "-"
-            lines.append(f"| `{row['tensor']}` | {row['sqnr_db']:.1f} | {shown} |")
+            to_float = row.get("sqnr_vs_float_db")
+            lines.append(f"| `{row['tensor']}` | {row['sqnr_db']:.1f} | "
+                         f"{'-' if to_float is None else f'{to_float:.1f}'} | {shown} |")
     for warning in report.get("warnings") or []:
         lines += ["", f"**Warning**: {warning}"]
     t = report["tensors"]

@@ -140,7 +140,8 @@ def test_report_has_a_quantization_section(emitted):
 
 def test_worst_tensors_are_measured_over_the_first_batches(emitted):
     """Each listed tensor's SQNR sums the squares of the first batches (not the first
-    batch's alone, which for a batch-1 model is one sample)."""
+    batch's alone, which for a batch-1 model is one sample), against its own quantization
+    and against the float view (the error that reaches it: lower past the first layer)."""
     report = json.loads((emitted["out"] / "report.json").read_text())["quantization"]
     fakequant = onnx.load(emitted["out"] / "net.fakequant.onnx")
     pairs = {name: dq.outputs[0].name
@@ -155,10 +156,21 @@ def test_worst_tensors_are_measured_over_the_first_batches(emitted):
                                    providers=["CPUExecutionProvider"])
     outs = [dict(zip([o.name for o in session.get_outputs()], session.run(None, b),
                      strict=True)) for b in batches]
+    exact = ort.InferenceSession(
+        G.with_outputs(fakequant, [r["tensor"] for r in rows],
+                       float_view=True).SerializeToString(), providers=["CPUExecutionProvider"])
+    floats = [dict(zip([o.name for o in exact.get_outputs()], exact.run(None, b), strict=True))
+              for b in batches]
     for row in rows:
         a = np.concatenate([o[row["tensor"]].ravel() for o in outs]).astype(np.float64)
         b = np.concatenate([o[pairs[row["tensor"]]].ravel() for o in outs]).astype(np.float64)
         assert row["sqnr_db"] == pytest.approx(Q.sqnr_db(a, b), abs=1e-6)
+        # against the float view: all the error that reaches it, its own included
+        f = np.concatenate([o[row["tensor"]].ravel() for o in floats]).astype(np.float64)
+        assert row["sqnr_vs_float_db"] == pytest.approx(Q.sqnr_db(f, b), abs=1e-6)
+    assert any(r["sqnr_vs_float_db"] < r["sqnr_db"] - 1.0 for r in report["worst_tensors"])
+    assert "| tensor | SQNR (dB) | SQNR vs float (dB) | range |" in \
+        (emitted["out"] / "report.md").read_text()
 
 
 

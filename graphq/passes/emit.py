@@ -197,7 +197,7 @@ class Emit(Pass):
             where = str(path)
         elif ctx.data is not None:
             source = ctx.data
-            where = "the calibration data (give emit eval_data for held-out data)"
+            where = "the calibration data (emit's eval_data = \"FILE\" measures on held-out data)"
         else:
             return [], None, "", 0
         feeds, labels, total = [], [], 0

@@ -465,9 +465,12 @@ def _speedup(times: np.ndarray, base: int) -> float:
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     size = report["size_bytes"]
+    ratio = size['float'] / max(size['deploy'], 1)
+    shrink = (f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x LARGER than the "
+              "float model: int32 biases, scales and the weights of ops left float outweigh "
+              "what its int8 weights save")
     lines = [f"size: float {size['float'] / 2**20:.2f} MiB -> deploy "
-             f"{size['deploy'] / 2**20:.2f} MiB ({size['float'] / max(size['deploy'], 1):.1f}x "
-             "smaller)"]
+             f"{size['deploy'] / 2**20:.2f} MiB ({shrink})"]
     outputs = report.get("outputs") or {}
     selected = report.get("selected_outputs") or {}
     for name, f in outputs.items():

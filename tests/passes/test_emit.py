@@ -778,3 +778,16 @@ def test_latency_of_a_model_listing_initializers_as_inputs_has_a_canonical_basel
     else:
         assert counts == [2] and "float_canonical" not in lat
         assert "deploy 4.00x the float speed" in text
+
+
+def test_a_deploy_graph_larger_than_the_float_model_is_said_so():
+    """'0.9x smaller' read as a typo: a deploy graph larger than the float model (a graph
+    whose weights came stored as int8 already, most of its ops float) is called larger."""
+    from graphq.passes.emit import summary_lines
+
+    assert summary_lines({"size_bytes": {"float": 4 * 2**20, "deploy": 2**20}})[0] == \
+        "size: float 4.00 MiB -> deploy 1.00 MiB (4.0x smaller)"
+    (line,) = summary_lines({"size_bytes": {"float": 2**20, "deploy": 1.1 * 2**20}})
+    assert line.startswith("size: float 1.00 MiB -> deploy 1.10 MiB (1.10x LARGER than the "
+                           "float model: int32 biases, scales and the weights of ops left "
+                           "float outweigh"), line

@@ -409,8 +409,9 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
     exact = runtime.session(G.with_outputs(model, names, float_view=True), ctx.providers)
     sums = {t: np.zeros(4) for t in names}  # own signal, own noise, float signal, float noise
     for feed in feeds:
-        # each activation and its DQ fetched, then each activation in the float view
-        for piece in ctx.split(feed, model, share=0.5):
+        # each activation and its DQ fetched, and each activation in the float view, both
+        # held at once: a quarter of the run budget each (half in all, as calibrate's stream)
+        for piece in ctx.split(feed, model, share=0.25):
             values, floats = runtime.run(probed, piece), runtime.run(exact, piece)
             for t in names:
                 sums[t] += (*Q.error_sums(values[t], values[pairs[t]]),

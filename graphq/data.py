@@ -133,7 +133,7 @@ class DataSource:
         left = self.limit
         count = 0
         fixed = _fixed_batch(inputs, base)
-        raws = (part for whole in self._raw(list(inputs), base, names)
+        raws = (part for whole in self._raw(list(inputs), base, names, fixed)
                 for part in _fixed_batches(dict(whole), fixed, list(inputs), self._warn))
         for raw in raws:
             labels = raw.pop(key, None) if key else None
@@ -166,7 +166,10 @@ class DataSource:
             f"data batch {index}"
 
     def _raw(self, names: list[str], axes: dict[str, int | None],
-             dims: dict[str, str | None]) -> Iterator[dict[str, Any]]:
+             dims: dict[str, str | None], fixed: int | None = None
+             ) -> Iterator[dict[str, Any]]:
+        """The data as read, batch by batch (``fixed``: the model's fixed batch size, in
+        which images are batched, a remainder left out)."""
         source = self.source
         if not isinstance(source, Path):
             yield from source
@@ -174,7 +177,12 @@ class DataSource:
             images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             files = sorted(p for p in source.iterdir() if p.suffix in (".npz", ".npy"))
             if images and not files:
-                yield from _image_batches(images, names, self.image, self.batch_size, source)
+                if fixed and len(images) % fixed:
+                    self._warn(f"the model's batch is fixed at {fixed} samples; the last "
+                               f"{len(images) % fixed} of {len(images)} images are left out")
+                    images = images[:len(images) - len(images) % fixed]
+                yield from _image_batches(images, names, self.image,
+                                          fixed or self.batch_size, source)
                 return
             if not files:
                 raise DataError(f"the data folder {source} has no .npz, .npy or image files")

@@ -107,3 +107,16 @@ def test_a_broken_image_file_is_named(photos):
     (photos / "9_broken.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match="9_broken.png"):
         list(DataSource(photos, image=ImageOptions(size=[8, 8])).feeds(conv_model(8)))
+
+
+def test_an_image_folder_feeds_a_fixed_batch_in_batches_of_that_size(photos, caplog):
+    """A model whose batch is fixed at 2 reads the 5 photos 2 at a time whatever batch_size
+    says (batches of 4 and 1 had been read: the 4 cut in two, the 1 refused as a batch of
+    the wrong size), the fifth left out with one warning."""
+    model = conv_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    source = DataSource(photos, batch_size=4, image=ImageOptions(size=[32, 32]))
+    with caplog.at_level("WARNING", logger="graphq.data"):
+        batches = list(source.feeds(model)) + list(source.feeds(model))
+    assert [b["x"].shape[0] for b in batches] == [2, 2, 2, 2]
+    assert caplog.text.count("the last 1 of 5 images are left out") == 1

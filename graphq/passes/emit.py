@@ -172,7 +172,8 @@ class Emit(Pass):
         advice = ("calibrate's target_sqnr_db = 20 keeps float the activations that cost the "
                   "outputs most (search_by = \"segment\": a few runs in all, and it sees the "
                   "error their weights amplify; on a preset: --set calibrate.target_sqnr_db=20 "
-                  "--set calibrate.search_by=segment); method = \"mse\" or QAT (the qat pass) "
+                  "--set calibrate.search_by=segment; calibrate.search_min_speedup=1 keeps it "
+                  "no slower than the float model); method = \"mse\" or QAT (the qat pass) "
                   "may also recover it")
         if failed:
             raise PassError(f"output SQNR against the float model below require_sqnr_db "

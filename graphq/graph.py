@@ -584,7 +584,18 @@ def selection_sources(graph: gs.Graph) -> dict[str, list[gs.Tensor]]:
 
 def _maybe_float(tensor: gs.Tensor) -> bool:
     """Whether ``tensor`` is float or of a type the graph does not say."""
-    return tensor.dtype is None or np.dtype(tensor.dtype).kind == "f"
+    dtype = element_type(tensor)
+    return dtype is None or dtype.kind == "f"
+
+
+def element_type(tensor: gs.Tensor) -> np.dtype | None:
+    """``tensor``'s element type: by its type, or its values where it is a constant (None
+    where neither says)."""
+    dtype = tensor.dtype
+    if dtype is None:
+        values = constant_values(tensor)
+        dtype = None if values is None else values.dtype
+    return None if dtype is None else np.dtype(dtype)
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -106,7 +106,7 @@ ON_THE_WAY = (*RESHAPING, "Sigmoid", "Tanh", "Softmax", "Relu", "Clip", "HardSig
 #: after the mel projection turns that into errors as large as the output).
 LOG_READERS = ("Log",)
 #: ops a compute op's output may pass on the way to a Log and still count as feeding only it
-#: (:func:`_only_log_readers`): a constant-Q transform's filter-bank convolutions, then the
+#: (:func:`_read_only_by`): a constant-Q transform's filter-bank convolutions, then the
 #: magnitude (squares summed, Sqrt), the octaves concatenated, the Log. Basic Pitch's CQT
 #: quantized kept its outputs at 7-9 dB against float; kept float, 32-35 dB.
 TOWARD_LOG = (*RESHAPING, *FUSED_ACTIVATIONS, "Abs", "Neg", "Mul", "Add", "Sub", "Div", "Pow",
@@ -277,7 +277,7 @@ class InsertQDQ(Pass):
         if not table.quantized():
             # nothing failed: the model (or the options' selection) has nothing to quantize
             raise ConfigError(f"nothing in this model can be quantized: {_why_nothing(graph)}")
-        _warn_unquantized(planner.notes)
+        planner.warn_unquantized()
         notes = upgraded + planner.notes
         pinned: dict[str, Any] = {}
         if self.options.float_prefix:
@@ -424,6 +424,8 @@ class _Planner:
         self.table = QuantTable()
         self.tensors: dict[str, gs.Tensor] = {}
         self.notes: list[str] = []
+        self.half: list[str] = []  #: compute ops kept float: float16
+        self.recurrent: list[str] = []  #: LSTM/GRU/RNN ops, weights kept float
         # graph outputs, and the outputs of If branches (they leave to the outer graph)
         self.outputs = {t.name for g in G.graphs(graph) for t in g.outputs}
         self.affine_float: list[str] = []  # Mul / Add by a constant left float
@@ -469,11 +471,12 @@ class _Planner:
             elif node.op in RECURRENT:
                 reason = f"{node.op} '{node.name}' kept float: {RECURRENT_WHY}"
                 self.notes.append(reason)
-                for t in node.inputs[1:4]:  # W, R, B
-                    if t.name and G.constant_values(t) is not None and t.name not in \
-                            self.table.entries:
-                        self.table.add(TensorQuant(t.name, "weight", False, reason,
-                                                   consumers=[node.name]))
+                self.recurrent.append(f"{node.op} '{node.name}'")
+                for i in (1, 2, 3):  # W, R, B
+                    t = node.inputs[i] if i < len(node.inputs) else None
+                    if t is not None and t.name and t.name not in self.table.entries \
+                            and G.constant_values(t) is not None:
+                        self._float_weight(node, i, reason)
             kind = self._selected(node)
             if kind == "compute":
                 self._compute(node)
@@ -512,17 +515,19 @@ class _Planner:
         if any(_half(t) for t in node.inputs[:2]):
             reason = f"{node.op} '{node.name}' kept float: it computes in float16: {HALF}"
             self.notes.append(reason)
+            self.half.append(f"{node.op} '{node.name}'")
             self._float_weight(node, weight_index, reason)
             return
         if not all(self._is_float(node.inputs[i]) for i in activations):
             self.notes.append(f"{node.op} '{node.name}' kept float: an input is not float")
             return
-        log_reader = _only_log_readers(node.outputs[0])
+        log_reader = _read_only_by(node.outputs[0], LOG_READERS, _toward_log, 16)
         if log_reader is not None:
+            reader, _ = log_reader
             reason = (f"{node.op} '{node.name}' kept float: its output feeds only "
-                      f"{log_reader} (through elementwise ops at most), where the quantization "
-                      "error of small values becomes large (the relative precision of every "
-                      "value counts)")
+                      f"{reader.op} '{reader.name}' (through elementwise ops at most), where "
+                      "the quantization error of small values becomes large (the relative "
+                      "precision of every value counts)")
             self.notes.append(reason)
             self._float_weight(node, weight_index, reason)
             return
@@ -611,10 +616,11 @@ class _Planner:
                                        f"'{decider.name}'{through}, whose decision flips "
                                        "where quantization clips or rounds: kept float"))
             return
-        sensitive = _sensitive_reader(out)
+        sensitive = _read_only_by(out, SENSITIVE_READERS, _keeps_logits, 4)
         if sensitive is not None:
             reader, way = sensitive
-            through = f" through {', '.join(way)}" if way else ""
+            steps = [f"{r.op} by a constant" if r.op in AFFINE else r.op for r in way]
+            through = f" through {', '.join(steps)}" if steps else ""
             self.table.add(TensorQuant(out.name, "activation", False, "read only by "
                                        f"{reader.op} '{reader.name}'{through}, which amplifies "
                                        "its error: kept float"))
@@ -716,35 +722,25 @@ class _Planner:
 
     @staticmethod
     def _is_float(tensor: gs.Tensor) -> bool:
-        return _dtype(tensor) in [np.dtype(f) for f in FLOATS]
+        return G.element_type(tensor) in [np.dtype(f) for f in FLOATS]
 
-
-def _warn_unquantized(notes: list[str]) -> None:
-    """Say once, as a warning, that float16 ops or recurrent ops stay float (each is a note
-    of its own in the record): the deploy graph then shrinks and speeds up only where the
-    rest of the model is."""
-    half = [n.split(" kept float")[0] for n in notes if "kept float: it computes in float16" in n]
-    if half:
-        log.warning("%d compute op(s) stay float, %s ...: they compute in float16: %s",
-                    len(half), ", ".join(half[:3]), HALF)
-    recurrent = [n.split(" kept float")[0] for n in notes
-                 if n.startswith(RECURRENT) and "does not quantize recurrent" in n]
-    if recurrent:
-        log.warning("%s stay float: %s", ", ".join(recurrent[:3]) + (
-            " ..." if len(recurrent) > 3 else ""), RECURRENT_WHY)
-
-
-def _dtype(tensor: gs.Tensor) -> np.dtype | None:
-    """``tensor``'s element type (by its type, or its values where it is a constant)."""
-    dtype = tensor.dtype
-    if dtype is None:
-        values = G.constant_values(tensor)
-        dtype = None if values is None else values.dtype
-    return None if dtype is None else np.dtype(dtype)
+    def warn_unquantized(self) -> None:
+        """Say once, as a warning, that float16 ops or recurrent ops stay float (each is a
+        note of its own in the record): the deploy graph then shrinks and speeds up only
+        where the rest of the model is."""
+        if self.half:
+            log.warning("%d compute op(s) stay float, %s: they compute in float16: %s",
+                        len(self.half), _first(self.half), HALF)
+        if self.recurrent:
+            log.warning("%s stay float: %s", _first(self.recurrent), RECURRENT_WHY)
 
 
 def _half(tensor: gs.Tensor) -> bool:
-    return _dtype(tensor) == np.float16
+    return G.element_type(tensor) == np.float16
+
+
+def _first(ops: list[str]) -> str:
+    return ", ".join(ops[:3]) + (" ..." if len(ops) > 3 else "")
 
 
 def _computed(tensor: gs.Tensor) -> bool:
@@ -847,26 +843,17 @@ def _timing_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return deploy_graph(G.export(graph, like=model))[0]
 
 
-def _sensitive_reader(tensor: gs.Tensor, depth: int = 4) -> tuple[gs.Node, list[str]] | None:
-    """The reader in :data:`SENSITIVE_READERS` that is all ``tensor`` feeds, directly or
-    through reshapes and an Add/Mul by a constant (a bias the exporter left apart: tf2onnx
-    writes a Conv1D as Conv, Squeeze, Add; a morpheme tagger's logits quantized there over
-    [-130, 67] flipped its Softmax's close calls, word accuracy 84.6% -> 73.8%), with the ops
-    on the way; else None."""
-    readers = tensor.outputs
-    if readers and all(r.op in SENSITIVE_READERS for r in readers):
-        return readers[0], []
-    if depth == 0 or len(readers) != 1 or not readers[0].outputs:
-        return None
-    r = readers[0]
-    affine = r.op in AFFINE and any(G.constant_values(t) is not None for t in r.inputs)
-    if r.op not in RESHAPING and not affine:
-        return None
-    further = _sensitive_reader(r.outputs[0], depth - 1)
-    if further is None:
-        return None
-    step = f"{r.op} by a constant" if affine else r.op
-    return further[0], [step, *further[1]]
+def _keeps_logits(node: gs.Node) -> bool:
+    """Ops between logits and the Softmax that reads them: reshapes, and an Add/Mul by a
+    constant (a bias the exporter left apart: tf2onnx writes a Conv1D as Conv, Squeeze, Add;
+    a morpheme tagger's logits quantized there over [-130, 67] flipped its Softmax's close
+    calls, word accuracy 84.6% -> 73.8%)."""
+    return node.op in RESHAPING or (
+        node.op in AFFINE and any(G.constant_values(t) is not None for t in node.inputs))
+
+
+def _toward_log(node: gs.Node) -> bool:
+    return node.op in TOWARD_LOG
 
 
 def _deciding_reader(tensor: gs.Tensor, depth: int = 4) -> tuple[gs.Node, list[gs.Node]] | None:
@@ -889,25 +876,28 @@ def _deciding_reader(tensor: gs.Tensor, depth: int = 4) -> tuple[gs.Node, list[g
     return None
 
 
-def _only_log_readers(tensor: gs.Tensor, depth: int = 16) -> str | None:
-    """``"Log 'name'"`` when every path from ``tensor`` ends at one of :data:`LOG_READERS`
-    through :data:`TOWARD_LOG` ops alone (at most ``depth`` of them), else None: no other op
-    (a compute op, a graph output) reads anything on the way. Each op is looked at once
-    (``x * x``, the branches of a magnitude meeting again)."""
-    found, stack, seen = None, [(tensor, depth)], set()
+def _read_only_by(tensor: gs.Tensor, readers: tuple[str, ...],
+                  through: Callable[[gs.Node], bool], depth: int
+                  ) -> tuple[gs.Node, list[gs.Node]] | None:
+    """The first of ``readers`` (op types) and the ops on the way, when every path from
+    ``tensor`` ends at one of them through ops ``through`` accepts alone (at most ``depth``
+    of them), else None: no other op (a compute op, a graph output) reads anything on the
+    way. Each op is looked at once (``x * x``, the branches of a magnitude meeting again)."""
+    found, way, stack, seen = None, [], [(tensor, depth)], set()
     while stack:
         t, left = stack.pop()
         if not t.outputs:
             return None
         for r in t.outputs:
-            if r.op in LOG_READERS:
-                found = found or f"{r.op} '{r.name}'"
-            elif r.op not in TOWARD_LOG or left == 0 or not r.outputs:
+            if r.op in readers:
+                found = found or r
+            elif not through(r) or left == 0 or not r.outputs:
                 return None
             elif id(r) not in seen:
                 seen.add(id(r))
+                way.append(r)
                 stack += [(out, left - 1) for out in r.outputs]
-    return found
+    return None if found is None else (found, way)
 
 
 def _weight_index(node: gs.Node) -> int | None:

@@ -58,6 +58,13 @@ def paired(times: np.ndarray) -> list[float]:
     return [float(r) for r in np.median(ratios, axis=0)]
 
 
+def speedup(times: np.ndarray, of: int, over: int) -> float:
+    """How many times faster session ``of`` ran than session ``over`` (columns of ``times``,
+    [rounds, sessions]): the inverse of the rounds' median ratio (:func:`paired`)."""
+    ratio = paired(times[:, [over, of]])[1]
+    return 1.0 / ratio if ratio > 0 else float("nan")
+
+
 def session_times(sessions: Sequence[Any], feed: Feed, budget_s: float = 2.0,
                   min_rounds: int = 7, max_rounds: int = 60) -> np.ndarray:
     """Seconds of each run, [rounds, sessions]: warmed up (twice each; once where a run

@@ -210,9 +210,7 @@ def search_groups(score: Callable[[np.ndarray], float], count: int,
             ends.append(len(order))
 
     def score_of(k: int) -> float:  # the score with the first k groups float
-        mask = np.ones(count, np.float32)
-        mask[order[:ends[k]]] = 0.0
-        return score(mask)
+        return score(S.mask(count, order[:ends[k]]))
 
     known = {} if baseline is None else {0: baseline}
     best, scores = S.fewest_reaching(score_of, len(ends) - 1, target_db, dict(known))

@@ -97,6 +97,13 @@ class Result:
     cuts: list[int] | None = None
 
 
+def mask(count: int, floats: Sequence[int]) -> np.ndarray:
+    """The mask input that keeps the units ``floats`` float (0.0) and quantizes the rest."""
+    m = np.ones(count, np.float32)
+    m[list(floats)] = 0.0
+    return m
+
+
 def search(score: Callable[[np.ndarray], float], count: int, target_db: float, limit: int,
            progress: Progress | None = None,
            rank_score: Callable[[np.ndarray], float] | None = None) -> Result:
@@ -108,9 +115,7 @@ def search(score: Callable[[np.ndarray], float], count: int, target_db: float, l
 
     def run(floats: Sequence[int], by: Callable[[np.ndarray], float] = score) -> float:
         runs["rank" if by is not score else "score"] += 1
-        mask = np.ones(count, np.float32)
-        mask[list(floats)] = 0.0
-        return by(mask)
+        return by(mask(count, floats))
 
     def result(final: float, floats: list[int], gains: dict[int, float] | None = None
                ) -> Result:

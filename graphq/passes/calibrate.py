@@ -455,20 +455,14 @@ class Calibrate(Pass):
             k = len(picked)
         final_db = result.final_db
         if k < len(picked):
-            mask = np.ones(len(units), np.float32)
-            mask[picked[:k]] = 0.0
-            final_db = score(mask)
+            final_db = score(S.mask(len(units), picked[:k]))
             if final_db < result.baseline_db:  # the picks help together, not cut (segments)
                 cut += (f"; with those {k} float the outputs scored {final_db:.1f} dB, below "
                         f"{result.baseline_db:.1f} dB with none: none kept float")
                 k, final_db = 0, result.baseline_db
         if o.search_min_speedup and picked:
             self._pinned.update(search_min_speedup=0.0, max_float_count=k)
-        for i in picked[:k]:
-            entry = units[i]
-            entry.quantized, entry.scale, entry.zero_point = False, None, None
-            entry.reason = reasons[i]
-        _follow_sources(table)
+        _keep_float(table, {units[i].tensor: reasons[i] for i in picked[:k]})
         reached = "reached" if final_db >= o.target_sqnr_db else "NOT reached"
         note = (f"sensitivity search{how}: worst output SQNR {result.baseline_db:.1f} dB with "
                 f"every activation quantized -> {final_db:.1f} dB with "
@@ -495,10 +489,7 @@ class Calibrate(Pass):
         def speedup(k: int) -> float:
             if k not in speedups:
                 candidate = table.copy()
-                for unit in picked[:k]:
-                    entry = candidate.entries[unit.tensor]
-                    entry.quantized, entry.scale, entry.zero_point = False, None, None
-                _follow_sources(candidate)
+                _keep_float(candidate, {unit.tensor: None for unit in picked[:k]})
                 searched = graph.outputs
                 graph.outputs = outputs  # timed with the graph's own outputs
                 try:
@@ -1209,6 +1200,16 @@ def _feeds_compute(tensor: gs.Tensor) -> bool:
             if reader.op in (*PASS_THROUGH, "QuantizeLinear", "DequantizeLinear"):
                 todo.extend(reader.outputs)
     return False
+
+
+def _keep_float(table: QuantTable, reasons: dict[str, str | None]) -> None:
+    """Keep the activations ``reasons`` names float (with that reason, where not None), and
+    the pass-through tensors that share a scale with them."""
+    for tensor, reason in reasons.items():
+        entry = table.entries[tensor]
+        entry.quantized, entry.scale, entry.zero_point = False, None, None
+        entry.reason = reason or entry.reason
+    _follow_sources(table)
 
 
 def _follow_sources(table: QuantTable) -> None:

@@ -453,16 +453,11 @@ def _latency(sessions: list[Any], feed: dict[str, np.ndarray], runs: int) -> dic
     times = latency.session_times(sessions, feed, budget_s=0.0, min_rounds=runs,
                                   max_rounds=runs)
     ms = [1e3 * float(t) for t in np.median(times, axis=0)]
-    out = {"float": ms[0], "deploy": ms[1], "speedup": _speedup(times, 0), "runs": len(times)}
+    out = {"float": ms[0], "deploy": ms[1], "speedup": latency.speedup(times, 1, 0),
+           "runs": len(times)}
     if len(sessions) > 2:
-        out.update(float_canonical=ms[2], speedup_canonical=_speedup(times, 2))
+        out.update(float_canonical=ms[2], speedup_canonical=latency.speedup(times, 1, 2))
     return out
-
-
-def _speedup(times: np.ndarray, base: int) -> float:
-    """The deploy graph's (column 1) speedup over column ``base``: the rounds' median ratio."""
-    ratio = latency.paired(times[:, [base, 1]])[1]
-    return 1.0 / ratio if ratio > 0 else float("nan")
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

@@ -178,8 +178,7 @@ class DataSource:
             files = sorted(p for p in source.iterdir() if p.suffix in (".npz", ".npy"))
             if images and not files:
                 if fixed and len(images) % fixed:
-                    self._warn(f"the model's batch is fixed at {fixed} samples; the last "
-                               f"{len(images) % fixed} of {len(images)} images are left out")
+                    self._warn(_left_out(fixed, len(images), "images"))
                     images = images[:len(images) - len(images) % fixed]
                 yield from _image_batches(images, names, self.image,
                                           fixed or self.batch_size, source)
@@ -221,11 +220,15 @@ def _fixed_batches(raw: dict[str, Any], n: int | None, names: list[str],
         yield raw
         return
     if total % n:
-        warn(f"the model's batch is fixed at {n} samples; the last {total % n} of {total} "
-             "samples are left out")
+        warn(_left_out(n, total, "samples"))
     for start in range(0, total - n + 1, n):
         yield {k: v[start:start + n] if np.ndim(v) > 0 and np.shape(v)[0] == total else v
                for k, v in raw.items()}
+
+
+def _left_out(n: int, total: int, what: str) -> str:
+    return (f"the model's batch is fixed at {n} samples; the last {total % n} of {total} "
+            f"{what} are left out")
 
 
 def _fit_batch(feed: Feed, inputs: dict[str, onnx.ValueInfoProto],

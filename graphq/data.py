@@ -19,6 +19,7 @@ DataError that names the input and what the model expects.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -119,9 +120,15 @@ class DataSource:
     def first(self, model: onnx.ModelProto) -> Feed | None:
         """The first checked feed, or None when there is none or the source is a one-shot
         iterator (reading from it would take that batch from the passes after)."""
+        return next(iter(self.head(model, 1)), None)
+
+    def head(self, model: onnx.ModelProto, count: int) -> list[Feed]:
+        """The first ``count`` checked feeds (fewer where the data has fewer), or none when
+        the source is a one-shot iterator (reading from it would take those batches from
+        the passes after)."""
         if not isinstance(self.source, Path) and iter(self.source) is self.source:
-            return None
-        return next(self.feeds(model), None)
+            return []
+        return list(itertools.islice(self.feeds(model), count))
 
     def labeled_feeds(self, model: onnx.ModelProto) -> Iterator[tuple[Feed, np.ndarray | None]]:
         """Like :meth:`feeds`, with each batch's labels when the data carries an array

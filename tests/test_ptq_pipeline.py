@@ -95,25 +95,34 @@ def test_int8_preset_on_a_conv_net(tmp_path, net, capsys):
     assert capsys.readouterr().err == ""  # -q: no info lines, no warnings
 
 
-def test_pipeline_toml_pins_what_the_run_chose_by_timing(tmp_path, net, monkeypatch):
+@pytest.mark.parametrize("scores, kept", [(None, 1), ((10.0, 20.0), 2)])
+def test_pipeline_toml_pins_what_the_run_chose_by_timing(tmp_path, net, monkeypatch, scores,
+                                                         kept):
     """The int8 preset's float prefix is chosen by timing (stubbed here: one float conv the
-    fastest): the written pipeline.toml holds the choice (float_prefix = 1, the search off)
-    with a comment naming the options given, and rerunning that file times nothing and writes
+    fastest, two 1.2x slower) and weighed by fidelity (scored in onnxruntime: 35 against
+    44 dB, both over the 30 dB that count; or stubbed: two float convs 10 dB better): the
+    written pipeline.toml holds the choice (float_prefix = k, the search off) with a comment
+    naming the options given, and rerunning that file times and scores nothing and writes
     the same deploy graph."""
     from graphq import latency
+    from graphq.passes import calibrate, insert_qdq
 
-    monkeypatch.setattr(latency, "medians", lambda models, *a, **k: [1.0, 0.5, 0.9][:len(models)])
+    monkeypatch.setattr(insert_qdq, "PREFIX_MAX_WEIGHT_SHARE", 1.0)  # conv1 + conv2: 90%
+    monkeypatch.setattr(latency, "medians", lambda models, *a, **k: [1.0, 0.5, 0.6][:len(models)])
+    if scores is not None:
+        monkeypatch.setattr(calibrate, "placement_scores", lambda *a: list(scores))
     out = tmp_path / "out"
     assert graphq("run", "int8", net, "--data", tmp_path / "calib.npz", "-o", out) == 0
     text = (out / "pipeline.toml").read_text()
     assert ("# pinned to what this run chose by timing (given: float_prefix_search = 3, "
             "float_prefix = 0); rerunning this file places the same") in text
-    assert "float_prefix_search = 0\nfloat_prefix = 1\n" in text
+    assert f"float_prefix_search = 0\nfloat_prefix = {kept}\n" in text
     report = json.loads((out / "report.json").read_text())
     assert report["pipeline"] == text
     assert next(p for p in report["passes"] if p["name"] == "insert-qdq")["pinned"] == {
-        "float_prefix_search": 0, "float_prefix": 1}
+        "float_prefix_search": 0, "float_prefix": kept}
     monkeypatch.setattr(latency, "medians", lambda *a, **k: pytest.fail("timed"))
+    monkeypatch.setattr(calibrate, "placement_scores", lambda *a: pytest.fail("scored"))
     again = tmp_path / "again"
     assert graphq("run", out / "pipeline.toml", net, "-o", again) == 0
     assert onnx.load(again / "net.deploy.onnx") == onnx.load(out / "net.deploy.onnx")

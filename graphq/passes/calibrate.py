@@ -49,7 +49,7 @@ from graphq import latency, runtime
 from graphq import segments as SEG
 from graphq import sensitivity as S
 from graphq.biases import bias_sites, quantize_biases
-from graphq.data import PLAIN_SHARE, run_failure, samples_in
+from graphq.data import PLAIN_SHARE, DataSource, Feed, run_failure, samples_in
 from graphq.errors import ConfigError, DataError, GraphqError, PassError
 from graphq.kernels import observers as O
 from graphq.kernels import quant as Q
@@ -783,6 +783,50 @@ def _score(scoring: _ScoringGraph, table: QuantTable, stream: _Stream,
     sess = runtime.session(scoring.model(table), providers)
     outs = [runtime.run(sess, feed) for feed in stream.kept]
     return scorer(stream.reference, outs, what)
+
+
+def placement_scores(reference: onnx.ModelProto, placements: list[onnx.ModelProto],
+                     feeds: list[Feed], ctx: PassContext) -> list[float]:
+    """The worst output SQNR (dB; each part of a concatenated output apart) against the float
+    ``reference`` on ``feeds`` of each of ``placements``: insert-qdq's graphs of one model,
+    each quantizing a subset of the first's activations (a longer float prefix), all
+    calibrated alike: the first by this pass (percentile) on ``feeds``, the others with its
+    scales for the activations they quantize. insert-qdq's float_prefix_search weighs the
+    prefixes it timed by these scores."""
+    first = Calibrate().run(placements[0], dataclasses.replace(ctx, data=DataSource(feeds)))
+    calibrated = QuantTable.required(first.model, "calibrate", "placement_scores")
+    scorer = _Scorer(reference, 0.0)
+    runs = [piece for feed in feeds for piece in ctx.split(feed, reference, PLAIN_SHARE / 2)]
+
+    def outputs(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+        sess = runtime.session(model, ctx.providers)
+        return [runtime.run(sess, feed) for feed in runs]
+
+    expected = outputs(reference)
+    return [scorer(expected, outputs(first.model if i == 0 else _scaled(placed, calibrated)),
+                   f"float prefix placement {i}") for i, placed in enumerate(placements)]
+
+
+def _scaled(model: onnx.ModelProto, calibrated: QuantTable) -> onnx.ModelProto:
+    """``model`` (Q/DQ pairs from insert-qdq) with the activation scales of ``calibrated``
+    (another placement's table, calibrated): an activation it has no scale for stays float;
+    int32 biases."""
+    table = QuantTable.required(model, "insert-qdq", "placement_scores")
+    for entry in table.quantized("activation"):
+        if _shared_source(entry) is not None or entry.method == "constant":
+            continue
+        source = calibrated.get(entry.tensor)
+        if source is None or not source.quantized:
+            entry.quantized, entry.scale, entry.zero_point = False, None, None
+        else:
+            entry.scale, entry.zero_point, entry.range = source.scale, source.zero_point, \
+                source.range
+    _follow_sources(table)
+    graph = G.import_graph(model)
+    _apply(graph, table)
+    quantize_biases(graph, table)
+    graph.cleanup().toposort()
+    return G.export(graph, like=model)
 
 
 class _ScoringGraph:

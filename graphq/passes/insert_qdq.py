@@ -52,6 +52,7 @@ input, so the session does not load (onnxruntime 1.31.1, CPU).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -151,6 +152,17 @@ PREFIX_MARGIN = 0.05
 PREFIX_MAX_WEIGHT_SHARE = 0.5
 #: larger models skip float_prefix_search (one session per candidate holds its weights)
 PREFIX_MAX_BYTES = 512 * 2**20
+#: float_prefix_speed_db: the data's first batches calibrate and score the timed prefixes
+PREFIX_SCORE_BATCHES = 4
+#: float_prefix_speed_db: a longer prefix must score this much better, besides its slowdown
+PREFIX_GAIN_DB = 0.5
+#: float_prefix_speed_db: scores above this count as this (more fidelity buys nothing there:
+#: a tiny net's second conv float scored 44 against 35 dB, and at 1 dB per 2x that would
+#: have paid for 10x its latency)
+PREFIX_ENOUGH_DB = 30.0
+#: float_prefix_speed_db: no prefix running more than this times the speed pick's latency is
+#: weighed (the int8 preset is the fast one)
+PREFIX_MAX_SLOWDOWN = 1.25
 #: the table reason of a prefix kept float until the timings that chose it are known
 _PENDING = "kept float by float_prefix_search (pending)"
 
@@ -238,6 +250,14 @@ class InsertQDQOptions:
                 "place of float_prefix_search: a run whose search timed its choice writes it "
                 "here, with float_prefix_search = 0, in its pipeline.toml, so rerunning that "
                 "file places the same)"})
+    float_prefix_speed_db: float = field(default=0.0, metadata={
+        "help": "float_prefix_search weighs fidelity too: the longer prefixes it timed "
+                "(slower than its speed pick, the longest within 5% of the fastest) are "
+                "scored in onnxruntime with that pick, calibrated on the data's first 4 "
+                "batches (worst output SQNR against the float model), and the best one "
+                "is kept float if it scores more than 0.5 dB + this many dB per 2x it runs "
+                "slower above the pick; at most 1.25x its latency, and a score over 30 dB "
+                "counts as 30 (0: speed alone)", "min": 0.0})
 
     def validate(self) -> None:
         for key in ("float_prefix_search", "float_prefix"):
@@ -360,27 +380,67 @@ class InsertQDQ(Pass):
         k = latency.longest_within(seconds, PREFIX_MARGIN)
         timings = ", ".join(f"{i} float {t * 1e3:.3g} ms" for i, t in enumerate(seconds))
         margin = f"{PREFIX_MARGIN:.0%}"
+        why = f"the longest float prefix within {margin} of the fastest placement"
+        weighed = ""
+        if self.options.float_prefix_speed_db and k < n and ctx.data is not None:
+            k, why, weighed = self._weigh(model, ctx, [m for m, _, _ in placed], seconds, k, why)
         if k == 0:
             note = (f"float_prefix_search: the first compute ops stay quantized (keeping them "
                     f"float runs more than {margin} slower than the fastest placement; latency "
-                    f"in onnxruntime with the first k of them float: {timings}){capped}")
+                    f"in onnxruntime with the first k of them float: {timings}){weighed}"
+                    f"{capped}")
             log.info("%s", note)
             return out, table, planner, note, {"float_prefix_search": 0}
         out, table, chosen = placed[k]
-        reason = (f"kept float with the first {k} compute op(s): the longest float prefix "
-                  f"within {margin} of the fastest placement ({seconds[k] * 1e3:.3g} ms against "
-                  f"{seconds[0] * 1e3:.3g} ms all quantized; float_prefix_search)")
+        reason = (f"kept float with the first {k} compute op(s): {why} "
+                  f"({seconds[k] * 1e3:.3g} ms against {seconds[0] * 1e3:.3g} ms all "
+                  "quantized; float_prefix_search)")
         for entry in table.entries.values():
             if entry.reason == _PENDING:
                 entry.reason = reason
         table.attach(out)
         names = ", ".join(f"'{name}'" for _, name in planner.computes[:k])
-        note = (f"float_prefix_search: {names} kept float, the longest float prefix within "
-                f"{margin} of the fastest placement ({seconds[0] / seconds[k]:.2f}x the speed "
-                f"of all quantized; latency in onnxruntime with the first k compute ops float: "
-                f"{timings}){capped}")
+        note = (f"float_prefix_search: {names} kept float, {why} ({seconds[0] / seconds[k]:.2f}x "
+                f"the speed of all quantized; latency in onnxruntime with the first k compute "
+                f"ops float: {timings}){weighed}{capped}")
         log.info("%s", note)
         return out, table, chosen, note, {"float_prefix_search": 0, "float_prefix": k}
+
+    def _weigh(self, model: onnx.ModelProto, ctx: PassContext, placed: list[onnx.ModelProto],
+               seconds: list[float], k: int, why: str) -> tuple[int, str, str]:
+        """Option ``float_prefix_speed_db``: the timed prefixes longer than the speed pick
+        ``k`` and within :data:`PREFIX_MAX_SLOWDOWN` of its latency scored with it
+        (:func:`graphq.passes.calibrate.placement_scores` on the data's first batches); the
+        best by score (at most :data:`PREFIX_ENOUGH_DB`) less ``float_prefix_speed_db`` per
+        2x slower than ``k`` is kept if that beats ``k``'s by more than
+        :data:`PREFIX_GAIN_DB`. Returns the prefix, the reason's words and the note's."""
+        from graphq.passes.calibrate import placement_scores  # calibrate imports this module
+
+        longer = [j for j in range(k + 1, len(placed))
+                  if seconds[j] <= PREFIX_MAX_SLOWDOWN * seconds[k]]
+        feeds = ctx.data.head(model, PREFIX_SCORE_BATCHES) if longer else []
+        if not feeds:
+            return k, why, ""
+        log.info("float_prefix_search: scoring %d placements on %d batch(es)",
+                 len(longer) + 1, len(feeds))
+        scores = dict(zip([k, *longer], placement_scores(
+            model, [placed[j] for j in (k, *longer)], feeds, ctx), strict=True))
+        rate = self.options.float_prefix_speed_db
+        value = {j: min(s, PREFIX_ENOUGH_DB) - rate * math.log2(seconds[j] / seconds[k])
+                 for j, s in scores.items()}
+        best = max(value, key=lambda j: (value[j], j))
+        listing = ", ".join(f"{j} float {s:.1f} dB" for j, s in scores.items())
+        scored = (f"worst output SQNR against the float model on {len(feeds)} batch(es), "
+                  f"with the first k float: {listing}")
+        if best == k or value[best] <= value[k] + PREFIX_GAIN_DB:
+            return k, why, (f"; no longer prefix within {PREFIX_MAX_SLOWDOWN:g}x its latency "
+                            f"scores more than {PREFIX_GAIN_DB:g} dB + {rate:g} dB per 2x "
+                            f"slower above it, scores over {PREFIX_ENOUGH_DB:g} dB counting as "
+                            f"{PREFIX_ENOUGH_DB:g} ({scored})")
+        gain = (f"{scores[best]:.1f} dB against {scores[k]:.1f} dB with {k} float, at "
+                f"{seconds[best] / seconds[k]:.2f}x the latency (float_prefix_speed_db "
+                f"{rate:g} per 2x)")
+        return best, f"a longer float prefix for fidelity: {gain}", f" ({scored})"
 
     def _check_overrides(self, graph: gs.Graph) -> None:
         tensors = graph.tensors()

@@ -918,6 +918,112 @@ def test_float_prefix_search_option_is_checked():
         InsertQDQ(float_prefix_search=-1)
 
 
+@pytest.mark.parametrize("timings_ms, scores, kept", [
+    ((1.0, 1.1, 1.2), (10.0, 20.0, 20.1), 1),  # conv1 float: +10 dB for 0.14 dB of slowdown
+    ((1.0, 1.1, 1.2), (10.0, 20.0, 21.0), 2),  # conv2 too: +1 dB more for 0.12 dB more
+    ((1.0, 1.1, 1.2), (10.0, 10.3, 10.6), 0),  # gains under 0.5 dB + the slowdown
+    ((1.0, 1.1, 1.2), (10.0, 10.9, 9.0), 1),   # +0.9 dB for 0.14 dB of slowdown
+    ((1.0, 1.1, 1.2), (31.0, 40.0, 45.0), 0),  # over 30 dB, more buys nothing
+    ((1.0, 1.1, 1.5), (10.0, 20.0), 1),        # conv2 float runs 1.5x: not weighed
+])
+def test_float_prefix_speed_db_keeps_a_slower_prefix_that_scores_better(monkeypatch, timings_ms,
+                                                                       scores, kept):
+    """With float_prefix_speed_db the prefixes slower than the speed pick (here none float,
+    the fastest), up to 1.25x its latency, are scored with it, each calibrated alike on the
+    data's first batches; the best by score (at most 30 dB) less float_prefix_speed_db per
+    2x slower is kept float when it beats the pick by more than 0.5 dB. The choice is in the
+    reason, the note and the pinned options."""
+    from graphq.passes import calibrate, insert_qdq
+
+    monkeypatch.setattr(insert_qdq, "PREFIX_MAX_WEIGHT_SHARE", 1.0)
+    rng = np.random.default_rng(40)
+    model = conv_net(rng)
+    feeds = [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
+    monkeypatch.setattr(latency, "medians", lambda *a, **k: [t / 1e3 for t in timings_ms])
+    scored = []
+
+    def placement_scores(reference, placements, given, ctx):
+        scored.append((len(placements), len(given)))
+        return list(scores)
+
+    monkeypatch.setattr(calibrate, "placement_scores", placement_scores)
+    result = InsertQDQ(float_prefix_search=2, float_prefix_speed_db=1.0).run(
+        model, PassContext(data=DataSource(feeds)))
+    assert scored == [(len(scores), 4)]  # the placements weighed, the first 4 batches
+    onnx.checker.check_model(result.model, full_check=True)
+    table = QuantTable.of(result.model)
+    assert [table.get(w).quantized for w in ("w1", "w2")] == [kept < 1, kept < 2]
+    (note,) = [n for n in result.notes if n.startswith("float_prefix_search")]
+    assert f"with the first k float: 0 float {scores[0]:.1f} dB, 1 float" in note, note
+    if kept:
+        assert result.pinned == {"float_prefix_search": 0, "float_prefix": kept}
+        assert f"a longer float prefix for fidelity: {scores[kept]:.1f} dB against " \
+               f"{scores[0]:.1f} dB with 0 float, at {timings_ms[kept]:.2f}x the latency" \
+               in note, note
+        assert "for fidelity" in table.get("w1").reason
+    else:
+        assert result.pinned == {"float_prefix_search": 0}
+        assert "no longer prefix within 1.25x its latency scores more than 0.5 dB + 1 dB " \
+               "per 2x slower above it, scores over 30 dB counting as 30" in note, note
+
+
+def test_float_prefix_speed_db_scores_nothing_when_the_speed_pick_is_the_longest(monkeypatch):
+    """Nothing to weigh where the speed pick is the longest prefix timed, or without the
+    option: no placement is calibrated or scored."""
+    from graphq.passes import calibrate, insert_qdq
+
+    monkeypatch.setattr(insert_qdq, "PREFIX_MAX_WEIGHT_SHARE", 1.0)
+    rng = np.random.default_rng(40)
+    model = conv_net(rng)
+    feeds = [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)}]
+    monkeypatch.setattr(calibrate, "placement_scores", lambda *a: pytest.fail("scored"))
+    for timings, rate, kept in (([1e-3, 0.9e-3, 0.8e-3], 1.0, 2),
+                                ([1e-3, 1.2e-3, 1.3e-3], 0.0, 0)):
+        monkeypatch.setattr(latency, "medians", lambda *a, t=timings, **k: t)
+        result = InsertQDQ(float_prefix_search=2, float_prefix_speed_db=rate).run(
+            model, PassContext(data=DataSource(feeds)))
+        assert result.pinned.get("float_prefix", 0) == kept
+
+
+def test_placement_scores_calibrates_the_placements_alike():
+    """placement_scores: each placement of the timed prefixes calibrated alike (the first by
+    calibrate, the others with its scales) and scored against the float model. An input
+    whose first channel sits near 1000 (which conv1 does not read) leaves the other
+    channels a step of about 4 under one 8-bit scale: with conv1 float, which reads the
+    input, the outputs score far better; each score is that of the placement's own graph,
+    run apart with the first one's scales."""
+    from graphq import sensitivity
+    from graphq.passes import calibrate
+
+    rng = np.random.default_rng(44)
+    model = conv_net(rng)
+    (w1,) = [t for t in model.graph.initializer if t.name == "w1"]
+    weight = numpy_helper.to_array(w1).copy()
+    weight[:, 0] = 0.0
+    w1.CopyFrom(numpy_helper.from_array(weight, "w1"))
+    feeds = []
+    for _ in range(3):
+        x = rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+        x[:, 0] += 1000.0
+        feeds.append({"x": x})
+    placed = [InsertQDQ(float_prefix=k).run(model, PassContext()).model for k in (0, 1)]
+    ctx = PassContext(data=DataSource(feeds))
+    scores = calibrate.placement_scores(model, placed, feeds, ctx)
+    assert all(np.isfinite(scores)) and scores[1] > scores[0] + 6, scores
+    # the second placement's score is its graph with the first's calibrated scales
+    first = Calibrate().run(placed[0], ctx).model
+    second = calibrate._scaled(placed[1], QuantTable.of(first))
+    onnx.checker.check_model(second, full_check=True)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = ort.InferenceSession(second.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = [{"y": ref.run(None, f)[0]} for f in feeds]
+    outs = [{"y": got.run(None, f)[0]} for f in feeds]
+    assert sensitivity.worst_sqnr(expected, outs) == pytest.approx(scores[1], abs=1e-6)
+    a, b = QuantTable.of(first), QuantTable.of(placed[1])
+    for entry in b.quantized("activation"):
+        assert a.get(entry.tensor).quantized
+
+
 @pytest.mark.parametrize("timings_ms, kept", [((1.0, 0.7, 0.9), 1), ((1.0, 1.2, 1.3), 0)])
 def test_a_timed_prefix_is_pinned_and_float_prefix_places_it_again(monkeypatch, timings_ms,
                                                                      kept):

@@ -130,6 +130,14 @@ def byte_size(model: onnx.ModelProto) -> int:
             + sum(f.ByteSize() for f in model.functions) + 4096)
 
 
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The bytes ``model`` takes written as one file (ModelProto.ByteSize: names, shapes and
+    nodes included, which on a 0.4 MB graph with 256 Q/DQ nodes is a fifth of it), or
+    :func:`byte_size`'s estimate where it would not fit one."""
+    estimate = byte_size(model)
+    return model.ByteSize() if estimate < EXTERNAL_DATA_LIMIT else estimate
+
+
 def external_files(model: onnx.ModelProto, folder: Path) -> list[Path]:
     """The distinct external data files a model refers to, resolved against ``folder``."""
     files = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -101,6 +102,52 @@ def materialized(model: onnx.ModelProto) -> Iterator[bytes | Path]:
         return
     with tempfile.TemporaryDirectory(prefix="graphq-") as tmp:
         yield model_io.save(proto, Path(tmp) / "model.onnx", external_data=True)
+
+
+def float_islands(model: onnx.ModelProto, providers: list[str] | None = None
+                  ) -> collections.Counter[str] | None:
+    """The op types onnxruntime runs in float between DequantizeLinear and QuantizeLinear in
+    ``model`` (a deploy graph) once it has optimized it (on a path from a DequantizeLinear to
+    a QuantizeLinear): what its integer fusions left out. None where the optimized graph
+    cannot be had."""
+    with tempfile.TemporaryDirectory(prefix="graphq-") as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        try:
+            session(model, providers, options)
+            optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 -- a diagnosis only: say nothing rather than fail
+            log.debug("no optimized graph to inspect: %s", exc)
+            return None
+    nodes = [n for n in optimized.graph.node
+             if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+    made = {o: n for n in optimized.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+    for node in optimized.graph.node:
+        for name in node.input:
+            readers[name].append(node)
+
+    # a Shape's output is no float value: the shape arithmetic after it is not counted
+    stops = ("QuantizeLinear", "DequantizeLinear", "Shape", "Size")
+
+    def closure(start: list[onnx.NodeProto], step) -> set[int]:
+        seen: set[int] = set()
+        todo = [n for n in start if n.op_type not in stops]
+        while todo:
+            node = todo.pop()
+            if id(node) not in seen:
+                seen.add(id(node))
+                todo += [n for n in step(node) if n.op_type not in stops]
+        return seen
+
+    dq = [n for n in optimized.graph.node if n.op_type == "DequantizeLinear"]
+    q = [n for n in optimized.graph.node if n.op_type == "QuantizeLinear"]
+    after = closure([r for n in dq for o in n.output for r in readers[o]],
+                    lambda n: [r for o in n.output for r in readers[o]])
+    before = closure([made[i] for n in q for i in n.input if i in made],
+                     lambda n: [made[i] for i in n.input if i in made])
+    return collections.Counter(n.op_type for n in nodes if id(n) in after & before)
 
 
 @functools.lru_cache(maxsize=1)

@@ -103,7 +103,8 @@ class Emit(Pass):
         for line in summary_lines(report):
             log.info("%s", line)
         four_bit = any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight"))
-        notes = self._judge(report) + ([] if four_bit else _judge_speed(report, ctx.providers))
+        notes = self._judge(report) + ([] if four_bit else
+                                         _judge_speed(report, deploy, ctx.providers))
         ctx.report["quantization"] = report
         ctx.artifacts["report.md"] = render_markdown(report)
         if four_bit:
@@ -117,8 +118,8 @@ class Emit(Pass):
                 ctx: PassContext) -> dict[str, Any]:
         float_model = ctx.float_model()
         report: dict[str, Any] = {
-            "size_bytes": {"float": model_io.byte_size(float_model),
-                           "deploy": model_io.byte_size(deploy)},
+            "size_bytes": {"float": model_io.serialized_size(float_model),
+                           "deploy": model_io.serialized_size(deploy)},
             "tensors": {"quantized": len(table.quantized()),
                         "kept_float": sum(not e.quantized for e in table.entries.values())},
         }
@@ -424,21 +425,47 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
     return rows[:n]
 
 
-def _judge_speed(report: dict[str, Any], providers: list[str]) -> list[str]:
+#: activations onnxruntime's CPU EP fuses into a float Conv, and runs apart, in float,
+#: between the integer ones
+FUSED_IN_FLOAT = {"HardSwish", "HardSigmoid"}
+#: a deploy graph timed under this share of the float model's speed is called slower (the
+#: paired rounds of a 2-core machine put ratios within a few percent of 1.0 either side)
+SLOWER_BELOW = 0.95
+
+
+def _judge_speed(report: dict[str, Any], deploy: onnx.ModelProto, providers: list[str]
+                 ) -> list[str]:
     """A warning (report, note; an info line in the log, since timing is noisy and small
     nets often run slower in int8) where the deploy graph ran slower than the float model in
-    the timing (for 8-bit weights: 4-bit weights have their own note)."""
+    the timing, the rounds' median ratio and the ratio of the medians both under
+    :data:`SLOWER_BELOW` (for 8-bit weights: 4-bit weights have their own note), naming the
+    ops onnxruntime runs in float between DequantizeLinear and QuantizeLinear in its
+    optimized deploy graph."""
     lat = report.get("latency_ms")
-    speedup = lat.get("speedup_canonical", lat["speedup"]) if lat else None
-    if speedup is None or not speedup < 1.0:
+    if not lat:
         return []
-    which = "canonicalized float" if "speedup_canonical" in lat else "float"
+    canonical = "speedup_canonical" in lat
+    speedup = lat["speedup_canonical" if canonical else "speedup"]
+    medians = lat["float_canonical" if canonical else "float"] / lat["deploy"]
+    if not max(speedup, medians) < SLOWER_BELOW:  # both: a ratio alone flips on noise
+        return []
+    which = "canonicalized float" if canonical else "float"
+    islands = runtime.float_islands(deploy, providers)
+    float_ops = ""
+    if islands:
+        ops = ", ".join(f"{n} {op}" for op, n in islands.most_common(6))
+        float_ops = (f" (here, in onnxruntime's optimized deploy graph: {ops}; it has no "
+                     "integer kernel for them")
+        if set(islands) & FUSED_IN_FLOAT:
+            float_ops += (", and the float model runs HardSwish / HardSigmoid fused into the "
+                          "convolution before it")
+        float_ops += ")"
     warning = (f"slower than float: the deploy graph ran at {speedup:.2f}x the {which} "
                f"model's speed in onnxruntime ({', '.join(providers)}; median of "
                f"{lat.get('runs', '?')} interleaved runs on this machine): what onnxruntime "
                "does not fuse into integer kernels runs in float between DequantizeLinear and "
-               "QuantizeLinear, and some integer kernels (depthwise, few input channels) run "
-               "slower than float ones on some CPUs; its gain here is size")
+               f"QuantizeLinear{float_ops}, and some integer kernels (depthwise, few input "
+               "channels) run slower than float ones on some CPUs; its gain here is size")
     log.info("%s", warning)
     report.setdefault("warnings", []).append(warning)
     return [warning]

@@ -30,6 +30,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphq import graph as G
+from graphq import runtime
 from graphq.errors import DataError, PassError
 from graphq.kernels import quant as Q
 from graphq.passes.calibrate import Calibrate
@@ -126,6 +127,9 @@ def test_report_has_a_quantization_section(emitted):
     report = json.loads((emitted["out"] / "report.json").read_text())
     q = report["quantization"]
     assert q["size_bytes"]["deploy"] < q["size_bytes"]["float"]
+    # the files' bytes, nodes and names included (not the tensors' data alone)
+    assert q["size_bytes"] == {"float": emitted["model"].stat().st_size,
+                               "deploy": (emitted["out"] / "net.deploy.onnx").stat().st_size}
     assert q["tensors"]["quantized"] > 0
     assert q["outputs"]["y"]["cosine"] > 0.99
     assert set(q["latency_ms"]) == {"float", "deploy", "speedup", "runs", "samples"}
@@ -585,6 +589,57 @@ def test_a_deploy_graph_slower_than_float_is_warned(tmp_path, monkeypatch):
     assert not [w for w in four.report["quantization"].get("warnings", [])
                 if w.startswith("slower")]
     assert any(n.startswith("4-bit weights") for n in four.records[-1].notes)
+
+
+def test_a_timing_whose_two_ratios_disagree_is_no_slowdown(tmp_path, monkeypatch):
+    """The rounds' median ratio under 0.95x but the medians' ratio far above (float 1, 2, 3
+    ms against deploy 1.1, 2.2, 1 ms: 0.91x paired, 1.82x of the medians): noise, not a
+    slowdown; no warning."""
+    import graphq.passes.emit as E
+
+    rounds = np.array([[0.001, 0.0011], [0.002, 0.0022], [0.003, 0.001]])
+    monkeypatch.setattr(E.latency, "session_times", lambda sessions, feed, **kw: rounds)
+    rng = np.random.default_rng(7)
+    result = PassManager(passes(latency_runs=3)).run(heavy_net(rng), tmp_path / "out",
+                                                     data=[{"x": inputs(rng, 16)}])
+    q = result.report["quantization"]
+    assert q["latency_ms"]["speedup"] == pytest.approx(1 / 1.1)
+    assert not [w for w in q.get("warnings", []) if w.startswith("slower")]
+
+
+def hardswish_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> Conv -> HardSwish -> Conv -> y."""
+    inits = {"w1": rng.normal(0, 0.3, (16, 8, 3, 3)).astype(np.float32),
+             "w2": rng.normal(0, 0.1, (8, 16, 3, 3)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["c"], ["h"], name="hswish"),
+             helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [tensor("x", ["N", 8, 16, 16])], [tensor("y", ["N", 8, 16, 16])],
+                       inits, opset=14)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_a_slowdown_names_the_ops_onnxruntime_runs_in_float(tmp_path, monkeypatch):
+    """onnxruntime has no integer HardSwish: in its optimized deploy graph the HardSwish runs
+    in float between DequantizeLinear and QuantizeLinear, as HardSigmoid and Mul
+    (runtime.float_islands), and the
+    slowdown warning (timing stubbed) names it and why the float model does not pay it."""
+    import graphq.passes.emit as E
+
+    monkeypatch.setattr(E.latency, "session_times",
+                        lambda sessions, feed, **kw: np.array([[0.001, 0.002]] * 3))
+    rng = np.random.default_rng(8)
+    x = rng.normal(0, 1, (4, 8, 16, 16)).astype(np.float32)
+    result = PassManager(passes(latency_runs=3)).run(hardswish_net(rng), tmp_path / "out",
+                                                     data=[{"x": x}])
+    (deploy,) = (onnx.load(p) for p in (tmp_path / "out").glob("*.deploy.onnx"))
+    # onnxruntime writes the HardSwish as HardSigmoid and Mul, both in float
+    assert runtime.float_islands(deploy) == {"HardSigmoid": 1, "Mul": 1}
+    (warning,) = result.report["quantization"]["warnings"]
+    assert ("(here, in onnxruntime's optimized deploy graph: 1 HardSigmoid, 1 Mul; it has no "
+            "integer kernel for them, and the float model runs HardSwish / HardSigmoid fused "
+            "into the convolution before it)") in warning, warning
+    assert runtime.float_islands(heavy_net(rng)) == {}  # a float graph has none
 
 
 def test_an_output_below_warn_sqnr_db_is_warned_in_log_report_and_notes(tmp_path, caplog):

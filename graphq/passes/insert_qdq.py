@@ -852,8 +852,10 @@ def _why_nothing(graph: gs.Graph) -> str:
                 f"{' ...' if len(recurrent) > 3 else ''}: {RECURRENT_WHY}; and it has no "
                 f"{'/'.join(COMPUTE)} besides")
     if not outside:
+        held = Counter(n.op for n in G.nodes(graph)).most_common(5)
+        ops = ", ".join(f"{op} x{n}" for op, n in held) or "no ops"
         return (f"it has no {'/'.join(COMPUTE)} (the ops graphq quantizes, and the ops "
-                "between them once they are); there is nothing to convert")
+                f"between them once they are; it holds {ops}); there is nothing to convert")
     if all(any(_half(t) for t in n.inputs[:2]) for n in outside):
         return (f"its {len(outside)} {'/'.join(sorted({n.op for n in outside}))} op(s) "
                 f"compute in float16: {HALF}")

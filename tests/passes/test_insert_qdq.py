@@ -594,7 +594,8 @@ def test_nothing_quantizable_is_a_config_error():
     nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Softmax", ["r"], ["y"])]
     model = build(nodes, [tensor("x", [2, 5])], [tensor("y", [2, 5])])
     with pytest.raises(ConfigError, match="nothing in this model can be quantized: it has no "
-                       "Conv/ConvTranspose/Gemm/MatMul"):
+                       "Conv/ConvTranspose/Gemm/MatMul .* it holds Relu x1, Softmax x1\\); "
+                       "there is nothing to convert"):
         insert(model)
 
 

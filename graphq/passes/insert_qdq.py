@@ -67,7 +67,7 @@ from graphq import graph as G
 from graphq import latency, runtime
 from graphq import model as model_io
 from graphq.biases import quantize_biases
-from graphq.data import PLAIN_SHARE
+from graphq.data import PLAIN_SHARE, samples_in
 from graphq.errors import ConfigError, ModelError, PassError, did_you_mean
 from graphq.kernels import quant as Q
 from graphq.passes.canonicalize import upgrade_opset
@@ -152,8 +152,10 @@ PREFIX_MARGIN = 0.05
 PREFIX_MAX_WEIGHT_SHARE = 0.5
 #: larger models skip float_prefix_search (one session per candidate holds its weights)
 PREFIX_MAX_BYTES = 512 * 2**20
-#: float_prefix_speed_db: the data's first batches calibrate and score the timed prefixes
+#: float_prefix_speed_db: the data's first batches calibrate and score the timed prefixes,
+#: up to this many, or fewer once they hold this many samples
 PREFIX_SCORE_BATCHES = 4
+PREFIX_SCORE_SAMPLES = 16
 #: float_prefix_speed_db: a longer prefix must score this much better, besides its slowdown
 PREFIX_GAIN_DB = 0.5
 #: float_prefix_speed_db: scores above this count as this (more fidelity buys nothing there:
@@ -254,7 +256,8 @@ class InsertQDQOptions:
         "help": "float_prefix_search weighs fidelity too: the longer prefixes it timed "
                 "(slower than its speed pick, the longest within 5% of the fastest) are "
                 "scored in onnxruntime with that pick, calibrated on the data's first 4 "
-                "batches (worst output SQNR against the float model), and the best one "
+                "batches or 16 samples (worst output SQNR against the float model), and the "
+                "best one "
                 "is kept float if it scores more than 0.5 dB + this many dB per 2x it runs "
                 "slower above the pick; at most 1.25x its latency, and a score over 30 dB "
                 "counts as 30 (0: speed alone)", "min": 0.0})
@@ -418,7 +421,11 @@ class InsertQDQ(Pass):
 
         longer = [j for j in range(k + 1, len(placed))
                   if seconds[j] <= PREFIX_MAX_SLOWDOWN * seconds[k]]
-        feeds = ctx.data.head(model, PREFIX_SCORE_BATCHES) if longer else []
+        feeds: list[dict[str, np.ndarray]] = []
+        for feed in ctx.data.head(model, PREFIX_SCORE_BATCHES) if longer else []:
+            feeds.append(feed)  # all float outputs are held: enough samples, not more
+            if sum(samples_in(f, model) for f in feeds) >= PREFIX_SCORE_SAMPLES:
+                break
         if not feeds:
             return k, why, ""
         log.info("float_prefix_search: scoring %d placements on %d batch(es)",

@@ -968,6 +968,29 @@ def test_float_prefix_speed_db_keeps_a_slower_prefix_that_scores_better(monkeypa
                "per 2x slower above it, scores over 30 dB counting as 30" in note, note
 
 
+def test_float_prefix_speed_db_scores_on_4_batches_or_16_samples(monkeypatch):
+    """The placements are scored on the data's first 4 batches, or fewer once they hold 16
+    samples (all their float outputs are held at once)."""
+    from graphq.passes import calibrate, insert_qdq
+
+    monkeypatch.setattr(insert_qdq, "PREFIX_MAX_WEIGHT_SHARE", 1.0)
+    rng = np.random.default_rng(40)
+    model = conv_net(rng)
+    monkeypatch.setattr(latency, "medians", lambda *a, **k: [1e-3, 1.1e-3, 1.2e-3])
+    given: list[list[dict[str, np.ndarray]]] = []
+    monkeypatch.setattr(calibrate, "placement_scores",
+                        lambda ref, placed, feeds, ctx: given.append(feeds) or [1.0] * 3)
+    for batch, taken in ((2, 4), (8, 2), (20, 1)):
+        given.clear()
+        feeds = [{"x": rng.normal(0, 1, (batch, 3, 8, 8)).astype(np.float32)}
+                 for _ in range(6)]
+        InsertQDQ(float_prefix_search=2, float_prefix_speed_db=1.0).run(
+            model, PassContext(data=DataSource(feeds)))
+        assert [len(f) for f in given] == [taken]
+        assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(given[0], feeds[:taken],
+                                                                  strict=True))
+
+
 def test_float_prefix_speed_db_scores_nothing_when_the_speed_pick_is_the_longest(monkeypatch):
     """Nothing to weigh where the speed pick is the longest prefix timed, or without the
     option: no placement is calibrated or scored."""

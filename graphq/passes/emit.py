@@ -199,7 +199,9 @@ class Emit(Pass):
             where = str(path)
         elif ctx.data is not None:
             source = ctx.data
-            where = "the calibration data (emit's eval_data = \"FILE\" measures on held-out data)"
+            where = ("the calibration data (what the scales were fitted to: it can read far "
+                     "better than held-out data; emit's eval_data = \"FILE\" measures on "
+                     "held-out data)")
         else:
             return [], None, "", 0
         feeds, labels, total = [], [], 0
@@ -497,6 +499,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
              f"{size['deploy'] / 2**20:.2f} MiB ({shrink})"]
     outputs = report.get("outputs") or {}
     selected = report.get("selected_outputs") or {}
+    if report.get("eval_data"):
+        n = report.get("eval_samples")
+        count = f"{n} sample{'s' if n != 1 else ''} of " if n else ""
+        lines.append(f"measured against the float model on {count}{report['eval_data']}")
     for name, f in outputs.items():
         # integers (class ids, indices): agreement, which an SQNR over ids does not measure
         shown = (f"integers, {f['equal']:.2%} equal to float's" if "equal" in f else
@@ -537,10 +543,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# graphq quantization report", ""]
     lines += [f"- {line}" for line in summary_lines(report)]
-    if report.get("eval_data"):
-        n = report.get("eval_samples")
-        count = f" ({n} sample{'s' if n != 1 else ''})" if n else ""
-        lines += ["", f"Measured on {report['eval_data']}{count}."]
     worst = report.get("worst_tensors") or []
     if worst:
         k = report.get("worst_tensors_samples", 1)

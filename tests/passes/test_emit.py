@@ -33,6 +33,7 @@ from graphq import graph as G
 from graphq import runtime
 from graphq.errors import DataError, PassError
 from graphq.kernels import quant as Q
+from graphq.passes import emit as E
 from graphq.passes.calibrate import Calibrate
 from graphq.passes.canonicalize import Canonicalize
 from graphq.passes.emit import Emit
@@ -137,6 +138,12 @@ def test_report_has_a_quantization_section(emitted):
     assert q["worst_tensors"] and all("sqnr_db" in row for row in q["worst_tensors"])
     assert q["worst_tensors_samples"] == 32  # both calibration batches of 16 (at most 4)
     assert "accuracy" not in q  # the calibration data carries no labels
+    # where the outputs were measured, in the log's summary and the report: here in-sample
+    (where,) = [line for line in E.summary_lines(q) if line.startswith("measured against")]
+    assert where.startswith("measured against the float model on 32 samples of the "
+                            "calibration data (what the scales were fitted to: it can read "
+                            "far better than held-out data"), where
+    assert where in (emitted["out"] / "report.md").read_text()
     text = (emitted["out"] / "report.md").read_text()
     assert text.startswith("# graphq quantization report") and "quant_record.json" in text
     assert "on the first 32 samples of the eval data" in text
@@ -196,7 +203,7 @@ def test_eval_limit_counts_samples_on_the_batch_axis(tmp_path):
     PassManager(passes(eval_limit=8)).run(path, out, data=data)
     report = json.loads((out / "report.json").read_text())["quantization"]
     assert report["eval_samples"] == 8  # two batches of 4 (a count of 2 a batch: 4 batches)
-    assert "(8 samples)." in (out / "report.md").read_text()
+    assert "measured against the float model on 8 samples of " in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("mode", ["float", "integer"])

@@ -47,6 +47,7 @@ from onnx import helper, numpy_helper, version_converter
 
 from graphq import graph as G
 from graphq import model as model_io
+from graphq import runtime
 from graphq.errors import PassError
 from graphq.registry import Pass, PassContext, PassResult, register
 
@@ -114,6 +115,7 @@ class Canonicalize(Pass):
             changed |= fused > 0
             notes += [note] if note else []
         if o.simplify:
+            notes += _rank_shapeless_outputs(model)  # onnxsim checks the graph first
             simplified, why = _simplify(model)
             if simplified is None:
                 notes.append(f"onnxsim skipped: {why}")
@@ -132,6 +134,7 @@ class Canonicalize(Pass):
             if error:
                 notes.append(f"shape inference failed: {error}")
                 log.warning("shape inference failed: %s", error)
+        notes += _rank_shapeless_outputs(model)
         if o.shuffle_to_gather:
             counts["channel_shuffles_rewritten"] = _shuffles_to_gathers(model.graph)
             changed |= counts["channel_shuffles_rewritten"] > 0
@@ -139,6 +142,34 @@ class Canonicalize(Pass):
         counts["opset_after"] = model_io.default_opset(model)
         counts["nodes_after"] = len(model.graph.node)
         return PassResult(model, changed, counts, notes)
+
+
+def _rank_shapeless_outputs(model: onnx.ModelProto) -> list[str]:
+    """Give each main-graph output whose type has no shape (unknown rank: PP-OCRv5's
+    recognizer declares a rank-0 output, the opset converter drops it and ends the graph in
+    a Reshape to a computed shape) that many unknown dims as one onnxruntime run on a sample
+    input makes: onnx.checker requires a shape there, and every pass after would fail it.
+    In place; a note each (none where the run fails)."""
+    missing = [o for o in model.graph.output if o.type.HasField("tensor_type")
+               and not o.type.tensor_type.HasField("shape")]
+    if not missing:
+        return []
+    try:
+        sess = runtime.session(model)
+        values = sess.run([o.name for o in missing], runtime.sample_feeds(model)[0])
+    except Exception as exc:  # noqa: BLE001 -- the checker names the problem then
+        log.debug("no sample run to give outputs a rank: %s", exc)
+        return []
+    notes = []
+    for out, value in zip(missing, values, strict=True):
+        shape = out.type.tensor_type.shape
+        shape.SetInParent()
+        for _ in range(np.ndim(value)):
+            shape.dim.add()
+        notes.append(f"graph output '{out.name}' has no shape after shape inference (its "
+                     f"rank is unknown): given {np.ndim(value)} unknown dims, as a run on a "
+                     "sample input makes")
+    return notes
 
 
 def _sums_to_adds(graph: onnx.GraphProto) -> int:

@@ -385,3 +385,35 @@ def test_erf_gelu_stays_when_the_opset_cannot_be_raised(monkeypatch, caplog):
     assert "GELU left in its Erf form" in caplog.text
     feed = {"x": np.random.default_rng(11).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)}
     assert_close(run(before, feed), run(result.model, feed), rtol=RTOL)
+
+
+def test_an_output_of_unknown_rank_gets_the_rank_a_sample_run_makes():
+    """An output whose rank shape inference cannot find (a Reshape to a target whose length
+    depends on the data; PP-OCRv5's recognizer ends so after the opset converter dropped its
+    declared rank-0 shape) has no shape, which onnx.checker refuses on a graph output: it
+    gets as many unknown dims as a run on a sample input makes, with a note."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+             helper.make_node("Greater", ["m", "low"], ["g"]),
+             helper.make_node("Cast", ["g"], ["gi"], to=TensorProto.INT64),
+             helper.make_node("Unsqueeze", ["gi", "axis0"], ["end"]),
+             helper.make_node("Slice", ["s", "start", "end"], ["head"]),
+             helper.make_node("Concat", ["head", "rest"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"])]
+    inits = {"low": np.array(-1e9, np.float32), "axis0": np.array([0], np.int64),
+             "start": np.array([0], np.int64), "rest": np.array([-1], np.int64)}
+    graph = helper.make_graph(
+        nodes, "g", [tensor("x", ["N", 4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(onnx.checker.ValidationError, match="'shape' of 'type' is required"):
+        onnx.checker.check_model(model)
+    result = Canonicalize(simplify=False).run(model, PassContext())
+    (out,) = result.model.graph.output
+    assert [d.WhichOneof("value") for d in out.type.tensor_type.shape.dim] == [None, None]
+    onnx.checker.check_model(result.model, full_check=True)
+    assert "graph output 'y' has no shape after shape inference (its rank is unknown): " \
+           "given 2 unknown dims, as a run on a sample input makes" in result.notes
+    x = np.random.default_rng(0).normal(0, 1, (2, 4, 3)).astype(np.float32)
+    assert run(result.model, {"x": x})[0].shape == (2, 12)

@@ -371,6 +371,13 @@ class Pieces:
         return list(_cut(feed, axes, n, int(RUN_BYTES * share // max(per_sample, 1.0))))
 
 
+    def may_exceed(self, feed: Feed, share: float = 1.0) -> bool:
+        """Whether a run of ``feed`` (a piece :meth:`split` gave) may make more than ``share``
+        of ``RUN_BYTES``: by the measured ratio, or unknown (True) where nothing was measured,
+        as for data of single samples, which are never cut."""
+        return self.ratio is None or self.ratio * _input_bytes(feed) > RUN_BYTES * share
+
+
 def _made_bytes(model: onnx.ModelProto, feed: Feed, providers: list[str] | None) -> int:
     """The bytes of every tensor the main graph's nodes make on ``feed`` (0 where the graph
     with all of them as outputs does not run: its batches are then not cut)."""

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from graphq import graph as G
 from graphq import latency, qoperator, runtime
@@ -408,18 +409,35 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
     names = [e.tensor for e in table.quantized("activation") if e.tensor in pairs]
     if not names:
         return []
-    probed = runtime.session(G.with_outputs(model, names + [pairs[t] for t in names]),
-                             ctx.providers)
-    exact = runtime.session(G.with_outputs(model, names, float_view=True), ctx.providers)
+    # each activation and its DQ fetched, then each activation in the float view, one run
+    # after the other: a quarter of the run budget each (half in all, as calibrate's
+    # stream); where a piece cannot be cut to that (single samples), the activations are
+    # fetched in two groups, each run then fetching as much as calibrate's stream did
+    pieces = [piece for feed in feeds for piece in ctx.split(feed, model, share=0.25)]
+    count = 2 if any(ctx.pieces.may_exceed(piece, 0.25) for piece in pieces) else 1
     sums = {t: np.zeros(4) for t in names}  # own signal, own noise, float signal, float noise
-    for feed in feeds:
-        # each activation and its DQ fetched, and each activation in the float view, both
-        # held at once: a quarter of the run budget each (half in all, as calibrate's stream)
-        for piece in ctx.split(feed, model, share=0.25):
-            values, floats = runtime.run(probed, piece), runtime.run(exact, piece)
-            for t in names:
-                sums[t] += (*Q.error_sums(values[t], values[pairs[t]]),
-                            *Q.error_sums(floats[t], values[pairs[t]]))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # the fetched tensors' memory goes back after a run
+    # Q/DQ pairs as written, not fused into integer kernels: the values then do not depend
+    # on which tensors a session fetches (a fetched tensor blocks the fusions around it)
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    size = -(-len(names) // count)
+    for group in (names[i:i + size] for i in range(0, len(names), size)):
+        probed = runtime.session(G.with_outputs(model, group + [pairs[t] for t in group]),
+                                 ctx.providers, options)
+        exact = runtime.session(G.with_outputs(model, group, float_view=True), ctx.providers,
+                                options)
+        for piece in pieces:
+            values = runtime.run(probed, piece)
+            for t in group:
+                sums[t][:2] += Q.error_sums(values[t], values[pairs[t]])
+            dequantized = {t: values[pairs[t]] for t in group}
+            del values
+            floats = runtime.run(exact, piece)
+            for t in group:
+                sums[t][2:] += Q.error_sums(floats[t], dequantized[t])
+            del floats, dequantized
     rows = [{"tensor": t, "sqnr_db": Q.sqnr_db_of_sums(*sums[t][:2]),
              "sqnr_vs_float_db": Q.sqnr_db_of_sums(*sums[t][2:]), "range": table.get(t).range}
             for t in names]

@@ -163,13 +163,16 @@ def test_worst_tensors_are_measured_over_the_first_batches(emitted):
     rng = np.random.default_rng(0)
     heavy_net(rng)  # the fixture's draws, in order: the net, then the two batches
     batches = [{"x": inputs(rng, 16)}, {"x": inputs(rng, 16)}]
-    session = ort.InferenceSession(probed.SerializeToString(),
+    unfused = ort.SessionOptions()  # the Q/DQ pairs as written, as emit runs them
+    unfused.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(probed.SerializeToString(), unfused,
                                    providers=["CPUExecutionProvider"])
     outs = [dict(zip([o.name for o in session.get_outputs()], session.run(None, b),
                      strict=True)) for b in batches]
     exact = ort.InferenceSession(
         G.with_outputs(fakequant, [r["tensor"] for r in rows],
-                       float_view=True).SerializeToString(), providers=["CPUExecutionProvider"])
+                       float_view=True).SerializeToString(), unfused,
+        providers=["CPUExecutionProvider"])
     floats = [dict(zip([o.name for o in exact.get_outputs()], exact.run(None, b), strict=True))
               for b in batches]
     for row in rows:
@@ -596,6 +599,45 @@ def test_a_deploy_graph_slower_than_float_is_warned(tmp_path, monkeypatch):
     assert not [w for w in four.report["quantization"].get("warnings", [])
                 if w.startswith("slower")]
     assert any(n.startswith("4-bit weights") for n in four.records[-1].notes)
+
+
+def test_worst_tensors_of_uncut_single_samples_are_fetched_in_two_groups(tmp_path,
+                                                                         monkeypatch):
+    """Data of single samples is never cut (its run size is not measured): the worst-tensor
+    table then fetches its activations in two groups, so that no run fetches more than
+    calibrate's stream did (an afis fingerprint net peaked at 12.8 GB fetching them all,
+    their DQ outputs and their float values at once); the rows are the same as fetched in
+    one group."""
+    import graphq.passes.emit as E
+    from graphq.data import Pieces
+
+    rng = np.random.default_rng(9)
+    model = heavy_net(rng)
+    data = [{"x": inputs(rng, 1)} for _ in range(4)]
+    fetched: list[tuple[int, bool]] = []
+    with_outputs = E.G.with_outputs
+
+    def recording(proto, names, float_view=False, **kwargs):
+        fetched.append((len(names), float_view))
+        return with_outputs(proto, names, float_view, **kwargs)
+
+    monkeypatch.setattr(E.G, "with_outputs", recording)
+    rows = {}
+    for measured in (True, False):
+        if measured:  # as if the samples' runs were measured and fit
+            monkeypatch.setattr(Pieces, "may_exceed", lambda *a, **k: False)
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(E.G, "with_outputs", recording)
+        fetched.clear()
+        result = PassManager(passes(worst=50)).run(model, tmp_path / f"out{measured}",
+                                                   data=data)
+        rows[measured] = result.report["quantization"]["worst_tensors"]
+        table = [f for f in fetched if f != (0, False)][-4 if not measured else -2:]
+        # 6 activations: with their DQ outputs, then in the float view
+        assert table == ([(12, False), (6, True)] if measured else
+                         [(6, False), (3, True), (6, False), (3, True)]), fetched
+    assert rows[True] == rows[False] and len(rows[True]) == 6
 
 
 def test_a_timing_whose_two_ratios_disagree_is_no_slowdown(tmp_path, monkeypatch):

@@ -85,8 +85,24 @@ def session_of(source: bytes | Path, providers: list[str] | None = None,
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     source = str(source) if isinstance(source, Path) else source
-    return ort.InferenceSession(source, options,
-                                providers=providers or ["CPUExecutionProvider"])
+    providers = providers or ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(source, options, providers=providers)
+    except Exception as exc:
+        if options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            raise
+        # onnxruntime's layout optimizations (ORT_ENABLE_ALL) have failed on valid graphs:
+        # a terrain UNet's float view with its 933 activations as outputs lost a Conv
+        # output ("Failed to find node output ... producing output"); the same values come
+        # from the graph optimized one level less
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        try:
+            sess = ort.InferenceSession(source, options, providers=providers)
+        except Exception:  # noqa: BLE001 -- the first error is the one to report
+            raise exc from None
+        log.info("onnxruntime's full graph optimization failed (%s); the session runs the "
+                 "graph optimized one level less", str(exc).strip().splitlines()[0][:200])
+        return sess
 
 
 @contextlib.contextmanager

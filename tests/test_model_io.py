@@ -455,3 +455,38 @@ def test_sort_nodes_orders_a_graph_and_its_branches_in_place():
     assert branches == {"then_branch": ["then_a", "then_b"], "else_branch": ["else_a"]}
     onnx.checker.check_model(model, full_check=True)
     assert sort_nodes(model.graph) == 0
+
+
+def test_a_session_the_full_optimizer_fails_on_runs_optimized_one_level_less(monkeypatch,
+                                                                             caplog):
+    """onnxruntime's ORT_ENABLE_ALL optimizations failed on a valid float view (a terrain
+    UNet's, with its 933 activations as outputs: 'Failed to find node output'): the session
+    is made again at ORT_ENABLE_EXTENDED, with a log line; an error at both levels is the
+    first one."""
+    from graphq import runtime
+
+    model = conv_bn_model()
+    real = ort.InferenceSession
+    levels = []
+
+    def flaky(source, options, providers):
+        levels.append(options.graph_optimization_level)
+        if options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            raise RuntimeError("Failed to find node output or a constant initializer")
+        return real(source, options, providers=providers)
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", flaky)
+    with caplog.at_level("INFO", logger="graphq"):
+        sess = runtime.session(model)
+    assert levels == [ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                      ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED]
+    assert "full graph optimization failed (Failed to find node output" in caplog.text
+    x = np.random.default_rng(1).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    assert sess.run(None, {sess.get_inputs()[0].name: x})[0].shape[0] == 1
+
+    def broken(source, options, providers):
+        raise RuntimeError(f"bad at {options.graph_optimization_level}")
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", broken)
+    with pytest.raises(RuntimeError, match="ORT_ENABLE_ALL"):
+        runtime.session(model)

@@ -582,6 +582,35 @@ def selection_sources(graph: gs.Graph) -> dict[str, list[gs.Tensor]]:
     return found
 
 
+#: ops whose output jumps where a float input crosses a value: a comparison (a local-maximum
+#: test ``x == MaxPool(x)``), a sign, an arctangent of a ratio (tf2onnx's atan2)
+STEPPING = ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sign", "Atan")
+
+
+def steps_after_quantized(graph: gs.Graph, output: str) -> list[str]:
+    """The :data:`STEPPING` ops (op types, in no order) that the graph output ``output`` is
+    computed through after the last quantized tensors before it (a walk back that stops at
+    DequantizeLinear outputs, constants and graph inputs), where a computed float tensor
+    enters them: there the small error of the tensors before flips values near the step,
+    and the output's SQNR says more about those flips than about the error."""
+    tensors = graph.tensors()
+    start = tensors.get(output)
+    found: set[str] = set()
+    stack, seen = [start] if start is not None else [], set()
+    while stack:
+        tensor = stack.pop()
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or id(node) in seen or node.op == "DequantizeLinear":
+            continue
+        seen.add(id(node))
+        if node.op in STEPPING and any(
+                t.inputs and t.inputs[0].op != "Constant" and _maybe_float(t)
+                for t in node.inputs):
+            found.add(node.op)
+        stack.extend(t for t in node.inputs if not isinstance(t, gs.Constant))
+    return sorted(found)
+
+
 def _maybe_float(tensor: gs.Tensor) -> bool:
     """Whether ``tensor`` is float or of a type the graph does not say."""
     dtype = element_type(tensor)

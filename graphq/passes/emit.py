@@ -104,7 +104,7 @@ class Emit(Pass):
         for line in summary_lines(report):
             log.info("%s", line)
         four_bit = any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight"))
-        notes = self._judge(report) + ([] if four_bit else
+        notes = self._judge(report, model) + ([] if four_bit else
                                          _judge_speed(report, deploy, ctx.providers))
         ctx.report["quantization"] = report
         ctx.artifacts["report.md"] = render_markdown(report)
@@ -160,7 +160,7 @@ class Emit(Pass):
             report["latency_ms"]["samples"] = samples_in(feed, float_model)
         return report
 
-    def _judge(self, report: dict[str, Any]) -> list[str]:
+    def _judge(self, report: dict[str, Any], model: onnx.ModelProto) -> list[str]:
         """Outputs below ``warn_sqnr_db``: a warning each (log, report, note); below
         ``require_sqnr_db``: a PassError."""
         low = {k: f["sqnr_db"] for k, f in (report.get("outputs") or {}).items()
@@ -180,9 +180,17 @@ class Emit(Pass):
         if failed:
             raise PassError(f"output SQNR against the float model below require_sqnr_db "
                             f"{self.options.require_sqnr_db:g} dB on {where}: {shown}; {advice}")
+        graph = G.import_graph(model)
+        bases = dict.fromkeys(k.split("[")[0] for k in low)  # a concatenated output's parts
+        stepped = {k: ops for k in bases if (ops := G.steps_after_quantized(graph, k))}
+        steps = "".join(
+            f"; '{k}' is computed through {'/'.join(ops)} after its last quantized tensors: "
+            "values near such a step flip with small errors, which its SQNR counts in full "
+            "(judge it by the task: calibrate's auto_metric scores with your own function)"
+            for k, ops in stepped.items())
         warning = (f"low fidelity: output SQNR against the float model on {where}: {shown} "
                    f"(below warn_sqnr_db {self.options.warn_sqnr_db:g} dB): the int8 graph may "
-                   f"not be usable; {advice}")
+                   f"not be usable{steps}; {advice}")
         log.warning("%s", warning)
         report.setdefault("warnings", []).append(warning)
         return [warning]

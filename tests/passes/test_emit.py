@@ -895,3 +895,40 @@ def test_a_deploy_graph_larger_than_the_float_model_is_said_so():
     assert line.startswith("size: float 1.00 MiB -> deploy 1.10 MiB (1.10x LARGER than the "
                            "float model: int32 biases, scales and the weights of ops left "
                            "float outweigh"), line
+
+
+def test_a_low_output_computed_through_a_step_is_said_to_be(tmp_path):
+    """An output computed through a comparison after its quantized tensors (a local-maximum
+    test, x * (x == MaxPool(x)), as a fingerprint net's minutia map is): its values flip
+    where the error moves a value across the step, so its SQNR reads low while the values
+    that pass the test stay close; the low-fidelity warning says which ops do it and points
+    to judging by the task. A plain output has no such words."""
+    rng = np.random.default_rng(12)
+    inits = {"w": rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["m"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Equal", ["m", "c"], ["peak"]),
+             helper.make_node("Cast", ["peak"], ["peakf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["c", "peakf"], ["y"])]
+    model = onnx.shape_inference.infer_shapes(make_model(
+        nodes, [tensor("x", ["N", 4, 16, 16])], [tensor("y", ["N", 4, 16, 16])], inits))
+    data = [{"x": rng.normal(0, 1, (8, 4, 16, 16)).astype(np.float32)}]
+    result = PassManager(passes(warn_sqnr_db=60.0)).run(model, tmp_path / "out", data=data)
+    (warning,) = [w for w in result.report["quantization"]["warnings"]
+                  if w.startswith("low fidelity")]
+    assert "'y' is computed through Equal after its last quantized tensors: values near " \
+           "such a step flip with small errors" in warning, warning
+    assert "calibrate's auto_metric" in warning
+    plain = PassManager(passes(warn_sqnr_db=60.0)).run(heavy_net(rng), tmp_path / "plain",
+                                                      data=[{"x": inputs(rng, 8)}])
+    (warning,) = [w for w in plain.report["quantization"]["warnings"]
+                  if w.startswith("low fidelity")]
+    assert "computed through" not in warning
+    # a comparison of a graph input (an attention mask's ids) is no such step
+    mask = make_model([helper.make_node("Equal", ["ids", "zero"], ["pad"]),
+                       helper.make_node("Where", ["pad", "low", "x"], ["y"])],
+                      [tensor("ids", ["N", 8], TensorProto.INT64), tensor("x", ["N", 8])],
+                      [tensor("y", ["N", 8])],
+                      {"zero": np.array(0, np.int64), "low": np.array(-1e4, np.float32)})
+    assert G.steps_after_quantized(G.import_graph(mask), "y") == []
+    assert G.steps_after_quantized(G.import_graph(model), "y") == ["Equal"]

@@ -799,7 +799,8 @@ class _Planner:
             log.warning("%d compute op(s) stay float, %s: they compute in float16: %s",
                         len(self.half), _first(self.half), HALF)
         if self.recurrent:
-            log.warning("%s stay float: %s", _first(self.recurrent), RECURRENT_WHY)
+            log.warning("%s %s float: %s", _first(self.recurrent),
+                        "stays" if len(self.recurrent) == 1 else "stay", RECURRENT_WHY)
 
 
 def _half(tensor: gs.Tensor) -> bool:

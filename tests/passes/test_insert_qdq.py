@@ -1474,10 +1474,10 @@ def test_float16_ops_stay_float_with_the_reason():
         insert(half_mlp(np.random.default_rng(27), first_half=True))
 
 
-def test_recurrent_weights_are_recorded_float_and_named_when_nothing_else_is():
+def test_recurrent_weights_are_recorded_float_and_named_when_nothing_else_is(caplog):
     """ONNX LSTM/GRU weights are not quantized: they go into the table, kept float with the
-    reason (a note too), so the record accounts for them; a graph of one GRU alone is a
-    config error that names it instead of saying it has no MatMul."""
+    reason (a note too, and one warning), so the record accounts for them; a graph of one
+    GRU alone is a config error that names it instead of saying it has no MatMul."""
     rng = np.random.default_rng(28)
     hidden, feat = 4, 8
     gru_inits = {"W": rng.normal(0, 0.3, (1, 3 * hidden, feat)).astype(np.float32),
@@ -1492,8 +1492,10 @@ def test_recurrent_weights_are_recorded_float_and_named_when_nothing_else_is():
         insert(alone)
     head = {"Wo": rng.normal(0, 0.3, (hidden, 3)).astype(np.float32)}
     nodes = [gru, helper.make_node("MatMul", ["h", "Wo"], ["y"], name="head")]
-    result, table = insert(build(nodes, [tensor("x", [5, 2, feat])],
-                                 [tensor("y", [1, 2, 3])], {**gru_inits, **head}))
+    with caplog.at_level("WARNING", logger="graphq"):
+        result, table = insert(build(nodes, [tensor("x", [5, 2, feat])],
+                                     [tensor("y", [1, 2, 3])], {**gru_inits, **head}))
+    assert "GRU 'gru' stays float: graphq does not quantize recurrent ops" in caplog.text
     assert "Wo" in quantized(table)
     for name in ("W", "R", "B"):
         entry = table.get(name)

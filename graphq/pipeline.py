@@ -191,6 +191,13 @@ class PassManager:
             raise ConfigError(f"the output {final_path} would overwrite the input model; "
                               "choose another output folder with -o")
         _check_input(proto, source)
+        for i, p in enumerate(self.passes):  # what a later pass would refuse, before any runs
+            try:
+                p.precheck(proto)
+            except GraphqError as exc:
+                exc.args = (f"pass '{p.name}' (step {i + 1}, checked before any pass ran): "
+                            f"{exc}",)
+                raise
         ctx = PassContext(
             providers=runtime.resolve_providers(providers or self.settings.providers,
                                                 self.settings.fallback),

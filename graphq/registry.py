@@ -103,6 +103,11 @@ class Pass(ABC):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         """Rewrite ``model`` (a proto the pass may modify) and say what changed."""
 
+    def precheck(self, model: onnx.ModelProto) -> None:
+        """Refuse, before any pass of the pipeline runs, an input this pass will refuse
+        whatever the passes before it do (raise a GraphqError); by default nothing."""
+        return None
+
     def to_table(self) -> dict[str, Any]:
         return {"name": self.name, **opts.to_table(self.options)}
 

@@ -258,6 +258,22 @@ def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np
     return dict(zip(names, sess.run(names, feed), strict=True))
 
 
+def _as_array(value: object) -> np.ndarray | None:
+    """A non-tensor output as an array where it is one in disguise: ZipMap's list of
+    {label: probability} dicts (each row by its sorted labels), a sequence of equal-shaped
+    tensors (stacked); else None."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        keys = sorted(value[0])
+        if all(sorted(v) == keys for v in value):
+            return np.array([[v[k] for k in keys] for v in value], np.float64)
+    if isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+        if len({v.shape for v in value}) == 1:
+            return np.stack(value)
+    return None
+
+
 @dataclass
 class OutputDiff:
     """How far one output is from its reference."""
@@ -282,6 +298,13 @@ def compare(ref: dict[str, np.ndarray], out: dict[str, np.ndarray],
             diffs.append(OutputDiff(name, np.inf, 0.0, False, "output is missing"))
             continue
         o = out[name]
+        if not isinstance(r, np.ndarray) or not isinstance(o, np.ndarray):
+            r, o = _as_array(r), _as_array(o)
+            if r is None or o is None:
+                same = bool(out[name] == ref[name])
+                diffs.append(OutputDiff(name, 0.0 if same else np.inf, 0.0, same,
+                                        "" if same else "non-tensor output differs"))
+                continue
         if o.shape != r.shape:
             diffs.append(OutputDiff(name, np.inf, 0.0, False, f"shape {o.shape} != {r.shape}"))
             continue

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 from graphq import cli
 from tests.helpers import make_model, run, tensor
@@ -182,7 +182,10 @@ def test_nothing_quantizable_exits_2_with_a_clear_message(tmp_path, capsys):
     onnx.save(model, tmp_path / "act.onnx")
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(4).normal(size=(8, 5)))
     err = run_failing(tmp_path, capsys, tmp_path / "act.onnx", tmp_path / "calib.npz", 2)
-    assert "pass 'insert-qdq'" in err and "nothing in this model can be quantized" in err
+    # refused before canonicalize and fold-bn run (a large tree ensemble spent 82 s there)
+    assert "pass 'insert-qdq' (step 3, checked before any pass ran): nothing in this model " \
+           "can be quantized" in err, err
+    assert "canonicalize:" not in err
 
 
 def test_no_data_exits_2(tmp_path, net, capsys):
@@ -345,3 +348,35 @@ def test_int8_on_an_unsorted_graph_with_a_string_table_output(tmp_path, capsys):
     want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(out / "g2p.deploy.onnx")).run(None, {"x": x})[0]
     assert got.dtype == object and (got == want).mean() > 0.9
+
+
+def test_a_zipmap_classifier_is_verified_and_refused_before_any_pass(tmp_path, capsys):
+    """A scikit-learn / LightGBM style classifier (ai.onnx.ml LinearClassifier whose
+    probabilities ZipMap turns into a list of {label: probability}): the verifier compares
+    that list as rows of probabilities (it had failed on it with an internal error), and the
+    int8 preset refuses the model, which has nothing to quantize, before any pass runs."""
+    ml = helper.make_opsetid("ai.onnx.ml", 1)
+    nodes = [helper.make_node("LinearClassifier", ["x"], ["label", "probs"], domain="ai.onnx.ml",
+                              classlabels_ints=[0, 1, 2], coefficients=list(
+                                  np.random.default_rng(5).normal(size=12)),
+                              intercepts=[0.1, -0.2, 0.0], post_transform="SOFTMAX"),
+             helper.make_node("ZipMap", ["probs"], ["probabilities"], domain="ai.onnx.ml",
+                              classlabels_int64s=[0, 1, 2])]
+    zipped = helper.make_sequence_type_proto(helper.make_map_type_proto(
+        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    graph = helper.make_graph(nodes, "clf", [tensor("x", ["N", 4])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+                               helper.make_value_info("probabilities", zipped)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), ml])
+    model.ir_version = 8
+    path = tmp_path / "clf.onnx"
+    onnx.save(model, path)
+    from graphq.passes.canonicalize import Canonicalize
+    from graphq.pipeline import PassManager
+
+    result = PassManager([Canonicalize()]).run(path, tmp_path / "prepared")
+    assert result.records[0].verified  # the zipped probabilities compared row by row
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(6).normal(size=(8, 4)))
+    err = run_failing(tmp_path, capsys, path, tmp_path / "calib.npz", 2)
+    assert "checked before any pass ran): nothing in this model can be quantized" in err
+    assert "it holds LinearClassifier x1, ZipMap x1" in err

@@ -370,7 +370,6 @@ class Pieces:
         per_sample = self.ratio * _input_bytes(feed) / n
         return list(_cut(feed, axes, n, int(RUN_BYTES * share // max(per_sample, 1.0))))
 
-
     def may_exceed(self, feed: Feed, share: float = 1.0) -> bool:
         """Whether a run of ``feed`` (a piece :meth:`split` gave) may make more than ``share``
         of ``RUN_BYTES``: by the measured ratio, or unknown (True) where nothing was measured,

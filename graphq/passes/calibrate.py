@@ -790,8 +790,8 @@ def placement_scores(reference: onnx.ModelProto, placements: list[onnx.ModelProt
     """The worst output SQNR (dB; each part of a concatenated output apart) against the float
     ``reference`` on ``feeds`` of each of ``placements``: insert-qdq's graphs of one model,
     each quantizing a subset of the first's activations (a longer float prefix), all
-    calibrated alike: the first by this pass (percentile) on ``feeds``, the others with its
-    scales for the activations they quantize. insert-qdq's float_prefix_search weighs the
+    calibrated alike: the first by this pass (percentile) on ``feeds``, each with those
+    scales for the activations it quantizes. insert-qdq's float_prefix_search weighs the
     prefixes it timed by these scores."""
     first = Calibrate().run(placements[0], dataclasses.replace(ctx, data=DataSource(feeds)))
     calibrated = QuantTable.required(first.model, "calibrate", "placement_scores")
@@ -803,15 +803,19 @@ def placement_scores(reference: onnx.ModelProto, placements: list[onnx.ModelProt
         return [runtime.run(sess, feed) for feed in runs]
 
     expected = outputs(reference)
-    return [scorer(expected, outputs(first.model if i == 0 else _scaled(placed, calibrated)),
-                   f"float prefix placement {i}") for i, placed in enumerate(placements)]
+    scores = []
+    for i, placed in enumerate(placements):
+        table = _with_scales(QuantTable.required(placed, "insert-qdq", "placement_scores"),
+                             calibrated)
+        scoring = _ScoringGraph(placed, G.import_graph(placed), table)
+        scores.append(scorer(expected, outputs(scoring.model(table)),
+                             f"float prefix placement {i}"))
+    return scores
 
 
-def _scaled(model: onnx.ModelProto, calibrated: QuantTable) -> onnx.ModelProto:
-    """``model`` (Q/DQ pairs from insert-qdq) with the activation scales of ``calibrated``
-    (another placement's table, calibrated): an activation it has no scale for stays float;
-    int32 biases."""
-    table = QuantTable.required(model, "insert-qdq", "placement_scores")
+def _with_scales(table: QuantTable, calibrated: QuantTable) -> QuantTable:
+    """``table`` (another placement's, from insert-qdq) with the activation scales of
+    ``calibrated``: an activation it has none for stays float. In place; returns it."""
     for entry in table.quantized("activation"):
         if _shared_source(entry) is not None or entry.method == "constant":
             continue
@@ -819,14 +823,10 @@ def _scaled(model: onnx.ModelProto, calibrated: QuantTable) -> onnx.ModelProto:
         if source is None or not source.quantized:
             entry.quantized, entry.scale, entry.zero_point = False, None, None
         else:
-            entry.scale, entry.zero_point, entry.range = source.scale, source.zero_point, \
-                source.range
+            entry.scale, entry.zero_point = source.scale, source.zero_point
+            entry.range = source.range
     _follow_sources(table)
-    graph = G.import_graph(model)
-    _apply(graph, table)
-    quantize_biases(graph, table)
-    graph.cleanup().toposort()
-    return G.export(graph, like=model)
+    return table
 
 
 class _ScoringGraph:

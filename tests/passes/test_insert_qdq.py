@@ -19,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphq import cli, latency, runtime
+from graphq import graph as G
 from graphq.data import DataSource
 from graphq.errors import ConfigError, ModelError, PassError
 from graphq.passes.calibrate import Calibrate
@@ -1036,7 +1037,8 @@ def test_placement_scores_calibrates_the_placements_alike():
     assert all(np.isfinite(scores)) and scores[1] > scores[0] + 6, scores
     # the second placement's score is its graph with the first's calibrated scales
     first = Calibrate().run(placed[0], ctx).model
-    second = calibrate._scaled(placed[1], QuantTable.of(first))
+    scaled = calibrate._with_scales(QuantTable.of(placed[1]), QuantTable.of(first))
+    second = calibrate._ScoringGraph(placed[1], G.import_graph(placed[1]), scaled).model(scaled)
     onnx.checker.check_model(second, full_check=True)
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = ort.InferenceSession(second.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -160,6 +160,15 @@ def subgraph_protos(node: onnx.NodeProto) -> list[onnx.GraphProto]:
             for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
 
 
+def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and the graphs nested in its nodes' attributes, outermost first:
+    :func:`graphs` for protos."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraph_protos(node):
+            yield from graph_protos(sub)
+
+
 def names_made(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name the graph's nodes write, inside subgraphs too (with the
     subgraphs' inputs and initializers)."""

@@ -864,7 +864,7 @@ class _ScoringGraph:
                                    dq.inputs[0].name, dq.inputs[1].name))
         self.key = (self._placement(table), self._fits(table))
         self.proto = G.export(view.cleanup().toposort(), like=self.source)
-        inits = {t.name: t for g in _graph_protos(self.proto.graph) for t in g.initializer}
+        inits = {t.name: t for g in G.graph_protos(self.proto.graph) for t in g.initializer}
         wanted = [n for s, z, _ in self.pairs.values() for n in (s, z)]
         wanted += [n for *_, ints, scale in self.sites for n in (ints, scale)]
         self.patchable = (len(self.nodes) == len(G.nodes(self.graph))  # names unique
@@ -907,14 +907,6 @@ class _ScoringGraph:
 
     def _write(self, name: str, values: np.ndarray) -> None:
         self.inits[name].CopyFrom(onnx.numpy_helper.from_array(values, name))
-
-
-def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and the graphs nested in its nodes' attributes."""
-    yield graph
-    for node in graph.node:
-        for sub in G.subgraph_protos(node):
-            yield from _graph_protos(sub)
 
 
 class _Scorer:

@@ -322,7 +322,8 @@ class InsertQDQ(Pass):
         """A model without any op insert-qdq quantizes or reads a table of (in any graph,
         Loop bodies too) is refused before the passes before it run (a 31 MB LightGBM
         ensemble took 82 s of canonicalize to be told so)."""
-        if not _proto_ops(model.graph) & {*COMPUTE, *TABLES, *RECURRENT}:
+        ops = {n.op_type for g in G.graph_protos(model.graph) for n in g.node}
+        if not ops & {*COMPUTE, *TABLES, *RECURRENT}:
             raise ConfigError("nothing in this model can be quantized: "
                               f"{_why_nothing(G.import_graph(model))}")
 
@@ -810,17 +811,6 @@ class _Planner:
         if self.recurrent:
             log.warning("%s %s float: %s", _first(self.recurrent),
                         "stays" if len(self.recurrent) == 1 else "stay", RECURRENT_WHY)
-
-
-def _proto_ops(graph: onnx.GraphProto) -> set[str]:
-    """The op types of ``graph`` and of the graphs nested in its nodes' attributes."""
-    ops = set()
-    for node in graph.node:
-        ops.add(node.op_type)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                ops |= _proto_ops(sub)
-    return ops
 
 
 def _half(tensor: gs.Tensor) -> bool:

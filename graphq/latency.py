@@ -10,6 +10,7 @@ captures. ``emit`` times the float and deploy graphs for the report the same way
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -102,3 +103,10 @@ def longest_within(seconds: Sequence[float], margin: float) -> int:
     precision) for at most that much speed."""
     best = min(seconds)
     return max(i for i, s in enumerate(seconds) if s <= best * (1.0 + margin))
+
+
+def speed_db(ratio: float, db_per_2x: float) -> float:
+    """The dB of output SQNR that running ``ratio`` times faster (or slower) is worth at
+    ``db_per_2x`` dB per 2x: the exchange rate of calibrate's auto_speed_db and insert-qdq's
+    float_prefix_speed_db."""
+    return db_per_2x * math.log2(ratio)

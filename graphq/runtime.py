@@ -64,6 +64,14 @@ def resolve_providers(asked: list[str], fallback: bool = False) -> list[str]:
     return chosen
 
 
+def quiet_options() -> ort.SessionOptions:
+    """Session options with onnxruntime's own log limited to errors (graphq says what
+    matters)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
 def session(model: onnx.ModelProto, providers: list[str] | None = None,
             options: ort.SessionOptions | None = None, *, spinning: bool = True
             ) -> ort.InferenceSession:
@@ -79,8 +87,7 @@ def session_of(source: bytes | Path, providers: list[str] | None = None,
     its threads from busy-waiting between runs, for work that alternates with other compute
     on the same cores (a teacher model between training steps)."""
     if options is None:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = quiet_options()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -127,8 +134,7 @@ def float_islands(model: onnx.ModelProto, providers: list[str] | None = None
     a QuantizeLinear): what its integer fusions left out. None where the optimized graph
     cannot be had."""
     with tempfile.TemporaryDirectory(prefix="graphq-") as tmp:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = quiet_options()
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         try:
             session(model, providers, options)

@@ -62,3 +62,10 @@ def test_medians_rank_by_paired_ratios(monkeypatch):
     assert other / base == pytest.approx(2.0, rel=0.4)
     assert first.runs == second.runs == latency.DECISION_ROUNDS + 2
 
+
+
+def test_speed_db_is_the_exchange_rate_per_doubling():
+    assert latency.speed_db(2.0, 1.0) == pytest.approx(1.0)
+    assert latency.speed_db(4.0, 1.5) == pytest.approx(3.0)
+    assert latency.speed_db(0.5, 1.0) == pytest.approx(-1.0)
+    assert latency.speed_db(1.7, 0.0) == 0.0

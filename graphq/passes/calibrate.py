@@ -580,7 +580,7 @@ class Calibrate(Pass):
             # auto_metric's units are the user's: no exchange rate applies to them
             rate = self.options.auto_speed_db if scorer.function is None else 0.0
             speedup, timed = 0.0, ""
-            if rate and score - all_score - scorer.margin <= rate * math.log2(MAX_SPEEDUP):
+            if rate and score - all_score - scorer.margin <= latency.speed_db(MAX_SPEEDUP, rate):
                 speedup = self.options.min_sqnr_speedup
                 if speedup:
                     timed = f"; quantized it runs {speedup:.2f}x the speed (min_sqnr_speedup)"
@@ -591,7 +591,7 @@ class Calibrate(Pass):
             elif rate:
                 timed = (f"; not timed: at auto_speed_db {rate:g} per 2x the loss needs more "
                          f"than {MAX_SPEEDUP:g}x the speed")
-            credit = rate * math.log2(speedup) if speedup > 1 else 0.0
+            credit = latency.speed_db(speedup, rate) if speedup > 1 else 0.0
             if score > all_score + scorer.margin + credit:
                 note = (f"min_sqnr_db keeps {len(gated)} activation(s) float ({names}): "
                         f"{scorer.show(score)} against {scorer.show(all_score)} with them "

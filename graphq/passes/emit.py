@@ -27,7 +27,6 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from graphq import graph as G
 from graphq import latency, qoperator, runtime
@@ -424,8 +423,7 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
     pieces = [piece for feed in feeds for piece in ctx.split(feed, model, share=0.25)]
     count = 2 if any(ctx.pieces.may_exceed(piece, 0.25) for piece in pieces) else 1
     sums = {t: np.zeros(4) for t in names}  # own signal, own noise, float signal, float noise
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = runtime.quiet_options()
     options.enable_cpu_mem_arena = False  # the fetched tensors' memory goes back after a run
     # Q/DQ pairs as written, not fused into integer kernels: the values then do not depend
     # on which tensors a session fetches (a fetched tensor blocks the fusions around it)

@@ -52,7 +52,6 @@ input, so the session does not load (onnxruntime 1.31.1, CPU).
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -443,7 +442,7 @@ class InsertQDQ(Pass):
         scores = dict(zip([k, *longer], placement_scores(
             model, [placed[j] for j in (k, *longer)], feeds, ctx), strict=True))
         rate = self.options.float_prefix_speed_db
-        value = {j: min(s, PREFIX_ENOUGH_DB) - rate * math.log2(seconds[j] / seconds[k])
+        value = {j: min(s, PREFIX_ENOUGH_DB) - latency.speed_db(seconds[j] / seconds[k], rate)
                  for j, s in scores.items()}
         best = max(value, key=lambda j: (value[j], j))
         listing = ", ".join(f"{j} float {s:.1f} dB" for j, s in scores.items())

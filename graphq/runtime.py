@@ -85,7 +85,9 @@ def session_of(source: bytes | Path, providers: list[str] | None = None,
                ) -> ort.InferenceSession:
     """An onnxruntime session of serialized bytes or a model file. ``spinning=False`` stops
     its threads from busy-waiting between runs, for work that alternates with other compute
-    on the same cores (a teacher model between training steps)."""
+    on the same cores (a teacher model between training steps). Where onnxruntime's full
+    graph optimization fails, the session is made one level less optimized (``options`` is
+    left at that level)."""
     if options is None:
         options = quiet_options()
     if not spinning:

@@ -31,12 +31,17 @@ write it below opset 20) becomes one ``Gelu`` (opset 20), where the opset is 20 
 graph, but not once its input is quantized: it gives each reader of a DequantizeLinear its own
 copy, so the two readers of ``x`` no longer share one tensor, and the int8 graph runs two
 dequantizations and five float ops where the float graph runs one kernel. Before onnxsim,
-whose fusion of a Mul into the next Conv would take the ``* 0.5`` away.
+whose fusion of a Mul into the next Conv would take the ``* 0.5`` away. Then HardSwish
+written out, ``x * Clip(x + 3, 0, 6) / 6`` (paddle2onnx's PP-OCR and PP-LCNet models, older
+PyTorch exports), becomes ``x * HardSigmoid(x; 1/6, 1/2)``, and ``Clip(x + 3, 0, 6) / 6``
+alone ``HardSigmoid``: the same values in 2 ops instead of 4, and the form insert-qdq runs as
+a QLinearAdd and a QLinearMul once quantized (4 float ops between integer ones otherwise).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,6 +84,10 @@ class CanonicalizeOptions:
                 "opset is 20 or more, 'raise-opset' also raises the opset to 20 for it when the "
                 "graph has one, 'off' (onnxruntime runs the Erf form as 5 ops and 2 "
                 "dequantizations once its input is quantized, Gelu as one kernel)"})
+    fuse_hard_swish: bool = field(default=True, metadata={
+        "help": "rewrite x * Clip(x + 3, 0, 6) / 6 as x * HardSigmoid(x) (and Clip(x + 3, 0, "
+                "6) / 6 as HardSigmoid): the same values in 2 ops instead of 4, which "
+                "insert-qdq then runs as QLinearAdd and QLinearMul"})
     infer_shapes: bool = field(default=True, metadata={"help": "run ONNX shape inference"})
 
 
@@ -114,6 +123,9 @@ class Canonicalize(Pass):
             counts["gelus_fused"] = fused
             changed |= fused > 0
             notes += [note] if note else []
+        if o.fuse_hard_swish:
+            counts["hard_swishes_fused"] = _hard_swishes_to_ops(model.graph)
+            changed |= counts["hard_swishes_fused"] > 0
         if o.simplify:
             notes += _rank_shapeless_outputs(model)  # onnxsim checks the graph first
             simplified, why = _simplify(model)
@@ -276,48 +288,63 @@ def _fuse_gelus(model: onnx.ModelProto, raise_opset: bool
 
 
 @dataclass
-class _Gelu:
+class _Found:
+    """A pattern of the main graph: ``nodes`` compute ``y`` from ``x``; ``name`` is its last
+    node's."""
+
     x: str
     y: str
     name: str
     nodes: list[onnx.NodeProto]
+    swish: bool = False  #: a HardSwish pattern (else a HardSigmoid one)
 
 
-def _erf_gelus(graph: onnx.GraphProto) -> list[_Gelu]:
-    """Each ``x * 0.5 * (1 + erf(x / sqrt(2)))`` of the main graph, in the orders exporters
-    write it: ``Mul(Mul(x, 1 + erf), 0.5)``, ``Mul(Mul(x, 0.5), 1 + erf)``,
-    ``Mul(x, Mul(1 + erf, 0.5))`` (``x / sqrt(2)`` also as ``x * (1 / sqrt(2))``); the
-    tensors between ``x`` and the result have no reader outside it and are no graph output."""
-    consts = {t.name: t for t in graph.initializer}
-    consts.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant"
-                   for a in n.attribute if a.name == "value"})
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    # graph outputs and what the subgraphs (If branches) read from this scope stay
-    outputs = {o.name for o in graph.output}
-    for node in graph.node:
-        for sub in G.subgraph_protos(node):
-            outputs |= G.names_read(sub)
+class _Uses:
+    """The main graph's constants, producers and readers, to match patterns with: the
+    tensors inside a pattern have no reader outside it, and are no graph output nor read by
+    a subgraph (If branches)."""
 
-    def scalar(name: str, value: float) -> bool:
-        t = consts.get(name)
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.consts = {t.name: t for t in graph.initializer}
+        self.consts.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant"
+                            for a in n.attribute if a.name == "value"})
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in graph.output}
+        for node in graph.node:
+            for sub in G.subgraph_protos(node):
+                self.outputs |= G.names_read(sub)
+
+    def scalar(self, name: str, value: float) -> bool:
+        t = self.consts.get(name)
         v = numpy_helper.to_array(t) if t is not None else None
         return v is not None and v.size == 1 and v.dtype.kind == "f" and \
             abs(float(v.reshape(-1)[0]) - value) <= 1e-4 * abs(value)
 
+    @staticmethod
     def other(node: onnx.NodeProto, name: str) -> str | None:
         """The other input of a two-input node that reads ``name``."""
         ins = list(node.input)
         return ins[1 - ins.index(name)] if len(ins) == 2 and name in ins else None
 
-    def only_reader(name: str, op: str) -> onnx.NodeProto | None:
-        users = readers.get(name, [])
-        ok = len(users) == 1 and users[0].op_type == op and name not in outputs
+    def only_reader(self, name: str, *ops: str) -> onnx.NodeProto | None:
+        """The one reader of ``name``, if its op is one of ``ops`` and ``name`` is inner."""
+        users = self.readers.get(name, [])
+        ok = len(users) == 1 and users[0].op_type in ops and name not in self.outputs
         return users[0] if ok and users[0].domain in ("", "ai.onnx") else None
 
+
+def _erf_gelus(graph: onnx.GraphProto) -> list[_Found]:
+    """Each ``x * 0.5 * (1 + erf(x / sqrt(2)))`` of the main graph, in the orders exporters
+    write it: ``Mul(Mul(x, 1 + erf), 0.5)``, ``Mul(Mul(x, 0.5), 1 + erf)``,
+    ``Mul(x, Mul(1 + erf, 0.5))`` (``x / sqrt(2)`` also as ``x * (1 / sqrt(2))``); the
+    tensors between ``x`` and the result have no reader outside it and are no graph output."""
+    u = _Uses(graph)
+    producer, readers, outputs = u.producer, u.readers, u.outputs
+    scalar, other, only_reader = u.scalar, u.other, u.only_reader
     found = []
     for erf in graph.node:
         if erf.op_type != "Erf" or erf.domain not in ("", "ai.onnx"):
@@ -356,26 +383,90 @@ def _erf_gelus(graph: onnx.GraphProto) -> list[_Gelu]:
                 continue
             last = mul
             nodes = [scaled, erf, add, half, mul]
-        found.append(_Gelu(x, last.output[0], last.name, nodes))
+        found.append(_Found(x, last.output[0], last.name, nodes))
     return found
 
 
 def _gelus_to_op(graph: onnx.GraphProto) -> int:
     """Replace each GELU :func:`_erf_gelus` finds by one ``Gelu`` (its last node's name and
     output, in that node's place). Returns how many."""
-    found = _erf_gelus(graph)
+    return _replace(graph, _erf_gelus(graph), lambda gelu: [helper.make_node(
+        "Gelu", [gelu.x], [gelu.y], name=gelu.name or f"Gelu_{gelu.y}")])
+
+
+def _hard_swishes(graph: onnx.GraphProto) -> list[_Found]:
+    """Each ``x * Clip(x + 3, 0, 6) / 6`` of the main graph (HardSwish as paddle2onnx and
+    older PyTorch exports write it; ``/ 6`` also as ``* (1 / 6)``, after the product with
+    ``x`` or before it), and each ``Clip(x + 3, 0, 6) / 6`` read otherwise (HardSigmoid);
+    the tensors inside have no reader outside it and are no graph output."""
+    u = _Uses(graph)
+
+    def sixth(node: onnx.NodeProto | None, name: str) -> bool:
+        """``node`` divides ``name`` by 6, or multiplies it by 1/6."""
+        return node is not None and (
+            (node.op_type == "Div" and list(node.input) == [name, node.input[1]]
+             and u.scalar(node.input[1], 6.0))
+            or (node.op_type == "Mul" and u.scalar(u.other(node, name) or "", 1 / 6)))
+
+    found = []
+    for clip in graph.node:
+        if clip.op_type != "Clip" or clip.domain not in ("", "ai.onnx") or len(clip.input) != 3 \
+                or not (u.scalar(clip.input[1], 0.0) and u.scalar(clip.input[2], 6.0)):
+            continue
+        add = u.producer.get(clip.input[0])
+        if add is None or add.op_type != "Add" or u.only_reader(clip.input[0], "Clip") is None:
+            continue
+        x = next((i for i in add.input if u.scalar(u.other(add, i) or "", 3.0)), None)
+        first = u.only_reader(clip.output[0], "Mul", "Div")
+        if x is None or first is None:
+            continue
+        if first.op_type == "Mul" and u.other(first, clip.output[0]) == x:
+            last = u.only_reader(first.output[0], "Mul", "Div")
+            if sixth(last, first.output[0]):
+                found.append(_Found(x, last.output[0], last.name, [add, clip, first, last], True))
+        elif sixth(first, clip.output[0]):
+            mul = u.only_reader(first.output[0], "Mul")
+            if mul is not None and u.other(mul, first.output[0]) == x:
+                found.append(_Found(x, mul.output[0], mul.name, [add, clip, first, mul], True))
+            else:
+                found.append(_Found(x, first.output[0], first.name, [add, clip, first]))
+    return found
+
+
+def _hard_swishes_to_ops(graph: onnx.GraphProto) -> int:
+    """Replace each pattern :func:`_hard_swishes` finds by ``HardSigmoid(x; 1/6, 1/2)``, times
+    ``x`` for a HardSwish (the last node's name and output; the HardSigmoid takes the Clip's
+    name). Returns how many."""
+    taken = {n.name for n in graph.node} | {v for n in graph.node for v in n.output}
+
+    def build(found: _Found) -> list[onnx.NodeProto]:
+        clip = found.nodes[1].name or G.fresh_name(f"{found.y}_HardSigmoid", taken)
+        gate = G.fresh_name(f"{found.y}_gate", taken) if found.swish else found.y
+        nodes = [helper.make_node("HardSigmoid", [found.x], [gate], name=clip, alpha=1 / 6,
+                                  beta=0.5)]
+        if found.swish:
+            nodes.append(helper.make_node("Mul", [found.x, gate], [found.y],
+                                          name=found.name or f"HardSwish_{found.y}"))
+        return nodes
+
+    return _replace(graph, _hard_swishes(graph), build)
+
+
+def _replace(graph: onnx.GraphProto, found: list[_Found],
+             build: Callable[[_Found], list[onnx.NodeProto]]) -> int:
+    """Replace each pattern's nodes by what ``build`` makes of it, in its last node's place
+    (after ``x``: the last node comes after the others); drop the shapes of the tensors gone
+    and the constants nothing reads any more. Returns how many."""
     if not found:
         return 0
-    replace: dict[int, onnx.NodeProto | None] = {}
-    for gelu in found:
-        for node in gelu.nodes:
-            replace[id(node)] = None
-        replace[id(gelu.nodes[-1])] = helper.make_node("Gelu", [gelu.x], [gelu.y],
-                                                       name=gelu.name or f"Gelu_{gelu.y}")
-    # each pattern's last node comes after its others: the Gelu takes its place, after x
-    nodes = [replace.get(id(n), n) for n in graph.node]
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    for pattern in found:
+        for node in pattern.nodes:
+            replace[id(node)] = []
+        replace[id(pattern.nodes[-1])] = build(pattern)
+    nodes = [m for n in graph.node for m in replace.get(id(n), [n])]
     del graph.node[:]
-    graph.node.extend(n for n in nodes if n is not None)
+    graph.node.extend(nodes)
     dropped = {o for g in found for n in g.nodes for o in n.output} - {g.y for g in found}
     keep = [v for v in graph.value_info if v.name not in dropped]
     del graph.value_info[:]

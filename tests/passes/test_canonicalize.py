@@ -367,6 +367,72 @@ def test_erf_gelu_with_other_constants_stays():
     assert op_counts(result.model)["Erf"] == 1 and result.counts["gelus_fused"] == 0
 
 
+def hard_swish_model(form: str, extra_output: str | None = None,
+                     three: float = 3.0) -> onnx.ModelProto:
+    """Conv -> HardSwish written out, x * Clip(x + 3, 0, 6) / 6 in the orders exporters write
+    it (or HardSigmoid, Clip(x + 3, 0, 6) / 6, feeding a Conv) -> Conv."""
+    rng = np.random.default_rng(11)
+    inits = {"w1": rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32),
+             "w2": rng.normal(0, 0.3, (4, 6, 1, 1)).astype(np.float32),
+             "three": np.array([three], np.float32), "zero": np.array(0.0, np.float32),
+             "six": np.array(6.0, np.float32), "sixth": np.array(1 / 6, np.float32)}
+    head = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1"),
+            helper.make_node("Add", ["c", "three"], ["a"], name="plus3"),
+            helper.make_node("Clip", ["a", "zero", "six"], ["r"], name="relu6")]
+    tail = {  # as paddle2onnx writes it; * 1/6 first; the gate alone (HardSigmoid)
+        "paddle": [helper.make_node("Mul", ["c", "r"], ["m"], name="times_x"),
+                   helper.make_node("Div", ["m", "six"], ["g"], name="hswish")],
+        "sixth-first": [helper.make_node("Mul", ["sixth", "r"], ["m"], name="by6"),
+                        helper.make_node("Mul", ["m", "c"], ["g"], name="hswish")],
+        "gate": [helper.make_node("Div", ["r", "six"], ["g"], name="hsig")],
+    }[form]
+    nodes = [*head, *tail, helper.make_node("Conv", ["g", "w2"], ["y"], name="conv2")]
+    outputs = [tensor("y", ["N", 4, 6, 6])]
+    if extra_output:
+        outputs.append(tensor(extra_output, None))
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], outputs, inits)
+
+
+@pytest.mark.parametrize("form", ["paddle", "sixth-first", "gate"])
+def test_written_out_hard_swish_becomes_hard_sigmoid_and_mul(form):
+    """x * Clip(x + 3, 0, 6) / 6 becomes x * HardSigmoid(x; 1/6, 1/2) (the Mul with the last
+    node's name and output, the HardSigmoid with the Clip's), Clip(x + 3, 0, 6) / 6 alone one
+    HardSigmoid; the constants go; the values stay (onnxruntime, within 1e-5 of the largest
+    output)."""
+    before, result = canonicalize(hard_swish_model(form), simplify=False)
+    model = result.model
+    assert result.counts["hard_swishes_fused"] == 1
+    gate = form == "gate"
+    assert [n.op_type for n in model.graph.node] == \
+        ["Conv", "HardSigmoid", *([] if gate else ["Mul"]), "Conv"]
+    hsig = model.graph.node[1]
+    assert hsig.name == "relu6" and list(hsig.input) == ["c"]
+    assert {a.name: a.f for a in hsig.attribute} == {"alpha": pytest.approx(1 / 6),
+                                                     "beta": 0.5}
+    if gate:
+        assert list(hsig.output) == ["g"]
+    else:
+        mul = model.graph.node[2]
+        assert (mul.name, list(mul.input), list(mul.output)) == \
+            ("hswish", ["c", hsig.output[0]], ["g"])
+    assert {t.name for t in model.graph.initializer} == {"w1", "w2"}
+    feed = {"x": np.random.default_rng(12).normal(0, 2, (2, 3, 8, 8)).astype(np.float32)}
+    assert_close(run(before, feed), run(model, feed), rtol=RTOL)
+
+
+@pytest.mark.parametrize("case", ["output a", "output r", "output m", "plus 2", "off"])
+def test_written_out_hard_swish_stays_where_it_is_not_one_or_is_read_elsewhere(case):
+    """A tensor inside the pattern that is also a graph output keeps the written-out form;
+    so does Clip(x + 2, 0, 6) / 6, which is not HardSwish; fuse_hard_swish = false keeps
+    it too."""
+    kind, _, arg = case.partition(" ")
+    model = hard_swish_model("paddle", extra_output=arg if kind == "output" else None,
+                             three=2.0 if kind == "plus" else 3.0)
+    _, result = canonicalize(model, simplify=False, fuse_hard_swish=kind != "off")
+    assert op_counts(result.model)["Clip"] == 1
+    assert result.counts.get("hard_swishes_fused", 0) == 0
+
+
 def test_erf_gelu_stays_when_the_opset_cannot_be_raised(monkeypatch, caplog):
     """Fusing GELU only makes the graph faster: a model the version converter cannot take to
     opset 20 keeps its Erf form and its opset, with a warning and a note naming why."""

@@ -44,6 +44,13 @@ class TensorQuant:
     def calibrated(self) -> bool:
         return self.scale is not None
 
+    @property
+    def fixed(self) -> bool:
+        """Whether insert-qdq set the scale from what the values must be: a constant operand's
+        own values (``constant``), or an op's output grid that a kernel relies on (``fixed``:
+        HardSigmoid's [0, 1]). Calibration leaves it, and QAT does not learn it."""
+        return self.method in ("constant", "fixed")
+
 
 @dataclass
 class QuantTable:

@@ -817,7 +817,7 @@ def _with_scales(table: QuantTable, calibrated: QuantTable) -> QuantTable:
     """``table`` (another placement's, from insert-qdq) with the activation scales of
     ``calibrated``: an activation it has none for stays float. In place; returns it."""
     for entry in table.quantized("activation"):
-        if _shared_source(entry) is not None or entry.method == "constant":
+        if _shared_source(entry) is not None or entry.fixed:
             continue
         source = calibrated.get(entry.tensor)
         if source is None or not source.quantized:
@@ -1264,9 +1264,9 @@ def _follow_sources(table: QuantTable) -> None:
 
 
 def _observed(table: QuantTable) -> list[TensorQuant]:
-    """The activations that get their own statistics (not pass-through, not constant)."""
+    """The activations that get their own statistics (not pass-through, not fixed)."""
     return [e for e in table.quantized("activation")
-            if _shared_source(e) is None and e.method != "constant"]
+            if _shared_source(e) is None and not e.fixed]
 
 
 def _shared_source(entry: TensorQuant) -> str | None:

@@ -85,8 +85,9 @@ class Emit(Pass):
                             f"(e.g. '{uncalibrated[0]}'): run calibrate before emit")
         if self.options.format == "qoperator":
             _check_qoperator(table)
-        deploy, folded, floated = deploy_graph(model, self.options.float_op_weights)
-        counts = {"constants_folded_to_integers": folded}
+        counts: dict[str, int] = {}
+        deploy, folded, floated = deploy_graph(model, self.options.float_op_weights, counts)
+        counts = {"constants_folded_to_integers": folded, **counts}
         if floated:
             counts["float_op_weights_stored_float"] = floated
             log.info("%d weight(s) of compute ops whose inputs stay float stored as their "
@@ -249,13 +250,14 @@ def _selection_sources(model: onnx.ModelProto, float_model: onnx.ModelProto,
     return selected, sources
 
 
-def deploy_graph(model: onnx.ModelProto, float_op_weights: str = "float"
-                 ) -> tuple[onnx.ModelProto, int, int]:
+def deploy_graph(model: onnx.ModelProto, float_op_weights: str = "float",
+                 counts: dict[str, int] | None = None) -> tuple[onnx.ModelProto, int, int]:
     """Replace each ``constant -> QuantizeLinear`` by the integers it computes; with
     ``float_op_weights = "float"``, the 8-bit (and wider) constants that only compute ops
     whose activations stay float read are stored as their dequantized float values
-    (:func:`float_op_constants`). Returns the graph, the constants folded, those stored
-    float."""
+    (:func:`float_op_constants`); HardSigmoids on insert-qdq's fixed grid become saturating
+    Adds (:func:`hard_sigmoid_adds`, their count in ``counts``). Returns the graph, the
+    constants folded, those stored float."""
     graph = G.import_graph(model)
     folded = 0
     for q in [n for n in G.nodes(graph) if n.op == "QuantizeLinear"]:
@@ -272,6 +274,9 @@ def deploy_graph(model: onnx.ModelProto, float_op_weights: str = "float"
         q.outputs.clear()
         folded += 1
     gathered_tables(graph)
+    adds = hard_sigmoid_adds(graph)
+    if counts is not None and adds:
+        counts["hard_sigmoids_as_adds"] = adds
     floated = float_op_constants(graph) if float_op_weights == "float" else 0
     graph.cleanup().toposort()
     return G.export(graph, like=model), folded, floated
@@ -361,6 +366,65 @@ def gathered_tables(graph: gs.Graph) -> int:
         dq.outputs.clear()
         count += 1
     return count
+
+
+def hard_sigmoid_adds(graph: gs.Graph) -> int:
+    """Each ``DequantizeLinear -> HardSigmoid(alpha, beta) -> QuantizeLinear`` whose Q is
+    8-bit with the grid of [0, 1] over its whole range (zero point the type's minimum, scale
+    1/255: insert-qdq's fixed grid) becomes ``DequantizeLinear -> Add(beta / alpha) ->
+    QuantizeLinear(scale / alpha)``: the same integers (``(alpha x + beta) / scale`` is ``(x
+    + beta / alpha) / (scale / alpha)``, and the Q's saturation is HardSigmoid's clip at 0
+    and 1), which onnxruntime runs as one QLinearAdd, where it has no integer kernel for
+    HardSigmoid and ran it in float between the two. The Add keeps the node's name and reads
+    the constant through a DequantizeLinear of its own; the Q gets a scale of its own (the
+    DequantizeLinear after it keeps the grid). Returns how many."""
+    count, names, where = 0, set(), {}
+    for node in [n for n in G.nodes(graph) if n.op == "HardSigmoid"]:
+        x, out = node.inputs[0], node.outputs[0]
+        if not x.inputs or x.inputs[0].op != "DequantizeLinear" or len(out.outputs) != 1 \
+                or out.outputs[0].op != "QuantizeLinear" or len(out.outputs[0].inputs) < 3:
+            continue
+        q = out.outputs[0]
+        scale, zero = G.constant_values(q.inputs[1]), G.constant_values(q.inputs[2])
+        alpha = float(node.attrs.get("alpha", 0.2))
+        beta = float(node.attrs.get("beta", 0.5))
+        if scale is None or zero is None or scale.size != 1 or zero.dtype.kind not in "iu" \
+                or zero.dtype.itemsize != 1 or not alpha > 0:
+            continue
+        qt = Q.qtype_of_storage(zero.dtype)
+        s = float(scale.reshape(()))
+        if int(zero.reshape(())) != qt.qmin or abs(s * (qt.qmax - qt.qmin) - 1) > 1e-6:
+            continue
+        if not where:
+            names, where = G.used_names(graph), G.node_graphs(graph)
+        home = where[id(node)]
+        shift = gs.Variable(G.fresh_name(f"{node.name}_shift", names), dtype=scale.dtype)
+        ints, step, offset = _shift_operand(beta / alpha, zero.dtype)
+        home.nodes.append(gs.Node(
+            "DequantizeLinear", G.fresh_name(f"{node.name}_shift_dq", names),
+            inputs=[gs.Constant(G.fresh_name(f"{node.name}_shift_quantized", names), ints),
+                    gs.Constant(G.fresh_name(f"{node.name}_shift_scale", names),
+                                np.array(step, scale.dtype)),
+                    gs.Constant(G.fresh_name(f"{node.name}_shift_zero_point", names), offset)],
+            outputs=[shift]))
+        node.op, node.attrs = "Add", {}
+        node.inputs.append(shift)
+        q.inputs[1] = gs.Constant(G.fresh_name(f"{q.name}_shifted_scale", names),
+                                  np.array(s / alpha, scale.dtype))
+        count += 1
+    return count
+
+
+def _shift_operand(value: float, dtype: np.dtype) -> tuple[np.ndarray, float, np.ndarray]:
+    """``(integer, scale, zero point)`` of ``dtype`` (8-bit) that dequantize to ``value``
+    exactly: one step of ``|value|`` above or below zero."""
+    if value == 0:
+        return np.array(0, dtype), 1.0, np.array(0, dtype)
+    if value > 0:
+        return np.array(1, dtype), value, np.array(0, dtype)
+    if np.dtype(dtype).kind == "i":
+        return np.array(-1, dtype), -value, np.array(0, dtype)
+    return np.array(0, dtype), -value, np.array(1, dtype)
 
 
 def _check_qoperator(table: QuantTable) -> None:

@@ -12,10 +12,12 @@ Placement follows what onnxruntime's CPU execution provider fuses into integer k
   an output scale of their own (onnxruntime runs Sigmoid and LeakyRelu as table lookups,
   QLinearSigmoid and QLinearLeakyRelu, so a SiLU ``x * Sigmoid(x)`` between convolutions stays
   integer: YOLOv8n 2.05x -> 2.4x FP32 speed, its class scores 9.9 -> 13.9 dB held out;
-  HardSigmoid and HardSwish have no integer kernel and run in float between DequantizeLinear
-  and QuantizeLinear, but the Mul that reads a HardSigmoid, a squeeze-excitation gate or ``x *
-  HardSigmoid(x)``, becomes QLinearMul instead of a float Mul over the whole feature map and a
-  dequantization of it: PP-OCRv6 tiny det 0.88x -> 0.92x FP32 speed); a Mul or Add by a
+  onnxruntime has no integer kernel for HardSigmoid or HardSwish, so with 8-bit asymmetric
+  activations a HardSwish becomes ``x * HardSigmoid(x)`` whose gate takes the fixed grid of
+  [0, 1], on which emit's deploy graph runs it as a saturating QLinearAdd and the Mul as
+  QLinearMul (:meth:`_Planner._unit_grid`); a squeeze-excitation gate's HardSigmoid runs in
+  float between DequantizeLinear and QuantizeLinear, its Mul over the feature map as
+  QLinearMul); a Mul or Add by a
   constant (an elementwise scale or shift) stays float unless ``quantize_affine``, or unless
   it reads a compute op's output (a bias Add after a MatMul stays integer);
 - **pass-through ops** (Reshape, Transpose, Flatten, MaxPool, Squeeze, ...): quantized when
@@ -505,6 +507,8 @@ class _Planner:
         # graph outputs, and the outputs of If branches (they leave to the outer graph)
         self.outputs = {t.name for g in G.graphs(graph) for t in g.outputs}
         self.affine_float: list[str] = []  # Mul / Add by a constant left float
+        self._new: list[gs.Node] = []  # nodes added to the graph being walked
+        self._names: set[str] | None = None
         reduce = options.weights.reduce_range
         if reduce is None:
             reduce = (options.activations.dtype == "uint8" and options.weights.dtype == "int8"
@@ -536,6 +540,7 @@ class _Planner:
         """Decide for the nodes of ``graph`` in order, and inside each If's branches (their
         tensors are calibrated through outputs the calibration view adds); a Loop's or
         Scan's body stays float."""
+        outer, self._new = self._new, []
         for node in graph.nodes:
             if node.op == "If":
                 for branch in G.subgraphs(node):
@@ -562,6 +567,8 @@ class _Planner:
                 self._pass_through(node)
             elif kind == "table":
                 self._table(node)
+        graph.nodes.extend(self._new)  # a HardSwish's Mul (:meth:`_hard_swish`)
+        self._new = outer
 
     def _selected(self, node: gs.Node) -> str | None:
         if node.op not in self.o.ops or node.op in self.o.exclude_ops:
@@ -633,11 +640,67 @@ class _Planner:
             return
         if not all(self._is_float(t) for t in node.outputs[:1]):
             return
+        if node.op == "HardSwish" and self._grid_spec() is not None:
+            self._hard_swish(node, inputs[0])
+            return
         for t in data:
             values = G.constant_values(t)
             if values is not None and values.size and self._is_float(t):
                 self._constant(t, node)
         self._output(node)
+        if node.op == "HardSigmoid":
+            self._unit_grid(node)
+
+    def _grid_spec(self) -> Q.QType | None:
+        """The activation type a HardSigmoid's output can take :meth:`_unit_grid` in: 8-bit,
+        asymmetric (a symmetric grid has no code at 0 to saturate at)."""
+        spec = self.o.activations
+        qt = Q.qtype(spec.dtype)
+        return qt if qt.bits == 8 and not spec.symmetric else None
+
+    def _hard_swish(self, node: gs.Node, x: gs.Tensor) -> None:
+        """A quantized ``HardSwish(x)`` becomes ``x * HardSigmoid(x; 1/6, 1/2)``, the gate on
+        :meth:`_unit_grid` and the Mul joining ``x`` and it: onnxruntime has no integer
+        kernel for HardSwish and ran it in float between DequantizeLinear and
+        QuantizeLinear; this way it runs as QLinearAdd and QLinearMul (trueocr's orientation
+        net, 18 HardSwish: 0.57x -> 0.87x FP32 speed without VNNI). The Mul writes the
+        HardSwish's output tensor; the HardSigmoid keeps the node's name."""
+        if self._names is None:
+            self._names = G.used_names(self.graph)
+        out = node.outputs[0]
+        gate = gs.Variable(G.fresh_name(f"{out.name}_gate", self._names), dtype=out.dtype,
+                           shape=out.shape)
+        node.op, node.attrs = "HardSigmoid", {"alpha": 1.0 / 6.0, "beta": 0.5}
+        node.outputs[0] = gate
+        mul = gs.Node("Mul", G.fresh_name(f"{node.name}_Mul", self._names), inputs=[x, gate],
+                      outputs=[out])
+        self._new.append(mul)
+        self._joining(node)
+        self._joining(mul)
+
+    def _unit_grid(self, node: gs.Node) -> None:
+        """A quantized HardSigmoid that gates its own input, ``x * HardSigmoid(x)`` (a
+        HardSwish; a squeeze-excitation gate over a few values per channel keeps its
+        calibrated, finer grid: as an integer op it would save nothing), takes the fixed grid
+        of [0, 1] over the whole 8-bit range (zero point the type's minimum, scale 1/255):
+        its clip at 0 and 1 is then the QuantizeLinear's saturation, and
+        ``Q(HardSigmoid(x))`` is ``Q'(x + beta / alpha)`` for a Q' of scale ``1/255 /
+        alpha``: emit's deploy graph runs it as that Add, which onnxruntime fuses into
+        QLinearAdd (:func:`graphq.passes.emit.hard_sigmoid_adds`); calibration leaves the
+        grid alone."""
+        out = node.outputs[0]
+        entry = self.table.get(out.name)
+        qt = self._grid_spec()
+        swish = any(r.op == "Mul" and node.inputs[0] in r.inputs for r in out.outputs)
+        if entry is None or not entry.quantized or entry.scale is not None or qt is None \
+                or entry.dtype != qt.name or not float(node.attrs.get("alpha", 0.2)) > 0 \
+                or not swish:
+            return
+        scale, zero = Q.qparams(0.0, 1.0, qt, False)
+        entry.scale, entry.zero_point = [float(scale)], [int(zero)]
+        entry.range, entry.method = [0.0, 1.0], "fixed"
+        entry.reason += (f", on the fixed grid of [0, 1] (scale 1/{qt.qmax - qt.qmin}, zero "
+                         f"point {int(zero)}): an integer op in onnxruntime")
 
     def _pass_through(self, node: gs.Node) -> None:
         source = node.inputs[0] if node.inputs else None

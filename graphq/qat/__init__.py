@@ -33,6 +33,7 @@ import onnx
 from graphq import model as model_io
 from graphq.errors import GraphqError, ModelError
 from graphq.qat._o2t import INSTALL_HINT, onnx2torch
+from graphq.quant import QuantTable
 from graphq.runtime import true_inputs
 
 try:
@@ -74,7 +75,12 @@ def to_torch(model: str | Path | onnx.ModelProto, *, method: str = "ste",
                          "converts straight-line graphs only")
     o2t = onnx2torch()
     form = to_bridge_form(proto, extra_outputs)
-    conversion = Conversion(method=method, train=tuple(train), grad_scale=grad_scale)
+    table = QuantTable.of(proto)
+    fixed = frozenset(e.tensor for e in table.entries.values()
+                      if e.quantized and e.method == "fixed") \
+        if table is not None else frozenset()
+    conversion = Conversion(method=method, train=tuple(train), grad_scale=grad_scale,
+                            fixed=fixed)
     with active(conversion):
         try:
             module = o2t.convert(form.model)

@@ -49,6 +49,9 @@ class Conversion:
         default_factory=dict)
     #: each Bias with the names of its op's input and weight
     biases: list[tuple[M.Bias, str, str]] = field(default_factory=list)
+    #: tensors whose grid is fixed (the quant table's ``fixed`` entries: HardSigmoid's [0, 1],
+    #: which emit's integer Add relies on): their fake-quant keeps it, whatever the method
+    fixed: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -60,15 +63,17 @@ class Conversion:
                               f"{', '.join(TRAINABLE)}")
 
     def fake_quant(self, scale: np.ndarray, zero_point: np.ndarray, qt: QType,
-                   axis: int | None, weight: bool, graph_input: bool = False) -> FakeQuantize:
+                   axis: int | None, weight: bool, graph_input: bool = False,
+                   fixed: bool = False) -> FakeQuantize:
         """The fake-quant node for calibrated ``(scale, zero_point)``: ``ste`` keeps them,
         ``lsq`` learns the scale, ``pact`` learns an activation's clip where its grid allows
         (symmetric, or unsigned from zero) and the step size (LSQ) elsewhere. Which scales
-        learn: ``scales`` in :attr:`train`, and ``input_scales`` for a ``graph_input``."""
+        learn: ``scales`` in :attr:`train`, and ``input_scales`` for a ``graph_input``; a
+        ``fixed`` grid is kept (``ste``)."""
         mid = (qt.qmin + qt.qmax + 1) // 2
         z = np.asarray(zero_point, np.int64)
         symmetric = bool(np.all(z == mid))
-        method = self.method
+        method = "ste" if fixed else self.method
         if method == "pact" and (weight or not (symmetric or np.all(z == qt.qmin))):
             method = "lsq"
         kwargs = {"grad_scale": self.grad_scale} if method == "lsq" else {}
@@ -147,7 +152,8 @@ def _fake_quant(node, graph):
     if module is None:
         s, z = _per_tensor(scale, zp)
         quant = conv.fake_quant(s, z, qt, _axis(node, scale), weight=False,
-                                graph_input=names[0] in graph.input_values)
+                                graph_input=names[0] in graph.input_values,
+                                fixed=names[0] in conv.fixed)
         module = M.ActivationFakeQuant(quant, {"scale": names[1], "zero_point": zp_name})
         conv.activations[key] = module
     conv.quantizers[node.output_values[0]] = module

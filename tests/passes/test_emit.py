@@ -669,18 +669,20 @@ def hardswish_net(rng: np.random.Generator) -> onnx.ModelProto:
 
 
 def test_a_slowdown_names_the_ops_onnxruntime_runs_in_float(tmp_path, monkeypatch):
-    """onnxruntime has no integer HardSwish: in its optimized deploy graph the HardSwish runs
-    in float between DequantizeLinear and QuantizeLinear, as HardSigmoid and Mul
-    (runtime.float_islands), and the
-    slowdown warning (timing stubbed) names it and why the float model does not pay it."""
+    """onnxruntime has no integer HardSwish: with symmetric activations (no fixed grid for
+    HardSigmoid, see insert-qdq) the HardSwish runs in float between DequantizeLinear and
+    QuantizeLinear in its optimized deploy graph, as HardSigmoid and Mul
+    (runtime.float_islands), and the slowdown warning (timing stubbed) names it and why the
+    float model does not pay it."""
     import graphq.passes.emit as E
 
     monkeypatch.setattr(E.latency, "session_times",
                         lambda sessions, feed, **kw: np.array([[0.001, 0.002]] * 3))
     rng = np.random.default_rng(8)
     x = rng.normal(0, 1, (4, 8, 16, 16)).astype(np.float32)
-    result = PassManager(passes(latency_runs=3)).run(hardswish_net(rng), tmp_path / "out",
-                                                     data=[{"x": x}])
+    steps = [InsertQDQ(weights={"reduce_range": False}, activations={"symmetric": True}),
+             Calibrate(method="minmax"), Emit(latency_runs=3)]
+    result = PassManager(steps).run(hardswish_net(rng), tmp_path / "out", data=[{"x": x}])
     (deploy,) = (onnx.load(p) for p in (tmp_path / "out").glob("*.deploy.onnx"))
     # onnxruntime writes the HardSwish as HardSigmoid and Mul, both in float
     assert runtime.float_islands(deploy) == {"HardSigmoid": 1, "Mul": 1}
@@ -689,6 +691,25 @@ def test_a_slowdown_names_the_ops_onnxruntime_runs_in_float(tmp_path, monkeypatc
             "integer kernel for them, and the float model runs HardSwish / HardSigmoid fused "
             "into the convolution before it)") in warning, warning
     assert runtime.float_islands(heavy_net(rng)) == {}  # a float graph has none
+
+
+def test_hard_swish_deploy_graph_has_no_float_op_between_integer_convs(tmp_path):
+    """The default (asymmetric uint8) activations: insert-qdq writes the HardSwish as
+    ``x * HardSigmoid(x)`` with the gate on its fixed grid, and emit's deploy graph runs the
+    HardSigmoid as a saturating integer Add (its count in emit's counts): onnxruntime's
+    optimized deploy graph has no float op left, and the record says why the gate's scale is
+    what it is."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(0, 1, (4, 8, 16, 16)).astype(np.float32)
+    result = PassManager(passes()).run(hardswish_net(rng), tmp_path / "out", data=[{"x": x}])
+    assert result.records[-1].counts["hard_sigmoids_as_adds"] == 1
+    (deploy,) = (onnx.load(p) for p in (tmp_path / "out").glob("*.deploy.onnx"))
+    onnx.checker.check_model(deploy, full_check=True)
+    assert runtime.float_islands(deploy) == {}
+    record = json.loads((tmp_path / "out" / "quant_record.json").read_text())
+    (gate,) = [t for t in record["tensors"] if t["method"] == "fixed"]
+    assert gate["scale"] == [pytest.approx(1 / 255)] and gate["zero_point"] == [0]
+    assert "fixed grid" in gate["reason"]
 
 
 def test_an_output_below_warn_sqnr_db_is_warned_in_log_report_and_notes(tmp_path, caplog):

@@ -23,6 +23,7 @@ from graphq import graph as G
 from graphq.data import DataSource
 from graphq.errors import ConfigError, ModelError, PassError
 from graphq.passes.calibrate import Calibrate
+from graphq.passes.emit import deploy_graph
 from graphq.passes.insert_qdq import InsertQDQ
 from graphq.quant import QuantTable
 from graphq.registry import PassContext
@@ -1264,6 +1265,103 @@ def test_sigmoid_and_leaky_relu_between_convs_stay_integer(act, tmp_path):
     assert ops.get("HardSigmoid", 0) == (act == "hardswish"), ops
     assert_calibrated_close(model, result.model, feeds)
 
+
+
+def hard_gate_net(op: str, rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> Conv -> HardSwish, or x * HardSigmoid(x; 0.2, 0.5) (PP-LCNet's gate) -> Conv."""
+    inits = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32),
+             "w2": rng.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32)}
+    middle = {"HardSwish": [helper.make_node("HardSwish", ["c1"], ["a"], name="hswish")],
+              "HardSigmoid": [helper.make_node("HardSigmoid", ["c1"], ["g"], name="hsig",
+                                               alpha=0.2, beta=0.5),
+                              helper.make_node("Mul", ["c1", "g"], ["a"], name="gate")]}[op]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             *middle,
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2", pads=[1] * 4)]
+    return build(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 8, 8])], inits,
+                 opset=14)
+
+
+@pytest.mark.parametrize("op", ["HardSwish", "HardSigmoid"])
+def test_hard_sigmoid_on_its_fixed_grid_is_an_integer_add_in_the_deploy_graph(op, tmp_path):
+    """A quantized HardSwish becomes ``x * HardSigmoid(x; 1/6, 1/2)``; a quantized
+    ``x * HardSigmoid(x)``'s gate takes the fixed grid of [0, 1] (scale 1/255, zero point 0),
+    which calibrate leaves. The deploy graph writes the HardSigmoid as ``x + beta / alpha``
+    (the constant through a DequantizeLinear) before a Q of scale 1/255 / alpha, whose
+    saturation is the clip: onnxruntime fuses it into QLinearAdd, no float op is left
+    between the convs, and the deploy graph computes the fake-quant graph's integers
+    (outputs within 1e-5 of their range, graphs as written; measured: equal)."""
+    rng = np.random.default_rng(47)
+    model = hard_gate_net(op, rng)
+    result, table = insert(model, weights={"reduce_range": False})
+    gate = "a_gate" if op == "HardSwish" else "g"
+    entry = table.get(gate)
+    assert entry.quantized and entry.method == "fixed" and entry.zero_point == [0]
+    assert entry.scale == [pytest.approx(1 / 255)] and "fixed grid" in entry.reason
+    (hsig,) = [n for n in result.model.graph.node if n.op_type == "HardSigmoid"]
+    alpha, beta = (1 / 6, 0.5) if op == "HardSwish" else (0.2, 0.5)
+    assert {a.name: a.f for a in hsig.attribute} == {"alpha": pytest.approx(alpha),
+                                                     "beta": beta}
+    assert "HardSwish" not in op_counts(result.model)
+    feeds = [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    calibrated = Calibrate(method="minmax").run(result.model, PassContext(
+        data=DataSource(feeds))).model
+    assert QuantTable.of(calibrated).get(gate).scale == entry.scale  # calibrate leaves it
+    assert_calibrated_close(model, result.model, feeds)
+    counts: dict[str, int] = {}
+    deploy, _, _ = deploy_graph(calibrated, counts=counts)
+    onnx.checker.check_model(deploy, full_check=True)
+    assert counts == {"hard_sigmoids_as_adds": 1}
+    (add,) = [n for n in deploy.graph.node if n.op_type == "Add"]
+    assert add.name == hsig.name and add.input[0] == hsig.input[0]
+    (shift,) = [n for n in deploy.graph.node if n.output[0] == add.input[1]]
+    assert shift.op_type == "DequantizeLinear"
+    (q,) = [n for n in deploy.graph.node if n.op_type == "QuantizeLinear" and
+            n.input[0] == add.output[0]]
+    assert initializer(deploy, q.input[1]) == pytest.approx(1 / 255 / alpha)
+    assert initializer(deploy, q.input[2]) == 0
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(deploy.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = op_counts(onnx.load(options.optimized_model_filepath))
+    assert {"QLinearAdd", "QLinearMul"} <= set(ops), ops
+    assert not {"HardSigmoid", "HardSwish", "Mul", "Add"} & set(ops), ops
+    for feed in feeds:
+        want, got = run(calibrated, feed)[0], run(deploy, feed)[0]
+        assert np.abs(want - got).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_a_squeeze_excitation_gate_keeps_its_calibrated_grid():
+    """x * HardSigmoid(Conv(GlobalAveragePool(x))), PP-LCNet's squeeze-excitation: the gate
+    (a few values per channel) keeps a calibrated scale and its HardSigmoid its beta; the
+    Mul is still quantized."""
+    rng = np.random.default_rng(49)
+    inits = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32),
+             "ws": rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32),
+             "w2": rng.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["c1"], ["p"], name="squeeze"),
+             helper.make_node("Conv", ["p", "ws"], ["s"], name="excite"),
+             helper.make_node("HardSigmoid", ["s"], ["g"], name="hsig", alpha=0.2, beta=0.5),
+             helper.make_node("Mul", ["c1", "g"], ["a"], name="gate"),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2", pads=[1] * 4)]
+    model = build(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 8, 8])], inits)
+    result, table = insert(model)
+    assert {"g", "a"} <= quantized(table) and not table.get("g").calibrated
+    assert table.get("g").method == ""
+    (hsig,) = [n for n in result.model.graph.node if n.op_type == "HardSigmoid"]
+    assert {a.name: a.f for a in hsig.attribute}["beta"] == 0.5
+
+
+def test_symmetric_activations_keep_hard_swish_calibrated():
+    """Symmetric activations (the int8-tensorrt preset) have no code at 0 to saturate at: the
+    HardSwish stays one op, its output calibrated like any other."""
+    model = hard_gate_net("HardSwish", np.random.default_rng(48))
+    result, table = insert(model, activations={"symmetric": True, "dtype": "int8"})
+    assert op_counts(result.model).get("HardSwish") == 1
+    assert "HardSigmoid" not in op_counts(result.model)
+    assert not [e for e in table.entries.values() if e.method == "fixed"]
+    assert table.get("a").quantized and not table.get("a").calibrated
 
 
 def test_gelu_fused_by_canonicalize_runs_as_one_float_kernel(tmp_path):

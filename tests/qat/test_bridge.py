@@ -633,6 +633,33 @@ def test_input_scales_learn_when_asked(fakequant_net, method):
     assert {n for n in changed if n.endswith("_scale")} - bias_scales == {"x_scale"}
 
 
+def test_a_fixed_grid_is_not_learned_and_the_deploy_graph_keeps_its_integer_add():
+    """The gate of a HardSwish (insert-qdq's HardSigmoid on the fixed grid of [0, 1], which
+    emit's integer Add relies on) keeps its scale under lsq and pact, while every other
+    activation scale learns; written back, it is unchanged and the deploy graph still runs
+    it as an integer Add."""
+    from tests.passes.test_insert_qdq import hard_gate_net
+
+    model = hard_gate_net("HardSwish", np.random.default_rng(3))
+    feeds = [{"x": images(20 + i, 4)} for i in range(2)]
+    fq = quantize(model, feeds)
+    gate = next(n for n in fq.graph.node if n.op_type == "QuantizeLinear"
+                and n.input[0] == "a_gate")
+    for method in ("lsq", "pact"):
+        bridge = qat.prepare(fq, method=method)
+        acts, _ = fake_quants(bridge)
+        (fixed,) = [m.quant for m in modules_of(bridge, M.ActivationFakeQuant)
+                    if m.onnx_names["scale"] == gate.input[1]]
+        assert fixed.method == "ste" and learned(fixed) == []
+        assert [q for q in acts if q is not fixed and learned(q)]
+        train_steps(bridge, feeds[0], scale_lr=1e-2)
+        written = bridge.write_back()
+        assert initializers(written)[gate.input[1]] == pytest.approx(1 / 255)
+        counts: dict[str, int] = {}
+        deploy_graph(written, counts=counts)
+        assert counts == {"hard_sigmoids_as_adds": 1}
+
+
 def test_pact_learns_alpha_where_the_grid_allows(fakequant_net):
     bridge = qat.prepare(fakequant_net, method="pact", train=qat.TRAINABLE)
     acts, weights = fake_quants(bridge)

@@ -320,9 +320,11 @@ class InsertQDQ(Pass):
         return PassResult(out, True, counts, notes, pinned)
 
     def precheck(self, model: onnx.ModelProto) -> None:
-        """A model without any op insert-qdq quantizes or reads a table of (in any graph,
-        Loop bodies too) is refused before the passes before it run (a 31 MB LightGBM
-        ensemble took 82 s of canonicalize to be told so)."""
+        """A model quantized already, or without any op insert-qdq quantizes or reads a table
+        of (in any graph, Loop bodies too), is refused before the passes before it run (a 31
+        MB LightGBM ensemble took 82 s of canonicalize to be told so, ddddocr's quantized
+        OCR 14 s)."""
+        _refuse_quantized(G.import_graph(model))
         ops = {n.op_type for g in G.graph_protos(model.graph) for n in g.node}
         if not ops & {*COMPUTE, *TABLES, *RECURRENT}:
             raise ConfigError("nothing in this model can be quantized: "

@@ -1192,7 +1192,8 @@ def test_filter_banks_whose_magnitude_a_log_reads_stay_float():
 @pytest.mark.parametrize("op", ["QuantizeLinear", "ConvInteger", "QLinearConv"])
 def test_a_quantized_model_is_refused_with_the_ops_it_has(tmp_path, op):
     """A model quantized already (here: a graph with a Q/DQ pair, ConvInteger or QLinearConv,
-    as onnxruntime's quantizer writes them) gets a clear error naming what it has, exit 2."""
+    as onnxruntime's quantizer writes them) gets a clear error naming what it has, exit 2,
+    from insert-qdq's precheck before the passes before it run."""
     rng = np.random.default_rng(44)
     w = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
     s, z = np.array(0.02, np.float32), np.array(128, np.uint8)
@@ -1220,6 +1221,9 @@ def test_a_quantized_model_is_refused_with_the_ops_it_has(tmp_path, op):
     before = path.read_bytes()
     with pytest.raises(ModelError, match=f"the model is quantized already \\(it has [^)]*{op}"):
         InsertQDQ().run(model, PassContext())
+    # and before any pass of a pipeline runs (its precheck)
+    with pytest.raises(ModelError, match="the model is quantized already"):
+        InsertQDQ().precheck(model)
     # from the command line: exit 2, the input untouched, nothing written
     np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32))
     out = tmp_path / "out"

@@ -622,9 +622,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                          "round's ratio: load that comes and goes cancels within a round)")
         else:
             lines.append(f"latency{batch}: float {lat['float']:.3f} ms, deploy "
-                         f"{lat['deploy']:.3f} ms (medians); deploy {lat['speedup']:.2f}x the "
-                         "float speed (the median of each round's ratio: load that comes and "
-                         "goes cancels within a round)")
+                         f"{lat['deploy']:.3f} ms (medians: {lat['float'] / lat['deploy']:.2f}"
+                         f"x); deploy {lat['speedup']:.2f}x the float speed by the median of "
+                         "each round's ratio (load that comes and goes cancels within a round; "
+                         "where the two ratios differ, the machine was busy)")
     return lines
 
 

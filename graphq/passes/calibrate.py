@@ -464,6 +464,10 @@ class Calibrate(Pass):
             self._pinned.update(search_min_speedup=0.0, max_float_count=k)
         _keep_float(table, {units[i].tensor: reasons[i] for i in picked[:k]})
         reached = "reached" if final_db >= o.target_sqnr_db else "NOT reached"
+        ctx.report.setdefault("calibrate", {})["search"] = {
+            "target_sqnr_db": o.target_sqnr_db, "search_by": o.search_by, "kept_float": k,
+            "activations": len(units), "baseline_db": round(result.baseline_db, 2),
+            "final_db": round(final_db, 2), "batches": len(feeds)}
         note = (f"sensitivity search{how}: worst output SQNR {result.baseline_db:.1f} dB with "
                 f"every activation quantized -> {final_db:.1f} dB with "
                 f"{k} of {len(units)} kept float (target "

@@ -104,7 +104,8 @@ class Emit(Pass):
         for line in summary_lines(report):
             log.info("%s", line)
         four_bit = any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight"))
-        notes = self._judge(report, model) + ([] if four_bit else
+        search = ctx.report.get("calibrate", {}).get("search")
+        notes = self._judge(report, model, search) + ([] if four_bit else
                                          _judge_speed(report, deploy, ctx.providers))
         ctx.report["quantization"] = report
         ctx.artifacts["report.md"] = render_markdown(report)
@@ -160,9 +161,12 @@ class Emit(Pass):
             report["latency_ms"]["samples"] = samples_in(feed, float_model)
         return report
 
-    def _judge(self, report: dict[str, Any], model: onnx.ModelProto) -> list[str]:
+    def _judge(self, report: dict[str, Any], model: onnx.ModelProto,
+               search: dict[str, Any] | None = None) -> list[str]:
         """Outputs below ``warn_sqnr_db``: a warning each (log, report, note); below
-        ``require_sqnr_db``: a PassError."""
+        ``require_sqnr_db``: a PassError. The advice is the sensitivity search, unless
+        calibrate ran it already (``search``, its summary): then what it did and what is
+        left."""
         low = {k: f["sqnr_db"] for k, f in (report.get("outputs") or {}).items()
                if f["sqnr_db"] < max(self.options.warn_sqnr_db, self.options.require_sqnr_db)
                and not f.get("selected")}
@@ -177,6 +181,19 @@ class Emit(Pass):
                   "--set calibrate.search_by=segment; calibrate.search_min_speedup=1 keeps it "
                   "no slower than the float model); method = \"mse\" or QAT (the qat pass) "
                   "may also recover it")
+        if search is not None:
+            ran = (f"calibrate's sensitivity search ran already (target_sqnr_db "
+                   f"{search['target_sqnr_db']:g}, search_by \"{search['search_by']}\"): it "
+                   f"kept {search['kept_float']} of {search['activations']} activations float "
+                   f"for {search['final_db']:.1f} dB on its {search['batches']} batch(es)")
+            if search["final_db"] >= search["target_sqnr_db"]:
+                advice = (f"{ran}, more than here: these data differ from its batches, or "
+                          "its batches are too few to stand for them; a higher "
+                          "target_sqnr_db, more calibration data or QAT (the qat pass) may "
+                          "recover it")
+            else:
+                advice = (f"{ran}, short of the target: keeping activations float is not "
+                          "what recovers it here; method = \"mse\" or QAT (the qat pass) may")
         if failed:
             raise PassError(f"output SQNR against the float model below require_sqnr_db "
                             f"{self.options.require_sqnr_db:g} dB on {where}: {shown}; {advice}")

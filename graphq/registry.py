@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import onnx
 
 from graphq import options as opts
+from graphq import runtime
 from graphq.data import Pieces
 from graphq.errors import ConfigError, did_you_mean
 
@@ -65,6 +66,15 @@ class PassContext:
         """``feed`` in pieces whose runs of ``model`` make at most ``share`` of
         ``data.RUN_BYTES`` of intermediate tensors (:class:`graphq.data.Pieces`)."""
         return self.pieces.split(feed, model, self.providers, share)
+
+    def first_feed(self, model: onnx.ModelProto, share: float = 1.0) -> dict[str, Any]:
+        """The first piece (:meth:`split`, at ``share``) of the data's first batch, or a
+        random sample of the model's inputs (:func:`graphq.runtime.sample_feeds`) where there
+        are no data, or none that can be read twice: what a pass times or checks a graph on."""
+        feed = self.data.first(model) if self.data is not None else None
+        if feed is None:
+            feed = runtime.sample_feeds(model)[0]
+        return self.split(feed, model, share)[0]
 
     def path(self, value: str | Path) -> Path:
         """A path from a pass option, relative to the pipeline file."""

@@ -726,10 +726,8 @@ def _moved_outputs(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassCon
     data), where its Gemm fusions and folded constants add up (PP-OCRv5 mobile rec: 6.8e-4
     on a softmax, where the tolerance is 1e-4, and the run failed); "" when they agree or
     cannot be run (the pipeline's check says why)."""
-    feed = ctx.data.first(before) if ctx.data is not None else None
-    feed = feed if feed is not None else runtime.sample_feeds(before)[0]
     try:
-        feed = ctx.split(feed, before, PLAIN_SHARE)[0]
+        feed = ctx.first_feed(before, PLAIN_SHARE)
         ref = runtime.run(runtime.session(before, ctx.providers), feed)
         got = runtime.run(runtime.session(after, ctx.providers), feed)
     except Exception:  # noqa: BLE001 - random inputs may be out of its range

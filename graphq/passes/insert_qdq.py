@@ -384,13 +384,10 @@ class InsertQDQ(Pass):
         if n == 0:
             log.info("%s", capped)
             return out, table, planner, capped, {}
-        feed = ctx.data.first(model) if ctx.data is not None else None
-        if feed is None:
-            feed = runtime.sample_feeds(model)[0]
         first = [i for i, _ in planner.computes]
         placed = [(out, table, planner)] + [self._place(model, first[:k], _PENDING)
                                             for k in range(1, n + 1)]
-        feed = ctx.split(feed, model, PLAIN_SHARE / len(placed))[0]  # their sessions all alive
+        feed = ctx.first_feed(model, PLAIN_SHARE / len(placed))  # their sessions all alive
         log.info("float_prefix_search: timing %d placements in onnxruntime", len(placed))
         seconds = latency.medians([_timing_model(m) for m, _, _ in placed], feed, ctx.providers)
         k = latency.longest_within(seconds, PREFIX_MARGIN)

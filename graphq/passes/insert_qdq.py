@@ -296,7 +296,7 @@ class InsertQDQ(Pass):
         model, upgraded = self._fit_opset(model)
         model, _ = model_io.infer_shapes(model)  # the types decide what is float
         graph = G.import_graph(model)
-        _refuse_quantized(graph)
+        _refuse_quantized(_op_counts(model))
         self._check_overrides(graph)
         out, table, planner = self._place(model, [])
         if not table.quantized():
@@ -324,9 +324,9 @@ class InsertQDQ(Pass):
         of (in any graph, Loop bodies too), is refused before the passes before it run (a 31
         MB LightGBM ensemble took 82 s of canonicalize to be told so, ddddocr's quantized
         OCR 14 s)."""
-        _refuse_quantized(G.import_graph(model))
-        ops = {n.op_type for g in G.graph_protos(model.graph) for n in g.node}
-        if not ops & {*COMPUTE, *TABLES, *RECURRENT}:
+        ops = _op_counts(model)
+        _refuse_quantized(ops)
+        if not set(ops) & {*COMPUTE, *TABLES, *RECURRENT}:
             raise ConfigError("nothing in this model can be quantized: "
                               f"{_why_nothing(G.import_graph(model))}")
 
@@ -898,15 +898,21 @@ QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
                  "MatMulIntegerToFloat", "QGemm", "QAttention")
 
 
-def _refuse_quantized(graph: gs.Graph) -> None:
-    """A model that is quantized already (by graphq, onnxruntime's quantizer or an exporter's
-    QAT) cannot be quantized again: the float values it was made from are gone."""
-    found = Counter(n.op for n in G.nodes(graph)
-                    if n.op in QUANTIZED_OPS or n.op.startswith("QLinear"))
+def _op_counts(model: onnx.ModelProto) -> Counter[str]:
+    """How many nodes of each op type the model has, in every graph (Loop bodies too)."""
+    return Counter(n.op_type for g in G.graph_protos(model.graph) for n in g.node)
+
+
+def _refuse_quantized(ops: Counter[str]) -> None:
+    """A model (its :func:`_op_counts`) that is quantized already (by graphq, onnxruntime's
+    quantizer or an exporter's QAT) cannot be quantized again: the float values it was made
+    from are gone."""
+    found = Counter({op: n for op, n in ops.items()
+                     if op in QUANTIZED_OPS or op.startswith("QLinear")})
     if found:
-        ops = ", ".join(f"{n} {op}" for op, n in found.most_common())
-        raise ModelError(f"the model is quantized already (it has {ops}): quantize the float "
-                         "model it was made from instead")
+        listed = ", ".join(f"{n} {op}" for op, n in found.most_common())
+        raise ModelError(f"the model is quantized already (it has {listed}): quantize the "
+                         "float model it was made from instead")
 
 
 def _why_nothing(graph: gs.Graph) -> str:

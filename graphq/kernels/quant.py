@@ -156,6 +156,23 @@ def qparams(lo: float | np.ndarray, hi: float | np.ndarray, qtype: str | QType,
     return _scalar_or_array(scale32), _scalar_or_array(zp.astype(qt.storage))
 
 
+def exact_operand(value: float, qtype: str | QType) -> tuple[np.ndarray, np.float32,
+                                                             np.ndarray]:
+    """``(integer, scale, zero_point)`` of ``qtype`` that dequantize to ``value`` exactly: one
+    step of ``|value|`` above or below zero (a constant operand that must not round, such as
+    the shift of a HardSigmoid written as a saturating Add)."""
+    qt = _resolve(qtype)
+    if value == 0:
+        q, scale, zero = 0, 1.0, 0
+    elif value > 0:
+        q, scale, zero = 1, value, 0
+    elif qt.signed:
+        q, scale, zero = -1, -value, 0
+    else:
+        q, scale, zero = 0, -value, 1
+    return np.array(q, qt.storage), np.float32(scale), np.array(zero, qt.storage)
+
+
 def _along(values: object, ndim: int, axis: int | None, length: int | None,
            dtype: type) -> np.ndarray:
     """``values`` shaped to broadcast against a rank-``ndim`` tensor: per tensor or on ``axis``."""

@@ -410,13 +410,14 @@ def hard_sigmoid_adds(graph: gs.Graph) -> int:
             continue
         qt = Q.qtype_of_storage(zero.dtype)
         s = float(scale.reshape(()))
-        if int(zero.reshape(())) != qt.qmin or abs(s * (qt.qmax - qt.qmin) - 1) > 1e-6:
+        unit_scale, unit_zero = Q.qparams(0.0, 1.0, qt, False)  # insert-qdq's grid
+        if int(zero.reshape(())) != int(unit_zero) or not np.isclose(s, unit_scale, rtol=1e-6):
             continue
         if not where:
             names, where = G.used_names(graph), G.node_graphs(graph)
         home = where[id(node)]
         shift = gs.Variable(G.fresh_name(f"{node.name}_shift", names), dtype=scale.dtype)
-        ints, step, offset = _shift_operand(beta / alpha, zero.dtype)
+        ints, step, offset = Q.exact_operand(beta / alpha, qt)
         home.nodes.append(gs.Node(
             "DequantizeLinear", G.fresh_name(f"{node.name}_shift_dq", names),
             inputs=[gs.Constant(G.fresh_name(f"{node.name}_shift_quantized", names), ints),
@@ -430,18 +431,6 @@ def hard_sigmoid_adds(graph: gs.Graph) -> int:
                                   np.array(s / alpha, scale.dtype))
         count += 1
     return count
-
-
-def _shift_operand(value: float, dtype: np.dtype) -> tuple[np.ndarray, float, np.ndarray]:
-    """``(integer, scale, zero point)`` of ``dtype`` (8-bit) that dequantize to ``value``
-    exactly: one step of ``|value|`` above or below zero."""
-    if value == 0:
-        return np.array(0, dtype), 1.0, np.array(0, dtype)
-    if value > 0:
-        return np.array(1, dtype), value, np.array(0, dtype)
-    if np.dtype(dtype).kind == "i":
-        return np.array(-1, dtype), -value, np.array(0, dtype)
-    return np.array(0, dtype), -value, np.array(1, dtype)
 
 
 def _check_qoperator(table: QuantTable) -> None:

@@ -323,3 +323,13 @@ def test_qparams_4_bit_weights_per_channel():
         assert zp.dtype == Q.qtype(name).storage and zp.tolist() == [zero] * 3
     scale, zp = Q.qparams(-1.0, 2.0, "uint4", symmetric=False)
     assert scale == np.float32(3.0 / 15) and zp == 5
+
+
+@pytest.mark.parametrize("qtype", ["uint8", "int8"])
+@pytest.mark.parametrize("value", [3.0, 2.5, -1.25, 0.0])
+def test_exact_operand_dequantizes_to_its_value(qtype, value):
+    """A constant operand that must not round (a HardSigmoid's shift beta / alpha): its
+    integer, scale and zero point of the type dequantize to the value itself."""
+    q, scale, zero = Q.exact_operand(value, qtype)
+    assert q.dtype == zero.dtype == Q.qtype(qtype).storage
+    assert Q.dequantize(q, scale, zero) == np.float32(value)

@@ -591,6 +591,10 @@ def selection_sources(graph: gs.Graph) -> dict[str, list[gs.Tensor]]:
     return found
 
 
+#: HardSwish(x) = x * HardSigmoid(x) with these attributes (ONNX's definition): the form
+#: canonicalize writes HardSwish spelled out in and insert-qdq writes a quantized HardSwish in
+HARD_SWISH_GATE = {"alpha": 1.0 / 6.0, "beta": 0.5}
+
 #: ops whose output jumps where a float input crosses a value: a comparison (a local-maximum
 #: test ``x == MaxPool(x)``), a sign, an arctangent of a ratio (tf2onnx's atan2)
 STEPPING = ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sign", "Atan")

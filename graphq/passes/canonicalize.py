@@ -448,8 +448,8 @@ def _hard_swishes_to_ops(graph: onnx.GraphProto) -> int:
     def build(found: _Found) -> list[onnx.NodeProto]:
         clip = found.nodes[1].name or G.fresh_name(f"{found.y}_HardSigmoid", taken)
         gate = G.fresh_name(f"{found.y}_gate", taken) if found.swish else found.y
-        nodes = [helper.make_node("HardSigmoid", [found.x], [gate], name=clip, alpha=1 / 6,
-                                  beta=0.5)]
+        nodes = [helper.make_node("HardSigmoid", [found.x], [gate], name=clip,
+                                  **G.HARD_SWISH_GATE)]
         if found.swish:
             nodes.append(helper.make_node("Mul", [found.x, gate], [found.y],
                                           name=found.name or f"HardSwish_{found.y}"))

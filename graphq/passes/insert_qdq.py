@@ -669,7 +669,7 @@ class _Planner:
         out = node.outputs[0]
         gate = gs.Variable(G.fresh_name(f"{out.name}_gate", self._names), dtype=out.dtype,
                            shape=out.shape)
-        node.op, node.attrs = "HardSigmoid", {"alpha": 1.0 / 6.0, "beta": 0.5}
+        node.op, node.attrs = "HardSigmoid", dict(G.HARD_SWISH_GATE)
         node.outputs[0] = gate
         mul = gs.Node("Mul", G.fresh_name(f"{node.name}_Mul", self._names), inputs=[x, gate],
                       outputs=[out])

@@ -34,7 +34,7 @@ import importlib.util
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -845,7 +845,8 @@ class _ScoringGraph:
 
     def __init__(self, model: onnx.ModelProto, graph: gs.Graph, table: QuantTable) -> None:
         self.source, self.graph = model, graph
-        self.nodes = {n.name: n for n in G.nodes(graph)}
+        names = Counter(n.name for n in G.nodes(graph))  # unnamed or twice: not found by name
+        self.nodes = {n.name: n for n in G.nodes(graph) if names[n.name] == 1}
         self._build(table)
 
     @staticmethod

@@ -1007,6 +1007,36 @@ def test_auto_scores_on_at_least_search_samples_samples():
     assert scores[best] != pytest.approx(worst_sqnr_db(model, alone, feeds[:2]), abs=0.051)
 
 
+def test_method_auto_on_a_graph_whose_nodes_have_no_names():
+    """Method auto's scoring graph reads each biased op's float bias by the op's name; in a
+    graph of unnamed nodes (one built by hand, run without canonicalize) a Reshape answered
+    for a Gemm's name and calibrate failed with an IndexError. Unnamed ops are now looked
+    up by none: the scoring graph is rebuilt per candidate, the scores those of graphs
+    calibrated by each method alone."""
+    rng = np.random.default_rng(5)
+    inits = {"w1": rng.normal(0, 0.5, (6, 8)).astype(np.float32),
+             "b1": rng.normal(0, 0.1, 8).astype(np.float32),
+             "w2": rng.normal(0, 0.5, (8, 3)).astype(np.float32),
+             "b2": rng.normal(0, 0.1, 3).astype(np.float32),
+             "flat": np.array([-1, 6], np.int64)}
+    model = make_model([helper.make_node("Reshape", ["x", "flat"], ["x2"]),
+                        helper.make_node("Gemm", ["x2", "w1", "b1"], ["h"]),
+                        helper.make_node("Relu", ["h"], ["r"]),
+                        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"])],
+                       [tensor("x", ["N", 2, 3])], [tensor("y", ["N", 3])], inits)
+    assert {n.name for n in model.graph.node} == {""}
+    inserted = insert(model)
+    feeds = [{"x": rng.normal(0, 1, (8, 2, 3)).astype(np.float32)} for _ in range(3)]
+    result, _ = calibrate(inserted, feeds, method="auto", search_samples=1)
+    (note,) = [n for n in result.notes if n.startswith("method auto")]
+    scores = dict(re.findall(r"(percentile|mse|entropy|minmax) (-?[\d.]+) dB", note))
+    assert len(scores) == 4, note
+    for method, score in scores.items():
+        alone = calibrate(inserted, feeds, method=method, bins=4096)[0].model
+        assert float(score) == pytest.approx(
+            worst_sqnr_db(model, alone, spread(feeds, 3, 1)), abs=0.051), (method, note)
+
+
 # ---- auto_metric: the user's own score ------------------------------------------------------
 
 

@@ -595,6 +595,37 @@ def selection_sources(graph: gs.Graph) -> dict[str, list[gs.Tensor]]:
 #: canonicalize writes HardSwish spelled out in and insert-qdq writes a quantized HardSwish in
 HARD_SWISH_GATE = {"alpha": 1.0 / 6.0, "beta": 0.5}
 
+
+def class_score_outputs(model: onnx.ModelProto) -> list[str]:
+    """The graph outputs a Softmax or LogSoftmax makes over their last axis: class scores,
+    which a classifier or a CTC recognizer reads through an argmax. Followed back through
+    Identity and reshapes that keep the last axis's size (onnxsim's Gemm fusion leaves a
+    recognizer's ``[N, T, classes]`` as a Softmax over ``[N * T, classes]`` reshaped); an
+    opset < 13 Softmax without an axis counts where its input is 2-D, the only rank where
+    its default axis 1, over the flattened rest, is the last."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    dims = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
+            for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]
+            if v.type.tensor_type.HasField("shape")}
+    found = []
+    for out in model.graph.output:
+        name, node = out.name, producers.get(out.name)
+        last = (dims.get(name) or [None])[-1]
+        while node is not None and (node.op_type == "Identity" or (
+                node.op_type in _RESHAPES and last is not None
+                and (dims.get(node.input[0]) or [None])[-1] == last)):
+            name = node.input[0]
+            node = producers.get(name)
+        if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
+            continue
+        axes = [a.i for a in node.attribute if a.name == "axis"]
+        axis = axes[0] if axes else (-1 if opset >= 13 else 1)
+        shape = dims.get(name) or dims.get(node.input[0])
+        if axis == -1 or (shape is not None and axis == len(shape) - 1):
+            found.append(out.name)
+    return found
+
 #: ops whose output jumps where a float input crosses a value: a comparison (a local-maximum
 #: test ``x == MaxPool(x)``), a sign, an arctangent of a ratio (tf2onnx's atan2)
 STEPPING = ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sign", "Atan")

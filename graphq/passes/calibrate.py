@@ -172,7 +172,10 @@ class CalibrateOptions:
                 "function(reference, quantized), two lists with one dict of output name -> "
                 "array per scoring batch (the float model's outputs, the candidate's), and "
                 "returns a number, higher is better; auto keeps the best (ties: the order "
-                "percentile, mse, entropy, minmax), auto_margin_db does not apply"})
+                "percentile, mse, entropy, minmax), auto_margin_db does not apply. graphq "
+                "ships two for class scores read through an argmax: "
+                "'graphq.metrics:top1' (positions whose argmax is float's) and "
+                "'graphq.metrics:ctc_greedy' (a CTC recognizer's strings)"})
     auto_margin_db: float = field(default=0.5, metadata={
         "help": "method auto keeps percentile unless another method's score beats it by "
                 "more than this (dB): differences within the scoring noise of a few batches "
@@ -280,6 +283,8 @@ class Calibrate(Pass):
             raise DataError("calibrate needs data: give --data PATH or [data] source "
                             "(an .npz keyed by input name, or a folder of .npz/.npy files)")
         scorer = _scorer(model, self.options, ctx)  # a wrong auto_metric fails before streaming
+        if self.options.method == "auto" and self.options.auto_metric:
+            ctx.report.setdefault("calibrate", {})["auto_metric"] = self.options.auto_metric
         graph = G.import_graph(model)
         given_outputs = list(graph.outputs)
         notes = (_score_sources(model, graph, scorer)

@@ -29,7 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphq import graph as G
-from graphq import latency, qoperator, runtime
+from graphq import latency, metrics, qoperator, runtime
 from graphq import model as model_io
 from graphq.data import PLAIN_SHARE, DataSource, samples_in
 from graphq.errors import DataError, PassError
@@ -104,8 +104,7 @@ class Emit(Pass):
         for line in summary_lines(report):
             log.info("%s", line)
         four_bit = any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight"))
-        search = ctx.report.get("calibrate", {}).get("search")
-        notes = self._judge(report, model, search) + ([] if four_bit else
+        notes = self._judge(report, model, ctx.report.get("calibrate", {})) + ([] if four_bit else
                                          _judge_speed(report, deploy, ctx.providers))
         ctx.report["quantization"] = report
         ctx.artifacts["report.md"] = render_markdown(report)
@@ -137,6 +136,10 @@ class Emit(Pass):
         got = _run_all(G.with_outputs(deploy, sources) if sources else deploy, feeds,
                        ctx.providers)
         report["outputs"] = Q.output_fidelity(ref, got, G.output_parts(evaluated))
+        for name in G.class_score_outputs(model):
+            if name in report["outputs"]:  # read through an argmax: how often it agrees
+                report["outputs"][name]["argmax_equal"] = metrics.top1(
+                    [{name: r[name]} for r in ref], [{name: g[name]} for g in got])
         for key, fidelity in report["outputs"].items():
             if key.split("[")[0] in selected:
                 fidelity["selected"] = True  # order-dependent: its sources are judged
@@ -162,11 +165,14 @@ class Emit(Pass):
         return report
 
     def _judge(self, report: dict[str, Any], model: onnx.ModelProto,
-               search: dict[str, Any] | None = None) -> list[str]:
+               calibrated: dict[str, Any] | None = None) -> list[str]:
         """Outputs below ``warn_sqnr_db``: a warning each (log, report, note); below
         ``require_sqnr_db``: a PassError. The advice is the sensitivity search, unless
-        calibrate ran it already (``search``, its summary): then what it did and what is
-        left."""
+        calibrate ran it already (``calibrated["search"]``, its summary): then what it did
+        and what is left; for class scores, an auto_metric that reads their argmax, unless
+        calibrate chose by one (``calibrated["auto_metric"]``)."""
+        calibrated = calibrated or {}
+        search = calibrated.get("search")
         low = {k: f["sqnr_db"] for k, f in (report.get("outputs") or {}).items()
                if f["sqnr_db"] < max(self.options.warn_sqnr_db, self.options.require_sqnr_db)
                and not f.get("selected")}
@@ -205,6 +211,18 @@ class Emit(Pass):
             "values near such a step flip with small errors, which its SQNR counts in full "
             "(judge it by the task: calibrate's auto_metric scores with your own function)"
             for k, ops in stepped.items())
+        outputs = report["outputs"]
+        scores = [k for k in low if "argmax_equal" in outputs[k]]
+        if scores:
+            agree = ", ".join(f"'{k}' at {outputs[k]['argmax_equal']:.1%}" for k in scores)
+            steps += (f"; the argmax over the last axis of {agree} of positions as float's: "
+                      "class scores (a Softmax over that axis) are read through an argmax, "
+                      "which an SQNR does not weigh")
+            chosen = calibrated.get("auto_metric")
+            steps += (f" (method auto chose by auto_metric '{chosen}')" if chosen else
+                      ": where that is their use, let method auto choose by it, --set "
+                      "calibrate.auto_metric=graphq.metrics:top1, or "
+                      "graphq.metrics:ctc_greedy for a CTC recognizer's strings")
         warning = (f"low fidelity: output SQNR against the float model on {where}: {shown} "
                    f"(below warn_sqnr_db {self.options.warn_sqnr_db:g} dB): the int8 graph may "
                    f"not be usable{steps}; {advice}")
@@ -601,6 +619,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         # integers (class ids, indices): agreement, which an SQNR over ids does not measure
         shown = (f"integers, {f['equal']:.2%} equal to float's" if "equal" in f else
                  f"cosine {f['cosine']:.5f}, SQNR {f['sqnr_db']:.1f} dB")
+        if "argmax_equal" in f:
+            shown += f"; argmax over its last axis as float's at {f['argmax_equal']:.2%}"
         lines.append(f"output '{name}': {shown}"
                      + (" (selected by TopK/ArgMax: rows follow the order of close scores; "
                         "judged by the tensors it selects from)" if f.get("selected") else ""))

@@ -973,3 +973,82 @@ def test_a_low_output_computed_through_a_step_is_said_to_be(tmp_path):
                       {"zero": np.array(0, np.int64), "low": np.array(-1e4, np.float32)})
     assert G.steps_after_quantized(G.import_graph(mask), "y") == []
     assert G.steps_after_quantized(G.import_graph(model), "y") == ["Equal"]
+
+
+def recognizer(rng: np.random.Generator) -> onnx.ModelProto:
+    """A CTC-recognizer head as onnxsim leaves PP-OCR's: per-step features [N, 4, 6] through
+    a Gemm over [N * 4, 6], a Softmax over the classes, reshaped back to [N, 4, 10]."""
+    inits = {"w": rng.normal(0, 1, (6, 10)).astype(np.float32),
+             "b": rng.normal(0, 0.1, 10).astype(np.float32),
+             "flat": np.array([-1, 6], np.int64), "steps": np.array([-1, 4, 10], np.int64)}
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["x2"]),
+             helper.make_node("Gemm", ["x2", "w", "b"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
+             helper.make_node("Reshape", ["p", "steps"], ["y"])]
+    return onnx.shape_inference.infer_shapes(make_model(
+        nodes, [tensor("x", ["N", 4, 6])], [tensor("y", ["N", 4, 10])], inits))
+
+
+def test_class_scores_are_judged_by_their_argmax_too(tmp_path):
+    """An output a Softmax makes over its last axis (through a reshape that keeps it) is read
+    through an argmax: the report gives the share of positions whose argmax is the float
+    model's beside its SQNR, and a low-fidelity warning on it points to calibrate's
+    auto_metric with graphq.metrics' scores, or, where method auto chose by one, says so."""
+    rng = np.random.default_rng(21)
+    model = recognizer(rng)
+    assert G.class_score_outputs(model) == ["y"]
+    data = [{"x": rng.normal(0, 1, (16, 4, 6)).astype(np.float32)} for _ in range(2)]
+    result = PassManager(passes(warn_sqnr_db=60.0)).run(model, tmp_path / "out", data=data)
+    report = result.report["quantization"]
+    deploy = onnx.load(str(next(p for k, p in result.files.items()
+                                if k.endswith(".deploy.onnx"))))
+    ref = np.concatenate([run(model, f)[0] for f in data]).argmax(-1)
+    got = np.concatenate([run(deploy, f)[0] for f in data]).argmax(-1)
+    share = float(np.mean(ref == got))
+    assert 0.5 < share < 1.0  # a few steps flip (measured 98.4%)
+    assert report["outputs"]["y"]["argmax_equal"] == pytest.approx(share)
+    assert f"argmax over its last axis as float's at {share:.2%}" in \
+        result.files["report.md"].read_text()
+    (warning,) = [w for w in report["warnings"] if w.startswith("low fidelity")]
+    assert (f"the argmax over the last axis of 'y' at {share:.1%} of positions as float's"
+            in warning), warning
+    assert "--set calibrate.auto_metric=graphq.metrics:top1, or graphq.metrics:ctc_greedy " \
+           "for a CTC recognizer's strings" in warning
+
+    chosen = PassManager([InsertQDQ(weights={"reduce_range": False}),
+                          Calibrate(method="auto", auto_metric="graphq.metrics:top1",
+                                    search_samples=1),
+                          Emit(latency_runs=0, warn_sqnr_db=60.0)]
+                         ).run(model, tmp_path / "chosen", data=data)
+    (note,) = [n for r in chosen.records for n in r.notes if n.startswith("method auto")]
+    assert note.startswith("method auto: auto_metric 'graphq.metrics:top1' on "), note
+    (warning,) = [w for w in chosen.report["quantization"]["warnings"]
+                  if w.startswith("low fidelity")]
+    assert "(method auto chose by auto_metric 'graphq.metrics:top1')" in warning
+    assert "--set calibrate.auto_metric" not in warning
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("reshaped", ["y"]), ("other-axis", []), ("last-changed", []),
+    ("opset12-2d", ["y"]), ("opset12-3d", [])])
+def test_class_score_outputs(case, expected):
+    """Which outputs count as class scores: a Softmax over the last axis, followed through
+    reshapes that keep that axis's size; not one over another axis, nor one whose values a
+    reshape regroups; opset 12's default axis 1 (over the flattened rest) only on 2-D."""
+    rng = np.random.default_rng(0)
+    if case in ("reshaped", "other-axis", "last-changed"):
+        model = recognizer(rng)
+        if case == "other-axis":
+            model.graph.node[2].attribute[0].i = 0
+        if case == "last-changed":
+            model.graph.initializer[3].CopyFrom(
+                numpy_helper.from_array(np.array([-1, 8, 5], np.int64), "steps"))
+            del model.graph.value_info[:]
+            del model.graph.output[:]
+            model.graph.output.append(tensor("y", ["N", 8, 5]))
+            model = onnx.shape_inference.infer_shapes(model)
+    else:
+        shape = ["N", 10] if case == "opset12-2d" else ["N", 4, 10]
+        model = make_model([helper.make_node("Softmax", ["x"], ["y"])], [tensor("x", shape)],
+                           [tensor("y", shape)], opset=12)
+    assert G.class_score_outputs(model) == expected

@@ -321,6 +321,7 @@ class _Verifier:
                           for f, _ in zip(feeds, range(n), strict=False)]
         else:
             self.feeds = runtime.sample_feeds(proto, n)
+        self.ctx.check_feeds = self.feeds
         try:
             sess = runtime.session(proto, self.ctx.providers)
         except Exception as exc:  # noqa: BLE001 - a pass may make it loadable (an old opset)

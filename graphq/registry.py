@@ -60,6 +60,9 @@ class PassContext:
     base_dir: Path = field(default_factory=Path)
     #: cuts batches whose runs would make too much (:meth:`split`)
     pieces: Pieces = field(default_factory=Pieces)
+    #: the feeds the pass manager compares each pass's outputs on (set when it starts; none
+    #: where it does not check): a pass can try a rewrite it may drop on the same inputs
+    check_feeds: list[dict[str, Any]] = field(default_factory=list)
 
     def split(self, feed: dict[str, Any], model: onnx.ModelProto, share: float = 1.0
               ) -> list[dict[str, Any]]:

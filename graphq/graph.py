@@ -626,6 +626,7 @@ def class_score_outputs(model: onnx.ModelProto) -> list[str]:
             found.append(out.name)
     return found
 
+
 #: ops whose output jumps where a float input crosses a value: a comparison (a local-maximum
 #: test ``x == MaxPool(x)``), a sign, an arctangent of a ratio (tf2onnx's atan2)
 STEPPING = ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sign", "Atan")

@@ -104,8 +104,9 @@ class Emit(Pass):
         for line in summary_lines(report):
             log.info("%s", line)
         four_bit = any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight"))
-        notes = self._judge(report, model, ctx.report.get("calibrate", {})) + ([] if four_bit else
-                                         _judge_speed(report, deploy, ctx.providers))
+        notes = self._judge(report, model, ctx.report.get("calibrate", {}))
+        if not four_bit:
+            notes += _judge_speed(report, deploy, ctx.providers)
         ctx.report["quantization"] = report
         ctx.artifacts["report.md"] = render_markdown(report)
         if four_bit:

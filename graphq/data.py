@@ -350,8 +350,11 @@ class Pieces:
     """Cuts batches into pieces of consecutive samples whose runs make at most ``share`` of
     ``RUN_BYTES`` of intermediate tensors: every node's outputs, summed, measured once on
     the first batch's first sample run alone, as bytes per byte of input (so batches of
-    other shapes, wider images, are cut to fit too). A batch whose samples cannot be told
-    apart (one sample, inputs batched along different dims) stays whole."""
+    other shapes, wider images, are cut to fit too); where one sample does not run (a
+    ``[frames, bins]`` input's single frame under a 3x3 convolution, a Reshape to
+    ``[4, -1]``), on its first 4, 16, ... samples, the first slice that runs. A batch whose
+    samples cannot be told apart (one sample, inputs batched along different dims) stays
+    whole, and so do all where no slice runs."""
 
     def __init__(self) -> None:
         self.ratio: float | None = None  # intermediate bytes per input byte
@@ -363,10 +366,7 @@ class Pieces:
         if n <= 1:
             return [feed]
         if self.ratio is None:
-            one = _take(feed, axes, 0, 1)
-            self.ratio = _made_bytes(model, one, providers) / max(_input_bytes(one), 1)
-            log.debug("a run makes %.3g bytes of intermediate tensors per byte of input",
-                      self.ratio)
+            self.ratio = _measured_ratio(model, feed, axes, n, providers)
         per_sample = self.ratio * _input_bytes(feed) / n
         return list(_cut(feed, axes, n, int(RUN_BYTES * share // max(per_sample, 1.0))))
 
@@ -377,16 +377,36 @@ class Pieces:
         return self.ratio is None or self.ratio * _input_bytes(feed) > RUN_BYTES * share
 
 
-def _made_bytes(model: onnx.ModelProto, feed: Feed, providers: list[str] | None) -> int:
-    """The bytes of every tensor the main graph's nodes make on ``feed`` (0 where the graph
-    with all of them as outputs does not run: its batches are then not cut)."""
+def _measured_ratio(model: onnx.ModelProto, feed: Feed, axes: dict[str, int | None], n: int,
+                    providers: list[str] | None) -> float:
+    """Intermediate bytes per input byte, on the first slice of 1, 4, 16, ... of the ``n``
+    samples of ``feed`` that runs (0 where none does: its batches are then not cut)."""
     names = [o for node in model.graph.node for o in node.output if o]
+    options = runtime.quiet_options()
+    options.log_severity_level = 4  # a slice too small to run is expected: no error line
     try:
-        sess = runtime.session(G.with_outputs(model, names), providers, spinning=False)
-        return sum(v.nbytes for v in sess.run(None, feed) if isinstance(v, np.ndarray))
+        sess = runtime.session(G.with_outputs(model, names), providers, options,
+                               spinning=False)
     except Exception as exc:  # noqa: BLE001 - a measurement: without it, batches stay whole
         log.debug("intermediate tensors not measured (%s)", first_line(exc, 200))
-        return 0
+        return 0.0
+    size, error = 1, ""
+    while True:
+        piece = _take(feed, axes, 0, min(size, n))
+        try:
+            made = sum(v.nbytes for v in sess.run(None, piece) if isinstance(v, np.ndarray))
+        except Exception as exc:  # noqa: BLE001 - a slice too small for the graph
+            error = first_line(exc, 200)
+            if size >= n:
+                log.debug("intermediate tensors not measured (%s)", error)
+                return 0.0
+            size *= 4
+            continue
+        ratio = made / max(_input_bytes(piece), 1)
+        log.debug("a run makes %.3g bytes of intermediate tensors per byte of input "
+                  "(measured on %d sample(s)%s)", ratio, min(size, n),
+                  f"; fewer did not run: {error}" if error else "")
+        return ratio
 
 
 def _cut(feed: Feed, axes: dict[str, int | None], n: int, step: int) -> Iterator[Feed]:

@@ -168,6 +168,32 @@ def test_pieces_cut_batches_to_what_their_runs_make_measured_per_input_byte(monk
     assert whole["x"] is x
 
 
+def test_pieces_measure_on_more_samples_where_one_does_not_run(capfd):
+    """A graph that cannot run one sample (a Reshape to [4, -1], as ICLabel's views; a 3x3
+    conv over one spectrogram frame) was measured as making 0 bytes, so batches were never
+    cut, and onnxruntime's error line went to stderr in a successful run: the measurement
+    goes on to the first 4, 16, ... samples, the first slice that runs, and says nothing
+    on stderr. A graph that runs no slice stays whole."""
+    from graphq.data import Pieces
+
+    model = make_model([helper.make_node("Reshape", ["x", "four"], ["r"]),
+                        helper.make_node("Relu", ["r"], ["y"])],
+                       [tensor("x", ["N", 6])], [tensor("y", [4, None])],
+                       {"four": np.array([4, -1], np.int64)})
+    pieces = Pieces()
+    x = np.ones((8, 6), np.float32)
+    assert len(pieces.split({"x": x}, model, None)) == 1
+    assert pieces.ratio == pytest.approx(2.0)  # r and y, each the size of x
+    assert "onnxruntime" not in capfd.readouterr().err
+    never = make_model([helper.make_node("Reshape", ["x", "shape"], ["y"])],
+                       [tensor("x", ["N", 6])], [tensor("y", [5, None])],
+                       {"shape": np.array([5, -1], np.int64)})
+    unmeasured = Pieces()
+    assert len(unmeasured.split({"x": x}, never, None)) == 1
+    assert unmeasured.ratio == 0.0
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
 def test_a_string_input_accepts_the_str_arrays_an_npz_holds(tmp_path):
     """numpy saves str arrays as <U, not object: a string input takes them (as object, what
     onnxruntime feeds), and a float array for it is still refused by name."""

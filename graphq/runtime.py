@@ -296,6 +296,13 @@ class OutputDiff:
     def rel(self) -> float:
         return self.max_abs / self.ref_max if self.ref_max > 0 else self.max_abs
 
+    @property
+    def detail(self) -> str:
+        """What differs, in words: the reason, or the largest difference against the
+        largest reference value."""
+        return self.reason or (f"max |diff| {self.max_abs:.3g} against max |ref| "
+                               f"{self.ref_max:.3g} (relative {self.rel:.3g})")
+
 
 def compare(ref: dict[str, np.ndarray], out: dict[str, np.ndarray],
             rtol: float, atol: float) -> list[OutputDiff]:

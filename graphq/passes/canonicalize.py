@@ -11,8 +11,8 @@ Steps, in order, each optional:
    shape arithmetic) into initializers.
 4. onnxsim simplification, with its own BatchNormalization fusion turned off so that
    ``fold-bn`` does that and reports it. A failure of onnxsim, or a simplified graph whose
-   outputs move beyond the pass's tolerance on the first batch, is a warning, never fatal:
-   the graph goes on unsimplified.
+   outputs move beyond the pass's tolerance on the inputs the pass manager checks it on, is
+   a warning, never fatal: the graph goes on unsimplified.
 5. ``Sum`` nodes become ``Add`` (two inputs; a chain of them for more, one ``Identity`` for
    one): older exporters (the onnx model zoo's ResNet and ShuffleNet) write residual sums as
    ``Sum``, for which onnxruntime has no integer kernel, while ``Add`` becomes QLinearAdd.
@@ -765,14 +765,10 @@ def _moved_outputs(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassCon
         runs = [(runtime.run(old, feed), runtime.run(new, feed)) for feed in feeds]
     except Exception:  # noqa: BLE001 - random inputs may be out of its range
         return ""
-    for ref, got in runs:
-        for diff in runtime.compare(ref, got, rtol, atol):
-            if not diff.ok:
-                detail = diff.reason or (f"max |diff| {diff.max_abs:.3g} against max |ref| "
-                                         f"{diff.ref_max:.3g}")
-                return (f"it changed output '{diff.name}' beyond canonicalize's tolerance "
-                        f"(rtol {rtol:g}, atol {atol:g}: {detail})")
-    return ""
+    bad = next((d for ref, got in runs for d in runtime.compare(ref, got, rtol, atol)
+                if not d.ok), None)
+    return "" if bad is None else (f"it changed output '{bad.name}' beyond canonicalize's "
+                                   f"tolerance (rtol {rtol:g}, atol {atol:g}: {bad.detail})")
 
 
 def _structure(model: onnx.ModelProto) -> tuple:

@@ -33,7 +33,7 @@ def top1(reference: Outputs, quantized: Outputs) -> float:
     agreement of a classifier's ``[N, classes]`` scores, or per step of ``[N, T, classes]``
     (every float output with at least 2 values on its last axis)."""
     equal = total = 0
-    for ref, got in _pairs(reference, quantized, min_rank=1, what="top1"):
+    for ref, got in _pairs(reference, quantized, None, "top1"):
         same = ref.argmax(-1) == got.argmax(-1)
         equal += int(same.sum())
         total += same.size
@@ -48,7 +48,7 @@ def ctc_greedy(reference: Outputs, quantized: Outputs) -> float:
     axis is 1 and its first is not. With the blank at another class the comparison is
     stricter, not wrong: a blank that appears or goes at a sequence's ends then counts."""
     equal = total = 0
-    for ref, got in _pairs(reference, quantized, min_rank=3, what="ctc_greedy"):
+    for ref, got in _pairs(reference, quantized, 3, "ctc_greedy"):
         for a, b in zip(_decode(ref), _decode(got), strict=True):
             equal += int(np.array_equal(a, b))
             total += 1
@@ -66,11 +66,11 @@ def _decode(scores: np.ndarray) -> list[np.ndarray]:
     return [row[k] for row, k in zip(ids, keep, strict=True)]
 
 
-def _pairs(reference: Outputs, quantized: Outputs, min_rank: int, what: str
+def _pairs(reference: Outputs, quantized: Outputs, rank: int | None, what: str
            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The (float, quantized) arrays of every batch's outputs that a score of rank
-    ``min_rank`` (exactly 3 for CTC) can read; a ValueError naming the outputs where none
-    can."""
+    """The (float, quantized) arrays of every batch's float outputs with class scores on
+    their last axis, of ``rank`` (any where None); a ValueError naming the outputs where
+    there are none."""
     if len(reference) != len(quantized):
         raise ValueError(f"{what}: {len(reference)} reference batches against "
                          f"{len(quantized)} quantized ones")
@@ -80,9 +80,8 @@ def _pairs(reference: Outputs, quantized: Outputs, min_rank: int, what: str
         for name, ref in ref_batch.items():
             ref = np.asarray(ref)
             seen[name] = ref.shape
-            rank_ok = ref.ndim == 3 if min_rank == 3 else ref.ndim >= min_rank
-            if not (rank_ok and ref.dtype.kind == "f" and ref.shape[-1] >= 2
-                    and ref.size and name in got_batch):
+            if not (ref.ndim and ref.ndim == (rank or ref.ndim) and ref.dtype.kind == "f"
+                    and ref.shape[-1] >= 2 and ref.size and name in got_batch):
                 continue
             got = np.asarray(got_batch[name])
             if got.shape != ref.shape:
@@ -92,6 +91,6 @@ def _pairs(reference: Outputs, quantized: Outputs, min_rank: int, what: str
             yield ref, got
     if not found:
         shapes = ", ".join(f"'{k}' {list(v)}" for k, v in seen.items()) or "none"
-        need = ("a float output of rank 3, [N, T, classes]" if min_rank == 3 else
+        need = (f"a float output of rank {rank}, [N, T, classes]" if rank else
                 "a float output with class scores on its last axis")
         raise ValueError(f"{what} needs {need}; the outputs are {shapes}")

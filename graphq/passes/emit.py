@@ -21,12 +21,14 @@ The files are handed to the pass manager, which writes them once every pass has 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper, version_converter
 
 from graphq import graph as G
 from graphq import latency, metrics, qoperator, runtime
@@ -88,6 +90,14 @@ class Emit(Pass):
         counts: dict[str, int] = {}
         deploy, folded, floated = deploy_graph(model, self.options.float_op_weights, counts)
         counts = {"constants_folded_to_integers": folded, **counts}
+        float_model = ctx.float_model()
+        regenerated = regenerated_constants(deploy, float_model)
+        if regenerated:
+            counts["constants_computed_again"] = len(regenerated)
+            log.info("%d float constant(s) that canonicalize's folding stored and the model "
+                     "computes at run time from far smaller constants computed so again in "
+                     "the deploy graph ('%s'%s)", len(regenerated), regenerated[0],
+                     f" and {len(regenerated) - 1} more" if len(regenerated) > 1 else "")
         if floated:
             counts["float_op_weights_stored_float"] = floated
             log.info("%d weight(s) of compute ops whose inputs stay float stored as their "
@@ -100,7 +110,7 @@ class Emit(Pass):
         ctx.artifacts[f"{stem}.fakequant.onnx"] = model
         ctx.artifacts[f"{stem}.deploy.onnx"] = deploy
         ctx.artifacts["quant_record.json"] = table.to_json()
-        report = self._report(model, deploy, table, ctx)
+        report = self._report(model, deploy, float_model, regenerated, table, ctx)
         for line in summary_lines(report):
             log.info("%s", line)
         four_bit = any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight"))
@@ -116,9 +126,9 @@ class Emit(Pass):
                          "and targets with 4-bit kernels")
         return PassResult(model, False, counts, notes)
 
-    def _report(self, model: onnx.ModelProto, deploy: onnx.ModelProto, table: QuantTable,
+    def _report(self, model: onnx.ModelProto, deploy: onnx.ModelProto,
+                float_model: onnx.ModelProto, regenerated: list[str], table: QuantTable,
                 ctx: PassContext) -> dict[str, Any]:
-        float_model = ctx.float_model()
         report: dict[str, Any] = {
             "size_bytes": {"float": model_io.serialized_size(float_model),
                            "deploy": model_io.serialized_size(deploy)},
@@ -127,8 +137,9 @@ class Emit(Pass):
         }
         size = report["size_bytes"]
         if size["deploy"] > size["float"]:  # why: the float graph the passes made, in float
-            size["float_passes"] = model_io.serialized_size(
-                G.with_outputs(model, [], float_view=True))
+            view = G.with_outputs(model, [], float_view=True)
+            regenerated_constants(view, float_model, regenerated)  # as the deploy graph
+            size["float_passes"] = model_io.serialized_size(view)
         feeds, labels, where, samples = self._eval_feeds(float_model, ctx)
         if not feeds:
             report["fidelity"] = None
@@ -325,6 +336,128 @@ def deploy_graph(model: onnx.ModelProto, float_op_weights: str = "float",
     floated = float_op_constants(graph) if float_op_weights == "float" else 0
     graph.cleanup().toposort()
     return G.export(graph, like=model), folded, floated
+
+
+#: a float constant of the deploy graph computed again from what the input model computes it
+#: from (:func:`regenerated_constants`): at least this many bytes ...
+REGENERATE_BYTES = 16 * 1024
+#: ... and this many times the bytes of the constants it is computed from
+REGENERATE_RATIO = 4
+
+
+def regenerated_constants(deploy: onnx.ModelProto, original: onnx.ModelProto,
+                          names: Collection[str] | None = None) -> list[str]:
+    """Each float initializer of ``deploy`` that the input model ``original`` computes at run
+    time from constants far smaller (at least :data:`REGENERATE_BYTES` and
+    :data:`REGENERATE_RATIO` times theirs) is computed so again: canonicalize's constant
+    folding stores such tensors so that insert-qdq sees every weight, and where one stays
+    float (a filter bank a MatMul reads in float) the deploy graph had grown by it: swift-f0
+    builds 0.9 MB of 98%-zero filter banks from index constants with ConstantOfShape and
+    ScatterElements, and its deploy graph was 7.6x the float model. The nodes that compute it
+    and the constants they read come from ``original`` (their names prefixed to stay apart),
+    converted to ``deploy``'s opset; they are put back only where onnxruntime computes from
+    them exactly the values stored (onnxruntime folds them again when a session loads the
+    graph: no run-time cost). ``names``: only those. Changes ``deploy`` in place; returns
+    the tensors' names."""
+    producers = {out: node for node in original.graph.node for out in node.output if out}
+    weights = {t.name: t for t in original.graph.initializer}
+    taken = G.names_made(deploy.graph) | G.names_read(deploy.graph) | {
+        n.name for n in deploy.graph.node}
+    done: list[str] = []
+    for i in reversed(range(len(deploy.graph.initializer))):
+        tensor = deploy.graph.initializer[i]
+        if tensor.name not in producers or tensor.name in weights \
+                or tensor.data_type not in _FLOAT_TYPES \
+                or (names is not None and tensor.name not in names):
+            continue
+        values = numpy_helper.to_array(tensor)
+        if values.nbytes < REGENERATE_BYTES:
+            continue
+        nodes, consts = _generator(tensor.name, producers, weights)
+        if nodes is None or REGENERATE_RATIO * sum(
+                numpy_helper.to_array(c).nbytes for c in consts) > values.nbytes:
+            continue
+        built = _generator_model(tensor.name, nodes, consts, original, deploy, values)
+        if built is None:
+            continue
+        prefix = f"{tensor.name}/computed/"
+        while any(n.startswith(prefix) for n in taken):
+            prefix = f"{prefix}_/"
+        _prefix_names(built.graph, prefix, keep=tensor.name)
+        taken |= G.names_made(built.graph) | {n.name for n in built.graph.node}
+        del deploy.graph.initializer[i]
+        deploy.graph.initializer.extend(built.graph.initializer)
+        head = list(built.graph.node) + list(deploy.graph.node)
+        del deploy.graph.node[:]
+        deploy.graph.node.extend(head)
+        done.append(tensor.name)
+    return done
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16)
+
+
+def _generator(name: str, producers: dict[str, onnx.NodeProto],
+               weights: dict[str, onnx.TensorProto]
+               ) -> tuple[list[onnx.NodeProto] | None, list[onnx.TensorProto]]:
+    """The nodes of the input model that compute ``name`` from its initializers alone, in
+    the model's order, and those initializers; ``(None, [])`` where it reads a graph input
+    or a node with a subgraph."""
+    seen: dict[int, onnx.NodeProto] = {}
+    consts: dict[str, onnx.TensorProto] = {}
+    stack = [name]
+    while stack:
+        tensor = stack.pop()
+        if not tensor or tensor in consts:
+            continue
+        if tensor in weights:
+            consts[tensor] = weights[tensor]
+            continue
+        node = producers.get(tensor)
+        if node is None or G.subgraph_protos(node):
+            return None, []
+        if id(node) not in seen:
+            seen[id(node)] = node
+            stack.extend(node.input)
+    order = {id(n): k for k, n in enumerate(producers.values())}
+    return sorted(seen.values(), key=lambda n: order[id(n)]), list(consts.values())
+
+
+def _generator_model(name: str, nodes: list[onnx.NodeProto], consts: list[onnx.TensorProto],
+                     original: onnx.ModelProto, deploy: onnx.ModelProto, values: np.ndarray
+                     ) -> onnx.ModelProto | None:
+    """The model of ``nodes`` computing ``name``, at ``deploy``'s opset, or None where it
+    cannot be converted or run or computes other values than ``values``."""
+    out = onnx.helper.make_tensor_value_info(
+        name, onnx.helper.np_dtype_to_tensor_dtype(values.dtype), values.shape)
+    graph = onnx.helper.make_graph(nodes, "generator", [], [out], list(consts))
+    model = onnx.helper.make_model(graph, opset_imports=list(original.opset_import))
+    model.ir_version = original.ir_version
+    try:
+        target = model_io.default_opset(deploy)
+        if model_io.default_opset(model) != target:
+            model = version_converter.convert_version(model, target)
+        got = runtime.run(runtime.session(model, ["CPUExecutionProvider"]), {})[name]
+    except Exception:  # noqa: BLE001 - the converter and onnxruntime raise many kinds
+        return None
+    if got.shape != values.shape or not np.array_equal(got, values):
+        return None
+    del model.graph.value_info[:]
+    return model
+
+
+def _prefix_names(graph: onnx.GraphProto, prefix: str, keep: str) -> None:
+    """Every node and tensor name of ``graph`` but ``keep`` with ``prefix`` in front."""
+    def renamed(name: str) -> str:
+        return name if not name or name == keep else prefix + name
+
+    for tensor in graph.initializer:
+        tensor.name = renamed(tensor.name)
+    for k, node in enumerate(graph.node):
+        node.name = prefix + (node.name or f"{node.op_type}_{k}")
+        node.input[:] = [renamed(n) for n in node.input]
+        node.output[:] = [renamed(n) for n in node.output]
 
 
 def float_op_constants(graph: gs.Graph) -> int:

@@ -965,6 +965,74 @@ def test_a_deploy_graph_larger_because_folding_stored_computed_constants_says_so
         result.files["report.md"].read_text()
 
 
+def bank_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """A [513, 128] filter bank built at run time from 1032 indices and weights
+    (ConstantOfShape + ScatterElements + Reshape, as swift-f0 builds its STFT's), read by a
+    MatMul over the input, then a Gemm."""
+    flat = np.sort(rng.choice(513 * 128, 1032, replace=False)).astype(np.int64)
+    inits = {"size": np.array([513 * 128], np.int64), "idx": flat,
+             "val": rng.uniform(0.1, 1, flat.size).astype(np.float32),
+             "shape": np.array([513, 128], np.int64),
+             "wf": rng.normal(0, 0.1, (16, 128)).astype(np.float32),
+             "bf": np.zeros(16, np.float32)}
+    nodes = [helper.make_node("ConstantOfShape", ["size"], ["zeros"],
+                              value=numpy_helper.from_array(np.array([0], np.float32))),
+             helper.make_node("ScatterElements", ["zeros", "idx", "val"], ["flat"]),
+             helper.make_node("Reshape", ["flat", "shape"], ["bank"]),
+             helper.make_node("MatMul", ["x", "bank"], ["spec"], name="spectrum"),
+             helper.make_node("Relu", ["spec"], ["r"]),
+             helper.make_node("Gemm", ["r", "wf", "bf"], ["y"], name="fc", transB=1)]
+    return make_model(nodes, [tensor("x", ["N", 513])], [tensor("y", ["N", 16])], inits)
+
+
+def test_a_float_constant_the_model_builds_at_run_time_is_computed_again_in_deploy(tmp_path):
+    """canonicalize folds the bank into 262 KB of float weights so that insert-qdq sees it;
+    where its MatMul stays float, the deploy graph computes it again from the model's 10 KB
+    of indices and weights (swift-f0's deploy graph was 7.6x the float model by them): the
+    same nodes, renamed apart, no large float initializer, outputs equal to the fake-quant
+    graph's in onnxruntime, and the deploy graph smaller than the float model."""
+    rng = np.random.default_rng(5)
+    model = bank_net(rng)
+    data = [{"x": rng.uniform(0, 1, (8, 513)).astype(np.float32)}]
+    steps = [Canonicalize(), InsertQDQ(exclude=["spectrum"]), Calibrate(method="minmax"),
+             Emit(latency_runs=0)]
+    result = PassManager(steps).run(model, tmp_path / "out", data=data)
+    assert result.records[-1].counts["constants_computed_again"] == 1
+    fakequant = onnx.load(next(p for n, p in result.files.items()
+                               if n.endswith("fakequant.onnx")))
+    deploy = onnx.load(next(p for n, p in result.files.items() if n.endswith("deploy.onnx")))
+    onnx.checker.check_model(deploy, full_check=True)
+    assert "ScatterElements" not in {n.op_type for n in fakequant.graph.node}
+    ops = [n.op_type for n in deploy.graph.node]
+    assert {"ConstantOfShape", "ScatterElements", "Reshape"} <= set(ops)
+    assert len({n.name for n in deploy.graph.node}) == len(deploy.graph.node)
+    big = [t.name for t in deploy.graph.initializer
+           if numpy_helper.to_array(t).nbytes >= E.REGENERATE_BYTES]
+    assert big == []
+    size = result.report["quantization"]["size_bytes"]
+    assert size["deploy"] < size["float"]
+    x = rng.uniform(0, 1, (4, 513)).astype(np.float32)
+    np.testing.assert_array_equal(run(deploy, {"x": x})[0], run(fakequant, {"x": x})[0])
+
+
+def test_a_constant_computed_from_large_weights_or_an_input_stays_stored():
+    """Only what is far larger than the constants it is computed from is computed again: a
+    transposed weight (the same bytes) and a constant read through a graph input's shape
+    stay as canonicalize stored them."""
+    w = np.arange(64 * 128, dtype=np.float32).reshape(64, 128)
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("ConstantOfShape", ["s"], ["ones"],
+                              value=numpy_helper.from_array(np.array([1], np.float32))),
+             helper.make_node("Add", ["x", "ones"], ["x1"]),
+             helper.make_node("MatMul", ["x1", "wt"], ["y"])]
+    original = make_model(nodes, [tensor("x", [64, 128])], [tensor("y", [64, 64])], {"w": w})
+    stored = make_model(nodes[-1:], [tensor("x1", [64, 128])], [tensor("y", [64, 64])],
+                        {"wt": w.T.copy(), "ones": np.ones((64, 128), np.float32)})
+    assert E.regenerated_constants(stored, original) == []
+    assert sorted(t.name for t in stored.graph.initializer) == ["ones", "wt"]
+
+
 def test_a_low_output_computed_through_a_step_is_said_to_be(tmp_path):
     """An output computed through a comparison after its quantized tensors (a local-maximum
     test, x * (x == MaxPool(x)), as a fingerprint net's minutia map is): its values flip

@@ -49,8 +49,9 @@ class EmitOptions:
         "help": "deploy graph form: Q/DQ pairs, or QLinearConv/QLinearMatMul where the "
                 "pattern is fully quantized"})
     eval_data: str | None = field(default=None, metadata={
-        "help": "held-out data for the report (.npz; a 'label' array gives top-1/top-5); "
-                "default: the pipeline's data"})
+        "help": "held-out data for the report (.npz; a 'label' array gives top-1/top-5), "
+                "read in batches of the pipeline's [data] batch_size and [data.image] "
+                "settings; default: the pipeline's data"})
     label_key: str = field(default="label", metadata={
         "help": "the array of the eval data that holds class labels"})
     eval_limit: int = field(default=512, metadata={
@@ -255,7 +256,11 @@ class Emit(Pass):
             path = ctx.path(o.eval_data)
             if not path.exists():
                 raise DataError(f"emit eval_data not found: {path}")
-            source = DataSource(path, batch_size=64, labels=o.label_key)
+            # in the pipeline data's batches: a model whose rows interact (ICLabel averages
+            # its views over a batch) is measured as it was calibrated
+            like = ctx.data if isinstance(ctx.data, DataSource) else None
+            source = DataSource(path, batch_size=like.batch_size if like else 64,
+                                image=like.image if like else None, labels=o.label_key)
             where = str(path)
         elif ctx.data is not None:
             source = ctx.data

@@ -216,6 +216,27 @@ def test_eval_limit_counts_samples_on_the_batch_axis(tmp_path):
     assert "eval_limit" not in (out / "report.md").read_text()  # all of it measured
 
 
+def test_eval_data_is_read_in_the_pipeline_datas_batches(tmp_path):
+    """ICLabel averages its views over the rows of a batch: its rows are not independent,
+    and held-out data read in 64-row batches measured another model than the 16-row batches
+    it was calibrated on. eval_data is read in the pipeline data's batch size (64 rows where
+    the pipeline has no data source of its own)."""
+    from graphq.data import DataSource
+    from graphq.registry import PassContext
+
+    model = heavy_net(np.random.default_rng(7))
+    held = tmp_path / "held.npz"
+    np.savez(held, x=inputs(np.random.default_rng(8), 40))
+    emit = Emit(eval_data=str(held))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=inputs(np.random.default_rng(9), 16))
+    ctx = PassContext(data=DataSource(calib, batch_size=8))
+    feeds, _, _, total = emit._eval_feeds(model, ctx)
+    assert [f["x"].shape[0] for f in feeds] == [8] * 5 and total == 40
+    feeds, _, _, total = emit._eval_feeds(model, PassContext())
+    assert [f["x"].shape[0] for f in feeds] == [40] and total == 40
+
+
 @pytest.mark.parametrize("mode", ["float", "integer"])
 def test_weights_of_ops_that_stay_float_are_stored_dequantized(tmp_path, mode):
     """x -> MatMul(w1) -> h -> MatMul(w2) -> y with x kept float (an override, as min_sqnr_db

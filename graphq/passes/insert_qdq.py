@@ -54,6 +54,7 @@ input, so the session does not load (onnxruntime 1.31.1, CPU).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -164,9 +165,14 @@ PREFIX_GAIN_DB = 0.5
 #: have paid for 10x its latency)
 PREFIX_ENOUGH_DB = 30.0
 #: float_prefix_speed_db: no prefix running more than this times the speed pick's latency is
-#: weighed (the int8 preset is the fast one; TesseraNet's 3 float stem convs, timed 1.25x
-#: the pick's latency in one run and over it in the next, kept 10.5 against 2.1 dB held out)
-PREFIX_MAX_SLOWDOWN = 1.5
+#: weighed (the int8 preset is the fast one) ...
+PREFIX_MAX_SLOWDOWN = 2.0
+#: ... and past this many times, each 2x slower costs this many dB more besides the option's
+#: rate: a hard bound at 1.5x let timing noise decide large gains (TesseraNet's 3 float stem
+#: convs, timed 1.25x the pick's latency in one run and over 1.5x in the next, kept 10.5
+#: against 2.1 dB held out; madmom's note CNN, timed 1.35x and 1.59x, 29-32 against 11-16 dB)
+PREFIX_STEEP_FROM = 1.5
+PREFIX_STEEP_DB = 24.0
 #: the table reason of a prefix kept float until the timings that chose it are known
 _PENDING = "kept float by float_prefix_search (pending)"
 
@@ -261,8 +267,9 @@ class InsertQDQOptions:
                 "batches or 16 samples (worst output SQNR against the float model), and the "
                 "best one "
                 "is kept float if it scores more than 0.5 dB + this many dB per 2x it runs "
-                "slower above the pick; at most 1.5x its latency, and a score over 30 dB "
-                "counts as 30 (0: speed alone)", "min": 0.0})
+                "slower above the pick, and 24 dB more per 2x past 1.5x its latency; at most "
+                "2x its latency, and a score over 30 dB counts as 30 (0: speed alone)",
+        "min": 0.0})
 
     def validate(self) -> None:
         for key in ("float_prefix_search", "float_prefix"):
@@ -424,8 +431,8 @@ class InsertQDQ(Pass):
         """Option ``float_prefix_speed_db``: the timed prefixes longer than the speed pick
         ``k`` and within :data:`PREFIX_MAX_SLOWDOWN` of its latency scored with it
         (:func:`graphq.passes.calibrate.placement_scores` on the data's first batches); the
-        best by score (at most :data:`PREFIX_ENOUGH_DB`) less ``float_prefix_speed_db`` per
-        2x slower than ``k`` is kept if that beats ``k``'s by more than
+        best by score (at most :data:`PREFIX_ENOUGH_DB`) less what its slowdown costs
+        (:func:`_slowdown_db`) is kept if that beats ``k``'s by more than
         :data:`PREFIX_GAIN_DB`. Returns the prefix, the reason's words and the note's."""
         from graphq.passes.calibrate import placement_scores  # calibrate imports this module
 
@@ -443,7 +450,7 @@ class InsertQDQ(Pass):
         scores = dict(zip([k, *longer], placement_scores(
             model, [placed[j] for j in (k, *longer)], feeds, ctx), strict=True))
         rate = self.options.float_prefix_speed_db
-        value = {j: min(s, PREFIX_ENOUGH_DB) - latency.speed_db(seconds[j] / seconds[k], rate)
+        value = {j: min(s, PREFIX_ENOUGH_DB) - _slowdown_db(seconds[j] / seconds[k], rate)
                  for j, s in scores.items()}
         best = max(value, key=lambda j: (value[j], j))
         listing = ", ".join(f"{j} float {s:.1f} dB" for j, s in scores.items())
@@ -452,8 +459,9 @@ class InsertQDQ(Pass):
         if best == k or value[best] <= value[k] + PREFIX_GAIN_DB:
             return k, why, (f"; no longer prefix within {PREFIX_MAX_SLOWDOWN:g}x its latency "
                             f"scores more than {PREFIX_GAIN_DB:g} dB + {rate:g} dB per 2x "
-                            f"slower above it, scores over {PREFIX_ENOUGH_DB:g} dB counting as "
-                            f"{PREFIX_ENOUGH_DB:g} ({scored})")
+                            f"slower above it ({PREFIX_STEEP_DB:g} dB more per 2x past "
+                            f"{PREFIX_STEEP_FROM:g}x), scores over {PREFIX_ENOUGH_DB:g} dB "
+                            f"counting as {PREFIX_ENOUGH_DB:g} ({scored})")
         gain = (f"{scores[best]:.1f} dB against {scores[k]:.1f} dB with {k} float, at "
                 f"{seconds[best] / seconds[k]:.2f}x the latency (float_prefix_speed_db "
                 f"{rate:g} per 2x)")
@@ -955,6 +963,14 @@ def _not_looped(graph: gs.Graph) -> Iterator[gs.Graph]:
         if node.op == "If":
             for sub in G.subgraphs(node):
                 yield from _not_looped(sub)
+
+
+def _slowdown_db(ratio: float, rate: float) -> float:
+    """What running ``ratio`` times the speed pick's latency costs a longer float prefix, in
+    dB: ``rate`` per 2x, and :data:`PREFIX_STEEP_DB` more per 2x past
+    :data:`PREFIX_STEEP_FROM`."""
+    steep = PREFIX_STEEP_DB * max(0.0, math.log2(ratio / PREFIX_STEEP_FROM))
+    return latency.speed_db(ratio, rate) + steep
 
 
 def _weight_capped(planner: _Planner, n: int) -> tuple[int, str]:

@@ -36,6 +36,11 @@ from graphq.runtime import batch_axes, input_spec, true_inputs
 
 log = logging.getLogger(__name__)
 
+#: what a pass that needs data says when there is none
+DATA_HINT = ("give --data PATH or [data] source (an .npz keyed by input name, a folder of "
+             ".npz/.npy files, or an image folder with [data.image]); from Python, "
+             "PassManager.run(..., data=...) also takes an iterable of feed dicts")
+
 Feed = dict[str, np.ndarray]
 
 

@@ -30,8 +30,16 @@ from graphq import __version__, runtime
 from graphq import graph as G
 from graphq import model as model_io
 from graphq import options as opts
-from graphq.data import PLAIN_SHARE, DataOptions, DataSource, Feed, run_failure
-from graphq.errors import ConfigError, GraphqError, ModelError, PassError, did_you_mean, first_line
+from graphq.data import DATA_HINT, PLAIN_SHARE, DataOptions, DataSource, Feed, run_failure
+from graphq.errors import (
+    ConfigError,
+    DataError,
+    GraphqError,
+    ModelError,
+    PassError,
+    did_you_mean,
+    first_line,
+)
 from graphq.registry import Pass, PassContext, create
 
 log = logging.getLogger(__name__)
@@ -206,6 +214,10 @@ class PassManager:
                 source.path if source.path else model),
             external_data=source.external_data, stem=stem, base_dir=self._base_dir(),
         )
+        needy = next(((i, p) for i, p in enumerate(self.passes) if p.needs_data), None)
+        if needy is not None and ctx.data is None:  # not after the passes before it ran
+            raise DataError(f"pass '{needy[1].name}' (step {needy[0] + 1}, checked before any "
+                            f"pass ran): {needy[1].name} needs data: {DATA_HINT}")
         log.info("model %s: opset %d, %d nodes; %d passes; providers %s",
                  source.path or stem, model_io.default_opset(proto), len(proto.graph.node),
                  len(self.passes), ", ".join(ctx.providers))

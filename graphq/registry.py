@@ -102,6 +102,9 @@ class Pass(ABC):
     preserves_semantics: ClassVar[bool] = True
     rtol: ClassVar[float] = 1e-4
     atol: ClassVar[float] = 1e-5
+    #: the pass cannot run without data (the pass manager refuses such a pipeline without
+    #: data before any pass runs)
+    needs_data: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if options is not None and kwargs:

@@ -188,11 +188,16 @@ def test_nothing_quantizable_exits_2_with_a_clear_message(tmp_path, capsys):
     assert "canonicalize:" not in err
 
 
-def test_no_data_exits_2(tmp_path, net, capsys):
+def test_no_data_exits_2_before_any_pass_runs(tmp_path, net, capsys):
+    """Refused up front: it had run canonicalize, fold-bn and insert-qdq (with its float
+    prefix timings) before calibrate said it needs data."""
     out = tmp_path / "out"
     assert graphq("run", "int8", net, "-o", out) == 2
     assert not out.exists()
-    assert "calibrate needs data" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pass 'calibrate' (step 4, checked before any pass ran): calibrate needs data: " \
+           "give --data PATH or [data] source" in err, err
+    assert "canonicalize:" not in err and "[1/5]" not in err
 
 
 def test_int8_tensorrt_preset_uses_symmetric_int8_everywhere(tmp_path):

@@ -49,7 +49,7 @@ from graphq import latency, runtime
 from graphq import segments as SEG
 from graphq import sensitivity as S
 from graphq.biases import bias_sites, quantize_biases
-from graphq.data import PLAIN_SHARE, DataSource, Feed, run_failure, samples_in
+from graphq.data import DATA_HINT, PLAIN_SHARE, DataSource, Feed, run_failure, samples_in
 from graphq.errors import ConfigError, DataError, GraphqError, PassError
 from graphq.kernels import observers as O
 from graphq.kernels import quant as Q
@@ -275,13 +275,13 @@ class Calibrate(Pass):
     summary = "run the graph on data in onnxruntime; set activation scales and zero points"
     Options = CalibrateOptions
     preserves_semantics = False
+    needs_data = True
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         table = QuantTable.required(model, "insert-qdq", "calibrate")
         self._pinned: dict[str, Any] = {}  # what this run timed (PassResult.pinned)
         if ctx.data is None:
-            raise DataError("calibrate needs data: give --data PATH or [data] source "
-                            "(an .npz keyed by input name, or a folder of .npz/.npy files)")
+            raise DataError(f"calibrate needs data: {DATA_HINT}")
         scorer = _scorer(model, self.options, ctx)  # a wrong auto_metric fails before streaming
         if self.options.method == "auto" and self.options.auto_metric:
             ctx.report.setdefault("calibrate", {})["auto_metric"] = self.options.auto_metric

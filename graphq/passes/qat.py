@@ -30,7 +30,7 @@ import onnx
 from graphq import graph as G
 from graphq import runtime
 from graphq import sensitivity as S
-from graphq.data import DataSource, samples_in
+from graphq.data import DATA_HINT, DataSource, samples_in
 from graphq.errors import QAT_INSTALL, ConfigError, DataError, GraphqError, PassError
 from graphq.quant import QuantTable
 from graphq.registry import Pass, PassContext, PassResult, register
@@ -99,6 +99,7 @@ class Qat(Pass):
     summary = "finetune the calibrated graph in PyTorch (QAT) and write learned values back"
     Options = QatOptions
     preserves_semantics = False
+    needs_data = True
 
     def __init__(self, options=None, **kwargs) -> None:
         super().__init__(options, **kwargs)
@@ -113,7 +114,7 @@ class Qat(Pass):
         if any(not e.calibrated for e in table.quantized()):
             raise PassError("qat needs calibrated scales: run calibrate before qat")
         if ctx.data is None:
-            raise DataError("qat needs data: give --data PATH or [data] source")
+            raise DataError(f"qat needs data: {DATA_HINT}")
         known = {o for n in model.graph.node for o in n.output} | \
             {i.name for i in model.graph.input}
         missing = [n for n in o.distill_tensors if n not in known]

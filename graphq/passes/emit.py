@@ -379,8 +379,7 @@ def regenerated_constants(deploy: onnx.ModelProto, original: onnx.ModelProto,
         if values.nbytes < REGENERATE_BYTES:
             continue
         nodes, consts = _generator(tensor.name, producers, weights)
-        if nodes is None or REGENERATE_RATIO * sum(
-                numpy_helper.to_array(c).nbytes for c in consts) > values.nbytes:
+        if nodes is None or REGENERATE_RATIO * _stored_bytes(nodes, consts) > values.nbytes:
             continue
         built = _generator_model(tensor.name, nodes, consts, original, deploy, values)
         if built is None:
@@ -427,6 +426,12 @@ def _generator(name: str, producers: dict[str, onnx.NodeProto],
             stack.extend(node.input)
     order = {id(n): k for k, n in enumerate(producers.values())}
     return sorted(seen.values(), key=lambda n: order[id(n)]), list(consts.values())
+
+
+def _stored_bytes(nodes: list[onnx.NodeProto], consts: list[onnx.TensorProto]) -> int:
+    """The bytes of ``consts`` and of the tensors ``nodes`` hold as attributes (Constant)."""
+    held = [a.t for n in nodes for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    return sum(numpy_helper.to_array(t).nbytes for t in [*consts, *held])
 
 
 def _generator_model(name: str, nodes: list[onnx.NodeProto], consts: list[onnx.TensorProto],

@@ -1038,20 +1038,24 @@ def test_a_float_constant_the_model_builds_at_run_time_is_computed_again_in_depl
 
 def test_a_constant_computed_from_large_weights_or_an_input_stays_stored():
     """Only what is far larger than the constants it is computed from is computed again: a
-    transposed weight (the same bytes) and a constant read through a graph input's shape
-    stay as canonicalize stored them."""
+    transposed weight (the same bytes, an initializer or a Constant node's) and a constant
+    read through a graph input's shape stay as canonicalize stored them."""
     w = np.arange(64 * 128, dtype=np.float32).reshape(64, 128)
-    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)),
+             helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
              helper.make_node("Shape", ["x"], ["s"]),
              helper.make_node("ConstantOfShape", ["s"], ["ones"],
                               value=numpy_helper.from_array(np.array([1], np.float32))),
              helper.make_node("Add", ["x", "ones"], ["x1"]),
              helper.make_node("MatMul", ["x1", "wt"], ["y"])]
-    original = make_model(nodes, [tensor("x", [64, 128])], [tensor("y", [64, 64])], {"w": w})
     stored = make_model(nodes[-1:], [tensor("x1", [64, 128])], [tensor("y", [64, 64])],
                         {"wt": w.T.copy(), "ones": np.ones((64, 128), np.float32)})
-    assert E.regenerated_constants(stored, original) == []
-    assert sorted(t.name for t in stored.graph.initializer) == ["ones", "wt"]
+    for weight in ("constant", "initializer"):
+        original = make_model(nodes if weight == "constant" else nodes[1:],
+                              [tensor("x", [64, 128])], [tensor("y", [64, 64])],
+                              {} if weight == "constant" else {"w": w})
+        assert E.regenerated_constants(stored, original) == []
+        assert sorted(t.name for t in stored.graph.initializer) == ["ones", "wt"]
 
 
 def test_a_low_output_computed_through_a_step_is_said_to_be(tmp_path):

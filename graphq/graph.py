@@ -565,6 +565,17 @@ def _regrouped(src: list | None, dst: list | None, axis: int) -> tuple[int, int]
 SELECTING = ("TopK", "NonMaxSuppression", "ArgMax", "ArgMin")
 
 
+def _selects_by_scores(node: gs.Node) -> bool:
+    """Whether the selection ``node`` orders by float scores the graph computes (which
+    quantization noise can swap), not by integers or the graph's inputs: a TopK over a
+    batch's sequence lengths (torch's pack_padded_sequence sort, as a diacritizer's export
+    has it) only reorders the batch, and had every output after it judged by the tensor it
+    gathered instead."""
+    scores = node.inputs[:2] if node.op == "NonMaxSuppression" else node.inputs[:1]
+    return any(_maybe_float(t) and bool(t.inputs) and t.inputs[0].op != "Constant"
+               for t in scores)
+
+
 def selection_sources(graph: gs.Graph) -> dict[str, list[gs.Tensor]]:
     """Graph outputs computed through a selection (:data:`SELECTING`: an end-to-end detector's
     TopK over anchor scores, then the boxes gathered at its indices) -> the tensors the
@@ -581,7 +592,7 @@ def selection_sources(graph: gs.Graph) -> dict[str, list[gs.Tensor]]:
     while changed:  # until nothing more is reached (one pass where the nodes are sorted)
         changed = False
         for node in graph.nodes:
-            if id(node) not in made and (node.op in SELECTING
+            if id(node) not in made and ((node.op in SELECTING and _selects_by_scores(node))
                                          or any(id(t) in tainted for t in node.inputs)):
                 made.add(id(node))
                 tainted.update(id(t) for t in node.outputs)

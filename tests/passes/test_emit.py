@@ -864,25 +864,31 @@ def test_an_output_selected_by_topk_is_judged_by_what_it_selects_from(tmp_path):
     assert "selected by TopK/ArgMax" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_an_output_selected_from_graph_inputs_alone_is_judged_itself(tmp_path):
-    """A selection that reads nothing the graph computes (TopK straight over an input) has
-    no sources: its output is scored, reported and judged as any output is."""
+@pytest.mark.parametrize("order", ["input", "integers"])
+def test_an_output_ordered_by_inputs_or_integers_is_judged_itself(tmp_path, order):
+    """A selection whose order quantization cannot change, a TopK straight over an input or
+    over integers the graph computes (sequence lengths, as torch's pack_padded_sequence
+    sorts a batch by them; a diacritizer's outputs had all been judged by the tensor it
+    gathers), is no selection: its output is scored, reported and judged as any output is."""
     rng = np.random.default_rng(6)
     w = rng.normal(0, 0.5, (16, 4)).astype(np.float32)
-    nodes = [helper.make_node("TopK", ["s", "k"], ["best", "index"], name="topk", axis=1),
+    first = [] if order == "input" else [
+        helper.make_node("Cast", ["s_float"], ["s"], to=TensorProto.INT64)]
+    nodes = [*first,
+             helper.make_node("TopK", ["s", "k"], ["best", "index"], name="topk", axis=1),
              helper.make_node("Unsqueeze", ["index", "axes"], ["index3"], name="unsqueeze"),
              helper.make_node("Tile", ["index3", "rep"], ["index16"], name="tile"),
              helper.make_node("GatherElements", ["x", "index16"], ["rows"], name="pick",
                               axis=1),
              helper.make_node("MatMul", ["rows", "w"], ["y"], name="head")]
-    model = make_model(nodes, [tensor("x", ["N", 32, 16]), tensor("s", ["N", 32])],
+    scores = "s" if order == "input" else "s_float"
+    model = make_model(nodes, [tensor("x", ["N", 32, 16]), tensor(scores, ["N", 32])],
                        [tensor("y", ["N", 5, 4])],
                        {"w": w, "k": np.array([5], np.int64), "axes": np.array([2], np.int64),
                         "rep": np.array([1, 1, 16], np.int64)})
-    assert {k: [t.name for t in v] for k, v in
-            G.selection_sources(G.import_graph(model)).items()} == {"y": []}
+    assert G.selection_sources(G.import_graph(onnx.shape_inference.infer_shapes(model))) == {}
     calib = [{"x": rng.normal(0, 1, (4, 32, 16)).astype(np.float32),
-              "s": rng.normal(0, 1, (4, 32)).astype(np.float32)} for _ in range(3)]
+              scores: rng.normal(0, 10, (4, 32)).astype(np.float32)} for _ in range(3)]
     result = PassManager([InsertQDQ(), Calibrate(method="auto"), Emit(latency_runs=0)]).run(
         model, tmp_path / "out", data=calib)
     q = result.report["quantization"]

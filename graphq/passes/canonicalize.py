@@ -27,6 +27,15 @@ Steps, in order, each optional:
    convolutions around it are integer, onnxruntime runs them in NHWC and wraps each 5-D
    Transpose in layout transposes, which cost more than the int8 convolutions gain.
 
+After 4: each Transpose moves below the elementwise ops that read it alone (a
+constant operand transposed back, a second operand transposed alike taken before its
+Transpose) and a Transpose that undoes the one before it goes: a converter that keeps a TF
+graph's NHWC layout around NCHW convolutions writes ``Conv -> Transpose -> Add (bias) -> Sub,
+Mul, Add (a BN) -> Relu -> Transpose -> Conv``; the Transposes then cancel and the arithmetic
+follows the Conv, where fold-bn folds it (open_nsfw: 102 Transposes -> 2, the int8 graph
+1.65x -> 2.6x FP32 speed; after onnxsim, which removes the Casts and Identities between
+them).
+
 Between 3 and 4: GELU written with Erf (``x * 0.5 * (1 + erf(x / sqrt(2)))``, as exporters
 write it below opset 20) becomes one ``Gelu`` (opset 20), where the opset is 20 already or
 ``fuse_gelu = "raise-opset"`` raises it. onnxruntime fuses the Erf form itself in a float
@@ -71,6 +80,9 @@ class CanonicalizeOptions:
         "help": "initializers listed as graph inputs that stay inputs (the user feeds them)"})
     fold_constants: bool = field(default=True, metadata={
         "help": "evaluate constant subgraphs (ConstantOfShape weights, shape arithmetic)"})
+    sink_transposes: bool = field(default=True, metadata={
+        "help": "move Transposes below the elementwise ops that read them and drop those "
+                "that undo each other (a TF graph's NHWC layout around NCHW convolutions)"})
     simplify: bool = field(default=True, metadata={
         "help": "run onnxsim (its BN fusion off); a failure is a warning"})
     shuffle_to_gather: bool = field(default=True, metadata={
@@ -142,6 +154,10 @@ class Canonicalize(Pass):
             else:
                 changed |= _structure(simplified) != _structure(model)
                 model = simplified
+        if o.sink_transposes:
+            moved, dropped = _sink_transposes(model.graph)
+            counts["transposes_moved"], counts["transposes_dropped"] = moved, dropped
+            changed |= moved + dropped > 0
         if o.sum_to_add:
             counts["sums_rewritten"] = _sums_to_adds(model.graph)
             changed |= counts["sums_rewritten"] > 0
@@ -775,3 +791,162 @@ def _structure(model: onnx.ModelProto) -> tuple:
     """What a rewrite changes: the nodes' wiring and the initializers' names."""
     nodes = tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node)
     return nodes, tuple(sorted(t.name for t in model.graph.initializer))
+
+
+#: elementwise ops of one tensor a Transpose commutes with (Clip's bounds are scalars)
+_UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
+                    "Elu", "Selu", "Softplus", "Softsign", "Abs", "Neg", "Exp", "Erf", "Sqrt",
+                    "Reciprocal", "Clip", "Mish", "Gelu", "Floor", "Ceil", "Round"})
+#: elementwise ops of two tensors: with a constant (transposed along), or with a second
+#: tensor transposed the same way
+_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min"})
+
+
+def _sink_transposes(graph: onnx.GraphProto) -> tuple[int, int]:
+    """Move each Transpose of the main graph below the elementwise ops that read it alone,
+    ``op(Transpose(x)) -> Transpose(op(x))`` (a constant operand transposed by the inverse
+    permutation, a second operand that is a Transpose of the same permutation read there
+    alone taken before it), and drop each Transpose that undoes the one before it. A
+    converter that writes a TF graph's NHWC layout around NCHW convolutions leaves
+    ``Conv -> Transpose -> Add (bias) -> Sub, Mul, Add (BN) -> Relu -> Transpose -> Conv``:
+    the arithmetic then follows the Conv (fold-bn folds it) and the Transposes cancel.
+    Returns the moves and the Transposes dropped."""
+    moved = dropped = 0
+    while True:
+        step = _sink_round(graph)
+        cut = _cancel_transposes(graph)
+        moved, dropped = moved + step, dropped + cut
+        if not step and not cut:
+            return moved, dropped
+
+
+def _perm(node: onnx.NodeProto) -> list[int] | None:
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    return perm or None  # no perm: reversed axes, the rank unknown here
+
+
+def _sink_round(graph: onnx.GraphProto) -> int:
+    """One round of :func:`_sink_transposes`' moves, each node moved at most once."""
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input) | set(G.outer_reads(node)):
+            readers.setdefault(name, []).append(node)
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    taken = G.names_made(graph) | G.names_read(graph) | {n.name for n in graph.node}
+    touched: set[int] = set()
+    after: dict[int, onnx.NodeProto] = {}  # id(op) -> the Transpose to place after it
+    gone: set[int] = set()  # the second operands' Transposes, no longer read
+
+    def transposed(name: str, op: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The Transpose that makes ``name``, where ``op`` alone reads it (once)."""
+        t = producer.get(name)
+        ok = t is not None and t.op_type == "Transpose" and id(t) not in touched and \
+            _perm(t) is not None and readers.get(name) == [op] and name not in outputs and \
+            list(op.input).count(name) == 1
+        return t if ok else None
+
+    for op in graph.node:
+        if op.domain not in ("", "ai.onnx") or len(op.output) != 1 or id(op) in touched \
+                or not op.input:
+            continue
+        if op.op_type in _UNARY:
+            operands = [0]
+        elif op.op_type in _BINARY and len(op.input) == 2:
+            operands = [0, 1]
+        else:
+            continue
+        ts = [transposed(op.input[k], op) for k in operands]
+        t = next((x for x in ts if x is not None), None)
+        if t is None:
+            continue
+        perm = _perm(t)
+        plan: dict[int, str | np.ndarray] = {}
+        for k, x in zip(operands, ts, strict=True):
+            name = op.input[k]
+            if x is not None and _perm(x) == perm:
+                plan[k] = x.input[0]
+            elif name in inits:
+                values = numpy_helper.to_array(inits[name])
+                if values.ndim > len(perm):
+                    break
+                if values.ndim:  # a scalar is as it was
+                    values = values.reshape((1,) * (len(perm) - values.ndim) + values.shape)
+                    plan[k] = np.ascontiguousarray(values.transpose(np.argsort(perm)))
+            else:
+                break  # an operand neither transposed alike nor constant
+        else:
+            for k, new in plan.items():
+                if isinstance(new, np.ndarray):
+                    name = G.fresh_name(f"{op.input[k]}_transposed", taken)
+                    graph.initializer.append(numpy_helper.from_array(new, name))
+                    new = name
+                source = producer.get(op.input[k])
+                if source is not t and source is not None and source.op_type == "Transpose":
+                    gone.add(id(source))
+                    touched.add(id(source))
+                op.input[k] = new
+            y = op.output[0]
+            z = G.fresh_name(f"{y}_before_transpose", taken)
+            op.output[0] = z
+            t.input[0], t.output[0] = z, y
+            touched.update((id(op), id(t)))
+            after[id(op)] = t
+    if not after:
+        return 0
+    placed = {id(t) for t in after.values()} | gone
+    order: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) not in placed:
+            order.append(node)
+        if id(node) in after:
+            order.append(after[id(node)])
+    del graph.node[:]
+    graph.node.extend(order)
+    _drop_unused(graph)
+    return len(after)
+
+
+def _cancel_transposes(graph: onnx.GraphProto) -> int:
+    """Readers of a Transpose that undoes the Transpose before it read that one's input."""
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    bypass: dict[str, str] = {}
+    for node in graph.node:
+        first = producer.get(node.input[0]) if node.op_type == "Transpose" else None
+        if first is None or first.op_type != "Transpose" or node.output[0] in outputs:
+            continue
+        p1, p2 = _perm(first), _perm(node)
+        if p1 is not None and p2 is not None and len(p1) == len(p2) and \
+                [p1[i] for i in p2] == list(range(len(p1))):
+            bypass[node.output[0]] = first.input[0]
+    if not bypass:
+        return 0
+    for node in graph.node:
+        node.input[:] = [bypass.get(name, name) for name in node.input]
+    _drop_unused(graph)
+    return len(bypass)
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Nodes none of whose outputs is read or a graph output, until none is left; then the
+    initializers and value infos of tensors no longer there."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = G.names_read(graph) | outputs
+        keep = [n for n in graph.node if any(o in read for o in n.output if o)]
+        if len(keep) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
+    read = G.names_read(graph) | outputs
+    inits = [t for t in graph.initializer if t.name in read]
+    if len(inits) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
+    made = G.names_made(graph) | {i.name for i in graph.input}
+    infos = [v for v in graph.value_info if v.name in made]
+    if len(infos) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(infos)

@@ -576,3 +576,83 @@ def test_an_output_of_unknown_rank_gets_the_rank_a_sample_run_makes():
            "given 2 unknown dims, as a run on a sample input makes" in result.notes
     x = np.random.default_rng(0).normal(0, 1, (2, 4, 3)).astype(np.float32)
     assert run(result.model, {"x": x})[0].shape == (2, 12)
+
+
+def nhwc_block_model(rng: np.random.Generator, residual: bool = True) -> onnx.ModelProto:
+    """A converted TF block: NCHW convolutions wrapped in Transposes to the graph's NHWC
+    layout, bias and BN as NHWC arithmetic ([C] constants), a residual Add of two NHWC
+    branches, ReLU, and back to NCHW for the next Conv (open_nsfw's export)."""
+    c = 6
+    w = lambda *s: rng.normal(0, 0.3, s).astype(np.float32)  # noqa: E731
+    inits = {"w1": w(c, 3, 3, 3), "w2": w(c, 3, 1, 1), "w3": w(4, c, 3, 3),
+             "bias": w(c), "mean": w(c), "scale": np.abs(w(c)) + 0.5, "beta": w(c),
+             "bias2": w(1, 1, 1, c), "ten": np.array(10.0, np.float32)}
+    to_nhwc, to_nchw = [0, 2, 3, 1], [0, 3, 1, 2]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["x_nchw"], perm=to_nchw),
+        helper.make_node("Conv", ["x_nchw", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["c1"], ["t1"], perm=to_nhwc),
+        helper.make_node("Add", ["t1", "bias"], ["a1"]),
+        helper.make_node("Sub", ["a1", "mean"], ["s1"]),
+        helper.make_node("Mul", ["scale", "s1"], ["m1"]),  # the constant first
+        helper.make_node("Add", ["m1", "beta"], ["b1"]),
+        helper.make_node("Conv", ["x_nchw", "w2"], ["c2"]),
+        helper.make_node("Transpose", ["c2"], ["t2"], perm=to_nhwc),
+        helper.make_node("Add", ["t2", "bias2"], ["b2"]),
+        helper.make_node("Add", ["b1", "b2"] if residual else ["b1", "ten"], ["sum"]),
+        helper.make_node("Relu", ["sum"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["r_nchw"], perm=to_nchw),
+        helper.make_node("Conv", ["r_nchw", "w3"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    if not residual:
+        nodes = [n for n in nodes if n.output[0] not in ("c2", "t2", "b2")]
+    return make_model(nodes, [tensor("x", [2, 8, 8, 3])], [tensor("y", [2, 4, 8, 8])], inits)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_transposes_sink_below_elementwise_ops_and_cancel(residual):
+    """Each Transpose moves below the elementwise ops that read it alone (constants
+    transposed back, a second operand transposed alike taken before its Transpose) and
+    the pairs that undo each other go: only the input's layout Transpose is left, and the
+    arithmetic follows each Conv for fold-bn. The same values."""
+    rng = np.random.default_rng(11)
+    before, result = canonicalize(nhwc_block_model(rng, residual), simplify=False)
+    counts = op_counts(result.model)
+    assert counts["Transpose"] == 1 and result.counts["transposes_dropped"] >= 1
+    assert result.model.graph.node[0].op_type == "Transpose"  # the input's, kept
+    inits = {t.name: t for t in result.model.graph.initializer}
+    conv_out = next(n.output[0] for n in result.model.graph.node if n.op_type == "Conv")
+    (reader,) = [n for n in result.model.graph.node if conv_out in n.input]
+    assert reader.op_type == "Add" and list(inits[reader.input[1]].dims) == [1, 6, 1, 1]
+    x = rng.normal(0, 1, (2, 8, 8, 3)).astype(np.float32)
+    assert_close(run(before, {"x": x}), run(result.model, {"x": x}), RTOL)
+
+
+def test_transposes_read_twice_or_before_a_non_elementwise_op_stay():
+    """A Transpose read by two ops, one that is a graph output, and one before an op that is
+    not elementwise (a Softmax), or whose other operand is neither constant nor transposed
+    alike, stays where it is."""
+    rng = np.random.default_rng(12)
+    perm = [0, 2, 1]
+    nodes = [helper.make_node("Transpose", ["x"], ["t1"], perm=perm),
+             helper.make_node("Relu", ["t1"], ["r1"]),
+             helper.make_node("Sigmoid", ["t1"], ["s1"]),  # t1 read twice
+             helper.make_node("Transpose", ["x"], ["t2"], perm=perm),
+             helper.make_node("Softmax", ["t2"], ["s2"], axis=-1),
+             helper.make_node("Transpose", ["x"], ["t3"], perm=perm),
+             helper.make_node("Add", ["t3", "z"], ["a3"])]  # z: an input, not transposed
+    outputs = [tensor(n, [2, 4, 3]) for n in ("r1", "s1", "s2", "a3")]
+    model = make_model(nodes, [tensor("x", [2, 3, 4]), tensor("z", [2, 4, 3])], outputs,
+                       {"unused": np.zeros(1, np.float32)})
+    before, result = canonicalize(model, simplify=False)
+    assert result.counts["transposes_moved"] == 0 and result.counts["transposes_dropped"] == 0
+    assert op_counts(result.model)["Transpose"] == 3
+    feed = {"x": rng.normal(0, 1, (2, 3, 4)).astype(np.float32),
+            "z": rng.normal(0, 1, (2, 4, 3)).astype(np.float32)}
+    assert_close(run(before, feed), run(result.model, feed), RTOL)
+
+
+def test_sink_transposes_can_be_turned_off():
+    before, result = canonicalize(nhwc_block_model(np.random.default_rng(13)), simplify=False,
+                                  sink_transposes=False)
+    assert op_counts(result.model)["Transpose"] == 4 and "transposes_moved" not in result.counts

@@ -12,6 +12,11 @@ becomes ``Mul(x, scale) -> Add(shift)`` (``fallback = "mul-add"``) or is left as
 (``fallback = "keep"``). BN in training mode, or with non-constant statistics, is always left.
 Every BN that does not fold is reported with the reason.
 
+With ``affine`` (default), a chain of Add/Sub/Mul/Div by constants that vary along the
+output channels alone, following such an op whose output nothing else reads (a bias and a
+BN written out as arithmetic, as converters of TF graphs write them; canonicalize moves the
+Transposes of an NHWC layout out of the way), is ``scale * x + shift`` too and folds the same.
+
 The output tensor of the BN keeps its name, so graph outputs and downstream readers are
 unchanged. A weight read by another node too is copied, never modified under that node.
 """
@@ -46,6 +51,10 @@ class FoldBNOptions:
         "help": "producer op types to fold into: " + ", ".join(FOLDABLE)})
     fallback: Literal["mul-add", "keep"] = field(default="mul-add", metadata={
         "help": "what to do with a BN that cannot fold: turn it into Mul+Add, or keep it"})
+    affine: bool = field(default=True, metadata={
+        "help": "also fold the Add/Sub/Mul/Div by per-channel constants that follow those "
+                "ops (a bias and a BN written out as arithmetic, as converters of TF graphs "
+                "write them)"})
 
     def validate(self) -> None:
         for op in self.ops:
@@ -60,7 +69,8 @@ class Refusal(Exception):
 @register
 class FoldBN(Pass):
     name = "fold-bn"
-    summary = "fold BatchNormalization into Conv/ConvTranspose/Gemm/MatMul (else Mul+Add)"
+    summary = ("fold BatchNormalization, and per-channel arithmetic, into "
+               "Conv/ConvTranspose/Gemm/MatMul (else Mul+Add)")
     Options = FoldBNOptions
     rtol = 1e-4
     atol = 1e-5
@@ -99,10 +109,12 @@ class FoldBN(Pass):
                     reason = f"{reason}; no Mul+Add either: {why}"
             counts["kept"] += 1
             notes.append(f"{label} kept: {reason}")
+        if self.options.affine:
+            counts["affine_folded"], counts["affine_ops"] = self._fold_affine(graph, names)
         for note in notes:
             log.debug("%s", note)
         _log_reasons(notes)
-        changed = counts["folded"] + counts["mul_add"] > 0
+        changed = counts["folded"] + counts["mul_add"] + counts.get("affine_folded", 0) > 0
         if changed:
             graph.cleanup()
             model = G.export(graph, like=model)
@@ -123,17 +135,114 @@ class FoldBN(Pass):
         if len(x.outputs) > 1 or G.is_graph_output(graph, x):
             raise Refusal(f"the output of {producer.op} '{producer.name}' is also read "
                           "elsewhere, so it cannot change")
-        fold = {"Conv": _fold_conv, "ConvTranspose": _fold_conv_transpose,
-                "Gemm": _fold_gemm, "MatMul": _fold_matmul}[producer.op]
         op, into = producer.op, producer.name
-        fold(graph, producer, scale, shift, names)
-        outputs = [bn.outputs[0]]
-        bn.outputs.clear()
-        bn.inputs.clear()
-        if producer.op == "MatMul":  # the Add that _fold_matmul appended now ends the chain
-            producer = producer.outputs[0].outputs[0]
-        producer.outputs = outputs
+        _FOLDS[producer.op](graph, producer, scale, shift, names)
+        _take_output(producer, [bn])
         return op, into
+
+    def _fold_affine(self, graph: gs.Graph, names: set[str]) -> tuple[int, int]:
+        """Each chain of Add/Sub/Mul/Div by per-channel constants that follows a foldable
+        op (:func:`_affine_chain`) folded into it as ``scale * x + shift``. Returns the
+        chains and their ops."""
+        chains = ops = 0
+        for producer in [n for n in graph.nodes if n.op in self.options.ops]:
+            chain, scale, shift = _affine_chain(graph, producer)
+            if not chain:
+                continue
+            try:
+                _FOLDS[producer.op](graph, producer, scale, shift, names)
+            except Refusal as why:
+                log.debug("%s '%s': its arithmetic not folded: %s", producer.op,
+                          producer.name, why)
+                continue
+            _take_output(producer, chain)
+            chains, ops = chains + 1, ops + len(chain)
+        if chains:
+            log.info("fold-bn: %d chain(s) of %d Add/Sub/Mul/Div by per-channel constants "
+                     "folded into the ops before them", chains, ops)
+        return chains, ops
+
+
+def _take_output(producer: gs.Node, chain: list[gs.Node]) -> None:
+    """``producer`` (folded) writes the output of the last node of ``chain``, which goes."""
+    outputs = [chain[-1].outputs[0]]
+    for node in chain:
+        node.outputs.clear()
+        node.inputs.clear()
+    if producer.op == "MatMul":  # the Add that _fold_matmul appended now ends the chain
+        producer = producer.outputs[0].outputs[0]
+    producer.outputs = outputs
+
+
+def _affine_chain(graph: gs.Graph, producer: gs.Node
+                  ) -> tuple[list[gs.Node], np.ndarray, np.ndarray]:
+    """The Add/Sub/Mul/Div nodes that follow ``producer`` one after the other, each the only
+    reader of the tensor before it (no graph output), each with a constant that varies along
+    the output channels alone (axis 1) or not at all (``x - c`` and ``x / c``, not ``c - x``
+    or ``c / x``), and the ``scale``, ``shift`` (float64, one per channel) they compose to:
+    ``Add(c)``: ``shift + c``; ``Sub(c)``: ``shift - c``; ``Mul(c)``: ``scale * c``, ``shift
+    * c``; ``Div(c)``: both ``/ c`` (no zero in ``c``). ``([], ...)`` where there is none."""
+    layout = _output_layout(producer)
+    none = ([], np.ones(0), np.zeros(0))
+    if layout is None:
+        return none
+    rank, channels = layout
+    scale, shift = np.ones(channels), np.zeros(channels)
+    chain: list[gs.Node] = []
+    x = producer.outputs[0] if len(producer.outputs) == 1 else None
+    while x is not None and len(x.outputs) == 1 and not G.is_graph_output(graph, x):
+        node = x.outputs[0]
+        if node.op not in ("Add", "Sub", "Mul", "Div") or len(node.inputs) != 2 \
+                or node.inputs[0] is node.inputs[1] or len(node.outputs) != 1:
+            break
+        first = node.inputs[0] is x
+        c = _per_channel(G.constant_values(node.inputs[1 if first else 0]), rank, channels)
+        if c is None or (not first and node.op in ("Sub", "Div")):
+            break
+        if node.op == "Add":
+            shift = shift + c
+        elif node.op == "Sub":
+            shift = shift - c
+        elif node.op == "Mul":
+            scale, shift = scale * c, shift * c
+        elif np.all(c != 0):
+            scale, shift = scale / c, shift / c
+        else:
+            break
+        chain.append(node)
+        x = node.outputs[0]
+    return (chain, scale, shift) if chain else none
+
+
+def _output_layout(node: gs.Node) -> tuple[int, int] | None:
+    """The rank of a foldable op's output and its channels (axis 1), where its weight is
+    constant (a MatMul's output known to be 2-D, as :func:`_fold_matmul` needs)."""
+    weight = G.constant_values(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or weight.ndim < 2:
+        return None
+    if node.op == "Conv":
+        return weight.ndim, weight.shape[0]
+    if node.op == "ConvTranspose":
+        return weight.ndim, weight.shape[1] * int(node.attrs.get("group", 1))
+    if node.op == "Gemm":
+        return 2, weight.shape[0 if node.attrs.get("transB", 0) else 1]
+    out = node.outputs[0] if node.outputs else None
+    if node.op == "MatMul" and weight.ndim == 2 and out is not None and out.shape is not None \
+            and len(out.shape) == 2:
+        return 2, weight.shape[1]
+    return None
+
+
+def _per_channel(values: np.ndarray | None, rank: int, channels: int) -> np.ndarray | None:
+    """``values`` as one float64 value per channel, where they broadcast over a rank-``rank``
+    output along axis 1 alone (or are one value); else None."""
+    if values is None or values.dtype.kind != "f" or values.ndim > rank:
+        return None
+    full = values.reshape((1,) * (rank - values.ndim) + values.shape)
+    if any(d != 1 for i, d in enumerate(full.shape) if i != 1) or \
+            full.shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(full.reshape(-1).astype(np.float64), (channels,)).copy()
 
 
 def folded_convs(model: onnx.ModelProto) -> list[str]:
@@ -263,6 +372,10 @@ def _fold_matmul(graph, matmul, scale, shift, names) -> None:
     add = gs.Node("Add", G.unique_name(graph, f"{matmul.name or 'MatMul'}_bnfold_add", names),
                   inputs=[product, bias], outputs=outputs)
     graph.nodes.insert(graph.nodes.index(matmul) + 1, add)
+
+
+_FOLDS = {"Conv": _fold_conv, "ConvTranspose": _fold_conv_transpose, "Gemm": _fold_gemm,
+          "MatMul": _fold_matmul}
 
 
 def _to_mul_add(graph: gs.Graph, bn: gs.Node, scale: np.ndarray, shift: np.ndarray,

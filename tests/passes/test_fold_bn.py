@@ -149,7 +149,8 @@ def test_shared_producer_becomes_mul_add_with_reason():
     rng = np.random.default_rng(5)
     model = conv_bn_model(rng, [helper.make_node("Relu", ["c"], ["r"])], outputs=("y", "r"))
     before, result = fold(model)
-    assert result.counts == {"folded": 0, "mul_add": 1, "kept": 0}
+    assert result.counts == {"folded": 0, "mul_add": 1, "kept": 0, "affine_folded": 0,
+                             "affine_ops": 0}
     assert "also read elsewhere" in result.notes[0]
     assert op_counts(result.model) == {"Conv": 1, "Mul": 1, "Add": 1, "Relu": 1}
     check_equivalent(before, result, feeds(rng))
@@ -242,5 +243,67 @@ def test_no_bn_is_no_change():
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", [2])],
                        [tensor("y", [2])])
     _, result = fold(model)
-    assert not result.changed and result.counts == {"folded": 0, "mul_add": 0, "kept": 0}
+    assert not result.changed and result.counts == {"folded": 0, "mul_add": 0, "kept": 0,
+                                                    "affine_folded": 0, "affine_ops": 0}
     del rng
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm"])
+def test_per_channel_arithmetic_after_a_linear_op_folds(op):
+    """A bias and a BN written out as Add, Sub, Mul, Div by per-channel constants (and a
+    scalar) after a Conv or Gemm whose output nothing else reads fold into its weight and
+    bias, ``scale * x + shift``: the op is left with the chain's output name."""
+    rng = np.random.default_rng(30)
+    c = 5
+    if op == "Conv":
+        shape, w = [1, c, 1, 1], rng.normal(0, 0.3, (c, 3, 3, 3)).astype(np.float32)
+        first = helper.make_node("Conv", ["x", "w"], ["p"], pads=[1, 1, 1, 1], name="conv")
+        x_shape, y_shape = [2, 3, 6, 6], [2, c, 6, 6]
+    else:
+        shape, w = [c], rng.normal(0, 0.3, (c, 3)).astype(np.float32)
+        first = helper.make_node("Gemm", ["x", "w"], ["p"], transB=1, name="gemm")
+        x_shape, y_shape = [2, 3], [2, c]
+    const = lambda: rng.normal(0, 1, shape).astype(np.float32)  # noqa: E731
+    inits = {"w": w, "bias": const(), "mean": const(), "gamma": const(),
+             "var": (np.abs(const()) + 0.5), "half": np.array(0.5, np.float32)}
+    nodes = [first,
+             helper.make_node("Add", ["p", "bias"], ["a"]),
+             helper.make_node("Sub", ["a", "mean"], ["s"]),
+             helper.make_node("Mul", ["gamma", "s"], ["m"]),
+             helper.make_node("Div", ["m", "var"], ["d"]),
+             helper.make_node("Mul", ["d", "half"], ["y0"]),
+             helper.make_node("Relu", ["y0"], ["y"])]
+    model = make_model(nodes, [tensor("x", x_shape)], [tensor("y", y_shape)], inits)
+    before, result = fold(model)
+    assert result.counts["affine_folded"] == 1 and result.counts["affine_ops"] == 5
+    assert op_counts(result.model) == {op: 1, "Relu": 1}
+    assert result.model.graph.node[0].output[0] == "y0"
+    check_equivalent(before, result, {"x": rng.normal(0, 1, x_shape).astype(np.float32)})
+
+
+@pytest.mark.parametrize("case", ["spatial", "reversed_sub", "shared", "graph_output",
+                                  "zero_div", "off"])
+def test_arithmetic_that_is_not_per_channel_scale_and_shift_stays(case):
+    """A constant that varies along another axis, ``c - x``, a Conv output read twice or
+    returned, a division by a zero, or ``affine = false``: nothing folds."""
+    rng = np.random.default_rng(31)
+    c = 4
+    inits = {"w": rng.normal(0, 0.3, (c, 2, 1, 1)).astype(np.float32),
+             "k": rng.normal(0, 1, (1, 1, 3, 1) if case == "spatial" else (1, c, 1, 1))
+             .astype(np.float32)}
+    if case == "zero_div":
+        inits["k"][0, 1] = 0.0
+    op = {"reversed_sub": "Sub", "zero_div": "Div"}.get(case, "Add")
+    args = ["k", "p"] if case == "reversed_sub" else ["p", "k"]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["p"], name="conv"),
+             helper.make_node(op, args, ["y"])]
+    outputs = [tensor("y", [1, c, 3, 3])]
+    if case == "shared":
+        nodes.append(helper.make_node("Relu", ["p"], ["r"]))
+        outputs.append(tensor("r", [1, c, 3, 3]))
+    if case == "graph_output":
+        outputs.append(tensor("p", [1, c, 3, 3]))
+    model = make_model(nodes, [tensor("x", [1, 2, 3, 3])], outputs, inits)
+    before, result = fold(model, affine=case != "off")
+    assert not result.changed and result.counts.get("affine_folded", 0) == 0
+    assert op_counts(result.model)[op] == 1

@@ -197,7 +197,8 @@ class Emit(Pass):
             return []
         where = report.get("eval_data", "the eval data")
         shown = ", ".join(f"'{k}' {v:.1f} dB" for k, v in low.items())
-        failed = {k: v for k, v in low.items() if v < self.options.require_sqnr_db}
+        failed = {k: v for k, v in low.items() if v < self.options.require_sqnr_db} \
+            if self.options.require_sqnr_db else {}  # 0: never (an SQNR can be negative)
         advice = ("calibrate's target_sqnr_db = 20 keeps float the activations that cost the "
                   "outputs most (search_by = \"segment\": a few runs in all, and it sees the "
                   "error their weights amplify; on a preset: --set calibrate.target_sqnr_db=20 "

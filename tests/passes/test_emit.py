@@ -789,6 +789,23 @@ def test_an_output_below_require_sqnr_db_fails_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_negative_sqnr_does_not_fail_with_require_sqnr_db_off(tmp_path):
+    """require_sqnr_db = 0 (the default) means never: an output whose SQNR is negative (here
+    against a reference that negates it; a QAT run judged against the PTQ graph it started
+    from read -0.9 dB) is warned, not failed."""
+    rng = np.random.default_rng(7)
+    model = heavy_net(rng)
+    negated = onnx.ModelProto()
+    negated.CopyFrom(model)
+    negated.graph.node[-1].output[0] = "y_pos"
+    negated.graph.node.append(helper.make_node("Neg", ["y_pos"], ["y"]))
+    result = PassManager(passes()).run(model, tmp_path / "out", data=[{"x": inputs(rng, 16)}],
+                                       reference=negated)
+    fidelity = result.report["quantization"]["outputs"]["y"]
+    assert fidelity["sqnr_db"] < 0
+    assert any("'y' -" in w for w in result.report["quantization"]["warnings"])
+
+
 def test_quant_table_copy_is_independent_and_equal():
     """QuantTable.copy (what calibrate's auto copies per candidate): equal entries, and a
     change to the copy's flags or lists leaves the original as it was."""

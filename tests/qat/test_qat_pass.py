@@ -306,8 +306,8 @@ def test_label_free_qat_recovers_paddleocr_detector(tmp_path):
     held-out text photos: 0.62 on a CPU with VNNI, 0.60-0.63 on one without); four epochs of
     label-free LSQ on the 10 calibration images (lr 1e-6, batch 1) raise it by at least 0.1
     (measured 0.79 with VNNI, 0.79 with five; three epochs gave 0.71 there on 2026-12-07,
-    short of the bound, where they gave 0.76-0.87 without VNNI; since fold-bn folds the per-
-    channel Adds after 28 of its convs, 2026-12-08 with VNNI: PTQ 0.62, QAT 0.87). The
+    short of the bound, where they gave 0.76-0.87 without VNNI; since fold-bn folds the
+    per-channel Adds after 28 of its convs, 2026-12-08 with VNNI: PTQ 0.62, QAT 0.87). The
     weights' bits are pinned (reduce_range, the default without VNNI): from 8-bit weights,
     the default on a VNNI CPU, PTQ scores 0.68 and this QAT does not raise it (0.70), an
     open problem like the default placement's below. With HardSwish fused (the default), PTQ

@@ -684,6 +684,26 @@ def test_a_timing_whose_two_ratios_disagree_is_no_slowdown(tmp_path, monkeypatch
     assert not [w for w in q.get("warnings", []) if w.startswith("slower")]
 
 
+def test_a_timing_whose_two_ratios_are_both_low_but_far_apart_is_disturbed(tmp_path,
+                                                                            monkeypatch):
+    """Both ratios under 0.95x but 5x apart (float 1, 1, 1, 5, 5 ms against deploy 1.1,
+    1.1, 6, 6, 6 ms: 0.83x paired, 0.17x of the medians): load came and went; a note says
+    the timing was disturbed, no slowdown warning."""
+    import graphq.passes.emit as E
+
+    rounds = np.array([[1.0, 1.1], [1.0, 1.1], [1.0, 6.0], [5.0, 6.0], [5.0, 6.0]]) / 1e3
+    monkeypatch.setattr(E.latency, "session_times", lambda sessions, feed, **kw: rounds)
+    rng = np.random.default_rng(8)
+    result = PassManager(passes(latency_runs=5)).run(heavy_net(rng), tmp_path / "out",
+                                                     data=[{"x": inputs(rng, 16)}])
+    q = result.report["quantization"]
+    lat = q["latency_ms"]
+    paired, medians = lat["speedup"], lat["float"] / lat["deploy"]
+    assert max(paired, medians) < 0.95 and max(paired, medians) > 1.5 * min(paired, medians)
+    assert not [w for w in q.get("warnings", []) if w.startswith("slower")]
+    assert any(n.startswith("timing disturbed") for n in result.records[-1].notes)
+
+
 def hardswish_net(rng: np.random.Generator) -> onnx.ModelProto:
     """x -> Conv -> HardSwish -> Conv -> y."""
     inits = {"w1": rng.normal(0, 0.3, (16, 8, 3, 3)).astype(np.float32),

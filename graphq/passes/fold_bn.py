@@ -378,19 +378,43 @@ _FOLDS = {"Conv": _fold_conv, "ConvTranspose": _fold_conv_transpose, "Gemm": _fo
           "MatMul": _fold_matmul}
 
 
+#: ops whose output has the rank of their first input
+_SAME_RANK = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
+                        "Elu", "Selu", "Softplus", "Abs", "Neg", "Exp", "Clip", "Concat",
+                        "BatchNormalization", "Dropout", "Identity", "Cast", "PRelu"})
+
+
+def _rank(tensor: gs.Tensor, depth: int = 8) -> int | None:
+    """``tensor``'s rank: from its shape, or (up to ``depth`` ops back) from the first input
+    of a rank-keeping op that makes it, or the weight of the Conv that does (RivaGAN's
+    encoder, whose Conv outputs over a Concat shape inference left without a shape)."""
+    if tensor.shape is not None:
+        return len(tensor.shape)
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and producer.op in ("Conv", "ConvTranspose") and \
+            len(producer.inputs) > 1:
+        weight = G.constant_values(producer.inputs[1])
+        return weight.ndim if weight is not None else None
+    if depth == 0 or producer is None or producer.op not in _SAME_RANK or not producer.inputs:
+        return None
+    return _rank(producer.inputs[0], depth - 1)
+
+
 def _to_mul_add(graph: gs.Graph, bn: gs.Node, scale: np.ndarray, shift: np.ndarray,
                 names: set[str]) -> None:
     x, y = bn.inputs[0], bn.outputs[0]
-    shape = x.shape if x.shape is not None else y.shape
-    if shape is None:
-        raise Refusal("the rank of its input is not known (run canonicalize first)")
+    rank = _rank(x)
+    rank = _rank(y) if rank is None else rank
+    if rank is None:
+        raise Refusal("the rank of its input is not known (shape inference gave it none, nor "
+                      "the ops before it)")
     dtype = x.dtype if x.dtype is not None else G.constant_values(bn.inputs[1]).dtype
     dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype) if isinstance(dtype, int) else dtype
     base = bn.name or y.name
     mul_c = gs.Constant(G.unique_name(graph, f"{base}_scale", names),
-                        K.channel_shape(scale, len(shape)).astype(dtype))
+                        K.channel_shape(scale, rank).astype(dtype))
     add_c = gs.Constant(G.unique_name(graph, f"{base}_shift", names),
-                        K.channel_shape(shift, len(shape)).astype(dtype))
+                        K.channel_shape(shift, rank).astype(dtype))
     scaled = gs.Variable(G.unique_name(graph, f"{base}_scaled", names), x.dtype, x.shape)
     mul = gs.Node("Mul", G.unique_name(graph, f"{base}_mul", names), inputs=[x, mul_c],
                   outputs=[scaled])

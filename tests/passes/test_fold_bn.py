@@ -175,6 +175,32 @@ def test_bn_on_graph_input_becomes_mul_add():
     check_equivalent(before, result, {"x": rng.normal(0, 1, (2, 4, 3)).astype(np.float32)})
 
 
+@pytest.mark.parametrize("before", ["Conv", "Concat"])
+def test_bn_whose_input_has_no_shape_takes_the_rank_from_the_ops_before(before):
+    """A BN after a Tanh whose output shape inference left without a shape (RivaGAN's
+    encoder: a Conv over a Concat): the rank comes from the Conv's weight, or through the
+    Tanh and the Concat from their first input, and the BN becomes Mul+Add (it had been kept,
+    "the rank of its input is not known (run canonicalize first)", after canonicalize)."""
+    rng = np.random.default_rng(8)
+    inits = {"w": rng.normal(0, 0.3, (4, 3, 1, 1)).astype(np.float32), **bn_params(rng, 4)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]) if before == "Conv" else
+             helper.make_node("Concat", ["x", "x2"], ["c"], axis=1),
+             helper.make_node("Tanh", ["c"], ["t"]),
+             helper.make_node("Tanh", ["t"], ["t2"]),
+             bn_node("t2", "b"),
+             helper.make_node("Relu", ["b"], ["y"])]
+    inputs = [tensor("x", [2, 3 if before == "Conv" else 2, 5, 5])]
+    feed = {"x": rng.normal(0, 1, (2, 3 if before == "Conv" else 2, 5, 5)).astype(np.float32)}
+    if before == "Concat":
+        inputs.append(tensor("x2", [2, 2, 5, 5]))
+        feed["x2"] = rng.normal(0, 1, (2, 2, 5, 5)).astype(np.float32)
+        del inits["w"]
+    model = make_model(nodes, inputs, [tensor("y", [2, 4, 5, 5])], inits)  # none inside
+    before_model, result = fold(model)
+    assert result.counts["mul_add"] == 1 and result.counts["kept"] == 0, result.notes
+    check_equivalent(before_model, result, feed)
+
+
 def test_fallback_keep_leaves_the_bn_and_says_why():
     rng = np.random.default_rng(8)
     model = make_model([bn_node("x", "y")], [tensor("x", [2, 4])], [tensor("y", [2, 4])],

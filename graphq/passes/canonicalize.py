@@ -793,10 +793,6 @@ def _structure(model: onnx.ModelProto) -> tuple:
     return nodes, tuple(sorted(t.name for t in model.graph.initializer))
 
 
-#: elementwise ops of one tensor a Transpose commutes with (Clip's bounds are scalars)
-_UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
-                    "Elu", "Selu", "Softplus", "Softsign", "Abs", "Neg", "Exp", "Erf", "Sqrt",
-                    "Reciprocal", "Clip", "Mish", "Gelu", "Floor", "Ceil", "Round"})
 #: elementwise ops of two tensors: with a constant (transposed along), or with a second
 #: tensor transposed the same way
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min"})
@@ -851,7 +847,7 @@ def _sink_round(graph: onnx.GraphProto) -> int:
         if op.domain not in ("", "ai.onnx") or len(op.output) != 1 or id(op) in touched \
                 or not op.input:
             continue
-        if op.op_type in _UNARY:
+        if op.op_type in G.ELEMENTWISE:
             operands = [0]
         elif op.op_type in _BINARY and len(op.input) == 2:
             operands = [0, 1]

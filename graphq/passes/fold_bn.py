@@ -379,9 +379,8 @@ _FOLDS = {"Conv": _fold_conv, "ConvTranspose": _fold_conv_transpose, "Gemm": _fo
 
 
 #: ops whose output has the rank of their first input
-_SAME_RANK = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
-                        "Elu", "Selu", "Softplus", "Abs", "Neg", "Exp", "Clip", "Concat",
-                        "BatchNormalization", "Dropout", "Identity", "Cast", "PRelu"})
+_SAME_RANK = G.ELEMENTWISE | {"Concat", "BatchNormalization", "Dropout", "Identity", "Cast",
+                              "PRelu"}
 
 
 def _rank(tensor: gs.Tensor, depth: int = 8) -> int | None:

@@ -343,20 +343,28 @@ def with_outputs(model: onnx.ModelProto, names: list[str], float_view: bool = Fa
 
 def _dequantize_constants(graph: gs.Graph) -> None:
     """Each ``DequantizeLinear(constant)`` (in nested graphs too) becomes its float values."""
+    for dq in [n for n in nodes(graph) if n.op == "DequantizeLinear" and n.outputs]:
+        if not is_graph_output(graph, dq.outputs[0]):
+            dequantize_in_place(graph, dq)
+
+
+def dequantize_in_place(graph: gs.Graph, dq: gs.Node) -> bool:
+    """Where ``dq`` is a DequantizeLinear of constants, its readers read the float constant it
+    computes instead (``<output>_float``) and ``dq`` writes nothing; whether it was."""
     from graphq.kernels import quant as Q  # kernels do the arithmetic
 
-    for dq in [n for n in nodes(graph) if n.op == "DequantizeLinear" and n.outputs]:
-        ints = constant_values(dq.inputs[0])
-        scale = constant_values(dq.inputs[1])
-        zero = constant_values(dq.inputs[2]) if len(dq.inputs) > 2 else None
-        out = dq.outputs[0]
-        if ints is None or scale is None or (len(dq.inputs) > 2 and zero is None) \
-                or is_graph_output(graph, out):
-            continue
-        axis = dq.attrs.get("axis", 1) if np.ndim(scale) == 1 else None
-        replace_uses(graph, out, gs.Constant(f"{out.name}_float",
-                                             Q.dequantize(ints, scale, zero, axis=axis)))
-        dq.outputs.clear()
+    ints = constant_values(dq.inputs[0])
+    scale = constant_values(dq.inputs[1])
+    zero = constant_values(dq.inputs[2]) if len(dq.inputs) > 2 else None
+    if ints is None or scale is None or (len(dq.inputs) > 2 and zero is None) \
+            or not dq.outputs:
+        return False
+    axis = dq.attrs.get("axis", 1) if np.ndim(scale) == 1 else None
+    out = dq.outputs[0]
+    replace_uses(graph, out, gs.Constant(f"{out.name}_float",
+                                         Q.dequantize(ints, scale, zero, axis=axis)))
+    dq.outputs.clear()
+    return True
 
 
 def _branch_paths(graph: gs.Graph, path: tuple = ()

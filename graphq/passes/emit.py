@@ -491,13 +491,7 @@ def float_op_constants(graph: gs.Graph) -> int:
             continue  # 4-bit weights: their size is the point
         if not all(r.op in G.COMPUTE and not _integer_fed(r, out) for r in out.outputs):
             continue
-        scale = G.constant_values(dq.inputs[1])
-        zero = G.constant_values(dq.inputs[2]) if len(dq.inputs) > 2 else None
-        axis = dq.attrs.get("axis", 1) if np.ndim(scale) == 1 else None
-        values = Q.dequantize(ints, scale, zero, axis=axis)
-        G.replace_uses(graph, out, gs.Constant(f"{out.name}_float", values))
-        dq.outputs.clear()
-        count += 1
+        count += G.dequantize_in_place(graph, dq)
     return count
 
 

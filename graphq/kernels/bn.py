@@ -36,6 +36,24 @@ def scale_shift(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.n
     return scale, shift
 
 
+def then(scale: np.ndarray, shift: np.ndarray, op: str, c: np.ndarray
+         ) -> tuple[np.ndarray, np.ndarray] | None:
+    """``scale * x + shift`` followed by ``op`` with the per-channel constant ``c`` on the
+    right, as one affine map: ``Add``: ``shift + c``; ``Sub``: ``shift - c``; ``Mul``: both
+    ``* c``; ``Div``: both ``/ c`` (None where ``c`` holds a zero); None for another op.
+    A bias and a BN written out as arithmetic compose so."""
+    c = np.asarray(c, np.float64)
+    if op == "Add":
+        return scale, shift + c
+    if op == "Sub":
+        return scale, shift - c
+    if op == "Mul":
+        return scale * c, shift * c
+    if op == "Div" and np.all(c != 0):
+        return scale / c, shift / c
+    return None
+
+
 def fold_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
               dtype: np.dtype) -> np.ndarray:
     """``scale * bias + shift``; a missing bias counts as zero."""

@@ -179,9 +179,8 @@ def _affine_chain(graph: gs.Graph, producer: gs.Node
     """The Add/Sub/Mul/Div nodes that follow ``producer`` one after the other, each the only
     reader of the tensor before it (no graph output), each with a constant that varies along
     the output channels alone (axis 1) or not at all (``x - c`` and ``x / c``, not ``c - x``
-    or ``c / x``), and the ``scale``, ``shift`` (float64, one per channel) they compose to:
-    ``Add(c)``: ``shift + c``; ``Sub(c)``: ``shift - c``; ``Mul(c)``: ``scale * c``, ``shift
-    * c``; ``Div(c)``: both ``/ c`` (no zero in ``c``). ``([], ...)`` where there is none."""
+    or ``c / x``), and the ``scale``, ``shift`` (float64, one per channel) they compose to
+    (:func:`graphq.kernels.bn.then`). ``([], ...)`` where there is none."""
     layout = _output_layout(producer)
     none = ([], np.ones(0), np.zeros(0))
     if layout is None:
@@ -197,18 +196,11 @@ def _affine_chain(graph: gs.Graph, producer: gs.Node
             break
         first = node.inputs[0] is x
         c = _per_channel(G.constant_values(node.inputs[1 if first else 0]), rank, channels)
-        if c is None or (not first and node.op in ("Sub", "Div")):
+        composed = K.then(scale, shift, node.op, c) if c is not None and (
+            first or node.op in ("Add", "Mul")) else None
+        if composed is None:
             break
-        if node.op == "Add":
-            shift = shift + c
-        elif node.op == "Sub":
-            shift = shift - c
-        elif node.op == "Mul":
-            scale, shift = scale * c, shift * c
-        elif np.all(c != 0):
-            scale, shift = scale / c, shift / c
-        else:
-            break
+        scale, shift = composed
         chain.append(node)
         x = node.outputs[0]
     return (chain, scale, shift) if chain else none

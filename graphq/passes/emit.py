@@ -21,7 +21,6 @@ The files are handed to the pass manager, which writes them once every pass has 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -92,7 +91,8 @@ class Emit(Pass):
         deploy, folded, floated = deploy_graph(model, self.options.float_op_weights, counts)
         counts = {"constants_folded_to_integers": folded, **counts}
         float_model = ctx.float_model()
-        regenerated = regenerated_constants(deploy, float_model)
+        generators = constant_generators(deploy, float_model)
+        regenerated = put_generators(deploy, generators)
         if regenerated:
             counts["constants_computed_again"] = len(regenerated)
             log.info("%d float constant(s) that canonicalize's folding stored and the model "
@@ -111,7 +111,7 @@ class Emit(Pass):
         ctx.artifacts[f"{stem}.fakequant.onnx"] = model
         ctx.artifacts[f"{stem}.deploy.onnx"] = deploy
         ctx.artifacts["quant_record.json"] = table.to_json()
-        report = self._report(model, deploy, float_model, regenerated, table, ctx)
+        report = self._report(model, deploy, float_model, generators, table, ctx)
         for line in summary_lines(report):
             log.info("%s", line)
         four_bit = any(Q.qtype(e.dtype).bits < 8 for e in table.quantized("weight"))
@@ -128,8 +128,8 @@ class Emit(Pass):
         return PassResult(model, False, counts, notes)
 
     def _report(self, model: onnx.ModelProto, deploy: onnx.ModelProto,
-                float_model: onnx.ModelProto, regenerated: list[str], table: QuantTable,
-                ctx: PassContext) -> dict[str, Any]:
+                float_model: onnx.ModelProto, generators: dict[str, onnx.ModelProto],
+                table: QuantTable, ctx: PassContext) -> dict[str, Any]:
         report: dict[str, Any] = {
             "size_bytes": {"float": model_io.serialized_size(float_model),
                            "deploy": model_io.serialized_size(deploy)},
@@ -139,7 +139,7 @@ class Emit(Pass):
         size = report["size_bytes"]
         if size["deploy"] > size["float"]:  # why: the float graph the passes made, in float
             view = G.with_outputs(model, [], float_view=True)
-            regenerated_constants(view, float_model, regenerated)  # as the deploy graph
+            put_generators(view, generators)  # as in the deploy graph
             size["float_passes"] = model_io.serialized_size(view)
         feeds, labels, where, samples = self._eval_feeds(float_model, ctx)
         if not feeds:
@@ -345,36 +345,31 @@ def deploy_graph(model: onnx.ModelProto, float_op_weights: str = "float",
 
 
 #: a float constant of the deploy graph computed again from what the input model computes it
-#: from (:func:`regenerated_constants`): at least this many bytes ...
+#: from (:func:`constant_generators`): at least this many bytes ...
 REGENERATE_BYTES = 16 * 1024
 #: ... and this many times the bytes of the constants it is computed from
 REGENERATE_RATIO = 4
 
 
-def regenerated_constants(deploy: onnx.ModelProto, original: onnx.ModelProto,
-                          names: Collection[str] | None = None) -> list[str]:
+def constant_generators(deploy: onnx.ModelProto, original: onnx.ModelProto
+                        ) -> dict[str, onnx.ModelProto]:
     """Each float initializer of ``deploy`` that the input model ``original`` computes at run
     time from constants far smaller (at least :data:`REGENERATE_BYTES` and
-    :data:`REGENERATE_RATIO` times theirs) is computed so again: canonicalize's constant
+    :data:`REGENERATE_RATIO` times theirs) -> the model of the nodes that compute it and the
+    constants they read (from ``original``, converted to ``deploy``'s opset), where
+    onnxruntime computes from them exactly the values stored. canonicalize's constant
     folding stores such tensors so that insert-qdq sees every weight, and where one stays
     float (a filter bank a MatMul reads in float) the deploy graph had grown by it: swift-f0
     builds 0.9 MB of 98%-zero filter banks from index constants with ConstantOfShape and
-    ScatterElements, and its deploy graph was 7.6x the float model. The nodes that compute it
-    and the constants they read come from ``original`` (their names prefixed to stay apart),
-    converted to ``deploy``'s opset; they are put back only where onnxruntime computes from
-    them exactly the values stored (onnxruntime folds them again when a session loads the
-    graph: no run-time cost). ``names``: only those. Changes ``deploy`` in place; returns
-    the tensors' names."""
+    ScatterElements, and its deploy graph was 7.6x the float model. :func:`put_generators`
+    puts them in place (onnxruntime folds them again when a session loads the graph: no
+    run-time cost)."""
     producers = {out: node for node in original.graph.node for out in node.output if out}
     weights = {t.name: t for t in original.graph.initializer}
-    taken = G.names_made(deploy.graph) | G.names_read(deploy.graph) | {
-        n.name for n in deploy.graph.node}
-    done: list[str] = []
-    for i in reversed(range(len(deploy.graph.initializer))):
-        tensor = deploy.graph.initializer[i]
+    found: dict[str, onnx.ModelProto] = {}
+    for tensor in deploy.graph.initializer:
         if tensor.name not in producers or tensor.name in weights \
-                or tensor.data_type not in _FLOAT_TYPES \
-                or (names is not None and tensor.name not in names):
+                or tensor.data_type not in _FLOAT_TYPES:
             continue
         values = numpy_helper.to_array(tensor)
         if values.nbytes < REGENERATE_BYTES:
@@ -383,19 +378,36 @@ def regenerated_constants(deploy: onnx.ModelProto, original: onnx.ModelProto,
         if nodes is None or REGENERATE_RATIO * _stored_bytes(nodes, consts) > values.nbytes:
             continue
         built = _generator_model(tensor.name, nodes, consts, original, deploy, values)
-        if built is None:
+        if built is not None:
+            found[tensor.name] = built
+    return found
+
+
+def put_generators(model: onnx.ModelProto, generators: dict[str, onnx.ModelProto]
+                   ) -> list[str]:
+    """Each initializer of ``model`` that ``generators`` (:func:`constant_generators`) has a
+    model for is computed by its nodes instead, their names prefixed to stay apart from
+    ``model``'s. Changes ``model`` in place; returns the tensors' names."""
+    taken = G.names_made(model.graph) | G.names_read(model.graph) | {
+        n.name for n in model.graph.node}
+    done: list[str] = []
+    for i in reversed(range(len(model.graph.initializer))):
+        name = model.graph.initializer[i].name
+        if name not in generators:
             continue
-        prefix = f"{tensor.name}/computed/"
+        built = onnx.ModelProto()
+        built.CopyFrom(generators[name])
+        prefix = f"{name}/computed/"
         while any(n.startswith(prefix) for n in taken):
             prefix = f"{prefix}_/"
-        _prefix_names(built.graph, prefix, keep=tensor.name)
+        _prefix_names(built.graph, prefix, keep=name)
         taken |= G.names_made(built.graph) | {n.name for n in built.graph.node}
-        del deploy.graph.initializer[i]
-        deploy.graph.initializer.extend(built.graph.initializer)
-        head = list(built.graph.node) + list(deploy.graph.node)
-        del deploy.graph.node[:]
-        deploy.graph.node.extend(head)
-        done.append(tensor.name)
+        del model.graph.initializer[i]
+        model.graph.initializer.extend(built.graph.initializer)
+        head = list(built.graph.node) + list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(head)
+        done.append(name)
     return done
 
 

@@ -560,20 +560,10 @@ def _shuffles_to_gathers(graph: onnx.GraphProto) -> int:
                                              list(last.output), name=last.name, axis=1)
     if not replace:
         return 0
-    removed = [n for n in graph.node if replace.get(id(n), n) is None]
-    dropped = {v for n in removed for v in n.output}
-    old_inputs = {name for n in graph.node if id(n) in replace for name in n.input}
     nodes = [replace.get(id(n), n) for n in graph.node]
     del graph.node[:]
     graph.node.extend(n for n in nodes if n is not None)
-    read = {name for n in graph.node for name in n.input} | outputs
-    unused = old_inputs - read
-    inits = [t for t in graph.initializer if t.name not in unused]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    keep = [v for v in graph.value_info if v.name not in dropped]
-    del graph.value_info[:]
-    graph.value_info.extend(keep)
+    _drop_unused(graph)
     return sum(n is not None for n in replace.values())
 
 
@@ -927,21 +917,22 @@ def _cancel_transposes(graph: onnx.GraphProto) -> int:
 
 def _drop_unused(graph: onnx.GraphProto) -> None:
     """Nodes none of whose outputs is read or a graph output, until none is left; then the
-    initializers and value infos of tensors no longer there."""
-    outputs = {o.name for o in graph.output}
+    initializers no longer read (those listed as graph inputs stay) and the value infos of
+    tensors no longer there."""
+    kept = {o.name for o in graph.output} | {i.name for i in graph.input}
     while True:
-        read = G.names_read(graph) | outputs
+        read = G.names_read(graph) | kept
         keep = [n for n in graph.node if any(o in read for o in n.output if o)]
         if len(keep) == len(graph.node):
             break
         del graph.node[:]
         graph.node.extend(keep)
-    read = G.names_read(graph) | outputs
+    read = G.names_read(graph) | kept
     inits = [t for t in graph.initializer if t.name in read]
     if len(inits) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(inits)
-    made = G.names_made(graph) | {i.name for i in graph.input}
+    made = G.names_made(graph) | kept | {t.name for t in graph.initializer}
     infos = [v for v in graph.value_info if v.name in made]
     if len(infos) != len(graph.value_info):
         del graph.value_info[:]

@@ -97,9 +97,6 @@ def session_of(source: bytes | Path, providers: list[str] | None = None,
     providers = providers or ["CPUExecutionProvider"]
     try:
         sess = ort.InferenceSession(source, options, providers=providers)
-        sess.graphq_shrinks = options.enable_cpu_mem_arena and sess.get_providers() == [
-            "CPUExecutionProvider"]
-        return sess
     except Exception as exc:
         if options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
             raise
@@ -114,7 +111,10 @@ def session_of(source: bytes | Path, providers: list[str] | None = None,
             raise exc from None
         log.info("onnxruntime's full graph optimization failed (%s); the session runs the "
                  "graph optimized one level less", str(exc).strip().splitlines()[0][:200])
-        return sess
+    # run() shrinks its arena after each run (onnxruntime refuses that without one)
+    sess.graphq_shrinks = options.enable_cpu_mem_arena and sess.get_providers() == [
+        "CPUExecutionProvider"]
+    return sess
 
 
 @contextlib.contextmanager

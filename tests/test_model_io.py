@@ -513,3 +513,23 @@ def test_runs_shrink_the_cpu_arena_of_sessions_that_have_one():
         next(iter(out))])
     with pytest.raises(Exception, match="arena"):  # why the flag is needed
         bare.run(None, {name: x}, runtime._SHRINKING)
+
+
+def test_run_outputs_own_their_memory():
+    """runtime.run copies each output out of onnxruntime's memory (which onnxruntime's arrays
+    view): an output kept after its session is gone held the session's arena region, as
+    calibrate's reference outputs held CRAFT's streaming arena (1 GB); the values are the
+    same."""
+    from graphq import runtime
+
+    model = conv_bn_model()
+    x = np.random.default_rng(3).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    sess = runtime.session(model)
+    name = sess.get_inputs()[0].name
+    raw = sess.run(None, {name: x})[0]
+    assert raw.base is not None and not raw.flags.owndata  # what onnxruntime gives
+    out = next(iter(runtime.run(sess, {name: x}).values()))
+    assert out.flags.owndata and out.base is None
+    np.testing.assert_array_equal(out, raw)
+    kept = np.arange(4.0)
+    assert runtime.owned(kept) is kept and runtime.owned("text") == "text"

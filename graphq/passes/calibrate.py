@@ -390,7 +390,7 @@ class Calibrate(Pass):
                         channel_means[name].observe(value)
                 if search:
                     got = dict(zip(fetched, values, strict=True))
-                    kept.offer(feed, {o: got[o] for o in outputs})
+                    kept.offer(feed, {o: runtime.owned(got[o]) for o in outputs})
                 if ends_batch:
                     batches += 1
                     progress.update(batches)

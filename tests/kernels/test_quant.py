@@ -222,6 +222,35 @@ def test_error_sums_add_up_over_batches_on_finite_values():
     assert Q.error_sums(masked, np.array([1.0, 0.0, 1.5])) == (5.0, 0.25)
     assert Q.error_sums(np.array([True, False]), np.array([False, False])) == (1.0, 1.0)
 
+def test_output_fidelity_sums_batch_by_batch_as_over_all_batches_together(monkeypatch):
+    """output_fidelity's per-batch sums (in blocks) give the cosine and SQNR of all batches
+    concatenated, on the values finite in both (a -inf mask, a NaN); an integer output's
+    ``equal`` counts every value; zero signal reads cosine 1 against zero, 0 against
+    anything else."""
+    rng = np.random.default_rng(4)
+    ref = [{"y": rng.normal(0, 1, (2, 5)).astype(np.float32),
+            "ids": rng.integers(0, 3, (2, 5))} for _ in range(3)]
+    got = [{"y": r["y"] + rng.normal(0, 0.1, (2, 5)).astype(np.float32),
+            "ids": np.where(rng.random((2, 5)) < 0.2, 9, r["ids"])} for r in ref]
+    ref[1]["y"][0, 0], got[2]["y"][1, 3] = -np.inf, np.nan
+    fid = Q.output_fidelity(ref, got)
+    a = np.concatenate([r["y"].ravel() for r in ref]).astype(np.float64)
+    b = np.concatenate([g["y"].ravel() for g in got]).astype(np.float64)
+    finite = np.isfinite(a) & np.isfinite(b)
+    assert finite.sum() == a.size - 2
+    assert fid["y"]["sqnr_db"] == pytest.approx(Q.sqnr_db(a[finite], b[finite]), rel=1e-12)
+    assert fid["y"]["cosine"] == pytest.approx(Q.cosine(a[finite], b[finite]), rel=1e-12)
+    ids = np.concatenate([r["ids"].ravel() for r in ref])
+    assert fid["ids"]["equal"] == np.mean(ids == np.concatenate([g["ids"].ravel()
+                                                                 for g in got]))
+    monkeypatch.setattr(Q, "_SUM_BLOCK", 3)  # blocks across the batches' 10 values
+    for key, values in Q.output_fidelity(ref, got).items():
+        assert values == pytest.approx(fid[key], rel=1e-12)
+    zero = [{"y": np.zeros(3, np.float32)}]
+    assert Q.output_fidelity(zero, zero)["y"]["cosine"] == 1.0
+    assert Q.output_fidelity(zero, [{"y": np.ones(3, np.float32)}])["y"]["cosine"] == 0.0
+
+
 def test_weight_range():
     w = np.arange(24, dtype=np.float32).reshape(2, 3, 4) - 10
     assert Q.weight_range(w) == (-10.0, 13.0)

@@ -111,7 +111,9 @@ def session_of(source: bytes | Path, providers: list[str] | None = None,
             raise exc from None
         log.info("onnxruntime's full graph optimization failed (%s); the session runs the "
                  "graph optimized one level less", str(exc).strip().splitlines()[0][:200])
-    # run() shrinks its arena after each run (onnxruntime refuses that without one)
+    # run() copies outputs out of its arena, and shrinks it after each run on the CPU alone
+    # (onnxruntime refuses that without one)
+    sess.graphq_arena = options.enable_cpu_mem_arena
     sess.graphq_shrinks = options.enable_cpu_mem_arena and sess.get_providers() == [
         "CPUExecutionProvider"]
     return sess
@@ -265,12 +267,17 @@ def sample_feeds(model: onnx.ModelProto, n: int = 1, seed: int = 0) -> list[dict
 
 
 def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every output of ``sess`` on ``feed``, by name, in memory of their own (:func:`owned`);
-    a session of :func:`session_of` on the CPU alone with its arena gives back what the run
-    no longer holds when it ends."""
+    """Every output of ``sess`` on ``feed``, by name: from a session with onnxruntime's
+    arena, in memory of their own (:func:`owned`; without one, an output's memory goes back
+    with the output, and a copy would only double what a run holds: emit's worst-tensor
+    probes fetch every activation); a session of :func:`session_of` on the CPU alone with
+    its arena gives back what the run no longer holds when it ends."""
     names = [o.name for o in sess.get_outputs()]
     shrink = _SHRINKING if getattr(sess, "graphq_shrinks", False) else None
-    return dict(zip(names, map(owned, sess.run(names, feed, shrink)), strict=True))
+    values = sess.run(names, feed, shrink)
+    if getattr(sess, "graphq_arena", True):
+        values = [owned(v) for v in values]
+    return dict(zip(names, values, strict=True))
 
 
 def owned(value: object) -> object:

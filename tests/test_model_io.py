@@ -519,7 +519,7 @@ def test_run_outputs_own_their_memory():
     """runtime.run copies each output out of onnxruntime's memory (which onnxruntime's arrays
     view): an output kept after its session is gone held the session's arena region, as
     calibrate's reference outputs held CRAFT's streaming arena (1 GB); the values are the
-    same."""
+    same. A session without an arena gives them as they are."""
     from graphq import runtime
 
     model = conv_bn_model()
@@ -533,3 +533,7 @@ def test_run_outputs_own_their_memory():
     np.testing.assert_array_equal(out, raw)
     kept = np.arange(4.0)
     assert runtime.owned(kept) is kept and runtime.owned("text") == "text"
+    options = runtime.quiet_options()
+    options.enable_cpu_mem_arena = False  # its outputs' memory goes back with them: no copy
+    bare = runtime.session(model, options=options)
+    assert not next(iter(runtime.run(bare, {name: x}).values())).flags.owndata

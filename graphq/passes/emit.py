@@ -36,6 +36,7 @@ from graphq.data import PLAIN_SHARE, DataSource, samples_in
 from graphq.errors import DataError, PassError
 from graphq.kernels import quant as Q
 from graphq.passes.fold_bn import FOLDED_KEY
+from graphq.progress import Progress
 from graphq.quant import QuantTable
 from graphq.registry import Pass, PassContext, PassResult, register
 
@@ -149,9 +150,12 @@ class Emit(Pass):
         report["eval_samples"] = samples
         selected, sources = _selection_sources(model, float_model, deploy)
         evaluated = G.with_outputs(float_model, sources) if sources else float_model
-        ref = _run_all(evaluated, feeds, ctx.providers)
+        # the float model, then the deploy graph, on each piece (minutes on a large model)
+        progress = Progress("emit: measuring fidelity", total=2 * len(feeds), unit="run")
+        ref = _run_all(evaluated, feeds, ctx.providers, progress)
         got = _run_all(G.with_outputs(deploy, sources) if sources else deploy, feeds,
-                       ctx.providers)
+                       ctx.providers, progress)
+        progress.close()
         report["outputs"] = Q.output_fidelity(ref, got, G.output_parts(evaluated))
         for name in G.class_score_outputs(model):
             if name in report["outputs"]:  # read through an argmax: how often it agrees
@@ -176,6 +180,8 @@ class Emit(Pass):
                 # runs faster in float already; int8's own share is against that one
                 graphs.append(G.with_outputs(model, [], float_view=True))
             feed = ctx.split(feeds[0], float_model, PLAIN_SHARE / len(graphs))[0]  # all alive
+            log.info("emit: timing the float model and the deploy graph (%d interleaved "
+                     "rounds on one sample)", self.options.latency_runs)
             sessions = [runtime.session(g, ctx.providers) for g in graphs]
             report["latency_ms"] = _latency(sessions, feed, self.options.latency_runs)
             report["latency_ms"]["samples"] = samples_in(feed, float_model)
@@ -287,10 +293,14 @@ class Emit(Pass):
 
 
 def _run_all(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-             providers: list[str]) -> list[dict[str, np.ndarray]]:
-    """The outputs of ``model`` on each feed."""
+             providers: list[str], progress: Progress) -> list[dict[str, np.ndarray]]:
+    """The outputs of ``model`` on each feed, a step of ``progress`` each."""
     sess = runtime.session(model, providers)
-    return [runtime.run(sess, f) for f in feeds]
+    outputs = []
+    for feed in feeds:
+        outputs.append(runtime.run(sess, feed))
+        progress.update(progress.done + 1)
+    return outputs
 
 
 def _selection_sources(model: onnx.ModelProto, float_model: onnx.ModelProto,
@@ -677,6 +687,7 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
     # on which tensors a session fetches (a fetched tensor blocks the fusions around it)
     options.add_session_config_entry("session.disable_quant_qdq", "1")
     size = -(-len(names) // count)
+    progress = Progress("emit: worst tensors", total=count * len(pieces), unit="piece")
     for group in (names[i:i + size] for i in range(0, len(names), size)):
         probed = runtime.session(G.with_outputs(model, group + [pairs[t] for t in group]),
                                  ctx.providers, options)
@@ -692,6 +703,8 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
             for t in group:
                 sums[t][2:] += Q.error_sums(floats[t], dequantized[t])
             del floats, dequantized
+            progress.update(progress.done + 1)
+    progress.close()
     rows = [{"tensor": t, "sqnr_db": Q.sqnr_db_of_sums(*sums[t][:2]),
              "sqnr_vs_float_db": Q.sqnr_db_of_sums(*sums[t][2:]), "range": table.get(t).range}
             for t in names]

@@ -21,6 +21,8 @@ within 0.015 of float on its 360 held-out images (measured: float 0.9972, W4A8 0
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +216,29 @@ def test_eval_limit_counts_samples_on_the_batch_axis(tmp_path):
             "emit's eval_limit measures more)") in text
     PassManager(passes(eval_limit=8)).run(path, out, data=data[:2])
     assert "eval_limit" not in (out / "report.md").read_text()  # all of it measured
+
+
+def test_measuring_and_timing_say_what_they_do(tmp_path, monkeypatch, caplog):
+    """emit's measuring runs (the float model and the deploy graph on each piece of the eval
+    data, then the worst-tensor probes) report progress, and the timing says it times: a
+    large model's emit had run two silent minutes."""
+    from graphq.progress import Progress
+
+    class Every(Progress):  # a line at every step (5 s apart otherwise)
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "every": 0.0})
+
+    monkeypatch.setattr(E, "Progress", Every)
+    rng = np.random.default_rng(12)
+    path = tmp_path / "heavy.onnx"
+    onnx.save(heavy_net(rng), path)
+    data = [{"x": inputs(rng, 4)} for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="graphq"):
+        PassManager(passes(latency_runs=3)).run(path, tmp_path / "out", data=data)
+    assert "emit: measuring fidelity: 6/6 runs" in caplog.text  # 3 batches x 2 graphs
+    assert re.search(r"emit: worst tensors: \d+/\d+ pieces", caplog.text)
+    assert "emit: timing the float model and the deploy graph (3 interleaved rounds" \
+        in caplog.text
 
 
 def test_eval_data_is_read_in_the_pipeline_datas_batches(tmp_path):

@@ -555,6 +555,7 @@ class Calibrate(Pass):
         note = (f"method auto: {scorer.label} on {len(stream.kept)} calibration batch(es) "
                 f"({samples} samples) {scores}: {best} kept")
         log.info("%s", note)
+        ctx.report.setdefault("calibrate", {})["auto_chose"] = best  # emit's advice reads it
         score, chosen, notes = tried[best]
         gated = {t for t, (sqnr, _) in placement.items() if sqnr < self.options.min_sqnr_db}
         if gated and self.options.check_min_sqnr:

@@ -196,6 +196,7 @@ class Emit(Pass):
         calibrate chose by one (``calibrated["auto_metric"]``)."""
         calibrated = calibrated or {}
         search = calibrated.get("search")
+        chose = calibrated.get("auto_chose")
         low = {k: f["sqnr_db"] for k, f in (report.get("outputs") or {}).items()
                if f["sqnr_db"] < max(self.options.warn_sqnr_db, self.options.require_sqnr_db)
                and not f.get("selected")}
@@ -205,12 +206,14 @@ class Emit(Pass):
         shown = ", ".join(f"'{k}' {v:.1f} dB" for k, v in low.items())
         failed = {k: v for k, v in low.items() if v < self.options.require_sqnr_db} \
             if self.options.require_sqnr_db else {}  # 0: never (an SQNR can be negative)
+        # what else may recover it: not the method auto kept already
+        other = ("QAT (the qat pass)" if chose == "mse" or calibrated.get("auto_metric") else
+                 "method = \"mse\" or QAT (the qat pass)")
         advice = ("calibrate's target_sqnr_db = 20 keeps float the activations that cost the "
                   "outputs most (search_by = \"segment\": a few runs in all, and it sees the "
                   "error their weights amplify; on a preset: --set calibrate.target_sqnr_db=20 "
                   "--set calibrate.search_by=segment; calibrate.search_min_speedup=1 keeps it "
-                  "no slower than the float model); method = \"mse\" or QAT (the qat pass) "
-                  "may also recover it")
+                  f"no slower than the float model); {other} may also recover it")
         if search is not None:
             ran = (f"calibrate's sensitivity search ran already (target_sqnr_db "
                    f"{search['target_sqnr_db']:g}, search_by \"{search['search_by']}\"): it "
@@ -237,6 +240,12 @@ class Emit(Pass):
             for k, ops in stepped.items())
         outputs = report["outputs"]
         scores = [k for k in low if "argmax_equal" in outputs[k]]
+        if chose and not scores and not calibrated.get("auto_metric"):
+            steps += (f"; method auto kept {chose} by the worst output SQNR, which weighs every "
+                      "value alike (a vocoder's hiss in its pauses counts for little): "
+                      "calibrate's auto_metric = \"file.py:function\" has it choose by the "
+                      "task's own measure (a HiFi-GAN vocoder's log-mel distance kept "
+                      "percentile over the SQNR's mse: no hiss, the same SQNR)")
         if scores:
             agree = ", ".join(f"'{k}' at {outputs[k]['argmax_equal']:.1%}" for k in scores)
             steps += (f"; the argmax over the last axis of {agree} of positions as float's: "
@@ -736,11 +745,10 @@ def _judge_speed(report: dict[str, Any], deploy: onnx.ModelProto, providers: lis
     if not lat:
         return []
     canonical = "speedup_canonical" in lat
-    speedup = lat["speedup_canonical" if canonical else "speedup"]
-    medians = lat["float_canonical" if canonical else "float"] / lat["deploy"]
+    speedup, medians = _ratios(lat)
     if not max(speedup, medians) < SLOWER_BELOW:  # both: a ratio alone flips on noise
         return []
-    if max(speedup, medians) > DISTURBED_RATIO * min(speedup, medians):
+    if lat.get("disturbed"):
         note = (f"timing disturbed: the deploy graph's rounds' median ratio {speedup:.2f}x and "
                 f"the ratio of the medians {medians:.2f}x differ by more than "
                 f"{DISTURBED_RATIO:g}x (other work on the machine came and went); not judged "
@@ -782,7 +790,17 @@ def _latency(sessions: list[Any], feed: dict[str, np.ndarray], runs: int) -> dic
            "runs": len(times)}
     if len(sessions) > 2:
         out.update(float_canonical=ms[2], speedup_canonical=latency.speedup(times, 1, 2))
+    speedup, medians = _ratios(out)
+    out["disturbed"] = max(speedup, medians) > DISTURBED_RATIO * min(speedup, medians)
     return out
+
+
+def _ratios(lat: dict[str, Any]) -> tuple[float, float]:
+    """The deploy graph's speedup over the float model (the canonicalized one where timed) by
+    the rounds' median ratio and by the ratio of the medians."""
+    canonical = "speedup_canonical" in lat
+    return (lat["speedup_canonical" if canonical else "speedup"],
+            lat["float_canonical" if canonical else "float"] / lat["deploy"])
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -844,6 +862,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                          f"x); deploy {lat['speedup']:.2f}x the float speed by the median of "
                          "each round's ratio (load that comes and goes cancels within a round; "
                          "where the two ratios differ, the machine was busy)")
+        if lat.get("disturbed"):
+            speedup, medians = _ratios(lat)
+            lines.append(f"timing disturbed: the two ratios ({speedup:.2f}x, {medians:.2f}x) "
+                         f"differ by more than {DISTURBED_RATIO:g}x: other work on the machine "
+                         "came and went, and the medians in ms hold it; the rounds' median "
+                         "ratio is the one to read, or time it again on a quiet machine")
     return lines
 
 

@@ -135,7 +135,8 @@ def test_report_has_a_quantization_section(emitted):
                                "deploy": (emitted["out"] / "net.deploy.onnx").stat().st_size}
     assert q["tensors"]["quantized"] > 0
     assert q["outputs"]["y"]["cosine"] > 0.99
-    assert set(q["latency_ms"]) == {"float", "deploy", "speedup", "runs", "samples"}
+    assert set(q["latency_ms"]) == {"float", "deploy", "speedup", "runs", "samples",
+                                    "disturbed"}
     assert q["latency_ms"]["runs"] == 2  # latency_runs: a small net is far from the cap
     assert q["worst_tensors"] and all("sqnr_db" in row for row in q["worst_tensors"])
     assert q["worst_tensors_samples"] == 32  # both calibration batches of 16 (at most 4)
@@ -639,7 +640,7 @@ def test_a_deploy_graph_slower_than_float_is_warned(tmp_path, monkeypatch):
                                                      data=[{"x": inputs(rng, 16)}])
     q = result.report["quantization"]
     assert q["latency_ms"] == {"float": 1.0, "deploy": 2.0, "speedup": 0.5, "runs": 5,
-                              "samples": 16}
+                               "samples": 16, "disturbed": False}
     (warning,) = q["warnings"]
     assert warning.startswith("slower than float: the deploy graph ran at 0.50x the float "
                               "model's speed in onnxruntime (CPUExecutionProvider; median of 5 "
@@ -729,6 +730,29 @@ def test_a_timing_whose_two_ratios_are_both_low_but_far_apart_is_disturbed(tmp_p
     assert any(n.startswith("timing disturbed") for n in result.records[-1].notes)
 
 
+@pytest.mark.parametrize("disturbed", [False, True])
+def test_a_disturbed_speedup_is_marked_in_the_report(tmp_path, monkeypatch, disturbed):
+    """A speedup whose two ratios differ over 1.5x (a digit CNN's float median inflated by
+    load: 4.48x by the medians, 1.89x by the rounds) is marked disturbed in report.json and
+    said so in the summary and report.md: its ms figures hold the load; a steady one is
+    not."""
+    import graphq.passes.emit as E
+
+    # float 2, 2, 9, 9, 9 ms against deploy 1, 1, 4.5, 4.5, 1 ms: 2x paired, 9x the medians
+    rounds = np.array([[2.0, 1.0], [2.0, 1.0], [9.0, 4.5], [9.0, 4.5], [9.0, 1.0]]) / 1e3 \
+        if disturbed else np.array([[2.0, 1.0], [2.1, 1.0], [2.0, 1.1]]) / 1e3
+    monkeypatch.setattr(E.latency, "session_times", lambda sessions, feed, **kw: rounds)
+    rng = np.random.default_rng(9)
+    out = tmp_path / "out"
+    result = PassManager(passes(latency_runs=len(rounds))).run(
+        heavy_net(rng), out, data=[{"x": inputs(rng, 16)}])
+    lat = result.report["quantization"]["latency_ms"]
+    assert lat["disturbed"] is disturbed
+    said = "timing disturbed: the two ratios" in (out / "report.md").read_text()
+    assert said is disturbed and not [w for w in result.report["quantization"].get(
+        "warnings", []) if w.startswith("slower")]
+
+
 def hardswish_net(rng: np.random.Generator) -> onnx.ModelProto:
     """x -> Conv -> HardSwish -> Conv -> y."""
     inits = {"w1": rng.normal(0, 0.3, (16, 8, 3, 3)).astype(np.float32),
@@ -803,6 +827,39 @@ def test_an_output_below_warn_sqnr_db_is_warned_in_log_report_and_notes(tmp_path
     assert any(r.levelname == "WARNING" and "low fidelity" in r.getMessage()
                for r in caplog.records)
     assert f"**Warning**: {warning}" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("calibrated", [{}, {"auto_chose": "mse"}, {"auto_chose": "percentile"},
+                                        {"auto_chose": "mse", "auto_metric": "m.py:f"}])
+def test_low_fidelity_advice_follows_what_method_auto_did(calibrated):
+    """Where method auto chose by the SQNR, the warning points to auto_metric (a vocoder's
+    hiss in its pauses reads as little; its log-mel distance kept percentile over the SQNR's
+    mse) and does not advise the method auto kept already; after an auto_metric, neither."""
+    model = heavy_net(np.random.default_rng(13))
+    report = {"outputs": {"y": {"sqnr_db": 10.0, "cosine": 0.9}}, "eval_data": "held.npz"}
+    (warning,) = Emit(latency_runs=0)._judge(report, model, calibrated)
+    chose = calibrated.get("auto_chose")
+    assert ("auto_metric = \"file.py:function\"" in warning) == bool(
+        chose and "auto_metric" not in calibrated)
+    if chose:
+        assert "method auto kept" not in warning or f"method auto kept {chose} by" in warning
+    advised_mse = 'method = "mse" or QAT' in warning
+    assert advised_mse == (chose != "mse" and "auto_metric" not in calibrated)
+    assert "QAT (the qat pass) may also recover it" in warning
+
+
+def test_a_low_output_after_method_auto_points_to_auto_metric(tmp_path):
+    """The pipeline's own record of what method auto kept reaches emit's warning."""
+    rng = np.random.default_rng(14)
+    np.savez(tmp_path / "eval.npz", x=inputs(rng, 16))
+    steps = [InsertQDQ(weights={"reduce_range": False}), Calibrate(method="auto"),
+             Emit(latency_runs=0, eval_data=str(tmp_path / "eval.npz"))]
+    result = PassManager(steps).run(heavy_net(rng), tmp_path / "out",
+                                    data=[{"x": inputs(rng, 16) * 0.01}])
+    chose = result.report["calibrate"]["auto_chose"]
+    (warning,) = result.report["quantization"]["warnings"]
+    assert f"method auto kept {chose} by the worst output SQNR" in warning
+    assert "auto_metric = \"file.py:function\"" in warning
 
 
 def test_a_low_output_after_the_sensitivity_search_is_not_advised_the_search(tmp_path):

@@ -322,7 +322,9 @@ def output_fidelity(ref: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str
     batches together (lists of output dicts, one per batch), on the values finite in both,
     and for integer outputs (class ids, indices) ``equal``, the share of values that agree;
     with ``parts`` (output -> ``(label, axis, start, stop)``), each part of an output too,
-    keyed by its label.
+    keyed by its label. Over more than one batch, ``worst_batch_sqnr_db`` too, the lowest
+    batch's own SQNR: one pooled figure hid a salient-object net whose maps read 16.7 dB
+    over 33 photos and -11.7 dB on the worst (one photo a batch).
 
     The sums run batch by batch, in float64 blocks (:func:`_square_sums`): all batches
     concatenated in float64, masked and subtracted, had made ten copies of an output's
@@ -340,9 +342,12 @@ def output_fidelity(ref: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str
             continue
         # sum(a^2), sum(b^2), sum(a b), sum((a - b)^2) over the finite; equal and all values
         sums = np.zeros(6)
+        worst = math.inf
         for r, g in zip(ref, got, strict=True):
             a, b = _cut_values(r[name], cut), _cut_values(g[name], cut)
-            sums[:4] += _square_sums(a, b)
+            batch = _square_sums(a, b)
+            sums[:4] += batch
+            worst = min(worst, sqnr_db_of_sums(batch[0], batch[3]))
             sums[4] += np.count_nonzero(a == b)
             sums[5] += a.size
         aa, bb, ab, dd = (float(v) for v in sums[:4])
@@ -350,6 +355,8 @@ def output_fidelity(ref: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str
         result[key] = {"cosine": (1.0 if na == nb else 0.0) if na == 0.0 or nb == 0.0
                        else ab / (na * nb),
                        "sqnr_db": sqnr_db_of_sums(aa, dd)}
+        if len(ref) > 1:
+            result[key]["worst_batch_sqnr_db"] = worst
         if np.asarray(ref[0][name]).dtype.kind in "iub":  # class ids, indices, flags
             result[key]["equal"] = float(sums[4] / sums[5]) if sums[5] else 1.0
     return result

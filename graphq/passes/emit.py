@@ -829,6 +829,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         # integers (class ids, indices): agreement, which an SQNR over ids does not measure
         shown = (f"integers, {f['equal']:.2%} equal to float's" if "equal" in f else
                  f"cosine {f['cosine']:.5f}, SQNR {f['sqnr_db']:.1f} dB")
+        if "equal" not in f and "worst_batch_sqnr_db" in f:
+            shown += f" (the worst batch {f['worst_batch_sqnr_db']:.1f} dB)"
         if "argmax_equal" in f:
             shown += f"; argmax over its last axis as float's at {f['argmax_equal']:.2%}"
         lines.append(f"output '{name}': {shown}"

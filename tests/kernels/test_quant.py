@@ -224,9 +224,9 @@ def test_error_sums_add_up_over_batches_on_finite_values():
 
 def test_output_fidelity_sums_batch_by_batch_as_over_all_batches_together(monkeypatch):
     """output_fidelity's per-batch sums (in blocks) give the cosine and SQNR of all batches
-    concatenated, on the values finite in both (a -inf mask, a NaN); an integer output's
-    ``equal`` counts every value; zero signal reads cosine 1 against zero, 0 against
-    anything else."""
+    concatenated, on the values finite in both (a -inf mask, a NaN), and the worst batch's
+    own SQNR; an integer output's ``equal`` counts every value; zero signal reads cosine 1
+    against zero, 0 against anything else."""
     rng = np.random.default_rng(4)
     ref = [{"y": rng.normal(0, 1, (2, 5)).astype(np.float32),
             "ids": rng.integers(0, 3, (2, 5))} for _ in range(3)]
@@ -243,6 +243,10 @@ def test_output_fidelity_sums_batch_by_batch_as_over_all_batches_together(monkey
     ids = np.concatenate([r["ids"].ravel() for r in ref])
     assert fid["ids"]["equal"] == np.mean(ids == np.concatenate([g["ids"].ravel()
                                                                  for g in got]))
+    per_batch = [Q.sqnr_db_of_sums(*Q.error_sums(r["y"], g["y"]))
+                 for r, g in zip(ref, got, strict=True)]
+    assert fid["y"]["worst_batch_sqnr_db"] == pytest.approx(min(per_batch), rel=1e-12)
+    assert "worst_batch_sqnr_db" not in Q.output_fidelity(ref[:1], got[:1])["y"]
     monkeypatch.setattr(Q, "_SUM_BLOCK", 3)  # blocks across the batches' 10 values
     for key, values in Q.output_fidelity(ref, got).items():
         assert values == pytest.approx(fid[key], rel=1e-12)

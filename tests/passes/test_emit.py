@@ -135,6 +135,11 @@ def test_report_has_a_quantization_section(emitted):
                                "deploy": (emitted["out"] / "net.deploy.onnx").stat().st_size}
     assert q["tensors"]["quantized"] > 0
     assert q["outputs"]["y"]["cosine"] > 0.99
+    # two batches: the worse one's own SQNR beside the pooled one, in the summary too
+    y = q["outputs"]["y"]
+    assert y["worst_batch_sqnr_db"] <= y["sqnr_db"]
+    assert f"SQNR {y['sqnr_db']:.1f} dB (the worst batch {y['worst_batch_sqnr_db']:.1f} dB)" \
+        in "\n".join(E.summary_lines(q))
     assert set(q["latency_ms"]) == {"float", "deploy", "speedup", "runs", "samples",
                                     "disturbed"}
     assert q["latency_ms"]["runs"] == 2  # latency_runs: a small net is far from the cap

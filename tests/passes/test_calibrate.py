@@ -425,9 +425,10 @@ def test_concat_with_a_float_input_stays_float_unless_an_integer_op_reads_it(rea
     """Class logits beside box terms: ``rb`` is small but for one bright pixel a batch, so
     min_sqnr_db keeps it float (about 17 dB), while the Concat's output, whose power the wide
     ``ra`` holds, keeps about 40 dB and its own scale. That scale would only round the float
-    input's values when nothing integer reads the output (a Reshape, then a Sigmoid to a
+    input's values when nothing integer reads the output (a Reshape, then a Softplus to a
     graph output): it stays float; a Conv reader keeps it quantized (the Conv's integer
-    input). (A Reshape straight to a graph output keeps it float already in insert-qdq.)"""
+    input). (A Reshape, a Tanh or a Sigmoid straight to a
+    graph output keeps it float already in insert-qdq.)"""
     rng = np.random.default_rng(42)
     nodes = [
         helper.make_node("Conv", ["x", "Wa"], ["a"], name="conv_a"),
@@ -439,7 +440,7 @@ def test_concat_with_a_float_input_stays_float_unless_an_integer_op_reads_it(rea
     side = 64
     if reader == "Reshape":
         nodes += [helper.make_node("Reshape", ["cat", "flat"], ["r"], name="reshape"),
-                  helper.make_node("Sigmoid", ["r"], ["y"], name="scores")]
+                  helper.make_node("Softplus", ["r"], ["y"], name="scores")]
         out, inits = tensor("y", [1, 8 * side * side]), {"flat": np.array([1, -1], np.int64)}
     else:
         nodes.append(helper.make_node("Conv", ["cat", "Wc"], ["y"], name="conv_c"))

@@ -32,6 +32,10 @@ class Progress:
         else:
             log.info("%s", line)
 
+    def step(self, extra: str = "") -> None:
+        """One more done (a loop that does not count for itself)."""
+        self.update(self.done + 1, extra)
+
     def _line(self, now: float, extra: str) -> str:
         rate = self.done / max(now - self.start, 1e-9)
         of = f"/{self.total}" if self.total else ""

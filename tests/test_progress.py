@@ -21,3 +21,11 @@ def test_progress_lines_name_their_units_in_english(caplog):
         line = caplog.messages[0]
         assert line.startswith(f"work: {want} ("), line
         assert line.endswith("/s)"), line
+
+
+def test_step_counts_one_more_each_time(caplog):
+    caplog.set_level(logging.INFO, logger="graphq")
+    progress = Progress("work", total=3, unit="run", every=0.0)
+    for _ in range(3):
+        progress.step()
+    assert progress.done == 3 and caplog.messages[-1].startswith("work: 3/3 runs (")

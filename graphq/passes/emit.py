@@ -308,7 +308,7 @@ def _run_all(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     outputs = []
     for feed in feeds:
         outputs.append(runtime.run(sess, feed))
-        progress.update(progress.done + 1)
+        progress.step()
     return outputs
 
 
@@ -712,7 +712,7 @@ def _worst_tensors(model: onnx.ModelProto, table: QuantTable,
             for t in group:
                 sums[t][2:] += Q.error_sums(floats[t], dequantized[t])
             del floats, dequantized
-            progress.update(progress.done + 1)
+            progress.step()
     progress.close()
     rows = [{"tensor": t, "sqnr_db": Q.sqnr_db_of_sums(*sums[t][:2]),
              "sqnr_vs_float_db": Q.sqnr_db_of_sums(*sums[t][2:]), "range": table.get(t).range}

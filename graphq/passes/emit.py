@@ -196,7 +196,7 @@ class Emit(Pass):
         calibrate chose by one (``calibrated["auto_metric"]``)."""
         calibrated = calibrated or {}
         search = calibrated.get("search")
-        chose = calibrated.get("auto_chose")
+        chose, metric = calibrated.get("auto_chose"), calibrated.get("auto_metric")
         low = {k: f["sqnr_db"] for k, f in (report.get("outputs") or {}).items()
                if f["sqnr_db"] < max(self.options.warn_sqnr_db, self.options.require_sqnr_db)
                and not f.get("selected")}
@@ -207,7 +207,7 @@ class Emit(Pass):
         failed = {k: v for k, v in low.items() if v < self.options.require_sqnr_db} \
             if self.options.require_sqnr_db else {}  # 0: never (an SQNR can be negative)
         # what else may recover it: not the method auto kept already
-        other = ("QAT (the qat pass)" if chose == "mse" or calibrated.get("auto_metric") else
+        other = ("QAT (the qat pass)" if chose == "mse" or metric else
                  "method = \"mse\" or QAT (the qat pass)")
         advice = ("calibrate's target_sqnr_db = 20 keeps float the activations that cost the "
                   "outputs most (search_by = \"segment\": a few runs in all, and it sees the "
@@ -240,7 +240,7 @@ class Emit(Pass):
             for k, ops in stepped.items())
         outputs = report["outputs"]
         scores = [k for k in low if "argmax_equal" in outputs[k]]
-        if chose and not scores and not calibrated.get("auto_metric"):
+        if chose and not scores and not metric:
             steps += (f"; method auto kept {chose} by the worst output SQNR, which weighs every "
                       "value alike (a vocoder's hiss in its pauses counts for little): "
                       "calibrate's auto_metric = \"file.py:function\" has it choose by the "
@@ -251,8 +251,7 @@ class Emit(Pass):
             steps += (f"; the argmax over the last axis of {agree} of positions as float's: "
                       "class scores (a Softmax over that axis) are read through an argmax, "
                       "which an SQNR does not weigh")
-            chosen = calibrated.get("auto_metric")
-            steps += (f" (method auto chose by auto_metric '{chosen}')" if chosen else
+            steps += (f" (method auto chose by auto_metric '{metric}')" if metric else
                       ": where that is their use, let method auto choose by it, --set "
                       "calibrate.auto_metric=graphq.metrics:top1, or "
                       "graphq.metrics:ctc_greedy for a CTC recognizer's strings")
